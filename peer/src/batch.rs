@@ -1,0 +1,433 @@
+//! Batches of changes and the pure rules for building and accepting them.
+//!
+//! A [`ChangeBatch`] carries whole origin transactions plus, per origin site, a
+//! [`VersionRange`]: the sender's promise that the receiver, once it has applied
+//! this batch, holds every change of that site in `(after, upto]`. The promise
+//! is what lets a cursor advance past versions that have no surviving rows
+//! (overwritten cells vanish from `crsql_changes`), and what lets a receiver
+//! notice a gap instead of silently skipping changes.
+
+use std::collections::BTreeMap;
+
+use crate::{Change, Cursor, DbVersion, SiteId};
+
+/// Default soft limit on changes per batch.
+pub const DEFAULT_MAX_BATCH_CHANGES: usize = 1024;
+
+/// Origin versions `(after, upto]` of one site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VersionRange {
+    /// Exclusive lower bound: the receiver must already hold everything up to here.
+    pub after: DbVersion,
+    /// Inclusive upper bound: held after this batch.
+    pub upto: DbVersion,
+}
+
+/// Whole origin transactions and the version ranges they complete.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChangeBatch {
+    /// Changes grouped by origin transaction, each group whole.
+    pub changes: Vec<Change>,
+    /// Per origin site, what this batch completes.
+    pub ranges: BTreeMap<SiteId, VersionRange>,
+}
+
+impl ChangeBatch {
+    /// Whether the batch carries neither changes nor ranges.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.ranges.is_empty()
+    }
+
+    /// The receiver's cursor after applying this batch on top of `cursor`.
+    pub fn cursor_after(&self, cursor: &Cursor) -> Cursor {
+        let mut next = cursor.clone();
+        for (site, range) in &self.ranges {
+            next.advance(*site, range.upto);
+        }
+        next
+    }
+}
+
+/// Builds the batches that bring a receiver from its cursor up to the sender's.
+///
+/// Feed it the sender's changes in the order the sender committed them locally
+/// (origin versions ascend per site in that order); it drops what the receiver
+/// holds and cuts batches of about `max_changes` at transaction boundaries.
+/// An origin transaction larger than `max_changes` becomes a batch of its own.
+///
+/// ```
+/// use crsync_peer::{BatchBuilder, Change, Cursor, DbVersion, PackedPk, SiteId, SqlValue};
+/// let site = SiteId::from_bytes([1; 16]);
+/// let change = |v| Change {
+///     table: "t".into(), pk: PackedPk::pack(&[SqlValue::Integer(v)]), cid: "x".into(),
+///     val: SqlValue::Null, col_version: 1, db_version: DbVersion(v), site_id: site, cl: 1, seq: 0,
+/// };
+/// let mut builder = BatchBuilder::new(Cursor::new(), 1);
+/// assert!(builder.push(change(1)).is_none());
+/// let first = builder.push(change(2)).unwrap(); // a new transaction closes the full batch
+/// assert_eq!(first.changes.len(), 1);
+/// let sender: Cursor = [(site, DbVersion(5))].into_iter().collect();
+/// let last = builder.finish(&sender).unwrap();
+/// assert_eq!(last.ranges[&site].upto, DbVersion(5));
+/// ```
+#[derive(Debug)]
+pub struct BatchBuilder {
+    /// Per site, the version the next range starts after.
+    sent: Cursor,
+    max_changes: usize,
+    current: ChangeBatch,
+    current_txn: Option<(SiteId, DbVersion)>,
+}
+
+impl BatchBuilder {
+    /// Starts from the receiver's cursor.
+    pub fn new(receiver: Cursor, max_changes: usize) -> Self {
+        Self {
+            sent: receiver,
+            max_changes: max_changes.max(1),
+            current: ChangeBatch::default(),
+            current_txn: None,
+        }
+    }
+
+    /// Adds one change; returns a finished batch when this change opens a new
+    /// transaction and the batch in progress is full.
+    pub fn push(&mut self, change: Change) -> Option<ChangeBatch> {
+        let (site, version) = change.origin();
+        if self.sent.holds(&site, version) && self.current_txn != Some((site, version)) {
+            return None;
+        }
+        let mut done = None;
+        if self.current_txn != Some((site, version)) {
+            if self.current.changes.len() >= self.max_changes {
+                let full = std::mem::take(&mut self.current);
+                done = Some(self.seal(full));
+            }
+            self.current_txn = Some((site, version));
+        }
+        let after = self.sent.get(&site);
+        self.current
+            .ranges
+            .entry(site)
+            .or_insert(VersionRange { after, upto: after })
+            .upto = version;
+        self.current.changes.push(change);
+        done
+    }
+
+    /// Closes the stream: the last batch, with ranges raised to everything the
+    /// sender holds (`sender`), or `None` if there is nothing left to say.
+    pub fn finish(mut self, sender: &Cursor) -> Option<ChangeBatch> {
+        let mut batch = std::mem::take(&mut self.current);
+        for (site, upto) in sender.iter() {
+            let after = self.sent.get(&site);
+            let range = batch
+                .ranges
+                .entry(site)
+                .or_insert(VersionRange { after, upto: after });
+            range.upto = range.upto.max(upto);
+            if range.upto <= range.after {
+                batch.ranges.remove(&site);
+            }
+        }
+        let batch = self.seal(batch);
+        (!batch.is_empty()).then_some(batch)
+    }
+
+    /// Records the batch's ranges as sent.
+    fn seal(&mut self, batch: ChangeBatch) -> ChangeBatch {
+        for (site, range) in &batch.ranges {
+            self.sent.advance(*site, range.upto);
+        }
+        batch
+    }
+}
+
+/// Why a batch cannot be applied on top of a cursor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchRejection {
+    /// The batch starts past what the receiver holds: applying it would skip changes.
+    #[error("gap for site {site}: receiver holds up to {held}, batch starts after {after}")]
+    Gap {
+        /// The origin site.
+        site: SiteId,
+        /// What the receiver holds of it.
+        held: DbVersion,
+        /// Where the batch starts.
+        after: DbVersion,
+    },
+    /// A change whose origin version lies outside the range its batch declares.
+    #[error(
+        "change of site {site} at version {version} lies outside the batch's range for that site"
+    )]
+    OutOfRange {
+        /// The origin site.
+        site: SiteId,
+        /// The change's origin version.
+        version: DbVersion,
+    },
+    /// A range whose end is before its start, or a negative version.
+    #[error("invalid range for site {site}: ({after}, {upto}]")]
+    BadRange {
+        /// The origin site.
+        site: SiteId,
+        /// Declared start.
+        after: DbVersion,
+        /// Declared end.
+        upto: DbVersion,
+    },
+}
+
+/// The transactions of a batch that a receiver still lacks, grouped for applying.
+#[derive(Debug, Default, PartialEq)]
+pub struct MergePlan<'a> {
+    /// Origin transactions to apply, in batch order; each group is one transaction.
+    pub transactions: Vec<((SiteId, DbVersion), Vec<&'a Change>)>,
+    /// The receiver's cursor once the batch is applied.
+    pub cursor: Cursor,
+    /// Changes skipped because they were already held.
+    pub skipped: usize,
+}
+
+/// Checks `batch` against the receiver's cursor `held` and lists what to apply.
+///
+/// Changes from `own_site` and changes the cursor holds are skipped. A batch
+/// that would leave a gap is rejected whole.
+pub fn plan_merge<'a>(
+    own_site: SiteId,
+    held: &Cursor,
+    batch: &'a ChangeBatch,
+) -> Result<MergePlan<'a>, BatchRejection> {
+    for (site, range) in &batch.ranges {
+        if range.after > range.upto || range.after < DbVersion::ZERO {
+            return Err(BatchRejection::BadRange {
+                site: *site,
+                after: range.after,
+                upto: range.upto,
+            });
+        }
+        if *site != own_site && range.after > held.get(site) {
+            return Err(BatchRejection::Gap {
+                site: *site,
+                held: held.get(site),
+                after: range.after,
+            });
+        }
+    }
+    let mut plan = MergePlan {
+        cursor: batch.cursor_after(held),
+        ..MergePlan::default()
+    };
+    let mut index: BTreeMap<(SiteId, DbVersion), usize> = BTreeMap::new();
+    for change in &batch.changes {
+        let (site, version) = change.origin();
+        let in_range = batch
+            .ranges
+            .get(&site)
+            .is_some_and(|r| r.after < version && version <= r.upto);
+        if !in_range {
+            return Err(BatchRejection::OutOfRange { site, version });
+        }
+        if site == own_site || held.holds(&site, version) {
+            plan.skipped += 1;
+            continue;
+        }
+        let slot = *index.entry((site, version)).or_insert_with(|| {
+            plan.transactions.push(((site, version), Vec::new()));
+            plan.transactions.len() - 1
+        });
+        plan.transactions[slot].1.push(change);
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PackedPk, SqlValue};
+    use proptest::prelude::*;
+
+    fn site(n: u8) -> SiteId {
+        SiteId::from_bytes([n; 16])
+    }
+
+    fn change(s: u8, v: i64, seq: i64) -> Change {
+        Change {
+            table: "t".into(),
+            pk: PackedPk::pack(&[SqlValue::Integer(seq)]),
+            cid: "x".into(),
+            val: SqlValue::Integer(v),
+            col_version: 1,
+            db_version: DbVersion(v),
+            site_id: site(s),
+            cl: 1,
+            seq,
+        }
+    }
+
+    #[test]
+    fn never_splits_a_transaction() {
+        let mut b = BatchBuilder::new(Cursor::new(), 2);
+        let mut out = Vec::new();
+        for (v, n) in [(1, 3), (2, 1), (3, 2)] {
+            for seq in 0..n {
+                out.extend(b.push(change(1, v, seq)));
+            }
+        }
+        out.extend(b.finish(&[(site(1), DbVersion(3))].into_iter().collect()));
+        let sizes: Vec<usize> = out.iter().map(|b| b.changes.len()).collect();
+        assert_eq!(sizes, vec![3, 3]);
+        assert_eq!(
+            out[0].ranges[&site(1)],
+            VersionRange {
+                after: DbVersion(0),
+                upto: DbVersion(1)
+            }
+        );
+        assert_eq!(
+            out[1].ranges[&site(1)],
+            VersionRange {
+                after: DbVersion(1),
+                upto: DbVersion(3)
+            }
+        );
+    }
+
+    #[test]
+    fn skips_what_the_receiver_holds_and_reports_empty_ranges() {
+        let held: Cursor = [(site(1), DbVersion(2))].into_iter().collect();
+        let mut b = BatchBuilder::new(held, 10);
+        assert!(b.push(change(1, 1, 0)).is_none());
+        assert!(b.push(change(1, 2, 0)).is_none());
+        // site 2 had versions up to 7, all overwritten: no rows, but the range still moves.
+        let sender: Cursor = [(site(1), DbVersion(2)), (site(2), DbVersion(7))]
+            .into_iter()
+            .collect();
+        let last = b.finish(&sender).unwrap();
+        assert!(last.changes.is_empty());
+        assert_eq!(last.ranges.len(), 1);
+        assert_eq!(
+            last.ranges[&site(2)],
+            VersionRange {
+                after: DbVersion(0),
+                upto: DbVersion(7)
+            }
+        );
+    }
+
+    #[test]
+    fn plan_rejects_gaps_and_out_of_range() {
+        let mut batch = ChangeBatch::default();
+        batch.changes.push(change(1, 5, 0));
+        batch.ranges.insert(
+            site(1),
+            VersionRange {
+                after: DbVersion(4),
+                upto: DbVersion(5),
+            },
+        );
+        let held: Cursor = [(site(1), DbVersion(3))].into_iter().collect();
+        assert_eq!(
+            plan_merge(site(9), &held, &batch),
+            Err(BatchRejection::Gap {
+                site: site(1),
+                held: DbVersion(3),
+                after: DbVersion(4)
+            })
+        );
+        batch.ranges.insert(
+            site(1),
+            VersionRange {
+                after: DbVersion(3),
+                upto: DbVersion(4),
+            },
+        );
+        assert_eq!(
+            plan_merge(site(9), &held, &batch),
+            Err(BatchRejection::OutOfRange {
+                site: site(1),
+                version: DbVersion(5)
+            })
+        );
+        batch.ranges.insert(
+            site(1),
+            VersionRange {
+                after: DbVersion(3),
+                upto: DbVersion(2),
+            },
+        );
+        assert!(matches!(
+            plan_merge(site(9), &held, &batch),
+            Err(BatchRejection::BadRange { .. })
+        ));
+    }
+
+    #[test]
+    fn plan_skips_held_and_own() {
+        let mut batch = ChangeBatch::default();
+        batch.changes.extend([
+            change(1, 2, 0),
+            change(1, 3, 0),
+            change(1, 3, 1),
+            change(9, 1, 0),
+        ]);
+        batch.ranges.insert(
+            site(1),
+            VersionRange {
+                after: DbVersion(0),
+                upto: DbVersion(3),
+            },
+        );
+        batch.ranges.insert(
+            site(9),
+            VersionRange {
+                after: DbVersion(0),
+                upto: DbVersion(1),
+            },
+        );
+        let held: Cursor = [(site(1), DbVersion(2))].into_iter().collect();
+        let plan = plan_merge(site(9), &held, &batch).unwrap();
+        assert_eq!(plan.skipped, 2);
+        assert_eq!(plan.transactions.len(), 1);
+        assert_eq!(plan.transactions[0].0, (site(1), DbVersion(3)));
+        assert_eq!(plan.transactions[0].1.len(), 2);
+        assert_eq!(plan.cursor.get(&site(1)), DbVersion(3));
+    }
+
+    proptest! {
+        /// Whatever the batch size, feeding the builder's batches to `plan_merge`
+        /// in order applies every missing transaction exactly once, whole, and
+        /// ends at the sender's cursor.
+        #[test]
+        fn builder_batches_apply_in_order(
+            txns in proptest::collection::vec((1u8..4, 1usize..5), 1..30),
+            held_v in proptest::collection::vec(0i64..10, 3),
+            max in 1usize..8,
+        ) {
+            let mut next = [0i64; 4];
+            let mut all = Vec::new();
+            for (s, n) in &txns {
+                next[*s as usize] += 1;
+                for seq in 0..*n as i64 { all.push(change(*s, next[*s as usize], seq)); }
+            }
+            let sender: Cursor = (1..4u8).map(|s| (site(s), DbVersion(next[s as usize] + 2))).collect();
+            let held: Cursor = (1..4u8).map(|s| (site(s), DbVersion(held_v[s as usize - 1]))).collect();
+            let mut builder = BatchBuilder::new(held.clone(), max);
+            let mut batches: Vec<ChangeBatch> = all.iter().cloned().filter_map(|c| builder.push(c)).collect();
+            batches.extend(builder.finish(&sender));
+            let mut cursor = held.clone();
+            let mut applied = Vec::new();
+            for batch in &batches {
+                let plan = plan_merge(site(0), &cursor, batch).unwrap();
+                for (_, group) in plan.transactions { applied.extend(group.into_iter().cloned()); }
+                cursor = plan.cursor;
+            }
+            let expected: Vec<Change> = all.into_iter().filter(|c| !held.holds(&c.site_id, c.db_version)).collect();
+            prop_assert_eq!(applied, expected);
+            let mut want = held.clone();
+            want.join(&sender);
+            prop_assert_eq!(cursor, want);
+        }
+    }
+}

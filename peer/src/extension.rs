@@ -1,0 +1,169 @@
+//! Loading the cr-sqlite extension at run time.
+//!
+//! `crsqlite.so` is opened with `libloading`, its entry point
+//! `sqlite3_crsqlite_init` is registered with `sqlite3_auto_extension`, and from
+//! then on every connection this process opens has cr-sqlite. SQL's
+//! `load_extension()` stays disabled. Registration is process-wide and happens
+//! once; later calls return the library already loaded.
+#![allow(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+/// Environment variable naming the extension file.
+pub const CRSQLITE_PATH_ENV: &str = "CRSQLITE_PATH";
+
+/// Where the project's install script (`scripts/crsqlite/build-crsqlite.sh`,
+/// run by `scripts/setup.sh`) writes the extension.
+pub const DEFAULT_EXTENSION_PATH: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../.crsqlite/crsqlite.so");
+
+const HOW_TO_INSTALL: &str = "build it with `scripts/setup.sh` (writes .crsqlite/crsqlite.so), \
+     or point CRSQLITE_PATH at a cr-sqlite 0.16 loadable extension";
+
+/// Why the extension could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExtensionError {
+    /// No file at the resolved path.
+    #[error("cr-sqlite extension not found at {path} (from {source_of_path}); {HOW_TO_INSTALL}", path = path.display())]
+    NotFound {
+        /// The path looked at.
+        path: PathBuf,
+        /// Where the path came from.
+        source_of_path: PathSource,
+    },
+    /// The file is not a loadable library, or lacks cr-sqlite's entry point.
+    #[error("{path} is not a cr-sqlite extension: {reason}; {HOW_TO_INSTALL}", path = path.display())]
+    NotCrSqlite {
+        /// The file.
+        path: PathBuf,
+        /// The loader's message.
+        reason: String,
+    },
+    /// The entry point ran but a connection could not use cr-sqlite.
+    #[error("cr-sqlite from {path} failed to initialise: {reason}; {HOW_TO_INSTALL}", path = path.display())]
+    InitFailed {
+        /// The file.
+        path: PathBuf,
+        /// SQLite's message.
+        reason: String,
+    },
+    /// A different extension file is already registered in this process.
+    #[error("cr-sqlite is already loaded from {loaded}; cannot also load {requested}", loaded = loaded.display(), requested = requested.display())]
+    AlreadyLoaded {
+        /// The file in use.
+        loaded: PathBuf,
+        /// The file asked for.
+        requested: PathBuf,
+    },
+}
+
+/// Where an extension path came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathSource {
+    /// Given in code.
+    Explicit,
+    /// The `CRSQLITE_PATH` environment variable.
+    Environment,
+    /// The install script's output location.
+    InstallDir,
+}
+
+impl std::fmt::Display for PathSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PathSource::Explicit => "the configured path",
+            PathSource::Environment => "CRSQLITE_PATH",
+            PathSource::InstallDir => "the install script's location",
+        })
+    }
+}
+
+/// The library, kept loaded for the life of the process.
+static LOADED: OnceLock<(PathBuf, libloading::Library)> = OnceLock::new();
+static LOADING: Mutex<()> = Mutex::new(());
+
+/// Resolves the extension path: `explicit`, then `CRSQLITE_PATH`, then the install dir.
+pub fn resolve_path(explicit: Option<&Path>) -> (PathBuf, PathSource) {
+    if let Some(p) = explicit {
+        return (p.to_path_buf(), PathSource::Explicit);
+    }
+    if let Some(p) = std::env::var_os(CRSQLITE_PATH_ENV).filter(|p| !p.is_empty()) {
+        return (PathBuf::from(p), PathSource::Environment);
+    }
+    (
+        PathBuf::from(DEFAULT_EXTENSION_PATH),
+        PathSource::InstallDir,
+    )
+}
+
+/// Loads cr-sqlite (once per process) and returns the file it came from.
+///
+/// ```no_run
+/// let path = crsync_peer::load_extension(None)?;
+/// println!("cr-sqlite loaded from {}", path.display());
+/// # Ok::<(), crsync_peer::ExtensionError>(())
+/// ```
+pub fn load_extension(explicit: Option<&Path>) -> Result<PathBuf, ExtensionError> {
+    let _guard = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((loaded, _)) = LOADED.get() {
+        if let Some(requested) = explicit {
+            let same = std::fs::canonicalize(requested).ok() == std::fs::canonicalize(loaded).ok();
+            if !same {
+                return Err(ExtensionError::AlreadyLoaded {
+                    loaded: loaded.clone(),
+                    requested: requested.to_path_buf(),
+                });
+            }
+        }
+        return Ok(loaded.clone());
+    }
+    let (path, source_of_path) = resolve_path(explicit);
+    if !path.is_file() {
+        return Err(ExtensionError::NotFound {
+            path,
+            source_of_path,
+        });
+    }
+    let not_cr = |e: libloading::Error| ExtensionError::NotCrSqlite {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    // SAFETY: loading a shared library runs its initialisers; we only load the
+    // file the user or install script named as cr-sqlite.
+    let library = unsafe { libloading::Library::new(&path) }.map_err(not_cr)?;
+    // SAFETY: the symbol has the SQLite extension entry-point signature.
+    let init: rusqlite::auto_extension::RawAutoExtension = *unsafe {
+        library.get::<rusqlite::auto_extension::RawAutoExtension>(b"sqlite3_crsqlite_init\0")
+    }
+    .map_err(not_cr)?;
+    // SAFETY: `init` stays valid: the library is stored in `LOADED` for the life of the process.
+    unsafe { rusqlite::auto_extension::register_auto_extension(init) }.map_err(|e| {
+        ExtensionError::InitFailed {
+            path: path.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    if let Err(reason) = check_connection() {
+        rusqlite::auto_extension::reset_auto_extension();
+        return Err(ExtensionError::InitFailed { path, reason });
+    }
+    tracing::debug!(path = %path.display(), "cr-sqlite extension loaded");
+    let _ = LOADED.set((path.clone(), library));
+    Ok(path)
+}
+
+/// Opens a scratch connection and checks cr-sqlite answers.
+fn check_connection() -> Result<(), String> {
+    let conn = rusqlite::Connection::open_in_memory().map_err(|e| e.to_string())?;
+    let site: Vec<u8> = conn
+        .query_row("SELECT crsql_site_id()", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if site.len() != crate::ids::SITE_ID_LEN {
+        return Err(format!("crsql_site_id() returned {} bytes", site.len()));
+    }
+    conn.query_row("SELECT crsql_finalize()", [], |_| Ok(()))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! # crsync-peer
+//!
+//! The storage and sync core of crsync: a [`Store`] over a SQLite database with
+//! the cr-sqlite extension, per-origin version-vector [`Cursor`]s, and the pure
+//! rules for building and accepting [`ChangeBatch`]es.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use crsync_peer::Store;
+//! let store = Store::open("app.db").await?;
+//! println!("site {} at {:?}", store.site_id(), store.cursor().await?);
+//! store.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod batch;
+mod change;
+mod cursor;
+mod extension;
+mod ids;
+mod pk;
+mod store;
+mod value;
+
+pub use batch::{
+    BatchBuilder, BatchRejection, ChangeBatch, DEFAULT_MAX_BATCH_CHANGES, MergePlan, VersionRange,
+    plan_merge,
+};
+pub use change::{Change, SENTINEL_CID};
+pub use cursor::Cursor;
+pub use extension::{
+    CRSQLITE_PATH_ENV, DEFAULT_EXTENSION_PATH, ExtensionError, PathSource, load_extension,
+    resolve_path,
+};
+pub use ids::{DbVersion, InvalidSiteId, SITE_ID_LEN, SiteId};
+pub use pk::{PackedPk, PkError};
+pub use store::{
+    BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, DEFAULT_ORIGIN_GC_SLACK,
+    DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, InvalidChange, MergeError, MergeReport,
+    OpenError, STREAM_READ_AHEAD, Store, StoreBuilder, StoreError, StoreEvent,
+};
+pub use value::SqlValue;
+
+/// Re-exported so callers of [`Store::write`] use the same rusqlite.
+pub use rusqlite;

@@ -1,0 +1,319 @@
+//! The [`Store`]: the only code that talks SQL.
+//!
+//! One dedicated thread owns the writer connection; the cloneable [`Store`]
+//! handle sends it typed commands over a bounded queue and awaits the reply.
+//! Large reads ([`Store::changes_since`]) run on their own short-lived thread
+//! and connection, in one read transaction, and stream batches through a
+//! bounded channel, so memory stays flat however many changes there are.
+
+mod error;
+mod reader;
+mod schema;
+mod writer;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, oneshot};
+
+pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
+pub use reader::ChangeStream;
+
+use crate::batch::DEFAULT_MAX_BATCH_CHANGES;
+use crate::{ChangeBatch, Cursor, SiteId};
+use writer::Command;
+
+/// Capacity of the queue of commands to the writer thread.
+pub const COMMAND_QUEUE_CAP: usize = 64;
+/// Capacity of the broadcast channel of [`StoreEvent`]s.
+pub const EVENT_CHANNEL_CAP: usize = 256;
+/// Batches a change stream reads ahead of its consumer.
+pub const STREAM_READ_AHEAD: usize = 2;
+/// Default interval of the `PRAGMA data_version` check for other writers.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Default number of stale origin records tolerated before they are swept.
+pub const DEFAULT_ORIGIN_GC_SLACK: u64 = 128;
+
+/// Who made a change the Store noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeSource {
+    /// A write through this Store ([`Store::write`]).
+    Local,
+    /// A write by another connection or process on the same file.
+    External,
+    /// A merge of remote changes ([`Store::merge`]).
+    Merge,
+}
+
+/// Something the Store noticed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// Committed changes to these CRR tables.
+    Changed {
+        /// The tables touched.
+        tables: BTreeSet<String>,
+        /// Who made them.
+        source: ChangeSource,
+    },
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergeReport {
+    /// Changes handed to cr-sqlite (each may win or lose its conflict).
+    pub applied: usize,
+    /// Changes skipped because they were already held.
+    pub skipped: usize,
+    /// Origin transactions applied.
+    pub transactions: usize,
+    /// Tables the applied changes touched.
+    pub tables: BTreeSet<String>,
+}
+
+/// Sizes of the Store's own bookkeeping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BookkeepingStats {
+    /// Rows mapping a local version to its origin (one per live merged transaction, plus slack).
+    pub origin_records: u64,
+    /// Sites in the stored cursor.
+    pub cursor_sites: u64,
+}
+
+/// Options for [`Store::open`]; start from [`Store::builder`].
+#[derive(Debug, Clone)]
+pub struct StoreBuilder {
+    path: PathBuf,
+    extension_path: Option<PathBuf>,
+    max_batch_changes: usize,
+    poll_interval: Duration,
+    origin_gc_slack: u64,
+}
+
+impl StoreBuilder {
+    /// The cr-sqlite library to load (default: `CRSQLITE_PATH`, then the install dir).
+    pub fn extension_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.extension_path = Some(path.into());
+        self
+    }
+
+    /// Soft limit on changes per batch (default 1024).
+    pub fn max_batch_changes(mut self, n: usize) -> Self {
+        self.max_batch_changes = n.max(1);
+        self
+    }
+
+    /// How often to look for writes by other connections (default 100 ms).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Stale origin records tolerated before a sweep (default 128).
+    pub fn origin_gc_slack(mut self, slack: u64) -> Self {
+        self.origin_gc_slack = slack;
+        self
+    }
+
+    /// Opens the Store.
+    pub async fn open(self) -> Result<Store, OpenError> {
+        Store::open_with(self).await
+    }
+}
+
+/// A cr-sqlite database with per-origin cursors. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use crsync_peer::{Cursor, Store};
+/// let a = Store::builder("a.db").open().await?;
+/// let b = Store::builder("b.db").open().await?;
+/// for store in [&a, &b] {
+///     store.write(|tx| tx.execute_batch("CREATE TABLE IF NOT EXISTS todo (id INTEGER PRIMARY KEY NOT NULL, title TEXT)")).await?;
+///     store.enable_crr(&["todo"]).await?;
+/// }
+/// a.write(|tx| tx.execute("INSERT INTO todo VALUES (1, 'milk')", [])).await?;
+/// let mut batches = a.changes_since(&b.cursor().await?).await?;
+/// while let Some(batch) = batches.next_batch().await {
+///     b.merge(batch?).await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Store {
+    commands: flume::Sender<Command>,
+    events: broadcast::Sender<StoreEvent>,
+    site_id: SiteId,
+    path: PathBuf,
+    max_batch_changes: usize,
+}
+
+impl Store {
+    /// Options with defaults for the database file at `path` (created if missing).
+    pub fn builder(path: impl AsRef<Path>) -> StoreBuilder {
+        StoreBuilder {
+            path: path.as_ref().to_path_buf(),
+            extension_path: None,
+            max_batch_changes: DEFAULT_MAX_BATCH_CHANGES,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            origin_gc_slack: DEFAULT_ORIGIN_GC_SLACK,
+        }
+    }
+
+    /// Opens `path` with default options.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Store, OpenError> {
+        Self::builder(path).open().await
+    }
+
+    async fn open_with(options: StoreBuilder) -> Result<Store, OpenError> {
+        crate::load_extension(options.extension_path.as_deref())?;
+        let (events, _) = broadcast::channel(EVENT_CHANNEL_CAP);
+        let (commands, inbox) = flume::bounded(COMMAND_QUEUE_CAP);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let config = writer::WriterConfig {
+            path: options.path.clone(),
+            poll_interval: options.poll_interval,
+            origin_gc_slack: options.origin_gc_slack,
+        };
+        let thread_events = events.clone();
+        std::thread::Builder::new()
+            .name("crsync-store-writer".into())
+            .spawn(move || writer::run(config, inbox, thread_events, ready_tx))
+            .map_err(OpenError::Thread)?;
+        let site_id = ready_rx
+            .await
+            .map_err(|_| OpenError::Thread(std::io::Error::other("writer thread died")))??;
+        Ok(Store {
+            commands,
+            events,
+            site_id,
+            path: options.path,
+            max_batch_changes: options.max_batch_changes,
+        })
+    }
+
+    /// This database's site id.
+    pub fn site_id(&self) -> SiteId {
+        self.site_id
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Notifications of committed changes. Slow receivers see `Lagged`.
+    pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send_async(make(tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// The schema version (`PRAGMA user_version`).
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        self.call(Command::SchemaVersion).await?
+    }
+
+    /// What this database holds: its own version plus every origin it merged.
+    pub async fn cursor(&self) -> Result<Cursor, StoreError> {
+        self.call(Command::Cursor).await?
+    }
+
+    /// Turns existing tables into CRRs (idempotent). All or nothing.
+    pub async fn enable_crr(&self, tables: &[&str]) -> Result<(), EnableError> {
+        let tables = tables.iter().map(|t| t.to_string()).collect();
+        self.call(|reply| Command::EnableCrr(tables, reply)).await?
+    }
+
+    /// Runs `f` in a write transaction on the writer connection and commits it
+    /// if `f` returns `Ok`. Subscribers hear about the tables it changed.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: writer::WriteJob = Box::new(move |conn| {
+            let result = (|| {
+                let txn =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let value = f(&txn)?;
+                txn.commit()?;
+                Ok(value)
+            })();
+            let _ = tx.send(result.map_err(StoreError::Sqlite));
+        });
+        self.commands
+            .send_async(Command::Write(job))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs a read-only closure on the writer connection.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: writer::WriteJob = Box::new(move |conn| {
+            let _ = tx.send(f(conn).map_err(StoreError::Sqlite));
+        });
+        self.commands
+            .send_async(Command::Write(job))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Streams every change `cursor` lacks, in batches of whole origin
+    /// transactions, read from one consistent snapshot. The last batch raises
+    /// the receiver to everything this Store held when the stream began.
+    pub async fn changes_since(&self, cursor: &Cursor) -> Result<ChangeStream, StoreError> {
+        self.changes_since_with_limit(cursor, self.max_batch_changes)
+            .await
+    }
+
+    /// As [`changes_since`](Self::changes_since), with a batch size of its own.
+    pub async fn changes_since_with_limit(
+        &self,
+        cursor: &Cursor,
+        max_changes: usize,
+    ) -> Result<ChangeStream, StoreError> {
+        reader::start(self.path.clone(), self.site_id, cursor.clone(), max_changes).await
+    }
+
+    /// Applies a batch atomically, together with the cursor update.
+    ///
+    /// Changes already held are skipped. A batch that starts past what this
+    /// Store holds ([`BatchRejection::Gap`](crate::BatchRejection::Gap)) or
+    /// contains an invalid change is refused whole, and nothing changes.
+    pub async fn merge(&self, batch: ChangeBatch) -> Result<MergeReport, MergeError> {
+        self.call(|reply| Command::Merge(batch, reply)).await?
+    }
+
+    /// Sizes of the Store's bookkeeping tables.
+    pub async fn bookkeeping_stats(&self) -> Result<BookkeepingStats, StoreError> {
+        self.call(Command::Stats).await?
+    }
+
+    /// Finishes queued commands, finalizes cr-sqlite and closes the database.
+    pub async fn close(self) -> Result<(), StoreError> {
+        match self.call(Command::Close).await {
+            Ok(result) => result,
+            Err(StoreError::Closed) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Errors of the Store, one enum per operation.
+
+use crate::ExtensionError;
+use crate::batch::BatchRejection;
+use crate::pk::PkError;
+
+/// Opening a [`Store`](crate::Store) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The cr-sqlite extension could not be loaded.
+    #[error(transparent)]
+    Extension(#[from] ExtensionError),
+    /// SQLite refused to open or prepare the database.
+    #[error("cannot open database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The writer thread could not be started.
+    #[error("cannot start the store's writer thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A Store operation failed for a reason common to all of them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The Store was closed (or its writer thread ended).
+    #[error("the store is closed")]
+    Closed,
+    /// SQLite returned an error.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A worker thread could not be started.
+    #[error("cannot start a store thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Turning tables into CRRs failed; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnableError {
+    /// No such table.
+    #[error("table {table:?} does not exist")]
+    UnknownTable {
+        /// The table named.
+        table: String,
+    },
+    /// cr-sqlite replicates rows by primary key; this table has none.
+    #[error("table {table:?} has no primary key; cr-sqlite needs one to replicate rows")]
+    NoPrimaryKey {
+        /// The table named.
+        table: String,
+    },
+    /// cr-sqlite refused the table (for example a unique index besides the primary key).
+    #[error("cr-sqlite cannot replicate table {table:?}: {reason}")]
+    Rejected {
+        /// The table named.
+        table: String,
+        /// cr-sqlite's reason.
+        reason: String,
+    },
+    /// Any other failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One change of a batch is not valid for this database.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidChange {
+    /// The table is not a CRR here.
+    #[error("unknown table {table:?}")]
+    UnknownTable {
+        /// The table named.
+        table: String,
+    },
+    /// The column is not part of the table here.
+    #[error("unknown column {column:?} in table {table:?}")]
+    UnknownColumn {
+        /// The table.
+        table: String,
+        /// The column named.
+        column: String,
+    },
+    /// The primary key does not decode.
+    #[error("malformed primary key: {0}")]
+    MalformedPk(#[source] PkError),
+    /// The primary key has the wrong number of columns.
+    #[error("primary key has {found} columns, table has {expected}")]
+    PkColumnCount {
+        /// Columns in the table's key.
+        expected: usize,
+        /// Columns in the change's key.
+        found: usize,
+    },
+    /// A version, causal length or sequence number below its minimum.
+    #[error(
+        "negative or zero version (db_version {db_version}, col_version {col_version}, cl {cl}, seq {seq})"
+    )]
+    NegativeVersion {
+        /// Origin db_version (must be > 0).
+        db_version: i64,
+        /// Column version (must be >= 0).
+        col_version: i64,
+        /// Causal length (must be >= 0).
+        cl: i64,
+        /// Sequence (must be >= 0).
+        seq: i64,
+    },
+}
+
+/// Merging a batch failed; the database and cursor are unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MergeError {
+    /// The batch does not fit the receiver's cursor (gap, bad range).
+    #[error("batch rejected: {0}")]
+    Rejected(#[from] BatchRejection),
+    /// A change in the batch is invalid.
+    #[error("change #{index} of the batch is invalid: {reason}")]
+    Invalid {
+        /// Position of the change in the batch.
+        index: usize,
+        /// What is wrong.
+        #[source]
+        reason: InvalidChange,
+    },
+    /// Any other failure (the transaction was rolled back).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for MergeError {
+    fn from(e: rusqlite::Error) -> Self {
+        MergeError::Store(StoreError::Sqlite(e))
+    }
+}
+
+impl From<rusqlite::Error> for EnableError {
+    fn from(e: rusqlite::Error) -> Self {
+        EnableError::Store(StoreError::Sqlite(e))
+    }
+}

@@ -1,0 +1,382 @@
+//! The writer thread: owns the read-write connection and runs commands one at a time.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use tokio::sync::{broadcast, oneshot};
+
+use super::error::{EnableError, MergeError, OpenError, StoreError};
+use super::schema::{BOOTSTRAP_SQL, Schema, table_columns};
+use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
+use crate::batch::plan_merge;
+use crate::{ChangeBatch, Cursor, DbVersion, SiteId};
+
+/// A closure run on the writer connection.
+pub(super) type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// The commands the writer thread understands.
+pub(super) enum Command {
+    SchemaVersion(Reply<i64>),
+    Cursor(Reply<Cursor>),
+    EnableCrr(Vec<String>, oneshot::Sender<Result<(), EnableError>>),
+    Merge(
+        ChangeBatch,
+        oneshot::Sender<Result<MergeReport, MergeError>>,
+    ),
+    Write(WriteJob),
+    Stats(Reply<BookkeepingStats>),
+    Close(Reply<()>),
+}
+
+pub(super) struct WriterConfig {
+    pub(super) path: PathBuf,
+    pub(super) poll_interval: Duration,
+    pub(super) origin_gc_slack: u64,
+}
+
+struct Writer {
+    conn: Connection,
+    site: SiteId,
+    schema: Schema,
+    /// Remote entries of the cursor (our own entry is `crsql_db_version()`).
+    remote: Cursor,
+    events: broadcast::Sender<StoreEvent>,
+    last_data_version: i64,
+    /// Highest local db_version already reported to subscribers.
+    last_reported: i64,
+    origin_records: u64,
+    origin_live_after_gc: u64,
+    config: WriterConfig,
+}
+
+pub(super) fn run(
+    config: WriterConfig,
+    inbox: flume::Receiver<Command>,
+    events: broadcast::Sender<StoreEvent>,
+    ready: oneshot::Sender<Result<SiteId, OpenError>>,
+) {
+    let path = config.path.clone();
+    let mut writer = match Writer::open(config, events) {
+        Ok(w) => w,
+        Err(source) => {
+            let _ = ready.send(Err(OpenError::Sqlite { path, source }));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(writer.site));
+    let mut next_poll = Instant::now() + writer.config.poll_interval;
+    loop {
+        let timeout = next_poll.saturating_duration_since(Instant::now());
+        match inbox.recv_timeout(timeout) {
+            Ok(Command::Close(reply)) => {
+                let _ = reply.send(writer.close());
+                return;
+            }
+            Ok(command) => {
+                writer.notice_external();
+                writer.handle(command);
+                writer.notice_own_commits(ChangeSource::Local);
+            }
+            Err(flume::RecvTimeoutError::Timeout) => {
+                writer.notice_external();
+                next_poll = Instant::now() + writer.config.poll_interval;
+            }
+            Err(flume::RecvTimeoutError::Disconnected) => {
+                if let Err(e) = writer.close() {
+                    tracing::warn!(error = %e, "closing the store failed");
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl Writer {
+    fn open(
+        config: WriterConfig,
+        events: broadcast::Sender<StoreEvent>,
+    ) -> rusqlite::Result<Writer> {
+        let conn = Connection::open(&config.path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(BOOTSTRAP_SQL)?;
+        // Equal values written concurrently tie-break by site id, so clocks converge too.
+        conn.query_row(
+            "SELECT crsql_config_set('merge-equal-values', 1)",
+            [],
+            |_| Ok(()),
+        )?;
+        let site_bytes: Vec<u8> = conn.query_row("SELECT crsql_site_id()", [], |r| r.get(0))?;
+        let site = SiteId::from_slice(&site_bytes).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
+        })?;
+        let mut remote = Cursor::new();
+        {
+            let mut stmt = conn.prepare("SELECT site_id, db_version FROM crsync_cursor")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (s, v) = row?;
+                if let Ok(s) = SiteId::from_slice(&s) {
+                    remote.advance(s, DbVersion(v));
+                }
+            }
+        }
+        let origin_records: i64 =
+            conn.query_row("SELECT count(*) FROM crsync_origin", [], |r| r.get(0))?;
+        let last_data_version = data_version(&conn)?;
+        let last_reported = db_version(&conn)?;
+        let mut schema = Schema::default();
+        schema.refresh(&conn)?;
+        Ok(Writer {
+            conn,
+            site,
+            schema,
+            remote,
+            events,
+            last_data_version,
+            last_reported,
+            origin_records: origin_records as u64,
+            origin_live_after_gc: origin_records as u64,
+            config,
+        })
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::SchemaVersion(reply) => {
+                let r = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0));
+                let _ = reply.send(r.map_err(StoreError::from));
+            }
+            Command::Cursor(reply) => {
+                let _ = reply.send(self.cursor().map_err(StoreError::from));
+            }
+            Command::EnableCrr(tables, reply) => {
+                let _ = reply.send(self.enable_crr(&tables));
+            }
+            Command::Merge(batch, reply) => {
+                let result = self.merge(&batch);
+                let _ = reply.send(result);
+            }
+            Command::Write(job) => job(&mut self.conn),
+            Command::Stats(reply) => {
+                let _ = reply.send(self.stats().map_err(StoreError::from));
+            }
+            Command::Close(_) => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn cursor(&self) -> rusqlite::Result<Cursor> {
+        let mut cursor = self.remote.clone();
+        cursor.advance(self.site, DbVersion(db_version(&self.conn)?));
+        Ok(cursor)
+    }
+
+    fn stats(&self) -> rusqlite::Result<BookkeepingStats> {
+        let origin: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM crsync_origin", [], |r| r.get(0))?;
+        let sites: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM crsync_cursor", [], |r| r.get(0))?;
+        Ok(BookkeepingStats {
+            origin_records: origin as u64,
+            cursor_sites: sites as u64,
+        })
+    }
+
+    fn enable_crr(&mut self, tables: &[String]) -> Result<(), EnableError> {
+        for table in tables {
+            let columns = table_columns(&self.conn, table)?;
+            if columns.is_empty() {
+                return Err(EnableError::UnknownTable {
+                    table: table.clone(),
+                });
+            }
+            if !columns.iter().any(|c| c.1) {
+                return Err(EnableError::NoPrimaryKey {
+                    table: table.clone(),
+                });
+            }
+        }
+        let txn = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for table in tables {
+            let result: rusqlite::Result<String> =
+                txn.query_row("SELECT crsql_as_crr(?1)", [table], |r| r.get(0));
+            if let Err(e) = result {
+                return Err(EnableError::Rejected {
+                    table: table.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        txn.commit()?;
+        self.schema.refresh(&self.conn)?;
+        Ok(())
+    }
+
+    fn merge(&mut self, batch: &ChangeBatch) -> Result<MergeReport, MergeError> {
+        self.schema.refresh(&self.conn)?;
+        for (index, change) in batch.changes.iter().enumerate() {
+            self.schema
+                .check(change)
+                .map_err(|reason| MergeError::Invalid { index, reason })?;
+        }
+        let held = self.cursor()?;
+        let plan = plan_merge(self.site, &held, batch)?;
+        let mut report = MergeReport {
+            skipped: plan.skipped,
+            ..MergeReport::default()
+        };
+        if plan.transactions.is_empty() && plan.cursor == held {
+            return Ok(report);
+        }
+        let txn = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let base = db_version(&txn)?;
+        {
+            let mut insert = txn.prepare_cached(
+                "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            let mut record_origin = txn.prepare_cached(
+                "INSERT OR REPLACE INTO crsync_origin (local_version, site_id, origin_version) VALUES (?1, ?2, ?3)",
+            )?;
+            // Each origin transaction gets a local version of its own, so the
+            // origin of every merged row can be looked up by its local version.
+            for (k, ((site, version), changes)) in plan.transactions.iter().enumerate() {
+                let local = base + 1 + k as i64;
+                for c in changes {
+                    insert.execute(params![
+                        c.table,
+                        c.pk.0,
+                        c.cid,
+                        c.val,
+                        c.col_version,
+                        local,
+                        site.as_bytes().as_slice(),
+                        c.cl,
+                        c.seq
+                    ])?;
+                    report.applied += 1;
+                    if !report.tables.contains(&c.table) {
+                        report.tables.insert(c.table.clone());
+                    }
+                }
+                record_origin.execute(params![local, site.as_bytes().as_slice(), version.0])?;
+            }
+            let mut save_cursor = txn.prepare_cached(
+                "INSERT INTO crsync_cursor (site_id, db_version) VALUES (?1, ?2) \
+                 ON CONFLICT (site_id) DO UPDATE SET db_version = max(db_version, excluded.db_version)",
+            )?;
+            for (site, version) in plan.cursor.iter() {
+                if site != self.site && version > held.get(&site) {
+                    save_cursor.execute(params![site.as_bytes().as_slice(), version.0])?;
+                }
+            }
+        }
+        txn.commit()?;
+        report.transactions = plan.transactions.len();
+        self.origin_records += plan.transactions.len() as u64;
+        for (site, version) in plan.cursor.iter() {
+            if site != self.site {
+                self.remote.advance(site, version);
+            }
+        }
+        // Merged rows are reported here, as merges, not as local writes.
+        self.last_reported = db_version(&self.conn)?;
+        if !report.tables.is_empty() {
+            let _ = self.events.send(StoreEvent::Changed {
+                tables: report.tables.clone(),
+                source: ChangeSource::Merge,
+            });
+        }
+        self.maybe_collect_origins()?;
+        Ok(report)
+    }
+
+    /// Sweeps origin records no clock row refers to, once they exceed
+    /// twice the live count after the last sweep plus the configured slack.
+    fn maybe_collect_origins(&mut self) -> rusqlite::Result<()> {
+        if self.origin_records <= 2 * self.origin_live_after_gc + self.config.origin_gc_slack {
+            return Ok(());
+        }
+        let removed = self.conn.execute(&self.schema.origin_gc_sql(), [])?;
+        self.origin_records = self.origin_records.saturating_sub(removed as u64);
+        self.origin_live_after_gc = self.origin_records;
+        tracing::debug!(removed, live = self.origin_records, "swept origin records");
+        Ok(())
+    }
+
+    /// Reports changes this connection committed outside `merge`.
+    ///
+    /// cr-sqlite owns the connection's commit hook (it advances its version
+    /// there), so a commit is noticed right after each command by comparing
+    /// `crsql_db_version()` with the last version reported.
+    fn notice_own_commits(&mut self, source: ChangeSource) {
+        self.report_changes_since_last(source);
+    }
+
+    /// Reports changes other connections committed (cheap `PRAGMA data_version` check).
+    fn notice_external(&mut self) {
+        match data_version(&self.conn) {
+            Ok(v) if v != self.last_data_version => {
+                self.last_data_version = v;
+                self.report_changes_since_last(ChangeSource::External);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "PRAGMA data_version failed"),
+        }
+    }
+
+    fn report_changes_since_last(&mut self, source: ChangeSource) {
+        let result = (|| -> rusqlite::Result<(BTreeSet<String>, i64)> {
+            let now = db_version(&self.conn)?;
+            if now <= self.last_reported {
+                return Ok((BTreeSet::new(), now));
+            }
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT DISTINCT \"table\" FROM crsql_changes WHERE db_version > ?1",
+            )?;
+            let tables = stmt
+                .query_map([self.last_reported], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok((tables, now))
+        })();
+        match result {
+            Ok((tables, now)) => {
+                self.last_reported = now;
+                if !tables.is_empty() {
+                    let _ = self.events.send(StoreEvent::Changed { tables, source });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading changed tables failed"),
+        }
+    }
+
+    fn close(mut self) -> Result<(), StoreError> {
+        self.notice_external();
+        close_connection(self.conn)
+    }
+}
+
+/// Runs `crsql_finalize()` (required by cr-sqlite) and closes the connection.
+pub(super) fn close_connection(conn: Connection) -> Result<(), StoreError> {
+    conn.query_row("SELECT crsql_finalize()", [], |_| Ok(()))?;
+    conn.close().map_err(|(_, e)| StoreError::Sqlite(e))
+}
+
+pub(super) fn db_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT crsql_db_version()", [], |r| r.get(0))
+}
+
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+}

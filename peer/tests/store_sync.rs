@@ -1,0 +1,176 @@
+//! Store-level sync: exchange, relay, lossless values, restart.
+
+mod support;
+
+use crsync_peer::{Cursor, DbVersion, SqlValue, Store};
+use support::{dump, open_store, sync};
+
+#[tokio::test]
+async fn two_stores_converge_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    a.write(|tx| {
+        tx.execute_batch("INSERT INTO items VALUES (1, 'a1', 1, NULL), (2, 'a2', 2, x'00ff')")
+    })
+    .await
+    .unwrap();
+    b.write(|tx| {
+        tx.execute_batch(
+            "INSERT INTO items VALUES (3, 'b3', 3, NULL); INSERT INTO tags VALUES (3, 'x', 'note')",
+        )
+    })
+    .await
+    .unwrap();
+    a.write(|tx| {
+        tx.execute_batch(
+            "UPDATE items SET name = 'a1!' WHERE id = 1; DELETE FROM items WHERE id = 2",
+        )
+    })
+    .await
+    .unwrap();
+    sync(&a, &b).await;
+    sync(&b, &a).await;
+    assert_eq!(dump(&a).await, dump(&b).await);
+    // Merging consumes local versions, so b learns a's final version in a second round.
+    sync(&a, &b).await;
+    assert_eq!(a.cursor().await.unwrap(), b.cursor().await.unwrap());
+    // a second exchange sends nothing new
+    let again = sync(&a, &b).await;
+    assert_eq!(again.applied, 0);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn relayed_changes_keep_their_origin_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    let c = open_store(dir.path(), "c.db").await;
+    for i in 0..5 {
+        a.write(move |tx| tx.execute("INSERT INTO items (id, name) VALUES (?1, 'a')", [i]))
+            .await
+            .unwrap();
+    }
+    // b makes local writes of its own first, so its local versions differ from a's.
+    for i in 100..110 {
+        b.write(move |tx| tx.execute("INSERT INTO items (id, name) VALUES (?1, 'b')", [i]))
+            .await
+            .unwrap();
+    }
+    sync(&a, &b).await;
+    sync(&b, &c).await; // c gets a's changes only through b
+    let a_version = a.cursor().await.unwrap().get(&a.site_id());
+    assert_eq!(c.cursor().await.unwrap().get(&a.site_id()), a_version);
+    // so a direct exchange a -> c finds nothing missing
+    let direct = sync(&a, &c).await;
+    assert_eq!(direct.applied, 0);
+    assert_eq!(dump(&a).await.len(), dump(&a).await.len());
+    sync(&c, &a).await;
+    assert_eq!(dump(&a).await, dump(&c).await);
+    assert_eq!(dump(&b).await, dump(&c).await);
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn values_survive_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    let blob: Vec<u8> = (0..=255).collect();
+    let values = vec![
+        (1, SqlValue::Integer(i64::MAX), SqlValue::Blob(blob.clone())),
+        (2, SqlValue::Integer(i64::MIN), SqlValue::Blob(vec![])),
+        (3, SqlValue::Integer((1 << 53) + 1), SqlValue::Null),
+        (
+            4,
+            SqlValue::Real(0.1 + 0.2),
+            SqlValue::Text("ünïcødé \u{0} nul".into()),
+        ),
+        (5, SqlValue::Real(f64::MAX), SqlValue::Real(-0.0)),
+    ];
+    let rows = values.clone();
+    a.write(move |tx| {
+        for (id, v, w) in rows {
+            tx.execute(
+                "INSERT INTO items (id, name, v, w) VALUES (?1, 'n', ?2, ?3)",
+                (id, v, w),
+            )?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    sync(&a, &b).await;
+    let got = b
+        .read(|c| {
+            let mut s = c.prepare("SELECT id, v, w FROM items ORDER BY id")?;
+            let r = s.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, SqlValue>(1)?,
+                    r.get::<_, SqlValue>(2)?,
+                ))
+            })?;
+            r.collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, values);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn cursors_and_bookkeeping_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    a.write(|tx| tx.execute_batch("INSERT INTO items VALUES (1, 'x', 1, NULL)"))
+        .await
+        .unwrap();
+    sync(&a, &b).await;
+    let before = b.cursor().await.unwrap();
+    let site_b = b.site_id();
+    b.close().await.unwrap();
+    let b = open_store(dir.path(), "b.db").await;
+    assert_eq!(b.site_id(), site_b);
+    assert_eq!(b.cursor().await.unwrap(), before);
+    // relaying after restart still uses the origin version
+    let c = open_store(dir.path(), "c.db").await;
+    sync(&b, &c).await;
+    assert_eq!(
+        c.cursor().await.unwrap().get(&a.site_id()),
+        before.get(&a.site_id())
+    );
+    a.write(|tx| tx.execute_batch("INSERT INTO items VALUES (2, 'y', 2, NULL)"))
+        .await
+        .unwrap();
+    let r = sync(&a, &b).await;
+    assert_eq!(
+        r.transactions, 1,
+        "only the new transaction is sent after restart"
+    );
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn empty_cursor_gets_everything_and_full_cursor_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    a.write(|tx| tx.execute_batch("INSERT INTO items VALUES (1, 'x', 1, NULL)"))
+        .await
+        .unwrap();
+    let all = support::batches_for(&a, &Cursor::new()).await;
+    assert_eq!(all.iter().map(|b| b.changes.len()).sum::<usize>(), 3);
+    let none = support::batches_for(&a, &a.cursor().await.unwrap()).await;
+    assert!(none.is_empty(), "{none:?}");
+    let _ = DbVersion::ZERO;
+    a.close().await.unwrap();
+    let _ = Store::builder("unused");
+}

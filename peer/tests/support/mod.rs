@@ -1,0 +1,94 @@
+//! Helpers shared by the peer crate's integration tests.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::path::Path;
+
+use crsync_peer::rusqlite::{self, Connection};
+use crsync_peer::{ChangeBatch, Cursor, MergeReport, SqlValue, Store};
+
+pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY NOT NULL, name TEXT, v INTEGER, w BLOB);
+    CREATE TABLE IF NOT EXISTS tags (
+    item INTEGER NOT NULL, tag TEXT NOT NULL, note TEXT, PRIMARY KEY (item, tag));";
+
+/// Opens (or creates) `name` in `dir` with the test schema as CRRs.
+pub async fn open_store(dir: &Path, name: &str) -> Store {
+    let store = Store::builder(dir.join(name))
+        .poll_interval(std::time::Duration::from_millis(20))
+        .max_batch_changes(64)
+        .open()
+        .await
+        .expect("open store");
+    store
+        .write(|tx| tx.execute_batch(SCHEMA))
+        .await
+        .expect("schema");
+    store
+        .enable_crr(&["items", "tags"])
+        .await
+        .expect("enable crr");
+    store
+}
+
+/// Every row of every test table, values exact.
+pub async fn dump(store: &Store) -> Vec<Vec<SqlValue>> {
+    store
+        .read(|conn| {
+            let mut out = Vec::new();
+            for sql in [
+                "SELECT id, name, v, w FROM items ORDER BY id",
+                "SELECT item, tag, note, NULL FROM tags ORDER BY item, tag",
+            ] {
+                let mut stmt = conn.prepare(sql)?;
+                let rows = stmt.query_map([], |r| {
+                    (0..4)
+                        .map(|i| r.get::<_, SqlValue>(i))
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })?;
+                for row in rows {
+                    out.push(row?);
+                }
+                out.push(vec![SqlValue::Text("--".into())]);
+            }
+            Ok(out)
+        })
+        .await
+        .expect("dump")
+}
+
+/// Collects every batch `from` would send to a receiver at `cursor`.
+pub async fn batches_for(from: &Store, cursor: &Cursor) -> Vec<ChangeBatch> {
+    let mut stream = from.changes_since(cursor).await.expect("changes_since");
+    let mut out = Vec::new();
+    while let Some(batch) = stream.next_batch().await {
+        out.push(batch.expect("batch"));
+    }
+    out
+}
+
+/// One full one-way exchange: everything `to` lacks, merged in order.
+pub async fn sync(from: &Store, to: &Store) -> MergeReport {
+    let cursor = to.cursor().await.expect("cursor");
+    let mut total = MergeReport::default();
+    for batch in batches_for(from, &cursor).await {
+        let r = to.merge(batch).await.expect("merge");
+        total.applied += r.applied;
+        total.skipped += r.skipped;
+        total.transactions += r.transactions;
+    }
+    total
+}
+
+/// A plain connection to the same file (another writer, as another process would be).
+pub fn side_connection(path: &Path) -> Connection {
+    let c = Connection::open(path).expect("open side connection");
+    c.busy_timeout(std::time::Duration::from_secs(5))
+        .expect("busy timeout");
+    c
+}
+
+pub fn close_side(c: Connection) {
+    c.query_row("SELECT crsql_finalize()", [], |_| Ok(()))
+        .expect("finalize");
+    c.close().map_err(|(_, e)| e).expect("close");
+}
