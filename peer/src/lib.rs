@@ -20,7 +20,9 @@ mod extension;
 mod ids;
 mod pk;
 mod store;
+pub mod transport;
 mod value;
+pub mod wire;
 
 pub use batch::{
     BatchBuilder, BatchRejection, ChangeBatch, DEFAULT_MAX_BATCH_CHANGES, MergePlan, VersionRange,
@@ -43,3 +45,7 @@ pub use value::SqlValue;
 
 /// Re-exported so callers of [`Store::write`] use the same rusqlite.
 pub use rusqlite;
+pub use transport::{
+    Backoff, BoxError, Connection, Dialer, MessageSink, MessageStream, Received, ReconnectPolicy,
+    Rejection, TransportError,
+};

@@ -1,0 +1,242 @@
+//! The transport interface: a connection is a sink and a stream of
+//! [`TransportMessage`]s. Transports (crate `crsync-transports`, the
+//! node-server) produce [`Connection`]s; the [`Peer`](crate::Peer) runs the
+//! sync protocol over them and knows nothing about sockets or HTTP.
+//!
+//! - Outgoing connections come from a [`Dialer`]; the Peer redials it with
+//!   backoff ([`ReconnectPolicy`]) whenever the connection ends.
+//! - Incoming connections (a server) are handed to
+//!   [`Peer::accept`](crate::Peer::accept).
+
+use std::fmt;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::Sink;
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+
+use crate::wire::{DecodeError, TransportMessage};
+
+/// Boxed error from an underlying library.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Outgoing half of a connection.
+pub type MessageSink = Pin<Box<dyn Sink<TransportMessage, Error = TransportError> + Send>>;
+/// Incoming half of a connection.
+pub type MessageStream = Pin<Box<dyn Stream<Item = Result<Received, TransportError>> + Send>>;
+
+/// One received message, with an optional way to tell the transport how its
+/// processing ended (an HTTP `POST` answers 200 only once it is processed).
+#[derive(Debug)]
+pub struct Received {
+    /// The message.
+    pub message: TransportMessage,
+    /// Completion signal for transports that answer per message.
+    pub reply: Option<oneshot::Sender<Result<(), Rejection>>>,
+}
+
+impl Received {
+    /// A message with no completion signal.
+    pub fn new(message: TransportMessage) -> Self {
+        Received {
+            message,
+            reply: None,
+        }
+    }
+
+    /// A message whose sender waits for the outcome.
+    pub fn with_reply(
+        message: TransportMessage,
+    ) -> (Self, oneshot::Receiver<Result<(), Rejection>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Received {
+                message,
+                reply: Some(tx),
+            },
+            rx,
+        )
+    }
+}
+
+/// Why a received message was refused, with a stable code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Rejection {
+    /// Stable machine-readable code (see [`codes`]).
+    pub code: &'static str,
+    /// Human-readable detail.
+    pub message: String,
+    /// Whether the fault is the sender's (HTTP 400) rather than ours (500).
+    pub client_error: bool,
+}
+
+/// Stable error codes used on the wire.
+pub mod codes {
+    /// The JSON does not parse or lacks fields.
+    pub const MALFORMED: &str = "MALFORMED";
+    /// A change is invalid for this database (unknown table/column, bad key...).
+    pub const INVALID_CHANGE: &str = "INVALID_CHANGE";
+    /// The batch starts past what the receiver holds; resend from its cursor.
+    pub const GAP: &str = "GAP";
+    /// The sender's schema is newer; its changes wait for an upgrade.
+    pub const SCHEMA_OUTDATED: &str = "SCHEMA_OUTDATED";
+    /// A stream for this peer id is already open.
+    pub const ALREADY_CONNECTED: &str = "ALREADY_CONNECTED";
+    /// No stream is open for this peer id.
+    pub const NOT_CONNECTED: &str = "NOT_CONNECTED";
+    /// Missing or unknown token.
+    pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
+    /// The token does not allow this.
+    pub const FORBIDDEN: &str = "FORBIDDEN";
+    /// The body exceeds the server's limit.
+    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
+    /// No such database (and creating it is not allowed).
+    pub const UNKNOWN_DATABASE: &str = "UNKNOWN_DATABASE";
+    /// The message's peerId is not the connection's.
+    pub const PEER_MISMATCH: &str = "PEER_MISMATCH";
+    /// The server failed.
+    pub const INTERNAL: &str = "INTERNAL";
+    /// The peer is shutting down.
+    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+}
+
+/// A transport failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// Could not connect.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// Where.
+        target: String,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+    /// The remote refused with a typed error (`ALREADY_CONNECTED`, `UNAUTHORIZED`, ...).
+    #[error("remote refused: {code}: {message}")]
+    Remote {
+        /// Stable code.
+        code: String,
+        /// Detail.
+        message: String,
+    },
+    /// An HTTP request failed with a status.
+    #[error("HTTP {status} from {target}: {message}")]
+    Http {
+        /// Status code.
+        status: u16,
+        /// The URL.
+        target: String,
+        /// The body or reason.
+        message: String,
+    },
+    /// A message from the remote could not be decoded.
+    #[error("undecodable message: {0}")]
+    Decode(#[from] DecodeError),
+    /// Nothing received within the liveness timeout.
+    #[error("no message from the remote for {0:?}")]
+    Timeout(Duration),
+    /// The connection was closed.
+    #[error("connection closed")]
+    Closed,
+    /// Any other I/O failure.
+    #[error("transport I/O: {0}")]
+    Io(#[source] BoxError),
+}
+
+/// A live connection to one remote peer.
+pub struct Connection {
+    /// Messages to the remote.
+    pub sink: MessageSink,
+    /// Messages from the remote.
+    pub stream: MessageStream,
+    /// What this is, for events and logs (e.g. `"sse http://127.0.0.1:8080/db/notes"`).
+    pub label: String,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Something that opens outgoing connections (an HTTP+SSE or WebSocket client).
+pub trait Dialer: Send + 'static {
+    /// Opens a connection. `local` is our site id (clients name themselves in URLs).
+    fn dial(&mut self, local: crate::SiteId) -> BoxFuture<'_, Result<Connection, TransportError>>;
+
+    /// What this dials, for events and logs.
+    fn label(&self) -> String;
+}
+
+/// Exponential backoff with jitter for redialing.
+///
+/// ```
+/// use crsync_peer::ReconnectPolicy;
+/// use std::time::Duration;
+/// let policy = ReconnectPolicy::default();
+/// let mut backoff = policy.backoff();
+/// let first = backoff.next_delay(0.5);
+/// assert!(first >= Duration::from_millis(250) && first <= Duration::from_millis(500));
+/// for _ in 0..20 { backoff.next_delay(1.0); }
+/// assert!(backoff.next_delay(1.0) <= policy.max);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReconnectPolicy {
+    /// Delay before the first retry (jitter draws it down to as low as half).
+    pub initial: Duration,
+    /// Cap on the delay.
+    pub max: Duration,
+    /// Growth factor per failed attempt.
+    pub multiplier: f64,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        ReconnectPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    /// A fresh backoff sequence.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            policy: *self,
+            attempt: 0,
+        }
+    }
+}
+
+/// State of one backoff sequence: pure, the caller supplies the randomness.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    policy: ReconnectPolicy,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// The delay before the next attempt. `unit` in `[0, 1]` is the jitter
+    /// draw: the delay is uniform in `[d/2, d]` ("equal jitter") where `d`
+    /// is the exponential delay for this attempt, capped at `max`.
+    pub fn next_delay(&mut self, unit: f64) -> Duration {
+        let exp = self.policy.multiplier.powi(self.attempt.min(64) as i32);
+        let full = self.policy.initial.mul_f64(exp).min(self.policy.max);
+        self.attempt = self.attempt.saturating_add(1);
+        full.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    }
+
+    /// Back to the first delay (after a good connection).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}

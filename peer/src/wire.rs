@@ -1,0 +1,561 @@
+//! Wire protocol v1 (JSON), compatible with the TypeScript `@app/sync` package,
+//! plus crsync's negotiated extensions.
+//!
+//! ```text
+//! TransportMessage {type: "connect"|"sync"|"data"|"ping"|"error", peerId, cursor?, data?, error?}
+//! PeerMessage      {type: "changes"|"eose", data: PeerChange[], schemaVersion?}
+//! PeerChange       {table, pk, cid, val, col_version, db_version, site_id, cl, seq}
+//! ```
+//!
+//! Extensions (ignored by v1 peers, which simply never send them):
+//! - `connect.crsync = {"version": 1, "encoding": "lossless"}` advertises the
+//!   lossless value encoding; a side uses it only after the other advertised it.
+//! - `PeerMessage.ranges = {"<site hex>": [after, upto]}`: the version ranges a
+//!   batch completes (see [`ChangeBatch`]); without them a batch is taken as it
+//!   comes (v1 behaviour).
+//! - `error.code`: a stable machine-readable code next to the message.
+//!
+//! Values: NULL, text, finite reals and integers within ±(2^53 − 1) are plain
+//! JSON in both encodings. With `lossless`, other integers are
+//! `{"$int": "<decimal>"}`, blobs `{"$blob": "<base64>"}` and non-finite reals
+//! `{"$real": "NaN" | "inf" | "-inf"}`. To a v1 peer, blobs go as lowercase hex
+//! text and large integers as JSON numbers (what v1 can carry).
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId, SqlValue, VersionRange};
+
+/// Largest integer a JSON number carries exactly in JavaScript.
+pub const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
+/// Name of the lossless value encoding.
+pub const LOSSLESS: &str = "lossless";
+/// crsync's protocol extension version.
+pub const CRSYNC_PROTOCOL_VERSION: u32 = 1;
+
+/// How values are written to one remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    /// Plain v1 JSON.
+    #[default]
+    V1,
+    /// v1 plus tagged objects for what plain JSON loses.
+    Lossless,
+}
+
+/// The `type` of a transport message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageKind {
+    /// First message of a connection: who the sender is.
+    Connect,
+    /// The sender's cursor: "send me what I lack" (and, between crsync peers, an ack).
+    Sync,
+    /// Changes or end-of-stored-events.
+    Data,
+    /// Keep-alive.
+    Ping,
+    /// A refusal or failure.
+    Error,
+}
+
+/// crsync's capabilities, sent in `connect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Extension protocol version.
+    pub version: u32,
+    /// Value encoding the sender can read.
+    pub encoding: String,
+}
+
+impl Hello {
+    /// What this build supports.
+    pub fn current() -> Self {
+        Hello {
+            version: CRSYNC_PROTOCOL_VERSION,
+            encoding: LOSSLESS.into(),
+        }
+    }
+
+    /// The encoding to write to a peer that sent this hello.
+    pub fn encoding(hello: Option<&Hello>) -> Encoding {
+        match hello {
+            Some(h) if h.encoding == LOSSLESS => Encoding::Lossless,
+            _ => Encoding::V1,
+        }
+    }
+}
+
+/// A transport message exactly as on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransportMessage {
+    /// Message type.
+    #[serde(rename = "type")]
+    pub kind: MessageKind,
+    /// The sender's site id (hex).
+    #[serde(rename = "peerId")]
+    pub peer_id: String,
+    /// The sender's cursor (`sync`, and `connect` from some peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<Cursor>,
+    /// Changes (`data`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<PeerMessage>,
+    /// Error text (`error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Stable error code (`error`, crsync extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// crsync capabilities (`connect`, crsync extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crsync: Option<Hello>,
+}
+
+/// The `data` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerMessage {
+    /// `changes` or `eose`.
+    #[serde(rename = "type")]
+    pub kind: PeerMessageKind,
+    /// The changes.
+    #[serde(default)]
+    pub data: Vec<PeerChange>,
+    /// Sender's `PRAGMA user_version`.
+    #[serde(
+        rename = "schemaVersion",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub schema_version: Option<i64>,
+    /// Version ranges completed by this message (crsync extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<BTreeMap<String, (i64, i64)>>,
+}
+
+/// The `type` of a [`PeerMessage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerMessageKind {
+    /// A batch of changes.
+    Changes,
+    /// End of stored events: the initial sync is complete.
+    Eose,
+}
+
+/// One change as on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerChange {
+    /// Table.
+    pub table: String,
+    /// Packed primary key, lowercase hex.
+    pub pk: String,
+    /// Column id.
+    pub cid: String,
+    /// Value (see the module docs for the encoding).
+    pub val: Json,
+    /// Column version.
+    pub col_version: i64,
+    /// Origin db_version.
+    pub db_version: i64,
+    /// Origin site id, lowercase hex.
+    pub site_id: String,
+    /// Causal length.
+    pub cl: i64,
+    /// Sequence within the origin transaction.
+    pub seq: i64,
+}
+
+/// A message could not be decoded; nothing was applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Not JSON, or not the expected shape.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A hex field that is not hex.
+    #[error("field {field} is not valid hex")]
+    BadHex {
+        /// Which field.
+        field: &'static str,
+    },
+    /// A site id of the wrong length.
+    #[error("invalid site id in {field}: {reason}")]
+    BadSiteId {
+        /// Which field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A value that no encoding produces.
+    #[error("invalid value in change #{index}: {reason}")]
+    BadValue {
+        /// Position in the message.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A message kind without the field it needs.
+    #[error("{kind:?} message lacks {field}")]
+    Missing {
+        /// Message kind.
+        kind: MessageKind,
+        /// Missing field.
+        field: &'static str,
+    },
+}
+
+impl TransportMessage {
+    /// Parses a message from JSON text.
+    pub fn from_json(text: &str) -> Result<Self, DecodeError> {
+        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))
+    }
+
+    /// Serializes to JSON text.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: all map keys are strings.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    fn bare(kind: MessageKind, peer: SiteId) -> Self {
+        TransportMessage {
+            kind,
+            peer_id: peer.to_hex(),
+            cursor: None,
+            data: None,
+            error: None,
+            code: None,
+            crsync: None,
+        }
+    }
+
+    /// `connect` with crsync's capabilities.
+    pub fn connect(peer: SiteId) -> Self {
+        TransportMessage {
+            crsync: Some(Hello::current()),
+            ..Self::bare(MessageKind::Connect, peer)
+        }
+    }
+
+    /// `sync` with a cursor.
+    pub fn sync(peer: SiteId, cursor: Cursor) -> Self {
+        TransportMessage {
+            cursor: Some(cursor),
+            ..Self::bare(MessageKind::Sync, peer)
+        }
+    }
+
+    /// `ping`.
+    pub fn ping(peer: SiteId) -> Self {
+        Self::bare(MessageKind::Ping, peer)
+    }
+
+    /// `error` with a stable code.
+    pub fn error(peer: SiteId, code: &str, message: impl Into<String>) -> Self {
+        TransportMessage {
+            error: Some(message.into()),
+            code: Some(code.into()),
+            ..Self::bare(MessageKind::Error, peer)
+        }
+    }
+
+    /// `data` carrying a batch (`eose` marks the end of the initial sync).
+    pub fn data(
+        peer: SiteId,
+        batch: &ChangeBatch,
+        eose: bool,
+        schema_version: i64,
+        encoding: Encoding,
+    ) -> Self {
+        let message = PeerMessage {
+            kind: if eose {
+                PeerMessageKind::Eose
+            } else {
+                PeerMessageKind::Changes
+            },
+            data: batch
+                .changes
+                .iter()
+                .map(|c| encode_change(c, encoding))
+                .collect(),
+            schema_version: Some(schema_version),
+            ranges: Some(
+                batch
+                    .ranges
+                    .iter()
+                    .map(|(s, r)| (s.to_hex(), (r.after.0, r.upto.0)))
+                    .collect(),
+            ),
+        };
+        TransportMessage {
+            data: Some(message),
+            ..Self::bare(MessageKind::Data, peer)
+        }
+    }
+
+    /// The sender's site id.
+    pub fn sender(&self) -> Result<SiteId, DecodeError> {
+        parse_site(&self.peer_id, "peerId")
+    }
+}
+
+impl PeerMessage {
+    /// Decodes the changes and ranges into a batch.
+    ///
+    /// Without `ranges` (a v1 sender), each site's range is taken to start
+    /// below its lowest version in the message, so nothing is skipped.
+    pub fn to_batch(&self) -> Result<ChangeBatch, DecodeError> {
+        let mut batch = ChangeBatch::default();
+        for (index, c) in self.data.iter().enumerate() {
+            batch.changes.push(decode_change(c, index)?);
+        }
+        match &self.ranges {
+            Some(ranges) => {
+                for (site, (after, upto)) in ranges {
+                    let site = parse_site(site, "ranges")?;
+                    batch.ranges.insert(
+                        site,
+                        VersionRange {
+                            after: DbVersion(*after),
+                            upto: DbVersion(*upto),
+                        },
+                    );
+                }
+            }
+            None => {
+                for c in &batch.changes {
+                    let v = c.db_version;
+                    let range = batch.ranges.entry(c.site_id).or_insert(VersionRange {
+                        after: DbVersion(v.0 - 1),
+                        upto: v,
+                    });
+                    range.after = range.after.min(DbVersion(v.0 - 1));
+                    range.upto = range.upto.max(v);
+                }
+            }
+        }
+        Ok(batch)
+    }
+}
+
+fn parse_site(hex_text: &str, field: &'static str) -> Result<SiteId, DecodeError> {
+    let bytes = hex::decode(hex_text).map_err(|_| DecodeError::BadHex { field })?;
+    SiteId::from_slice(&bytes).map_err(|e| DecodeError::BadSiteId {
+        field,
+        reason: e.reason,
+    })
+}
+
+/// Encodes one change.
+pub fn encode_change(c: &Change, encoding: Encoding) -> PeerChange {
+    PeerChange {
+        table: c.table.clone(),
+        pk: hex::encode(&c.pk.0),
+        cid: c.cid.clone(),
+        val: encode_value(&c.val, encoding),
+        col_version: c.col_version,
+        db_version: c.db_version.0,
+        site_id: c.site_id.to_hex(),
+        cl: c.cl,
+        seq: c.seq,
+    }
+}
+
+/// Decodes one change (`index` is its position, for errors).
+pub fn decode_change(c: &PeerChange, index: usize) -> Result<Change, DecodeError> {
+    Ok(Change {
+        table: c.table.clone(),
+        pk: PackedPk(hex::decode(&c.pk).map_err(|_| DecodeError::BadHex { field: "pk" })?),
+        cid: c.cid.clone(),
+        val: decode_value(&c.val).map_err(|reason| DecodeError::BadValue { index, reason })?,
+        col_version: c.col_version,
+        db_version: DbVersion(c.db_version),
+        site_id: parse_site(&c.site_id, "site_id")?,
+        cl: c.cl,
+        seq: c.seq,
+    })
+}
+
+fn tagged(tag: &str, text: String) -> Json {
+    let mut map = serde_json::Map::new();
+    map.insert(tag.into(), Json::String(text));
+    Json::Object(map)
+}
+
+/// Encodes a value for the wire.
+pub fn encode_value(v: &SqlValue, encoding: Encoding) -> Json {
+    let lossless = encoding == Encoding::Lossless;
+    match v {
+        SqlValue::Null => Json::Null,
+        SqlValue::Text(s) => Json::String(s.clone()),
+        SqlValue::Integer(i) if lossless && i.unsigned_abs() > MAX_SAFE_INTEGER as u64 => {
+            tagged("$int", i.to_string())
+        }
+        SqlValue::Integer(i) => Json::from(*i),
+        SqlValue::Real(f) => match serde_json::Number::from_f64(*f) {
+            Some(n) => Json::Number(n),
+            None if lossless => tagged(
+                "$real",
+                if f.is_nan() {
+                    "NaN".into()
+                } else if *f > 0.0 {
+                    "inf".into()
+                } else {
+                    "-inf".into()
+                },
+            ),
+            None => Json::Null,
+        },
+        SqlValue::Blob(b) if lossless => {
+            tagged("$blob", base64::engine::general_purpose::STANDARD.encode(b))
+        }
+        SqlValue::Blob(b) => Json::String(hex::encode(b)),
+    }
+}
+
+/// Decodes a value from the wire (either encoding).
+pub fn decode_value(v: &Json) -> Result<SqlValue, String> {
+    Ok(match v {
+        Json::Null => SqlValue::Null,
+        Json::Bool(b) => SqlValue::Integer(i64::from(*b)),
+        Json::String(s) => SqlValue::Text(s.clone()),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                SqlValue::Integer(i)
+            } else if n.is_u64() {
+                return Err(format!("integer {n} does not fit in 64 bits"));
+            } else {
+                SqlValue::Real(
+                    n.as_f64()
+                        .ok_or_else(|| format!("number {n} is not representable"))?,
+                )
+            }
+        }
+        Json::Object(map) if map.len() == 1 => {
+            let (tag, body) = map.iter().next().ok_or("empty object")?;
+            let text = body
+                .as_str()
+                .ok_or_else(|| format!("{tag} must be a string"))?;
+            match tag.as_str() {
+                "$int" => {
+                    SqlValue::Integer(text.parse().map_err(|_| format!("bad $int {text:?}"))?)
+                }
+                "$blob" => SqlValue::Blob(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(text)
+                        .map_err(|_| format!("bad $blob {text:?}"))?,
+                ),
+                "$real" => SqlValue::Real(match text {
+                    "NaN" => f64::NAN,
+                    "inf" => f64::INFINITY,
+                    "-inf" => f64::NEG_INFINITY,
+                    other => return Err(format!("bad $real {other:?}")),
+                }),
+                other => return Err(format!("unknown tag {other:?}")),
+            }
+        }
+        other => return Err(format!("unsupported JSON value {other}")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = SqlValue> {
+        prop_oneof![
+            Just(SqlValue::Null),
+            any::<i64>().prop_map(SqlValue::Integer),
+            any::<f64>()
+                .prop_filter("NaN", |f| !f.is_nan())
+                .prop_map(SqlValue::Real),
+            ".{0,20}".prop_map(SqlValue::Text),
+            proptest::collection::vec(any::<u8>(), 0..64).prop_map(SqlValue::Blob),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn lossless_round_trip_through_json_text(v in value()) {
+            let text = serde_json::to_string(&encode_value(&v, Encoding::Lossless)).unwrap();
+            let back = decode_value(&serde_json::from_str(&text).unwrap()).unwrap();
+            prop_assert_eq!(back, v);
+        }
+
+        #[test]
+        fn decoding_arbitrary_json_never_panics(s in ".{0,200}") {
+            let _ = TransportMessage::from_json(&s);
+        }
+    }
+
+    #[test]
+    fn v1_values_are_plain_json() {
+        assert_eq!(
+            encode_value(&SqlValue::Integer(5), Encoding::V1),
+            serde_json::json!(5)
+        );
+        assert_eq!(
+            encode_value(&SqlValue::Integer(5), Encoding::Lossless),
+            serde_json::json!(5)
+        );
+        assert_eq!(
+            encode_value(&SqlValue::Blob(vec![1, 2]), Encoding::V1),
+            serde_json::json!("0102")
+        );
+        assert_eq!(
+            encode_value(&SqlValue::Integer(i64::MAX), Encoding::Lossless),
+            serde_json::json!({"$int": "9223372036854775807"})
+        );
+        assert_eq!(
+            decode_value(&serde_json::json!(1.5)).unwrap(),
+            SqlValue::Real(1.5)
+        );
+        assert!(decode_value(&serde_json::json!([1])).is_err());
+        assert!(decode_value(&serde_json::json!({"$int": "x"})).is_err());
+    }
+
+    #[test]
+    fn parses_a_v1_message() {
+        let site = "0102030405060708090a0b0c0d0e0f10";
+        let text = format!(
+            r#"{{"type":"data","peerId":"{site}","data":{{"type":"changes","schemaVersion":1,"data":[
+            {{"table":"t","pk":"010901","cid":"x","val":"hi","col_version":1,"db_version":4,"site_id":"{site}","cl":1,"seq":0}}]}}}}"#
+        );
+        let msg = TransportMessage::from_json(&text).unwrap();
+        let batch = msg.data.unwrap().to_batch().unwrap();
+        assert_eq!(batch.changes[0].val, SqlValue::Text("hi".into()));
+        let range = batch.ranges[&batch.changes[0].site_id];
+        assert_eq!((range.after, range.upto), (DbVersion(3), DbVersion(4)));
+    }
+
+    #[test]
+    fn rejects_bad_site_ids_and_hex() {
+        let bad = |site: &str, pk: &str| PeerChange {
+            table: "t".into(),
+            pk: pk.into(),
+            cid: "x".into(),
+            val: Json::Null,
+            col_version: 1,
+            db_version: 1,
+            site_id: site.into(),
+            cl: 1,
+            seq: 0,
+        };
+        assert!(matches!(
+            decode_change(&bad("abcd", "01"), 0),
+            Err(DecodeError::BadSiteId { .. })
+        ));
+        assert!(matches!(
+            decode_change(&bad("zz", "01"), 0),
+            Err(DecodeError::BadHex { field: "site_id" })
+        ));
+        assert!(matches!(
+            decode_change(&bad(&"00".repeat(16), "0g"), 0),
+            Err(DecodeError::BadHex { field: "pk" })
+        ));
+    }
+}
