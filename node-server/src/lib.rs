@@ -1,0 +1,1 @@
+//! crsync node-server (work in progress).

@@ -1,0 +1,1 @@
+//! Transports for crsync (work in progress).
