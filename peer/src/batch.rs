@@ -13,6 +13,26 @@ use crate::{Change, Cursor, DbVersion, SiteId};
 
 /// Default soft limit on changes per batch.
 pub const DEFAULT_MAX_BATCH_CHANGES: usize = 1024;
+/// Default soft limit on a batch's estimated wire size (below common body limits).
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// Soft limits on one batch: it is closed at the first transaction boundary past either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Changes per batch.
+    pub max_changes: usize,
+    /// Estimated wire bytes per batch.
+    pub max_bytes: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_changes: DEFAULT_MAX_BATCH_CHANGES,
+            max_bytes: DEFAULT_MAX_BATCH_BYTES,
+        }
+    }
+}
 
 /// Origin versions `(after, upto]` of one site.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,8 +72,9 @@ impl ChangeBatch {
 ///
 /// Feed it the sender's changes in the order the sender committed them locally
 /// (origin versions ascend per site in that order); it drops what the receiver
-/// holds and cuts batches of about `max_changes` at transaction boundaries.
-/// An origin transaction larger than `max_changes` becomes a batch of its own.
+/// holds and cuts batches at transaction boundaries once a batch reaches
+/// `max_changes` changes or `max_bytes` of estimated wire size. An origin
+/// transaction larger than that becomes a batch of its own.
 ///
 /// ```
 /// use crsync_peer::{BatchBuilder, Change, Cursor, DbVersion, PackedPk, SiteId, SqlValue};
@@ -75,6 +96,8 @@ pub struct BatchBuilder {
     /// Per site, the version the next range starts after.
     sent: Cursor,
     max_changes: usize,
+    max_bytes: usize,
+    current_bytes: usize,
     current: ChangeBatch,
     current_txn: Option<(SiteId, DbVersion)>,
 }
@@ -85,9 +108,17 @@ impl BatchBuilder {
         Self {
             sent: receiver,
             max_changes: max_changes.max(1),
+            max_bytes: DEFAULT_MAX_BATCH_BYTES,
+            current_bytes: 0,
             current: ChangeBatch::default(),
             current_txn: None,
         }
+    }
+
+    /// Sets the soft limit on a batch's estimated wire size.
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes.max(1);
+        self
     }
 
     /// Adds one change; returns a finished batch when this change opens a new
@@ -99,8 +130,11 @@ impl BatchBuilder {
         }
         let mut done = None;
         if self.current_txn != Some((site, version)) {
-            if self.current.changes.len() >= self.max_changes {
+            if self.current.changes.len() >= self.max_changes
+                || self.current_bytes >= self.max_bytes
+            {
                 let full = std::mem::take(&mut self.current);
+                self.current_bytes = 0;
                 done = Some(self.seal(full));
             }
             self.current_txn = Some((site, version));
@@ -111,6 +145,7 @@ impl BatchBuilder {
             .entry(site)
             .or_insert(VersionRange { after, upto: after })
             .upto = version;
+        self.current_bytes += change.approx_wire_size();
         self.current.changes.push(change);
         done
     }
@@ -292,6 +327,14 @@ mod tests {
                 upto: DbVersion(3)
             }
         );
+    }
+
+    #[test]
+    fn cuts_batches_by_size_too() {
+        let mut b = BatchBuilder::new(Cursor::new(), 1000).with_max_bytes(1);
+        let mut out: Vec<ChangeBatch> = (1..=3).filter_map(|v| b.push(change(1, v, 0))).collect();
+        out.extend(b.finish(&Cursor::new()));
+        assert_eq!(out.len(), 3);
     }
 
     #[test]

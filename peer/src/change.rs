@@ -32,6 +32,18 @@ pub struct Change {
 }
 
 impl Change {
+    /// An upper estimate of this change's size as wire JSON, in bytes.
+    pub fn approx_wire_size(&self) -> usize {
+        let val = match &self.val {
+            SqlValue::Null | SqlValue::Integer(_) | SqlValue::Real(_) => 32,
+            // escaping can double text; hex doubles blobs (base64: 4/3)
+            SqlValue::Text(s) => 2 * s.len() + 2,
+            SqlValue::Blob(b) => 2 * b.len() + 16,
+        };
+        // field names, numbers and the 32-hex-digit site id
+        160 + self.table.len() + self.cid.len() + 2 * self.pk.0.len() + val
+    }
+
     /// The origin transaction this change belongs to.
     pub fn origin(&self) -> (SiteId, DbVersion) {
         (self.site_id, self.db_version)

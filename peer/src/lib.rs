@@ -18,6 +18,8 @@ mod change;
 mod cursor;
 mod extension;
 mod ids;
+pub mod outgoing;
+mod peer;
 mod pk;
 mod store;
 pub mod transport;
@@ -25,8 +27,8 @@ mod value;
 pub mod wire;
 
 pub use batch::{
-    BatchBuilder, BatchRejection, ChangeBatch, DEFAULT_MAX_BATCH_CHANGES, MergePlan, VersionRange,
-    plan_merge,
+    BatchBuilder, BatchLimits, BatchRejection, ChangeBatch, DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_CHANGES, MergePlan, VersionRange, plan_merge,
 };
 pub use change::{Change, SENTINEL_CID};
 pub use cursor::Cursor;
@@ -43,6 +45,7 @@ pub use store::{
 };
 pub use value::SqlValue;
 
+pub use peer::{DEFAULT_WINDOW, PEER_EVENT_CAP, Peer, PeerBuilder, PeerEvent, WaitError};
 /// Re-exported so callers of [`Store::write`] use the same rusqlite.
 pub use rusqlite;
 pub use transport::{

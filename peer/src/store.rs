@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, oneshot};
 pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
 pub use reader::ChangeStream;
 
-use crate::batch::DEFAULT_MAX_BATCH_CHANGES;
+use crate::batch::BatchLimits;
 use crate::{ChangeBatch, Cursor, SiteId};
 use writer::Command;
 
@@ -85,7 +85,7 @@ pub struct BookkeepingStats {
 pub struct StoreBuilder {
     path: PathBuf,
     extension_path: Option<PathBuf>,
-    max_batch_changes: usize,
+    limits: BatchLimits,
     poll_interval: Duration,
     origin_gc_slack: u64,
 }
@@ -99,7 +99,13 @@ impl StoreBuilder {
 
     /// Soft limit on changes per batch (default 1024).
     pub fn max_batch_changes(mut self, n: usize) -> Self {
-        self.max_batch_changes = n.max(1);
+        self.limits.max_changes = n.max(1);
+        self
+    }
+
+    /// Soft limit on a batch's estimated wire size (default 4 MiB).
+    pub fn max_batch_bytes(mut self, n: usize) -> Self {
+        self.limits.max_bytes = n.max(1);
         self
     }
 
@@ -145,7 +151,7 @@ pub struct Store {
     events: broadcast::Sender<StoreEvent>,
     site_id: SiteId,
     path: PathBuf,
-    max_batch_changes: usize,
+    limits: BatchLimits,
 }
 
 impl Store {
@@ -154,7 +160,7 @@ impl Store {
         StoreBuilder {
             path: path.as_ref().to_path_buf(),
             extension_path: None,
-            max_batch_changes: DEFAULT_MAX_BATCH_CHANGES,
+            limits: BatchLimits::default(),
             poll_interval: DEFAULT_POLL_INTERVAL,
             origin_gc_slack: DEFAULT_ORIGIN_GC_SLACK,
         }
@@ -188,7 +194,7 @@ impl Store {
             events,
             site_id,
             path: options.path,
-            max_batch_changes: options.max_batch_changes,
+            limits: options.limits,
         })
     }
 
@@ -281,17 +287,21 @@ impl Store {
     /// transactions, read from one consistent snapshot. The last batch raises
     /// the receiver to everything this Store held when the stream began.
     pub async fn changes_since(&self, cursor: &Cursor) -> Result<ChangeStream, StoreError> {
-        self.changes_since_with_limit(cursor, self.max_batch_changes)
-            .await
+        self.changes_since_with_limits(cursor, self.limits).await
     }
 
-    /// As [`changes_since`](Self::changes_since), with a batch size of its own.
-    pub async fn changes_since_with_limit(
+    /// As [`changes_since`](Self::changes_since), with batch limits of its own.
+    pub async fn changes_since_with_limits(
         &self,
         cursor: &Cursor,
-        max_changes: usize,
+        limits: BatchLimits,
     ) -> Result<ChangeStream, StoreError> {
-        reader::start(self.path.clone(), self.site_id, cursor.clone(), max_changes).await
+        reader::start(self.path.clone(), self.site_id, cursor.clone(), limits).await
+    }
+
+    /// The batch limits this Store was opened with.
+    pub fn batch_limits(&self) -> BatchLimits {
+        self.limits
     }
 
     /// Applies a batch atomically, together with the cursor update.

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::STREAM_READ_AHEAD;
 use super::error::StoreError;
 use super::writer::{close_connection, db_version};
-use crate::{BatchBuilder, Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId};
+use crate::{BatchBuilder, BatchLimits, Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId};
 
 /// The batches that bring a cursor up to date, read from one snapshot.
 ///
@@ -46,7 +46,7 @@ pub(super) async fn start(
     path: PathBuf,
     own_site: SiteId,
     receiver: Cursor,
-    max_changes: usize,
+    limits: BatchLimits,
 ) -> Result<ChangeStream, StoreError> {
     let (tx, rx) = mpsc::channel(STREAM_READ_AHEAD);
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -54,7 +54,7 @@ pub(super) async fn start(
         .name("crsync-store-reader".into())
         .spawn(move || {
             let mut ready = Some(ready_tx);
-            let result = read(&path, own_site, receiver, max_changes, &tx, &mut ready);
+            let result = read(&path, own_site, receiver, limits, &tx, &mut ready);
             if let Err(e) = result {
                 match ready.take() {
                     Some(r) => {
@@ -80,7 +80,7 @@ fn read(
     path: &PathBuf,
     own_site: SiteId,
     receiver: Cursor,
-    max_changes: usize,
+    limits: BatchLimits,
     tx: &mpsc::Sender<Result<ChangeBatch, StoreError>>,
     ready: &mut Ready,
 ) -> Result<(), StoreError> {
@@ -89,7 +89,7 @@ fn read(
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    let result = read_snapshot(&conn, own_site, receiver, max_changes, tx, ready);
+    let result = read_snapshot(&conn, own_site, receiver, limits, tx, ready);
     close_connection(conn)?;
     result
 }
@@ -98,7 +98,7 @@ fn read_snapshot(
     conn: &Connection,
     own_site: SiteId,
     receiver: Cursor,
-    max_changes: usize,
+    limits: BatchLimits,
     tx: &mpsc::Sender<Result<ChangeBatch, StoreError>>,
     ready: &mut Ready,
 ) -> Result<(), StoreError> {
@@ -108,7 +108,8 @@ fn read_snapshot(
     if let Some(r) = ready.take() {
         let _ = r.send(Ok(snapshot.clone()));
     }
-    let mut builder = BatchBuilder::new(receiver, max_changes);
+    let mut builder =
+        BatchBuilder::new(receiver, limits.max_changes).with_max_bytes(limits.max_bytes);
     let mut stmt = conn.prepare(
         "SELECT c.\"table\", c.pk, c.cid, c.val, c.col_version, c.db_version, c.site_id, c.cl, c.seq, o.origin_version \
          FROM crsql_changes AS c LEFT JOIN crsync_origin AS o ON o.local_version = c.db_version \

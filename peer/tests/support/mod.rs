@@ -92,3 +92,49 @@ pub fn close_side(c: Connection) {
         .expect("finalize");
     c.close().map_err(|(_, e)| e).expect("close");
 }
+
+/// A plain in-memory connection pair (no faults), for peer-crate tests.
+pub fn memory_pair() -> (crsync_peer::Connection, crsync_peer::Connection) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_stream::wrappers::ReceiverStream;
+    use tokio_util::sync::PollSender;
+    fn end(
+        tx: tokio::sync::mpsc::Sender<crsync_peer::wire::TransportMessage>,
+        rx: tokio::sync::mpsc::Receiver<crsync_peer::wire::TransportMessage>,
+        label: &str,
+    ) -> crsync_peer::Connection {
+        crsync_peer::Connection {
+            sink: Box::pin(
+                PollSender::new(tx).sink_map_err(|_| crsync_peer::TransportError::Closed),
+            ),
+            stream: Box::pin(ReceiverStream::new(rx).map(|m| Ok(crsync_peer::Received::new(m)))),
+            label: label.into(),
+        }
+    }
+    let (a_tx, b_rx) = tokio::sync::mpsc::channel(64);
+    let (b_tx, a_rx) = tokio::sync::mpsc::channel(64);
+    (end(a_tx, a_rx, "memory:a"), end(b_tx, b_rx, "memory:b"))
+}
+
+/// Waits (bounded) until every store has the same rows as the first.
+pub async fn wait_converged(stores: &[&Store], timeout: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let first = dump(stores[0]).await;
+        let mut same = true;
+        for s in &stores[1..] {
+            if dump(s).await != first {
+                same = false;
+                break;
+            }
+        }
+        if same {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stores did not converge within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

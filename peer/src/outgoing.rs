@@ -1,0 +1,263 @@
+//! What to send one remote next: the pure state of the outgoing half of a session.
+//!
+//! The remote's cursor, learned from its `sync` messages, is the
+//! acknowledgement: a batch counts as delivered only once a cursor from the
+//! remote covers it. Batches go out in a window of bounded size; when the
+//! remote reports a gap, or acknowledgements stop coming while batches are in
+//! flight, sending restarts from the last acknowledged point.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::Cursor;
+
+/// Where a session's outgoing side stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The remote has not sent its cursor yet: nothing to send.
+    AwaitingSync,
+    /// Streaming everything the remote lacked at its `sync`; ends with `eose`.
+    Initial,
+    /// Caught up; live changes flow as they happen.
+    Live,
+}
+
+/// What the caller should do after the remote's `sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// (Re)start the stream from the remote's cursor and finish it with `eose`.
+    StartInitial,
+    /// An acknowledgement: keep streaming.
+    Acknowledged,
+}
+
+/// The outgoing window of one session.
+///
+/// ```
+/// use crsync_peer::{Cursor, DbVersion, SiteId, outgoing::{OutgoingWindow, Phase, SyncOutcome}};
+/// use std::time::{Duration, Instant};
+/// let now = Instant::now();
+/// let site = SiteId::from_bytes([1; 16]);
+/// let mut w = OutgoingWindow::new(2, true, now);
+/// assert!(!w.can_send());
+/// assert_eq!(w.on_sync(Cursor::new(), now), SyncOutcome::StartInitial);
+/// let after: Cursor = [(site, DbVersion(5))].into_iter().collect();
+/// w.on_sent(after.clone(), now);
+/// assert_eq!(w.in_flight(), 1);
+/// w.on_sync(after, now); // the remote acknowledges
+/// assert_eq!(w.in_flight(), 0);
+/// assert_eq!(w.phase(), Phase::Initial);
+/// ```
+#[derive(Debug, Clone)]
+pub struct OutgoingWindow {
+    acked: Cursor,
+    sent: Cursor,
+    unacked: VecDeque<Cursor>,
+    window: usize,
+    acks_expected: bool,
+    last_progress: Instant,
+    phase: Phase,
+    paused: bool,
+}
+
+impl OutgoingWindow {
+    /// `window`: batches in flight at most. `acks_expected`: the remote is a
+    /// crsync peer that acknowledges with `sync` (a v1 peer does not; its
+    /// batches count as delivered once sent).
+    pub fn new(window: usize, acks_expected: bool, now: Instant) -> Self {
+        OutgoingWindow {
+            acked: Cursor::new(),
+            sent: Cursor::new(),
+            unacked: VecDeque::new(),
+            window: window.max(1),
+            acks_expected,
+            last_progress: now,
+            phase: Phase::AwaitingSync,
+            paused: false,
+        }
+    }
+
+    /// Switches acknowledgement mode (once the remote's `connect` told us who it is).
+    pub fn set_acks_expected(&mut self, acks_expected: bool) {
+        self.acks_expected = acks_expected;
+    }
+
+    /// The remote's `sync` with its cursor.
+    pub fn on_sync(&mut self, cursor: Cursor, now: Instant) -> SyncOutcome {
+        self.paused = false;
+        if self.phase == Phase::AwaitingSync || !self.acks_expected {
+            self.acked = cursor.clone();
+            self.sent = cursor;
+            self.unacked.clear();
+            self.phase = Phase::Initial;
+            self.last_progress = now;
+            return SyncOutcome::StartInitial;
+        }
+        self.acked.join(&cursor);
+        self.sent.join(&cursor);
+        let before = self.unacked.len();
+        while self
+            .unacked
+            .front()
+            .is_some_and(|after| self.acked.covers(after))
+        {
+            self.unacked.pop_front();
+        }
+        if self.unacked.len() < before || self.unacked.is_empty() {
+            self.last_progress = now;
+        }
+        SyncOutcome::Acknowledged
+    }
+
+    /// The remote sent us a batch: it holds everything up to `cursor`.
+    pub fn on_remote_holds(&mut self, cursor: &Cursor) {
+        self.acked.join(cursor);
+        self.sent.join(cursor);
+    }
+
+    /// Whether another batch may go out now.
+    pub fn can_send(&self) -> bool {
+        self.phase != Phase::AwaitingSync && !self.paused && self.unacked.len() < self.window
+    }
+
+    /// A batch went out; `after` is the remote's cursor once it applies it.
+    pub fn on_sent(&mut self, after: Cursor, now: Instant) {
+        if self.acks_expected {
+            if self.unacked.is_empty() {
+                self.last_progress = now;
+            }
+            self.unacked.push_back(after.clone());
+        } else {
+            self.acked.join(&after);
+        }
+        self.sent.join(&after);
+    }
+
+    /// The initial stream is complete (`eose` sent).
+    pub fn on_initial_complete(&mut self) {
+        if self.phase == Phase::Initial {
+            self.phase = Phase::Live;
+        }
+    }
+
+    /// The remote reported a gap: resend from what it acknowledged.
+    pub fn on_gap(&mut self, now: Instant) {
+        self.sent = self.acked.clone();
+        self.unacked.clear();
+        self.last_progress = now;
+    }
+
+    /// Resets to the acknowledged point if batches have waited for an
+    /// acknowledgement longer than `timeout`. Returns whether it did.
+    pub fn check_ack_timeout(&mut self, now: Instant, timeout: Duration) -> bool {
+        if !self.unacked.is_empty() && now.duration_since(self.last_progress) > timeout {
+            self.on_gap(now);
+            return true;
+        }
+        false
+    }
+
+    /// Stops sending until the remote's next `sync` (it cannot apply what we send).
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// What we have sent (the stream restarts from here).
+    pub fn sent(&self) -> &Cursor {
+        &self.sent
+    }
+
+    /// What the remote acknowledged.
+    pub fn acked(&self) -> &Cursor {
+        &self.acked
+    }
+
+    /// Batches sent and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Whether sending is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DbVersion, SiteId};
+
+    fn cur(v: i64) -> Cursor {
+        [(SiteId::from_bytes([1; 16]), DbVersion(v))]
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn window_limits_batches_in_flight() {
+        let now = Instant::now();
+        let mut w = OutgoingWindow::new(2, true, now);
+        w.on_sync(cur(0), now);
+        w.on_sent(cur(1), now);
+        w.on_sent(cur(2), now);
+        assert!(!w.can_send());
+        w.on_sync(cur(1), now);
+        assert!(w.can_send());
+        assert_eq!(w.in_flight(), 1);
+    }
+
+    #[test]
+    fn timeout_rewinds_to_the_acknowledged_point() {
+        let t0 = Instant::now();
+        let mut w = OutgoingWindow::new(4, true, t0);
+        w.on_sync(cur(0), t0);
+        w.on_sent(cur(1), t0);
+        w.on_sent(cur(2), t0);
+        w.on_sync(cur(1), t0);
+        assert!(!w.check_ack_timeout(t0 + Duration::from_secs(1), Duration::from_secs(5)));
+        assert!(w.check_ack_timeout(t0 + Duration::from_secs(6), Duration::from_secs(5)));
+        assert_eq!(w.sent(), &cur(1));
+        assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn gap_rewinds_and_pause_holds_until_sync() {
+        let t0 = Instant::now();
+        let mut w = OutgoingWindow::new(4, true, t0);
+        w.on_sync(cur(3), t0);
+        w.on_sent(cur(5), t0);
+        w.on_gap(t0);
+        assert_eq!(w.sent(), &cur(3));
+        w.pause();
+        assert!(!w.can_send());
+        assert_eq!(w.on_sync(cur(3), t0), SyncOutcome::Acknowledged);
+        assert!(w.can_send());
+    }
+
+    #[test]
+    fn v1_remote_restarts_on_every_sync_and_never_waits_for_acks() {
+        let t0 = Instant::now();
+        let mut w = OutgoingWindow::new(1, false, t0);
+        assert_eq!(w.on_sync(cur(0), t0), SyncOutcome::StartInitial);
+        w.on_sent(cur(1), t0);
+        w.on_sent(cur(2), t0);
+        assert!(w.can_send());
+        assert_eq!(w.on_sync(cur(0), t0), SyncOutcome::StartInitial);
+        assert_eq!(w.sent(), &cur(0));
+    }
+
+    #[test]
+    fn what_the_remote_sent_is_not_echoed() {
+        let t0 = Instant::now();
+        let mut w = OutgoingWindow::new(1, true, t0);
+        w.on_sync(cur(0), t0);
+        w.on_remote_holds(&cur(9));
+        assert_eq!(w.sent(), &cur(9));
+    }
+}

@@ -1,0 +1,85 @@
+//! Peer-level sync over a plain in-memory connection.
+
+mod support;
+
+use std::time::Duration;
+
+use crsync_peer::{Peer, PeerEvent};
+use futures_util::StreamExt;
+use support::{dump, memory_pair, open_store, wait_converged};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_peers_sync_initial_and_live_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Peer::builder(open_store(dir.path(), "a.db").await).build();
+    let b = Peer::builder(open_store(dir.path(), "b.db").await).build();
+    a.store()
+        .write(|tx| tx.execute_batch("INSERT INTO items VALUES (1, 'before', 1, x'01')"))
+        .await
+        .unwrap();
+    let mut events = b.events();
+    let (ca, cb) = memory_pair();
+    a.accept(ca);
+    b.accept(cb);
+    b.wait_caught_up(a.site_id(), WAIT).await.unwrap();
+    a.wait_caught_up(b.site_id(), WAIT).await.unwrap();
+    assert_eq!(dump(a.store()).await, dump(b.store()).await);
+    // live: a write on either side reaches the other
+    a.store()
+        .write(|tx| tx.execute_batch("INSERT INTO items VALUES (2, 'live-a', 2, NULL)"))
+        .await
+        .unwrap();
+    b.store()
+        .write(|tx| tx.execute_batch("INSERT INTO items VALUES (3, 'live-b', 3, NULL)"))
+        .await
+        .unwrap();
+    wait_converged(&[a.store(), b.store()], WAIT).await;
+    assert_eq!(dump(a.store()).await[0].len(), 4);
+    // b saw connect, sync, eose and a merged change
+    let mut seen = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(200), events.next()).await {
+        seen.push(e);
+    }
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, PeerEvent::Connected { peer, .. } if *peer == a.site_id())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|e| matches!(e, PeerEvent::Eose { .. })),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|e| matches!(e, PeerEvent::Change { .. })),
+        "{seen:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_in_the_middle_relays() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Peer::builder(open_store(dir.path(), "a.db").await).build();
+    let hub = Peer::builder(open_store(dir.path(), "hub.db").await).build();
+    let c = Peer::builder(open_store(dir.path(), "c.db").await).build();
+    for (x, y) in [(&a, &hub), (&c, &hub)] {
+        let (cx, cy) = memory_pair();
+        x.accept(cx);
+        y.accept(cy);
+    }
+    a.store()
+        .write(|tx| tx.execute_batch("INSERT INTO items VALUES (10, 'from a', 1, NULL)"))
+        .await
+        .unwrap();
+    c.store()
+        .write(|tx| tx.execute_batch("INSERT INTO items VALUES (20, 'from c', 1, NULL)"))
+        .await
+        .unwrap();
+    wait_converged(&[a.store(), hub.store(), c.store()], WAIT).await;
+    for p in [a, hub, c] {
+        p.shutdown().await;
+    }
+}
