@@ -137,7 +137,10 @@ pub fn load_extension(explicit: Option<&Path>) -> Result<PathBuf, ExtensionError
     let init: rusqlite::auto_extension::RawAutoExtension = *unsafe {
         library.get::<rusqlite::auto_extension::RawAutoExtension>(b"sqlite3_crsqlite_init\0")
     }
-    .map_err(not_cr)?;
+    .map_err(|e| ExtensionError::NotCrSqlite {
+        path: path.clone(),
+        reason: format!("it has no sqlite3_crsqlite_init entry point ({e})"),
+    })?;
     // SAFETY: `init` stays valid: the library is stored in `LOADED` for the life of the process.
     unsafe { rusqlite::auto_extension::register_auto_extension(init) }.map_err(|e| {
         ExtensionError::InitFailed {

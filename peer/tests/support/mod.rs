@@ -138,3 +138,17 @@ pub async fn wait_converged(stores: &[&Store], timeout: std::time::Duration) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A temporary directory on tmpfs where there is one (many small databases, no fsync cost).
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new()
+            .prefix("crsync-test")
+            .tempdir_in(shm)
+        {
+            return dir;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
+}
