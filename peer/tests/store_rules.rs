@@ -10,6 +10,9 @@ use crsync_peer::{
 };
 use support::{batches_for, close_side, dump, open_store, side_connection, sync};
 
+type Spoil = Box<dyn Fn(&mut crsync_peer::Change)>;
+type Expect = fn(&InvalidChange) -> bool;
+
 /// One batch with every change `a` has (from an empty cursor).
 async fn all_changes(a: &crsync_peer::Store) -> crsync_peer::ChangeBatch {
     let mut batches = batches_for(a, &Cursor::new()).await;
@@ -28,10 +31,7 @@ async fn invalid_changes_are_rejected_and_nothing_changes() {
     let good = all_changes(&a).await;
     let before = (dump(&b).await, b.cursor().await.unwrap());
 
-    let cases: Vec<(
-        Box<dyn Fn(&mut crsync_peer::Change)>,
-        fn(&InvalidChange) -> bool,
-    )> = vec![
+    let cases: Vec<(Spoil, Expect)> = vec![
         (Box::new(|c| c.table = "nope".into()), |e| {
             matches!(e, InvalidChange::UnknownTable { .. })
         }),

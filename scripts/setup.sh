@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what crsync needs to build and run, idempotently:
+#   - Debian packages for the cr-sqlite build (C compiler, patch, node + npm for `npm pack`)
+#   - the cr-sqlite extension, built from the npm source into .crsqlite/crsqlite.so
+# A second run with nothing changed takes well under a second.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+command -v patch >/dev/null 2>&1 || missing+=(patch)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  log "cargo not found: install a stable Rust toolchain (https://rustup.rs) and re-run"
+  exit 1
+fi
+
+bash "$ROOT/scripts/crsqlite/build-crsqlite.sh" "$ROOT/.crsqlite"
