@@ -29,6 +29,8 @@ pub enum SyncOutcome {
     StartInitial,
     /// An acknowledgement: keep streaming.
     Acknowledged,
+    /// The remote resumes after refusing our batches: restart from its cursor.
+    Rewind,
 }
 
 /// The outgoing window of one session.
@@ -84,7 +86,7 @@ impl OutgoingWindow {
 
     /// The remote's `sync` with its cursor.
     pub fn on_sync(&mut self, cursor: Cursor, now: Instant) -> SyncOutcome {
-        self.paused = false;
+        let was_paused = std::mem::replace(&mut self.paused, false);
         if self.phase == Phase::AwaitingSync || !self.acks_expected {
             self.acked = cursor.clone();
             self.sent = cursor;
@@ -94,6 +96,10 @@ impl OutgoingWindow {
             return SyncOutcome::StartInitial;
         }
         self.acked.join(&cursor);
+        if was_paused {
+            self.on_gap(now);
+            return SyncOutcome::Rewind;
+        }
         self.sent.join(&cursor);
         let before = self.unacked.len();
         while self
@@ -234,10 +240,13 @@ mod tests {
         w.on_sent(cur(5), t0);
         w.on_gap(t0);
         assert_eq!(w.sent(), &cur(3));
+        w.on_sent(cur(5), t0);
         w.pause();
         assert!(!w.can_send());
-        assert_eq!(w.on_sync(cur(3), t0), SyncOutcome::Acknowledged);
+        assert_eq!(w.on_sync(cur(3), t0), SyncOutcome::Rewind);
         assert!(w.can_send());
+        assert_eq!(w.sent(), &cur(3));
+        assert_eq!(w.in_flight(), 0);
     }
 
     #[test]

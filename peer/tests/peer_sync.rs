@@ -83,3 +83,65 @@ async fn a_peer_in_the_middle_relays() {
         p.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_waits_for_the_upgrade_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = |s| Peer::builder(s).schema_poll(Duration::from_millis(50));
+    let a = fast(open_store(dir.path(), "a.db").await).build();
+    let b = fast(open_store(dir.path(), "b.db").await).build();
+    a.store()
+        .write(|tx| {
+            tx.execute_batch(
+                "PRAGMA user_version = 2; INSERT INTO items VALUES (1, 'v2 row', 1, NULL)",
+            )
+        })
+        .await
+        .unwrap();
+    b.store()
+        .write(|tx| tx.execute_batch("PRAGMA user_version = 1"))
+        .await
+        .unwrap();
+    let mut events = b.events();
+    let (ca, cb) = memory_pair();
+    a.accept(ca);
+    b.accept(cb);
+    let outdated = tokio::time::timeout(WAIT, async {
+        while let Some(e) = events.next().await {
+            if let PeerEvent::Outdated {
+                peer,
+                remote_version,
+                local_version,
+            } = e
+            {
+                return (peer, remote_version, local_version);
+            }
+        }
+        panic!("event stream ended");
+    })
+    .await
+    .unwrap();
+    assert_eq!(outdated, (a.site_id(), 2, 1));
+    let rows = |s: &crsync_peer::Store| {
+        let s = s.clone();
+        async move {
+            s.read(|c| c.query_row("SELECT count(*) FROM items", [], |r| r.get::<_, i64>(0)))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        rows(b.store()).await,
+        0,
+        "changes from a newer schema were applied"
+    );
+    // b upgrades: the changes arrive without reconnecting
+    b.store()
+        .write(|tx| tx.execute_batch("PRAGMA user_version = 2"))
+        .await
+        .unwrap();
+    wait_converged(&[a.store(), b.store()], WAIT).await;
+    assert_eq!(rows(b.store()).await, 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -1,1 +1,62 @@
-//! Transports for crsync (work in progress).
+//! # crsync-transports
+//!
+//! Transports move crsync's wire-protocol messages
+//! ([`TransportMessage`](crsync_peer::wire::TransportMessage)) between two
+//! peers. Each one produces [`Connection`](crsync_peer::Connection)s (a sink
+//! and a stream of messages) that a `Peer` runs the sync protocol over; the
+//! outgoing side is a [`Dialer`](crsync_peer::Dialer), which makes one attempt
+//! per call (the Peer redials with backoff and enforces liveness timeouts).
+//! Transports know nothing about SQL or sync: they only carry messages.
+//!
+//! - [`memory`]: an in-memory pair for tests, with seeded fault injection
+//!   (drop, duplicate, reorder, delay, cut) and bounded queues; plus a
+//!   [`MemoryDialer`] that can be switched offline.
+//! - [`ws`]: a WebSocket client ([`WebSocketDialer`],
+//!   one JSON text frame per message) and an adapter from any WebSocket to a
+//!   `Connection`, for servers.
+//! - [`sse`]: the HTTP + Server-Sent Events client
+//!   ([`SseDialer`]) speaking wire protocol v1, so it talks
+//!   to servers written for the TypeScript `@app/sync` package as well as to
+//!   crsync's node-server. POSTs are sent in order, one at a time, and a send
+//!   completes when the server answered.
+//!
+//! Both network clients take an optional bearer token. TLS (`https://`,
+//! `wss://`) needs the `rustls` feature.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use crsync_peer::{SiteId, wire::TransportMessage};
+//! use crsync_transports::memory::{self, FaultConfig};
+//! use futures_util::{SinkExt, StreamExt};
+//!
+//! // Messages go through JSON text and may be duplicated (seeded: reproducible).
+//! let faults = FaultConfig::seeded(1).with_duplicate(0.5).with_json(true);
+//! let (mut a, mut b) = memory::pair(faults);
+//! let me = SiteId::from_bytes([9; 16]);
+//! a.sink.send(TransportMessage::ping(me)).await?;
+//! a.sink.close().await?;
+//! let mut received = 0;
+//! while let Some(item) = b.stream.next().await {
+//!     assert_eq!(item?.message, TransportMessage::ping(me));
+//!     received += 1;
+//! }
+//! assert!(received == 1 || received == 2);
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+/// Default limit on one dial: connecting, and for SSE also receiving the
+/// server's first message.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+mod http_status;
+pub mod memory;
+mod serial_sink;
+pub mod sse;
+pub mod ws;
+
+pub use memory::{CutHandle, FaultConfig, MemoryControl, MemoryDialer, MemoryListener};
+pub use sse::SseDialer;
+pub use ws::{WebSocketDialer, connection_from_ws};

@@ -43,6 +43,8 @@ struct Session {
     label: String,
     side: Side,
     remote: Option<SiteId>,
+    /// The remote said it is a crsync peer: it reads our acknowledgements.
+    remote_is_crsync: bool,
     encoding: Encoding,
     window: OutgoingWindow,
     stream: Option<ChangeStream>,
@@ -97,6 +99,7 @@ async fn run_inner(
         label: label.clone(),
         side,
         remote: None,
+        remote_is_crsync: false,
         encoding: Encoding::V1,
         window: OutgoingWindow::new(inner.config.window, false, now),
         stream: None,
@@ -153,7 +156,9 @@ async fn run_inner(
             }
             event = store_events.recv() => match event {
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    if session.window.phase() == Phase::Live {
+                    // A stream already running may have started before this change:
+                    // read again once it ends.
+                    if session.window.phase() != Phase::AwaitingSync {
                         session.need_stream = true;
                     }
                 }
@@ -232,9 +237,17 @@ impl Session {
                 }
             }
         }
+        // Read fresh: a batch must never claim an older schema than the rows it carries.
+        let schema_version = match self.inner.store.schema_version().await {
+            Ok(v) => v,
+            Err(_) => *self.inner.schema.borrow(),
+        };
         let stream = self.stream.as_mut()?;
-        let schema_version = *self.inner.schema.borrow();
         match stream.next_batch().await {
+            Some(Ok(batch)) if batch.changes.is_empty() && self.window.phase() == Phase::Live => {
+                // Only version bumps (our merges consume local versions): not worth a message.
+                None
+            }
             Some(Ok(batch)) => {
                 let after = batch.cursor_after(self.window.sent());
                 self.window.on_sent(after, Instant::now());
@@ -352,7 +365,8 @@ impl Session {
         match message.kind {
             MessageKind::Connect => {
                 self.encoding = Hello::encoding(message.crsync.as_ref());
-                self.window.set_acks_expected(message.crsync.is_some());
+                self.remote_is_crsync = message.crsync.is_some();
+                self.window.set_acks_expected(self.remote_is_crsync);
                 Ok(())
             }
             MessageKind::Ping => Ok(()),
@@ -364,10 +378,17 @@ impl Session {
                     // A v1 remote that skipped `connect`.
                     self.window.set_acks_expected(false);
                 }
-                if self.window.on_sync(cursor, Instant::now()) == SyncOutcome::StartInitial {
-                    self.stream = None;
-                    self.need_stream = true;
-                    self.inner.emit(PeerEvent::Sync { peer: remote });
+                match self.window.on_sync(cursor, Instant::now()) {
+                    SyncOutcome::StartInitial => {
+                        self.stream = None;
+                        self.need_stream = true;
+                        self.inner.emit(PeerEvent::Sync { peer: remote });
+                    }
+                    SyncOutcome::Rewind => {
+                        self.stream = None;
+                        self.need_stream = true;
+                    }
+                    SyncOutcome::Acknowledged => {}
                 }
                 Ok(())
             }
@@ -445,12 +466,18 @@ impl Session {
                     self.inner.eose_received(remote);
                     self.inner.emit(PeerEvent::Eose { peer: remote });
                 }
-                self.ack_pending = true;
+                // A v1 peer reads every `sync` as "send everything again": ack crsync peers only.
+                if self.remote_is_crsync {
+                    self.ack_pending = true;
+                }
                 Ok(())
             }
             Err(MergeError::Rejected(rejection)) => {
                 let text = rejection.to_string();
-                self.ack_pending = true; // our cursor tells the remote where to resume
+                // Our cursor first, so the remote resumes from where we are.
+                if let Ok(cursor) = self.inner.store.cursor().await {
+                    self.push_control(TransportMessage::sync(self.local, cursor));
+                }
                 self.push_control(TransportMessage::error(
                     self.local,
                     codes::GAP,

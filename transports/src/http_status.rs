@@ -1,0 +1,120 @@
+//! Mapping of refused HTTP requests (SSE stream, POSTs, WebSocket upgrades)
+//! to [`TransportError`]s.
+
+use crsync_peer::TransportError;
+use crsync_peer::transport::codes;
+
+/// Longest body text quoted in an error.
+const MAX_QUOTED_BODY: usize = 512;
+
+/// The parts of a JSON error body `{type: "error", error, code}`.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct ErrorBody {
+    /// Stable code, when the server sends one (crsync servers do).
+    pub(crate) code: Option<String>,
+    /// Human-readable text (the body itself when it is not JSON).
+    pub(crate) message: String,
+    /// Whether the body is a JSON object with `"type": "error"`.
+    pub(crate) is_error_message: bool,
+}
+
+impl ErrorBody {
+    pub(crate) fn parse(body: &str) -> Self {
+        let json = serde_json::from_str::<serde_json::Value>(body).ok();
+        let field = |name: &str| {
+            json.as_ref()
+                .and_then(|j| j.get(name))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        ErrorBody {
+            code: field("code"),
+            message: field("error").unwrap_or_else(|| quote(body)),
+            is_error_message: field("type").as_deref() == Some("error"),
+        }
+    }
+}
+
+fn quote(body: &str) -> String {
+    let body = body.trim();
+    match body.char_indices().nth(MAX_QUOTED_BODY) {
+        Some((cut, _)) => format!("{}…", &body[..cut]),
+        None => body.to_owned(),
+    }
+}
+
+/// The error for a request to `target` refused with `status` and `body`:
+/// 401 and 403 are typed remote refusals (code from the body, else
+/// `UNAUTHORIZED` / `FORBIDDEN`); everything else is
+/// [`TransportError::Http`], 413 with a message that says so.
+pub(crate) fn refused(status: u16, target: &str, body: &str) -> TransportError {
+    let parsed = ErrorBody::parse(body);
+    match status {
+        401 | 403 => TransportError::Remote {
+            code: parsed.code.unwrap_or_else(|| {
+                if status == 401 {
+                    codes::UNAUTHORIZED
+                } else {
+                    codes::FORBIDDEN
+                }
+                .to_owned()
+            }),
+            message: parsed.message,
+        },
+        413 => TransportError::Http {
+            status,
+            target: target.to_owned(),
+            message: format!(
+                "payload too large: the server refused the body ({})",
+                parsed.message
+            ),
+        },
+        _ => TransportError::Http {
+            status,
+            target: target.to_owned(),
+            message: match parsed.code {
+                Some(code) => format!("{code}: {}", parsed.message),
+                None => parsed.message,
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_refusals() {
+        let e = refused(401, "x", r#"{"type":"error","error":"no token"}"#);
+        assert!(
+            matches!(e, TransportError::Remote { ref code, ref message } if code == "UNAUTHORIZED" && message == "no token")
+        );
+        let e = refused(
+            403,
+            "x",
+            r#"{"type":"error","error":"ro","code":"READ_ONLY"}"#,
+        );
+        assert!(matches!(e, TransportError::Remote { ref code, .. } if code == "READ_ONLY"));
+        let e = refused(413, "x", "length limit exceeded");
+        assert!(
+            matches!(e, TransportError::Http { status: 413, ref message, .. } if message.contains("length limit exceeded"))
+        );
+        let e = refused(
+            404,
+            "x",
+            r#"{"type":"error","error":"nope","code":"UNKNOWN_DATABASE"}"#,
+        );
+        assert!(
+            matches!(e, TransportError::Http { status: 404, ref message, .. } if message == "UNKNOWN_DATABASE: nope")
+        );
+    }
+
+    #[test]
+    fn long_bodies_are_shortened() {
+        let body = "é".repeat(2000);
+        let parsed = ErrorBody::parse(&body);
+        assert_eq!(parsed.message.chars().count(), MAX_QUOTED_BODY + 1);
+    }
+}

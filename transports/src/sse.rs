@@ -1,0 +1,423 @@
+//! HTTP + Server-Sent Events client transport, wire protocol v1.
+//!
+//! For a server base URL `{base}` (which may carry a path prefix, such as
+//! `http://127.0.0.1:8080/db/notes`):
+//! - **incoming**: `GET {base}/stream?peerId=<our site id hex>&crsync=lossless`,
+//!   read with `eventsource-client`; every SSE event's `data` is one
+//!   [`TransportMessage`] (one that does not decode yields
+//!   `Err(TransportError::Decode)` and the stream goes on). The
+//!   `crsync=lossless` parameter tells a crsync server that we read the
+//!   lossless value encoding, since our `connect` message is never POSTed.
+//! - **outgoing**: `sync` is POSTed to `{base}/sync` and `data` to
+//!   `{base}/data` as JSON; `connect` and `ping` are not sent (v1 has no
+//!   endpoint for them; the stream itself tells the server we are there), nor
+//!   is `error`.
+//!
+//! POSTs go strictly one at a time, in order, and a send completes only when
+//! the server answered, so a completed send means the server processed the
+//! message:
+//! - 2xx: delivered;
+//! - 4xx with a JSON body `{type: "error", error, code}` whose code is `GAP`,
+//!   `INVALID_CHANGE`, `SCHEMA_OUTDATED` or `MALFORMED`: logged at warn level
+//!   and treated as delivered (the protocol recovers through `sync`);
+//! - 401 / 403: [`TransportError::Remote`] with the body's code (default
+//!   `UNAUTHORIZED` / `FORBIDDEN`);
+//! - 413: [`TransportError::Http`] with status 413 (the batch must be split);
+//! - any other status, a timeout or a network error: an error.
+//!
+//! After an error the sink refuses every further message
+//! ([`TransportError::Closed`]): the Peer drops the connection and redials.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), crsync_peer::TransportError> {
+//! use crsync_peer::{Dialer, SiteId};
+//! use crsync_transports::sse::SseDialer;
+//!
+//! let mut dialer = SseDialer::new("http://127.0.0.1:8080/db/notes").with_token("s3cret");
+//! // Returns once the server's first message (its `connect`) arrived.
+//! let connection = dialer.dial(SiteId::from_bytes([1; 16])).await?;
+//! assert_eq!(connection.label, "sse http://127.0.0.1:8080/db/notes");
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use crsync_peer::transport::codes;
+use crsync_peer::wire::{LOSSLESS, MessageKind, TransportMessage};
+use crsync_peer::{Connection, Dialer, MessageStream, Received, SiteId, TransportError};
+use es::Client as _;
+use eventsource_client as es;
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::{StreamExt, stream};
+
+use crate::http_status::{self, ErrorBody};
+use crate::serial_sink::{SendResult, SerialSend, SerialSink};
+
+pub use crate::DEFAULT_DIAL_TIMEOUT;
+
+/// Default limit on one POST, from sending to the complete response.
+pub const DEFAULT_POST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Codes of refusals that the sync protocol recovers from by itself: a POST
+/// answered with one of them counts as delivered.
+pub const RECOVERABLE_CODES: [&str; 4] = [
+    codes::GAP,
+    codes::INVALID_CHANGE,
+    codes::SCHEMA_OUTDATED,
+    codes::MALFORMED,
+];
+
+/// How long a refused stream's error body may take to arrive.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+type EventStream = es::BoxStream<es::Result<es::SSE>>;
+
+/// Dials a v1 HTTP+SSE server; see the [module docs](self).
+///
+/// `dial` returns once the stream is open and its first message arrived, so
+/// refusals surface there: 401/403 as [`TransportError::Remote`], other
+/// statuses (404, 400...) as [`TransportError::Http`], a first message of type
+/// `error` (such as `ALREADY_CONNECTED`) as [`TransportError::Remote`] with its
+/// code, an unreachable server as [`TransportError::Connect`], and no first
+/// message within the dial timeout as [`TransportError::Timeout`].
+#[derive(Clone)]
+pub struct SseDialer {
+    base: String,
+    token: Option<String>,
+    dial_timeout: Duration,
+    post_timeout: Duration,
+    http: Option<reqwest::Client>,
+}
+
+impl std::fmt::Debug for SseDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseDialer")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("dial_timeout", &self.dial_timeout)
+            .field("post_timeout", &self.post_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SseDialer {
+    /// A dialer for the server at `base` (a trailing `/` is ignored).
+    pub fn new(base: impl Into<String>) -> Self {
+        let mut base = base.into();
+        while base.ends_with('/') {
+            base.pop();
+        }
+        SseDialer {
+            base,
+            token: None,
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            post_timeout: DEFAULT_POST_TIMEOUT,
+            http: None,
+        }
+    }
+
+    /// Sends `Authorization: Bearer <token>` on the stream and on every POST.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Limit on opening the stream and receiving its first message
+    /// (default [`DEFAULT_DIAL_TIMEOUT`]).
+    pub fn with_dial_timeout(mut self, timeout: Duration) -> Self {
+        self.dial_timeout = timeout;
+        self
+    }
+
+    /// Limit on one POST (default [`DEFAULT_POST_TIMEOUT`]); it does not
+    /// apply to a client given with [`with_http_client`](Self::with_http_client).
+    pub fn with_post_timeout(mut self, timeout: Duration) -> Self {
+        self.post_timeout = timeout;
+        self
+    }
+
+    /// Uses this client for the POSTs (shares its connection pool).
+    pub fn with_http_client(mut self, client: reqwest::Client) -> Self {
+        self.http = Some(client);
+        self
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn http_client(&mut self) -> Result<reqwest::Client, TransportError> {
+        if let Some(client) = &self.http {
+            return Ok(client.clone());
+        }
+        let client = reqwest::Client::builder()
+            .timeout(self.post_timeout)
+            .build()
+            .map_err(|e| TransportError::Connect {
+                target: self.base.clone(),
+                source: Box::new(e),
+            })?;
+        self.http = Some(client.clone());
+        Ok(client)
+    }
+
+    fn open_events(&self, local: SiteId) -> Result<EventStream, TransportError> {
+        let url = format!(
+            "{}/stream?peerId={}&crsync={LOSSLESS}",
+            self.base,
+            local.to_hex()
+        );
+        let connect_error = |e: es::Error| TransportError::Connect {
+            target: self.stream_target(),
+            source: e.to_string().into(),
+        };
+        let mut builder = es::ClientBuilder::for_url(&url)
+            .map_err(connect_error)?
+            .header("Accept", "text/event-stream")
+            .map_err(connect_error)?
+            .reconnect(
+                es::ReconnectOptions::reconnect(false)
+                    .retry_initial(false)
+                    .build(),
+            )
+            .redirect_limit(0);
+        if let Some(token) = &self.token {
+            builder = builder
+                .header("Authorization", &format!("Bearer {token}"))
+                .map_err(connect_error)?;
+        }
+        #[cfg(feature = "rustls")]
+        if url.starts_with("https:") {
+            return Ok(builder.build().stream());
+        }
+        Ok(builder.build_http().stream())
+    }
+
+    fn stream_target(&self) -> String {
+        format!("{}/stream", self.base)
+    }
+
+    async fn connect(&mut self, local: SiteId) -> Result<Connection, TransportError> {
+        let http = self.http_client()?;
+        let mut events = self.open_events(local)?;
+        let target = self.stream_target();
+        let first = tokio::time::timeout(self.dial_timeout, first_message(&mut events, &target))
+            .await
+            .map_err(|_| TransportError::Timeout(self.dial_timeout))??;
+        if first.kind == MessageKind::Error {
+            let message = first.error.unwrap_or_default();
+            return Err(TransportError::Remote {
+                code: first.code.unwrap_or_else(|| infer_code(&message)),
+                message,
+            });
+        }
+        tracing::debug!(base = %self.base, first = ?first.kind, "sse stream open");
+        let messages: MessageStream =
+            Box::pin(stream::once(async { Ok(Received::new(first)) }).chain(messages(events)));
+        let poster = Poster {
+            http,
+            base: self.base.clone(),
+            token: self.token.clone(),
+        };
+        Ok(Connection {
+            sink: Box::pin(SerialSink::new(poster)),
+            stream: messages,
+            label: self.label(),
+        })
+    }
+}
+
+impl Dialer for SseDialer {
+    fn dial(&mut self, local: SiteId) -> BoxFuture<'_, Result<Connection, TransportError>> {
+        self.connect(local).boxed()
+    }
+
+    fn label(&self) -> String {
+        format!("sse {}", self.base)
+    }
+}
+
+/// A v1 server may send a bare `{"type":"error","error":"ALREADY_CONNECTED"}`:
+/// an all-caps error text is its code.
+fn infer_code(error: &str) -> String {
+    let is_code = !error.is_empty()
+        && error
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if is_code {
+        error.to_owned()
+    } else {
+        "ERROR".to_owned()
+    }
+}
+
+/// Waits for the stream's first event and decodes it.
+async fn first_message(
+    events: &mut EventStream,
+    target: &str,
+) -> Result<TransportMessage, TransportError> {
+    while let Some(item) = events.next().await {
+        match item {
+            Ok(es::SSE::Event(event)) if event.data.is_empty() => continue,
+            Ok(es::SSE::Event(event)) => {
+                return TransportMessage::from_json(&event.data).map_err(|e| {
+                    // An error frame without the fields of a TransportMessage.
+                    let body = ErrorBody::parse(&event.data);
+                    if body.is_error_message {
+                        TransportError::Remote {
+                            code: body.code.unwrap_or_else(|| infer_code(&body.message)),
+                            message: body.message,
+                        }
+                    } else {
+                        TransportError::Decode(e)
+                    }
+                });
+            }
+            Ok(es::SSE::Connected(_) | es::SSE::Comment(_)) => continue,
+            Err(es::Error::UnexpectedResponse(response, body)) => {
+                let status = response.status();
+                let body = match tokio::time::timeout(ERROR_BODY_TIMEOUT, body.body_bytes()).await {
+                    Ok(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                    _ => String::new(),
+                };
+                return Err(http_status::refused(status, target, &body));
+            }
+            Err(es::Error::HttpStream(source)) => {
+                return Err(TransportError::Connect {
+                    target: target.to_owned(),
+                    source,
+                });
+            }
+            Err(e @ (es::Error::Eof | es::Error::UnexpectedEof)) => {
+                return Err(TransportError::Connect {
+                    target: target.to_owned(),
+                    source: format!("stream ended before its first message ({e})").into(),
+                });
+            }
+            Err(e) => {
+                return Err(TransportError::Connect {
+                    target: target.to_owned(),
+                    source: e.to_string().into(),
+                });
+            }
+        }
+    }
+    Err(TransportError::Closed)
+}
+
+/// Events after the first, as messages. Ends on the stream's end; any other
+/// failure yields one error and ends (the client does not reconnect by
+/// itself: the Peer redials).
+fn messages(events: EventStream) -> impl futures_util::Stream<Item = SendItem> + Send {
+    stream::unfold((events, false), |(mut events, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match events.next().await? {
+                Ok(es::SSE::Event(event)) if event.data.is_empty() => continue,
+                Ok(es::SSE::Event(event)) => {
+                    let item = TransportMessage::from_json(&event.data)
+                        .map(Received::new)
+                        .map_err(TransportError::from);
+                    return Some((item, (events, false)));
+                }
+                Ok(es::SSE::Connected(_) | es::SSE::Comment(_)) => continue,
+                Err(es::Error::Eof) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "sse stream failed");
+                    let item = Err(TransportError::Io(e.to_string().into()));
+                    return Some((item, (events, true)));
+                }
+            }
+        }
+    })
+}
+
+type SendItem = Result<Received, TransportError>;
+
+/// The POSTing half.
+struct Poster {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Poster {
+    async fn post(&self, message: TransportMessage) -> SendResult {
+        let path = match message.kind {
+            MessageKind::Sync => "sync",
+            MessageKind::Data => "data",
+            MessageKind::Connect | MessageKind::Ping => return Ok(()),
+            MessageKind::Error => {
+                tracing::debug!(?message, "v1 has no endpoint for error messages; not sent");
+                return Ok(());
+            }
+        };
+        let url = format!("{}/{path}", self.base);
+        let mut request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(message.to_json());
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| TransportError::Io(Box::new(e)))?;
+        let status = response.status();
+        // Read the body in every case, so the connection can be reused.
+        let body = response.text().await;
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = body.unwrap_or_default();
+        let status = status.as_u16();
+        if (400..500).contains(&status) && !matches!(status, 401 | 403 | 413) {
+            let refusal = ErrorBody::parse(&body);
+            if let Some(code) = refusal
+                .code
+                .as_deref()
+                .filter(|code| RECOVERABLE_CODES.contains(code))
+            {
+                tracing::warn!(
+                    %url, status, code, error = %refusal.message,
+                    "server refused a message; sync recovers it"
+                );
+                return Ok(());
+            }
+        }
+        Err(http_status::refused(status, &url, &body))
+    }
+}
+
+impl SerialSend for Poster {
+    fn send(self, message: TransportMessage) -> BoxFuture<'static, (Self, SendResult)> {
+        async move {
+            let result = self.post(message).await;
+            (self, result)
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_inferred_only_from_code_like_text() {
+        assert_eq!(infer_code("ALREADY_CONNECTED"), "ALREADY_CONNECTED");
+        assert_eq!(infer_code("Already connected"), "ERROR");
+        assert_eq!(infer_code(""), "ERROR");
+    }
+
+    #[test]
+    fn trailing_slashes_are_trimmed() {
+        assert_eq!(SseDialer::new("http://h/db/x//").base(), "http://h/db/x");
+        assert_eq!(SseDialer::new("http://h/db/x").label(), "sse http://h/db/x");
+    }
+}
