@@ -1,1 +1,25 @@
-//! crsync node-server (work in progress).
+#![doc = include_str!("../README.md")]
+
+mod auth;
+mod config;
+mod error;
+mod host;
+mod peer_router;
+mod registry;
+mod routes;
+mod server;
+mod ws;
+
+pub use auth::{Access, Auth, NoTokens};
+pub use config::{
+    ConfigError, CorsConfig, DEFAULT_BIND, DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL,
+    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TOKEN_ENV, ServerConfig, TokenConfig,
+};
+pub use error::{ApiError, METHOD_NOT_ALLOWED, NOT_FOUND};
+pub use host::{INBOUND_QUEUE_CAP, OUTBOUND_QUEUE_CAP};
+pub use peer_router::{PeerRouter, peer_router};
+pub use registry::{MAX_NAME_LEN, valid_database_name};
+pub use server::{ServeError, Server};
+
+/// The Peer type served (re-exported for convenience).
+pub use crsync_peer::Peer;

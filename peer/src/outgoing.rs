@@ -42,11 +42,11 @@ pub enum SyncOutcome {
 /// let site = SiteId::from_bytes([1; 16]);
 /// let mut w = OutgoingWindow::new(2, true, now);
 /// assert!(!w.can_send());
-/// assert_eq!(w.on_sync(Cursor::new(), now), SyncOutcome::StartInitial);
+/// assert_eq!(w.on_sync(Cursor::new(), false, now), SyncOutcome::StartInitial);
 /// let after: Cursor = [(site, DbVersion(5))].into_iter().collect();
 /// w.on_sent(after.clone(), now);
 /// assert_eq!(w.in_flight(), 1);
-/// w.on_sync(after, now); // the remote acknowledges
+/// w.on_sync(after, true, now); // the remote acknowledges
 /// assert_eq!(w.in_flight(), 0);
 /// assert_eq!(w.phase(), Phase::Initial);
 /// ```
@@ -84,10 +84,12 @@ impl OutgoingWindow {
         self.acks_expected = acks_expected;
     }
 
-    /// The remote's `sync` with its cursor.
-    pub fn on_sync(&mut self, cursor: Cursor, now: Instant) -> SyncOutcome {
+    /// The remote's `sync` with its cursor. `ack` marks an acknowledgement
+    /// from a crsync peer; any other `sync` asks for everything its cursor
+    /// lacks, from the start (as in v1).
+    pub fn on_sync(&mut self, cursor: Cursor, ack: bool, now: Instant) -> SyncOutcome {
         let was_paused = std::mem::replace(&mut self.paused, false);
-        if self.phase == Phase::AwaitingSync || !self.acks_expected {
+        if !ack || self.phase == Phase::AwaitingSync || !self.acks_expected {
             self.acked = cursor.clone();
             self.sent = cursor;
             self.unacked.clear();
@@ -199,6 +201,8 @@ mod tests {
     use super::*;
     use crate::{DbVersion, SiteId};
 
+    const ACK: bool = true;
+
     fn cur(v: i64) -> Cursor {
         [(SiteId::from_bytes([1; 16]), DbVersion(v))]
             .into_iter()
@@ -209,11 +213,11 @@ mod tests {
     fn window_limits_batches_in_flight() {
         let now = Instant::now();
         let mut w = OutgoingWindow::new(2, true, now);
-        w.on_sync(cur(0), now);
+        w.on_sync(cur(0), ACK, now);
         w.on_sent(cur(1), now);
         w.on_sent(cur(2), now);
         assert!(!w.can_send());
-        w.on_sync(cur(1), now);
+        w.on_sync(cur(1), ACK, now);
         assert!(w.can_send());
         assert_eq!(w.in_flight(), 1);
     }
@@ -222,10 +226,10 @@ mod tests {
     fn timeout_rewinds_to_the_acknowledged_point() {
         let t0 = Instant::now();
         let mut w = OutgoingWindow::new(4, true, t0);
-        w.on_sync(cur(0), t0);
+        w.on_sync(cur(0), ACK, t0);
         w.on_sent(cur(1), t0);
         w.on_sent(cur(2), t0);
-        w.on_sync(cur(1), t0);
+        w.on_sync(cur(1), ACK, t0);
         assert!(!w.check_ack_timeout(t0 + Duration::from_secs(1), Duration::from_secs(5)));
         assert!(w.check_ack_timeout(t0 + Duration::from_secs(6), Duration::from_secs(5)));
         assert_eq!(w.sent(), &cur(1));
@@ -236,14 +240,14 @@ mod tests {
     fn gap_rewinds_and_pause_holds_until_sync() {
         let t0 = Instant::now();
         let mut w = OutgoingWindow::new(4, true, t0);
-        w.on_sync(cur(3), t0);
+        w.on_sync(cur(3), ACK, t0);
         w.on_sent(cur(5), t0);
         w.on_gap(t0);
         assert_eq!(w.sent(), &cur(3));
         w.on_sent(cur(5), t0);
         w.pause();
         assert!(!w.can_send());
-        assert_eq!(w.on_sync(cur(3), t0), SyncOutcome::Rewind);
+        assert_eq!(w.on_sync(cur(3), ACK, t0), SyncOutcome::Rewind);
         assert!(w.can_send());
         assert_eq!(w.sent(), &cur(3));
         assert_eq!(w.in_flight(), 0);
@@ -253,11 +257,11 @@ mod tests {
     fn v1_remote_restarts_on_every_sync_and_never_waits_for_acks() {
         let t0 = Instant::now();
         let mut w = OutgoingWindow::new(1, false, t0);
-        assert_eq!(w.on_sync(cur(0), t0), SyncOutcome::StartInitial);
+        assert_eq!(w.on_sync(cur(0), ACK, t0), SyncOutcome::StartInitial);
         w.on_sent(cur(1), t0);
         w.on_sent(cur(2), t0);
         assert!(w.can_send());
-        assert_eq!(w.on_sync(cur(0), t0), SyncOutcome::StartInitial);
+        assert_eq!(w.on_sync(cur(0), ACK, t0), SyncOutcome::StartInitial);
         assert_eq!(w.sent(), &cur(0));
     }
 
@@ -265,7 +269,7 @@ mod tests {
     fn what_the_remote_sent_is_not_echoed() {
         let t0 = Instant::now();
         let mut w = OutgoingWindow::new(1, true, t0);
-        w.on_sync(cur(0), t0);
+        w.on_sync(cur(0), ACK, t0);
         w.on_remote_holds(&cur(9));
         assert_eq!(w.sent(), &cur(9));
     }

@@ -8,12 +8,14 @@
 //! ```
 //!
 //! Extensions (ignored by v1 peers, which simply never send them):
-//! - `connect.crsync = {"version": 1, "encoding": "lossless"}` advertises the
+//! - `connect.crsync` / `sync.crsync = {"version": 1, "encoding": "lossless"}` advertises the
 //!   lossless value encoding; a side uses it only after the other advertised it.
 //! - `PeerMessage.ranges = {"<site hex>": [after, upto]}`: the version ranges a
 //!   batch completes (see [`ChangeBatch`]); without them a batch is taken as it
 //!   comes (v1 behaviour).
 //! - `error.code`: a stable machine-readable code next to the message.
+//! - `sync.ack = true`: an acknowledgement between crsync peers (what the
+//!   sender now holds); it does not restart the stream the way a `sync` does.
 //!
 //! Values: NULL, text, finite reals and integers within ±(2^53 − 1) are plain
 //! JSON in both encodings. With `lossless`, other integers are
@@ -110,9 +112,14 @@ pub struct TransportMessage {
     /// Stable error code (`error`, crsync extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
-    /// crsync capabilities (`connect`, crsync extension).
+    /// crsync capabilities (`connect` and `sync`, crsync extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crsync: Option<Hello>,
+    /// On `sync` (crsync extension): `true` marks an acknowledgement ("I now
+    /// hold this"), which does not restart the stream. A `sync` without it asks
+    /// for everything the cursor lacks, then `eose`, as in v1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<bool>,
 }
 
 /// The `data` payload.
@@ -229,6 +236,7 @@ impl TransportMessage {
             error: None,
             code: None,
             crsync: None,
+            ack: None,
         }
     }
 
@@ -240,11 +248,21 @@ impl TransportMessage {
         }
     }
 
-    /// `sync` with a cursor.
+    /// `sync` with a cursor: "send me everything this cursor lacks, then `eose`".
+    /// Carries crsync's capabilities too, in case `connect` was lost.
     pub fn sync(peer: SiteId, cursor: Cursor) -> Self {
         TransportMessage {
             cursor: Some(cursor),
+            crsync: Some(Hello::current()),
             ..Self::bare(MessageKind::Sync, peer)
+        }
+    }
+
+    /// An acknowledgement: a `sync` marked `ack`, telling a crsync peer what we hold.
+    pub fn ack(peer: SiteId, cursor: Cursor) -> Self {
+        TransportMessage {
+            ack: Some(true),
+            ..Self::sync(peer, cursor)
         }
     }
 

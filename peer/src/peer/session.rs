@@ -50,7 +50,13 @@ struct Session {
     stream: Option<ChangeStream>,
     need_stream: bool,
     control: VecDeque<TransportMessage>,
+    /// Send a `sync` request: "everything my cursor lacks, then eose".
+    request_pending: bool,
+    /// Send an acknowledgement (`sync` with `ack`), coalesced.
     ack_pending: bool,
+    /// The remote finished its initial stream to us.
+    eose_received: bool,
+    last_request: Instant,
     awaiting_schema: Option<i64>,
     last_received: Instant,
     last_ping: Instant,
@@ -105,13 +111,15 @@ async fn run_inner(
         stream: None,
         need_stream: false,
         control: VecDeque::new(),
+        request_pending: true,
         ack_pending: false,
+        eose_received: false,
+        last_request: now,
         awaiting_schema: None,
         last_received: now,
         last_ping: now,
     };
     session.control.push_back(TransportMessage::connect(local));
-    session.ack_pending = true; // our `sync`: "send me what I lack"
 
     let mut store_events = inner.store.subscribe();
     let mut schema = inner.schema.clone();
@@ -119,7 +127,8 @@ async fn run_inner(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let reason: Result<String, TransportError> = loop {
-        let want_control = !session.control.is_empty() || session.ack_pending;
+        let want_control =
+            !session.control.is_empty() || session.request_pending || session.ack_pending;
         let want_data = !want_control
             && session.window.can_send()
             && (session.stream.is_some() || session.need_stream);
@@ -172,7 +181,7 @@ async fn run_inner(
                 if session.awaiting_schema.is_some_and(|theirs| ours >= theirs) {
                     // Our schema caught up: ask again for what we declined.
                     session.awaiting_schema = None;
-                    session.ack_pending = true;
+                    session.request_pending = true;
                 }
             }
             _ = tick.tick() => {
@@ -210,19 +219,28 @@ impl Session {
         }
     }
 
-    /// The next control message: queued ones first, then a coalesced `sync`.
+    /// The next control message: queued ones first, then a `sync` request,
+    /// then a coalesced acknowledgement.
     async fn next_control(&mut self) -> Option<TransportMessage> {
         if let Some(message) = self.control.pop_front() {
             return Some(message);
         }
-        if self.ack_pending {
-            self.ack_pending = false;
-            match self.inner.store.cursor().await {
-                Ok(cursor) => return Some(TransportMessage::sync(self.local, cursor)),
-                Err(e) => tracing::warn!(error = %e, "cannot read our cursor"),
+        let request = std::mem::replace(&mut self.request_pending, false);
+        let ack = std::mem::replace(&mut self.ack_pending, false);
+        if !request && !ack {
+            return None;
+        }
+        match self.inner.store.cursor().await {
+            Ok(cursor) if request => {
+                self.last_request = Instant::now();
+                Some(TransportMessage::sync(self.local, cursor))
+            }
+            Ok(cursor) => Some(TransportMessage::ack(self.local, cursor)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read our cursor");
+                None
             }
         }
-        None
     }
 
     /// The next batch for the remote, or `eose` when the initial stream ends.
@@ -290,6 +308,10 @@ impl Session {
             self.last_ping = now;
             self.push_control(TransportMessage::ping(self.local));
         }
+        if !self.eose_received && now.duration_since(self.last_request) > config.ack_timeout {
+            // Our request, or the remote's eose, may have been lost: ask again.
+            self.request_pending = true;
+        }
         if self.window.check_ack_timeout(now, config.ack_timeout) {
             tracing::info!(
                 "no acknowledgement in time; resending from the last acknowledged point"
@@ -314,6 +336,22 @@ impl Session {
             Err(Handled::Rejected(r)) => (Err(r), None),
             Err(Handled::Fatal(r, e)) => (Err(r), Some(e)),
         };
+        if let Err(rejection) = &result {
+            // A transport that answers per message (an HTTP POST) reports the
+            // rejection there; otherwise say it in-band. Errors that pause the
+            // sender go in-band always: an HTTP client counts a 4xx as delivered.
+            let pauses = matches!(
+                rejection.code,
+                codes::SCHEMA_OUTDATED | codes::INVALID_CHANGE
+            );
+            if reply.is_none() || pauses {
+                self.push_control(TransportMessage::error(
+                    self.local,
+                    rejection.code,
+                    rejection.message.clone(),
+                ));
+            }
+        }
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }
@@ -360,25 +398,21 @@ impl Session {
     }
 
     async fn process(&mut self, message: TransportMessage) -> Result<(), Handled> {
-        let first = self.remote.is_none();
         let remote = self.identify(&message)?;
+        if message.crsync.is_some() && !self.remote_is_crsync {
+            self.encoding = Hello::encoding(message.crsync.as_ref());
+            self.remote_is_crsync = true;
+            self.window.set_acks_expected(true);
+        }
         match message.kind {
-            MessageKind::Connect => {
-                self.encoding = Hello::encoding(message.crsync.as_ref());
-                self.remote_is_crsync = message.crsync.is_some();
-                self.window.set_acks_expected(self.remote_is_crsync);
-                Ok(())
-            }
+            MessageKind::Connect => Ok(()),
             MessageKind::Ping => Ok(()),
             MessageKind::Sync => {
                 let cursor = message.cursor.ok_or_else(|| {
                     Handled::rejected(codes::MALFORMED, "sync message without cursor")
                 })?;
-                if first {
-                    // A v1 remote that skipped `connect`.
-                    self.window.set_acks_expected(false);
-                }
-                match self.window.on_sync(cursor, Instant::now()) {
+                let ack = message.ack == Some(true);
+                match self.window.on_sync(cursor, ack, Instant::now()) {
                     SyncOutcome::StartInitial => {
                         self.stream = None;
                         self.need_stream = true;
@@ -448,11 +482,6 @@ impl Session {
             let text = format!(
                 "schema version {theirs} is newer than ours ({ours}); changes wait for an upgrade"
             );
-            self.push_control(TransportMessage::error(
-                self.local,
-                codes::SCHEMA_OUTDATED,
-                text.clone(),
-            ));
             return Err(Handled::rejected(codes::SCHEMA_OUTDATED, text));
         }
         let batch = data
@@ -463,6 +492,7 @@ impl Session {
             Ok(_) => {
                 self.window.on_remote_holds(&holds);
                 if data.kind == PeerMessageKind::Eose {
+                    self.eose_received = true;
                     self.inner.eose_received(remote);
                     self.inner.emit(PeerEvent::Eose { peer: remote });
                 }
@@ -474,24 +504,12 @@ impl Session {
             }
             Err(MergeError::Rejected(rejection)) => {
                 let text = rejection.to_string();
-                // Our cursor first, so the remote resumes from where we are.
-                if let Ok(cursor) = self.inner.store.cursor().await {
-                    self.push_control(TransportMessage::sync(self.local, cursor));
-                }
-                self.push_control(TransportMessage::error(
-                    self.local,
-                    codes::GAP,
-                    text.clone(),
-                ));
+                // Ask again from our cursor: the remote restarts from where we are.
+                self.request_pending = true;
                 Err(Handled::rejected(codes::GAP, text))
             }
             Err(MergeError::Invalid { index, reason }) => {
                 let text = format!("change #{index}: {reason}");
-                self.push_control(TransportMessage::error(
-                    self.local,
-                    codes::INVALID_CHANGE,
-                    text.clone(),
-                ));
                 Err(Handled::rejected(codes::INVALID_CHANGE, text))
             }
             Err(e) => {

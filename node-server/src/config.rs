@@ -1,0 +1,225 @@
+//! [`ServerConfig`]: everything `crsync serve` reads from its TOML file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::Access;
+
+/// Default listen address: loopback only.
+pub const DEFAULT_BIND: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+/// Default limit on request bodies (16 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Default interval between `ping`s on a stream.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Default time graceful shutdown waits for open connections.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default environment variable holding a token for all databases.
+pub const DEFAULT_TOKEN_ENV: &str = "CRSYNC_TOKEN";
+
+/// Server configuration. Every field has a default; see the crate README for
+/// the file format.
+///
+/// ```
+/// use crsync_node_server::ServerConfig;
+/// let config = ServerConfig::from_toml_str(r#"
+///     data_dir = "/var/lib/crsync"
+///     allow_create = true
+///     [[tokens]]
+///     token = "s3cret"
+///     databases = ["notes"]
+///     access = "read-only"
+/// "#).expect("must succeed");
+/// assert_eq!(config.bind.to_string(), "127.0.0.1:8080");
+/// assert_eq!(config.tokens.len(), 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Address to listen on (default `127.0.0.1:8080`).
+    pub bind: SocketAddr,
+    /// Directory holding one replica file `<name>.db` per database.
+    pub data_dir: PathBuf,
+    /// SQL applied to a database when it is created; every table it creates
+    /// becomes a CRR.
+    pub schema: Option<PathBuf>,
+    /// Create a database on first use (default `false`: unknown names get 404).
+    pub allow_create: bool,
+    /// Serve requests without a token, read-write (default `false`). Required
+    /// when no token is configured at all.
+    pub allow_anonymous: bool,
+    /// Largest accepted request body in bytes (default 16 MiB).
+    pub max_body_bytes: usize,
+    /// Interval between pings on a stream (`ping_interval_secs`, default 30).
+    #[serde(rename = "ping_interval_secs", deserialize_with = "secs")]
+    pub ping_interval: Duration,
+    /// How long graceful shutdown waits for open connections
+    /// (`shutdown_timeout_secs`, default 10).
+    #[serde(rename = "shutdown_timeout_secs", deserialize_with = "secs")]
+    pub shutdown_timeout: Duration,
+    /// Environment variable whose value is a read-write token for every
+    /// database (default `CRSYNC_TOKEN`; empty to disable).
+    pub token_env: String,
+    /// The cr-sqlite library (default: `CRSQLITE_PATH`, then the install dir).
+    pub extension_path: Option<PathBuf>,
+    /// Cross-origin requests.
+    pub cors: CorsConfig,
+    /// Bearer tokens.
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: DEFAULT_BIND,
+            data_dir: PathBuf::from("data"),
+            schema: None,
+            allow_create: false,
+            allow_anonymous: false,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            token_env: DEFAULT_TOKEN_ENV.into(),
+            extension_path: None,
+            cors: CorsConfig::default(),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// Which browser origins may call the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CorsConfig {
+    /// Allowed origins (`["*"]` for any). Empty: no CORS headers.
+    pub allowed_origins: Vec<String>,
+}
+
+/// One bearer token and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The secret, as sent in `Authorization: Bearer <token>`.
+    pub token: String,
+    /// Database names it serves, or `["*"]` for all.
+    pub databases: Vec<String>,
+    /// `read-write` (default) or `read-only`.
+    #[serde(default)]
+    pub access: Access,
+}
+
+/// The configuration file could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown fields.
+    #[error("invalid config{}: {source}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Parse {
+        /// The file, if read from one.
+        path: Option<PathBuf>,
+        /// The parser's error.
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+impl ServerConfig {
+    /// Parses TOML text. Relative paths stay relative to the working directory.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { path: None, source })
+    }
+
+    /// Reads a TOML file. Relative `data_dir`, `schema` and `extension_path`
+    /// are taken relative to the file's directory.
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: ServerConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: Some(path.to_path_buf()),
+                source,
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        rebase(&mut config.data_dir);
+        if let Some(schema) = config.schema.as_mut() {
+            rebase(schema);
+        }
+        if let Some(ext) = config.extension_path.as_mut() {
+            rebase(ext);
+        }
+        Ok(config)
+    }
+}
+
+fn secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let secs = f64::deserialize(d)?;
+    Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = ServerConfig::from_toml_str("").expect("must succeed");
+        assert_eq!(c, ServerConfig::default());
+        let c = ServerConfig::from_toml_str(
+            r#"
+            bind = "0.0.0.0:9000"
+            ping_interval_secs = 2.5
+            max_body_bytes = 1024
+            [cors]
+            allowed_origins = ["*"]
+            [[tokens]]
+            token = "a"
+            databases = ["*"]
+            "#,
+        )
+        .expect("must succeed");
+        assert_eq!(c.bind.port(), 9000);
+        assert_eq!(c.ping_interval, Duration::from_millis(2500));
+        assert_eq!(c.max_body_bytes, 1024);
+        assert_eq!(c.tokens[0].access, Access::ReadWrite);
+        assert_eq!(c.cors.allowed_origins, vec!["*".to_string()]);
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        assert!(ServerConfig::from_toml_str("allow_creat = true").is_err());
+        assert!(ServerConfig::from_toml_str("ping_interval_secs = -1").is_err());
+    }
+
+    #[test]
+    fn file_paths_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().expect("must succeed");
+        let file = dir.path().join("crsync.toml");
+        std::fs::write(&file, "data_dir = \"dbs\"\nschema = \"/abs/schema.sql\"\n")
+            .expect("must succeed");
+        let c = ServerConfig::from_toml_file(&file).expect("must succeed");
+        assert_eq!(c.data_dir, dir.path().join("dbs"));
+        assert_eq!(c.schema, Some(PathBuf::from("/abs/schema.sql")));
+    }
+}

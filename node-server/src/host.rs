@@ -1,0 +1,216 @@
+//! [`DbHost`]: one served database: its Peer plus the SSE streams open on it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crsync_peer::transport::codes;
+use crsync_peer::wire::{Hello, MessageKind, TransportMessage};
+use crsync_peer::{Connection, MessageSink, Received, SiteId, TransportError};
+use futures_util::SinkExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::PollSender;
+
+use crate::Peer;
+use crate::error::ApiError;
+
+/// Messages queued from the Peer to one client before the Peer waits.
+pub const OUTBOUND_QUEUE_CAP: usize = 16;
+/// Messages queued from one client to the Peer before the sender (a `POST`
+/// or the WebSocket reader) waits.
+pub const INBOUND_QUEUE_CAP: usize = 16;
+
+type Inbound = mpsc::Sender<Result<Received, TransportError>>;
+
+struct Slot {
+    id: u64,
+    inbound: Inbound,
+}
+
+/// One database served over HTTP: its Peer and the open SSE streams by peer id.
+pub(crate) struct DbHost {
+    name: String,
+    peer: Peer,
+    streams: Mutex<HashMap<SiteId, Slot>>,
+    next_id: AtomicU64,
+    closing: watch::Sender<bool>,
+}
+
+/// A stream for this peer id is already open.
+#[derive(Debug)]
+pub(crate) struct AlreadyConnected;
+
+/// An open SSE session: what the Peer sends, and a guard that unregisters the
+/// stream when dropped (when the HTTP response body is dropped).
+pub(crate) struct SseSession {
+    pub(crate) outbound: mpsc::Receiver<TransportMessage>,
+    pub(crate) guard: StreamGuard,
+}
+
+/// Unregisters an SSE stream when dropped.
+pub(crate) struct StreamGuard {
+    host: Arc<DbHost>,
+    client: SiteId,
+    id: u64,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut streams = self.host.lock_streams();
+        if streams.get(&self.client).is_some_and(|s| s.id == self.id) {
+            streams.remove(&self.client);
+        }
+        drop(streams);
+        tracing::info!(db = %self.host.name, peer = %self.client, "stream closed");
+    }
+}
+
+/// A [`MessageSink`] feeding a bounded channel (it waits while the channel
+/// is full; once the receiver is gone every send fails with `Closed`).
+pub(crate) fn channel_sink(tx: mpsc::Sender<TransportMessage>) -> MessageSink {
+    Box::pin(PollSender::new(tx).sink_map_err(|_| TransportError::Closed))
+}
+
+impl DbHost {
+    pub(crate) fn new(name: impl Into<String>, peer: Peer) -> Arc<Self> {
+        Arc::new(DbHost {
+            name: name.into(),
+            peer,
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            closing: watch::channel(false).0,
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<SiteId, Slot>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has begun.
+    pub(crate) fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    /// Resolves once [`shutdown`](Self::shutdown) has begun.
+    pub(crate) fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+
+    /// Hands a connection to the Peer, inside a span naming it.
+    /// The Peer owns the session task; it ends with the connection or at shutdown.
+    pub(crate) fn accept(&self, conn: Connection, span: &tracing::Span) -> JoinHandle<()> {
+        let _entered = span.enter();
+        tracing::info!(label = %conn.label, "connection accepted");
+        self.peer.accept(conn)
+    }
+
+    /// Opens an SSE session for `client`: registers it, synthesizes the
+    /// client's `connect` (with crsync's capabilities if `lossless`), and
+    /// hands the connection to the Peer.
+    pub(crate) fn open_sse(
+        self: &Arc<Self>,
+        client: SiteId,
+        lossless: bool,
+        span: &tracing::Span,
+    ) -> Result<SseSession, AlreadyConnected> {
+        let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE_CAP);
+        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE_CAP);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut streams = self.lock_streams();
+            if streams.contains_key(&client) {
+                return Err(AlreadyConnected);
+            }
+            let connect = TransportMessage {
+                crsync: lossless.then(Hello::current),
+                ..TransportMessage::connect(client)
+            };
+            // The channel is new and empty: this cannot fail.
+            let _ = in_tx.try_send(Ok(Received::new(connect)));
+            streams.insert(client, Slot { id, inbound: in_tx });
+        }
+        let conn = Connection {
+            sink: channel_sink(out_tx),
+            stream: Box::pin(ReceiverStream::new(in_rx)),
+            label: format!("sse {}/{}", self.name, client),
+        };
+        // Detached: the session ends when the SSE body is dropped or the Peer stops.
+        drop(self.accept(conn, span));
+        Ok(SseSession {
+            outbound: out_rx,
+            guard: StreamGuard {
+                host: Arc::clone(self),
+                client,
+                id,
+            },
+        })
+    }
+
+    /// Delivers a message `POST`ed by `client` into its stream's connection
+    /// and waits until the Peer has processed it.
+    pub(crate) async fn deliver(
+        &self,
+        client: &str,
+        message: TransportMessage,
+    ) -> Result<(), ApiError> {
+        let site: SiteId = client
+            .parse()
+            .map_err(|e| ApiError::malformed(format!("peerId: {e}")))?;
+        let inbound = self
+            .lock_streams()
+            .get(&site)
+            .map(|slot| slot.inbound.clone())
+            .ok_or_else(|| ApiError::not_connected(client))?;
+        let (received, reply) = Received::with_reply(message);
+        inbound
+            .send(Ok(received))
+            .await
+            .map_err(|_| ApiError::not_connected(client))?;
+        match reply.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(rejection)) => Err(rejection.into()),
+            Err(_) if self.is_closing() => Err(ApiError::shutting_down()),
+            Err(_) => Err(ApiError::internal(
+                "the connection closed before the message was processed",
+            )),
+        }
+    }
+
+    /// Stops serving: refuses new streams, closes open ones and shuts the Peer
+    /// and its Store down.
+    pub(crate) async fn shutdown(&self) {
+        self.closing.send_replace(true);
+        self.lock_streams().clear();
+        self.peer.shutdown().await;
+        if let Err(e) = self.peer.store().clone().close().await {
+            tracing::warn!(db = %self.name, "closing the store failed: {e}");
+        }
+    }
+
+    /// The `error` message refusing a second stream for the same peer.
+    pub(crate) fn already_connected(&self, client: SiteId) -> TransportMessage {
+        TransportMessage::error(
+            self.peer.site_id(),
+            codes::ALREADY_CONNECTED,
+            format!("a stream for peer {client} is already open"),
+        )
+    }
+}
+
+/// Whether a message kind may be sent with the given access.
+pub(crate) fn allowed(kind: MessageKind, access: crate::Access) -> bool {
+    kind != MessageKind::Data || access == crate::Access::ReadWrite
+}

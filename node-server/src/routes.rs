@@ -1,0 +1,260 @@
+//! The HTTP handlers (`stream`, `sync`, `data`, `ws`), shared by the
+//! multi-database server and [`PeerRouter`](crate::PeerRouter).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use crsync_peer::SiteId;
+use crsync_peer::wire::{LOSSLESS, MessageKind, TransportMessage};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::auth::{Access, Auth};
+use crate::error::ApiError;
+use crate::host::{DbHost, SseSession, allowed};
+
+/// Where the handlers find the database a request addresses.
+pub(crate) trait Databases: Clone + Send + Sync + 'static {
+    /// The tokens.
+    fn auth(&self) -> &Auth;
+    /// The body limit, for the 413 message.
+    fn max_body_bytes(&self) -> usize;
+    /// The database name when the path does not carry one.
+    fn fixed_name(&self) -> Option<&str>;
+    /// The database `name`, opened (or created) if needed.
+    fn host(&self, name: &str) -> impl Future<Output = Result<Arc<DbHost>, ApiError>> + Send;
+}
+
+/// Counter naming WebSocket connections in logs.
+static NEXT_WS: AtomicU64 = AtomicU64::new(0);
+
+/// An authorized request for one database.
+pub(crate) struct Target<S> {
+    state: S,
+    name: String,
+    access: Access,
+}
+
+impl<S: Databases> Target<S> {
+    async fn host(&self) -> Result<Arc<DbHost>, ApiError> {
+        let host = self.state.host(&self.name).await?;
+        if host.is_closing() {
+            return Err(ApiError::shutting_down());
+        }
+        Ok(host)
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The bearer token: the `Authorization` header, else the `token` query
+/// parameter (browsers' EventSource cannot set headers).
+fn bearer(parts: &Parts) -> Result<Option<String>, ApiError> {
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::unauthorized("invalid Authorization header"))?;
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(ApiError::unauthorized(
+                "expected Authorization: Bearer <token>",
+            ));
+        }
+        return Ok(Some(token.trim().to_string()));
+    }
+    let query = Query::<TokenQuery>::try_from_uri(&parts.uri)
+        .map_err(|e| ApiError::malformed(format!("query string: {e}")))?;
+    Ok(query.0.token)
+}
+
+impl<S: Databases> FromRequestParts<S> for Target<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let name = match state.fixed_name() {
+            Some(name) => name.to_string(),
+            None => {
+                let Path(params) =
+                    Path::<std::collections::HashMap<String, String>>::from_request_parts(
+                        parts, state,
+                    )
+                    .await
+                    .map_err(|e| ApiError::malformed(e.body_text()))?;
+                params
+                    .get("name")
+                    .cloned()
+                    .ok_or_else(|| ApiError::internal("route lacks a database name"))?
+            }
+        };
+        let token = bearer(parts)?;
+        let access = state.auth().check(token.as_deref(), &name)?;
+        Ok(Target {
+            state: state.clone(),
+            name,
+            access,
+        })
+    }
+}
+
+/// The stream/sync/data/ws routes, relative to a database's base URL.
+pub(crate) fn database_routes<S: Databases>(max_body_bytes: usize) -> Router<S> {
+    Router::new()
+        .route("/stream", get(stream::<S>))
+        .route("/sync", post(post_sync::<S>))
+        .route("/data", post(post_data::<S>))
+        .route("/ws", get(websocket::<S>))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// JSON 404 for unknown routes.
+pub(crate) async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        crate::error::NOT_FOUND,
+        format!("no route for {}", uri.path()),
+    )
+}
+
+/// JSON 405 for a known route called with the wrong method.
+pub(crate) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        crate::error::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    #[serde(rename = "peerId")]
+    peer_id: Option<String>,
+    crsync: Option<String>,
+}
+
+async fn stream<S: Databases>(target: Target<S>, uri: Uri) -> Result<Response, ApiError> {
+    let Query(query) = Query::<StreamQuery>::try_from_uri(&uri)
+        .map_err(|e| ApiError::malformed(format!("query string: {e}")))?;
+    let peer_id = query
+        .peer_id
+        .ok_or_else(|| ApiError::malformed("missing query parameter peerId"))?;
+    let client: SiteId = peer_id
+        .parse()
+        .map_err(|e| ApiError::malformed(format!("peerId: {e}")))?;
+    let lossless = query
+        .crsync
+        .is_some_and(|c| c.split(',').any(|e| e.trim() == LOSSLESS));
+    let host = target.host().await?;
+    let span = tracing::info_span!("sse", db = host.name(), peer = %client);
+    let mut response = match host.open_sse(client, lossless, &span) {
+        Ok(SseSession { outbound, guard }) => {
+            let events = ReceiverStream::new(outbound)
+                .map(move |msg| {
+                    // The guard unregisters the stream when the body is dropped.
+                    let _ = &guard;
+                    Ok::<_, Infallible>(Event::default().data(msg.to_json()))
+                })
+                .take_until(host.closed());
+            Sse::new(events).into_response()
+        }
+        Err(_) => {
+            let _entered = span.enter();
+            tracing::info!("refused a second stream for the same peer");
+            let refusal = host.already_connected(client);
+            let events = futures_util::stream::once(async move {
+                Ok::<_, Infallible>(Event::default().data(refusal.to_json()))
+            });
+            Sse::new(events).into_response()
+        }
+    };
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+async fn post_sync<S: Databases>(
+    target: Target<S>,
+    State(state): State<S>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    post_message(target, &state, body, MessageKind::Sync).await
+}
+
+async fn post_data<S: Databases>(
+    target: Target<S>,
+    State(state): State<S>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    post_message(target, &state, body, MessageKind::Data).await
+}
+
+async fn post_message<S: Databases>(
+    target: Target<S>,
+    state: &S,
+    body: Result<Bytes, BytesRejection>,
+    expected: MessageKind,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !allowed(expected, target.access) {
+        return Err(ApiError::forbidden(
+            "this token is read-only: data messages are refused",
+        ));
+    }
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(state.max_body_bytes())
+        } else {
+            ApiError::malformed(r.body_text())
+        }
+    })?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| ApiError::malformed(format!("body is not UTF-8: {e}")))?;
+    let message =
+        TransportMessage::from_json(text).map_err(|e| ApiError::malformed(e.to_string()))?;
+    if message.kind != expected {
+        return Err(ApiError::malformed(format!(
+            "expected a message of type {expected:?}, got {:?}",
+            message.kind
+        )));
+    }
+    let host = target.host().await?;
+    let peer_id = message.peer_id.clone();
+    host.deliver(&peer_id, message).await?;
+    Ok(Json(serde_json::json!({"success": true})))
+}
+
+async fn websocket<S: Databases>(
+    target: Target<S>,
+    State(state): State<S>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(|r| {
+        ApiError::new(
+            r.status(),
+            crsync_peer::transport::codes::MALFORMED,
+            r.body_text(),
+        )
+    })?;
+    let host = target.host().await?;
+    let access = target.access;
+    let id = NEXT_WS.fetch_add(1, Ordering::Relaxed);
+    Ok(upgrade
+        .max_message_size(state.max_body_bytes())
+        .on_upgrade(move |socket| crate::ws::run(socket, host, access, id)))
+}

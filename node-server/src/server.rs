@@ -1,0 +1,302 @@
+//! [`Server`]: the multi-database server `crsync serve` runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::auth::{Auth, NoTokens};
+use crate::config::{CorsConfig, ServerConfig};
+use crate::error::ApiError;
+use crate::host::DbHost;
+use crate::registry::{Registry, RegistryOptions};
+use crate::routes::{Databases, database_routes, method_not_allowed, not_found};
+
+/// Starting the server failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// No token is configured and anonymous access is not allowed.
+    #[error(transparent)]
+    NoTokens(#[from] NoTokens),
+    /// The schema file could not be read.
+    #[error("cannot read schema file {path}: {source}")]
+    Schema {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data directory is missing (and creating databases is not allowed)
+    /// or cannot be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cr-sqlite extension could not be loaded.
+    #[error(transparent)]
+    Extension(#[from] crsync_peer::ExtensionError),
+    /// An allowed CORS origin is not a valid header value.
+    #[error("invalid CORS origin {0:?}")]
+    CorsOrigin(String),
+    /// Binding or serving the socket failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Io {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct ServerState(Arc<ServerInner>);
+
+struct ServerInner {
+    auth: Auth,
+    registry: Registry,
+    max_body_bytes: usize,
+}
+
+impl Databases for ServerState {
+    fn auth(&self) -> &Auth {
+        &self.0.auth
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        self.0.max_body_bytes
+    }
+
+    fn fixed_name(&self) -> Option<&str> {
+        None
+    }
+
+    async fn host(&self, name: &str) -> Result<Arc<DbHost>, ApiError> {
+        self.0.registry.get(name).await
+    }
+}
+
+/// The multi-database server: `/db/{name}/stream|sync|data|ws` and `/health`.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use crsync_node_server::{Server, ServerConfig};
+/// let config = ServerConfig::from_toml_file("crsync.toml")?;
+/// let server = Server::bind(config).await?;
+/// println!("listening on http://{}", server.local_addr());
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// // e.g. send on `stop` from a Ctrl-C handler
+/// server.serve(async { let _ = stopped.await; }).await?;
+/// # drop(stop);
+/// # Ok(()) }
+/// ```
+pub struct Server {
+    listener: TcpListener,
+    addr: SocketAddr,
+    app: Router,
+    state: ServerState,
+    shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds `config.bind` with the tokens from the config and the
+    /// environment variable it names (`CRSYNC_TOKEN` by default).
+    pub async fn bind(config: ServerConfig) -> Result<Server, ServeError> {
+        let auth = Auth::from_config_and_env(&config)?;
+        Self::bind_with_auth(config, auth).await
+    }
+
+    /// Binds `config.bind` with an explicit token set (the config's `tokens`,
+    /// `token_env` and `allow_anonymous` are ignored).
+    pub async fn bind_with_auth(config: ServerConfig, auth: Auth) -> Result<Server, ServeError> {
+        if !auth.has_tokens() && !auth.allows_anonymous() {
+            return Err(NoTokens {
+                env: config.token_env.clone(),
+            }
+            .into());
+        }
+        crsync_peer::load_extension(config.extension_path.as_deref())?;
+        let schema_sql = match &config.schema {
+            Some(path) => Some(tokio::fs::read_to_string(path).await.map_err(|source| {
+                ServeError::Schema {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let data_dir_result = if config.allow_create {
+            tokio::fs::create_dir_all(&config.data_dir).await
+        } else {
+            tokio::fs::metadata(&config.data_dir).await.map(drop)
+        };
+        data_dir_result.map_err(|source| ServeError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let cors = cors_layer(&config.cors)?;
+        let state = ServerState(Arc::new(ServerInner {
+            auth,
+            registry: Registry::new(RegistryOptions {
+                data_dir: config.data_dir.clone(),
+                schema_sql,
+                allow_create: config.allow_create,
+                ping_interval: config.ping_interval,
+                extension_path: config.extension_path.clone(),
+            }),
+            max_body_bytes: config.max_body_bytes,
+        }));
+        let mut app = Router::new()
+            .route("/health", get(health))
+            .method_not_allowed_fallback(method_not_allowed)
+            .nest(
+                "/db/{name}",
+                database_routes::<ServerState>(config.max_body_bytes),
+            )
+            .fallback(not_found)
+            .with_state(state.clone())
+            .layer(TraceLayer::new_for_http().make_span_with(request_span));
+        if let Some(cors) = cors {
+            app = app.layer(cors);
+        }
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .map_err(|source| ServeError::Io {
+                addr: config.bind,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Io {
+            addr: config.bind,
+            source,
+        })?;
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "crsync server listening");
+        Ok(Server {
+            listener,
+            addr,
+            app,
+            state,
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, shuts every
+    /// database's Peer down (which ends the streams and finishes messages in
+    /// flight), and waits up to the configured timeout for open requests.
+    pub async fn serve<F>(self, shutdown: F) -> Result<(), ServeError>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Server {
+            listener,
+            addr,
+            app,
+            state,
+            shutdown_timeout,
+        } = self;
+        let (began_tx, began_rx) = tokio::sync::watch::channel(false);
+        let began_tx = Arc::new(began_tx);
+        let signal_tx = Arc::clone(&began_tx);
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections");
+            signal_tx.send_replace(true);
+        };
+        // Once shutdown begins, shut the Peers down while axum drains: their
+        // sessions end, which ends the SSE bodies and WebSockets.
+        let mut began = began_rx.clone();
+        let stopper = tokio::spawn(async move {
+            if began.wait_for(|b| *b).await.is_ok() {
+                state.0.registry.shutdown().await;
+            }
+        });
+        let mut began = began_rx;
+        let deadline = async move {
+            if began.wait_for(|b| *b).await.is_ok() {
+                tokio::time::sleep(shutdown_timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+        let result = tokio::select! {
+            result = server => result.map_err(|source| ServeError::Io { addr, source }),
+            () = deadline => {
+                tracing::warn!(?shutdown_timeout, "connections still open after the shutdown timeout");
+                Ok(())
+            }
+        };
+        began_tx.send_replace(true);
+        if tokio::time::timeout(shutdown_timeout, stopper)
+            .await
+            .is_err()
+        {
+            tracing::warn!("databases still closing after the shutdown timeout");
+        }
+        result
+    }
+}
+
+/// A span per request naming the path only: the query may carry a token.
+pub(crate) fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
+}
+
+/// `GET /health`: liveness, and the body limit clients must split batches under.
+async fn health(
+    axum::extract::State(state): axum::extract::State<ServerState>,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"status": "ok", "maxBodyBytes": state.0.max_body_bytes}))
+}
+
+/// The CORS layer for the configured origins (`None` when there are none).
+pub(crate) fn cors_layer(config: &CorsConfig) -> Result<Option<CorsLayer>, ServeError> {
+    if config.allowed_origins.is_empty() {
+        return Ok(None);
+    }
+    let origin = if config.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let origins = config
+            .allowed_origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).map_err(|_| ServeError::CorsOrigin(o.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(origins)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ]),
+    ))
+}

@@ -1,0 +1,149 @@
+//! Real Peers syncing through the server (SSE, WebSocket, mixed) and device
+//! to device through a `PeerRouter`.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use crsync_node_server::{Access, Auth, PeerRouter};
+use crsync_peer::rusqlite::types::Value as SqlValue;
+use crsync_peer::{Peer, Store};
+use crsync_transports::{SseDialer, WebSocketDialer};
+use support::*;
+
+fn peer(store: Store) -> Peer {
+    Peer::builder(store)
+        .ping_interval(Duration::from_millis(500))
+        .ack_timeout(Duration::from_secs(2))
+        .build()
+}
+
+async fn insert(store: &Store, id: i64, title: &str) -> Result<()> {
+    let title = title.to_string();
+    store
+        .write(move |tx| tx.execute("INSERT INTO todo VALUES (?1, ?2)", (id, title)))
+        .await?;
+    Ok(())
+}
+
+async fn converge(peers: &[&Peer], expected_rows: usize) -> Result<Vec<String>> {
+    let first = peers[0].store().clone();
+    for p in peers {
+        let store = p.store().clone();
+        wait_until(p, "all rows", || {
+            let store = store.clone();
+            async move { Ok(contents(&store).await?.len() == expected_rows) }
+        })
+        .await?;
+    }
+    let want = contents(&first).await?;
+    for p in peers {
+        let store = p.store().clone();
+        let want = want.clone();
+        wait_until(p, "identical contents", || {
+            let store = store.clone();
+            let want = want.clone();
+            async move { Ok(contents(&store).await? == want) }
+        })
+        .await?;
+    }
+    Ok(want)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_peers_converge_through_the_server_sse_ws_mixed() -> Result<()> {
+    let server = TestServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let base = server.url("/db/notes");
+    let ws_base = format!("ws://{}/db/notes/ws", server.addr);
+
+    let a = peer(client_store(&dir.path().join("a.db")).await?);
+    let b = peer(client_store(&dir.path().join("b.db")).await?);
+    let c = peer(client_store(&dir.path().join("c.db")).await?);
+    // Offline writes before connecting.
+    insert(a.store(), 1, "from a").await?;
+    insert(b.store(), 2, "from b").await?;
+    a.add_dialer(SseDialer::new(&base).with_token(RW));
+    b.add_dialer(WebSocketDialer::new(&ws_base).with_token(RW));
+    c.add_dialer(SseDialer::new(&base).with_token(ENV));
+
+    // Concurrent writes, including a conflict on row 10.
+    for i in 0..20 {
+        insert(a.store(), 100 + i, "a").await?;
+        insert(b.store(), 200 + i, "b").await?;
+        insert(c.store(), 300 + i, "c").await?;
+    }
+    insert(a.store(), 10, "a wins?").await?;
+    insert(b.store(), 10, "b wins?").await?;
+    let blob = vec![0u8, 159, 146, 150, 255];
+    let big = i64::MAX - 1;
+    let blob2 = blob.clone();
+    a.store()
+        .write(move |tx| {
+            tx.execute("INSERT INTO kv VALUES ('blob', ?1)", [blob2])?;
+            tx.execute("INSERT INTO kv VALUES ('big', ?1)", [big])
+        })
+        .await?;
+
+    let rows = converge(&[&a, &b, &c], 2 + 60 + 1 + 2).await?;
+    // Lossless values crossed the server intact, over SSE and WebSocket.
+    assert!(
+        rows.contains(&format!("kv blob {:?}", SqlValue::Blob(blob))),
+        "{rows:?}"
+    );
+    assert!(
+        rows.contains(&format!("kv big {:?}", SqlValue::Integer(big))),
+        "{rows:?}"
+    );
+
+    // The server's replica holds the same.
+    let replica = Store::open(server.replica("notes")).await?;
+    assert_eq!(contents(&replica).await?, rows);
+    replica.close().await?;
+
+    // A peer that was offline catches up.
+    let d = peer(client_store(&dir.path().join("d.db")).await?);
+    d.add_dialer(SseDialer::new(&base).with_token(RW));
+    converge(&[&a, &d], rows.len()).await?;
+
+    for p in [&a, &b, &c, &d] {
+        p.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_to_device_through_a_peer_router() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let host = peer(client_store(&dir.path().join("desktop.db")).await?);
+    let app = axum::Router::new().nest(
+        "/sync",
+        PeerRouter::new(host.clone())
+            .name("notes")
+            .auth(Auth::new().with_token("pair", ["notes"], Access::ReadWrite))
+            .build(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // Auth applies to the mounted router too.
+    let response = reqwest::get(format!("http://{addr}/sync/stream?peerId={PEER_A}")).await?;
+    assert_eq!(response.status(), 401);
+
+    let laptop = peer(client_store(&dir.path().join("laptop.db")).await?);
+    let phone = peer(client_store(&dir.path().join("phone.db")).await?);
+    laptop.add_dialer(SseDialer::new(format!("http://{addr}/sync")).with_token("pair"));
+    phone.add_dialer(WebSocketDialer::new(format!("ws://{addr}/sync/ws")).with_token("pair"));
+    insert(host.store(), 1, "desktop").await?;
+    insert(laptop.store(), 2, "laptop").await?;
+    insert(phone.store(), 3, "phone").await?;
+    converge(&[&host, &laptop, &phone], 3).await?;
+
+    laptop.shutdown().await;
+    phone.shutdown().await;
+    host.shutdown().await;
+    server.abort();
+    Ok(())
+}
