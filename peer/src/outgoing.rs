@@ -266,6 +266,21 @@ mod tests {
     }
 
     #[test]
+    fn a_sync_request_restarts_even_when_live() {
+        let t0 = Instant::now();
+        let mut w = OutgoingWindow::new(4, true, t0);
+        w.on_sync(cur(0), !ACK, t0);
+        w.on_sent(cur(4), t0);
+        w.on_initial_complete();
+        assert_eq!(w.phase(), Phase::Live);
+        // the remote lost our eose or its state: it asks again from its cursor
+        assert_eq!(w.on_sync(cur(2), !ACK, t0), SyncOutcome::StartInitial);
+        assert_eq!(w.phase(), Phase::Initial);
+        assert_eq!(w.sent(), &cur(2));
+        assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
     fn what_the_remote_sent_is_not_echoed() {
         let t0 = Instant::now();
         let mut w = OutgoingWindow::new(1, true, t0);
