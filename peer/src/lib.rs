@@ -41,7 +41,7 @@ pub use pk::{PackedPk, PkError};
 pub use store::{
     BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, DEFAULT_ORIGIN_GC_SLACK,
     DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, InvalidChange, MergeError, MergeReport,
-    OpenError, STREAM_READ_AHEAD, Store, StoreBuilder, StoreError, StoreEvent,
+    OpenError, READER_POOL_CAP, STREAM_READ_AHEAD, Store, StoreBuilder, StoreError, StoreEvent,
 };
 pub use value::SqlValue;
 

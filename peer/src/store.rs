@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, oneshot};
 
 pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
-pub use reader::ChangeStream;
+pub use reader::{ChangeStream, READER_POOL_CAP};
 
 use crate::batch::BatchLimits;
 use crate::{ChangeBatch, Cursor, SiteId};
@@ -148,6 +148,7 @@ impl StoreBuilder {
 #[derive(Clone, Debug)]
 pub struct Store {
     commands: flume::Sender<Command>,
+    readers: std::sync::Arc<reader::ReaderPool>,
     events: broadcast::Sender<StoreEvent>,
     site_id: SiteId,
     path: PathBuf,
@@ -191,6 +192,7 @@ impl Store {
             .map_err(|_| OpenError::Thread(std::io::Error::other("writer thread died")))??;
         Ok(Store {
             commands,
+            readers: std::sync::Arc::new(reader::ReaderPool::new(options.path.clone())),
             events,
             site_id,
             path: options.path,
@@ -296,7 +298,7 @@ impl Store {
         cursor: &Cursor,
         limits: BatchLimits,
     ) -> Result<ChangeStream, StoreError> {
-        reader::start(self.path.clone(), self.site_id, cursor.clone(), limits).await
+        reader::start(self.readers.clone(), self.site_id, cursor.clone(), limits).await
     }
 
     /// The batch limits this Store was opened with.
@@ -320,6 +322,7 @@ impl Store {
 
     /// Finishes queued commands, finalizes cr-sqlite and closes the database.
     pub async fn close(self) -> Result<(), StoreError> {
+        self.readers.close_all();
         match self.call(Command::Close).await {
             Ok(result) => result,
             Err(StoreError::Closed) => Ok(()),

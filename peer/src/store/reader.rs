@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use rusqlite::{Connection, OpenFlags, params};
@@ -42,8 +43,74 @@ impl futures_core::Stream for ChangeStream {
     }
 }
 
-pub(super) async fn start(
+/// Idle read connections kept for reuse (opening one costs about a millisecond).
+pub const READER_POOL_CAP: usize = 4;
+
+/// Read connections to the database file, reused across change streams.
+#[derive(Debug)]
+pub(super) struct ReaderPool {
     path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    pub(super) fn new(path: PathBuf) -> Self {
+        ReaderPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self) -> rusqlite::Result<Connection> {
+        if let Some(conn) = self.lock().pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch("PRAGMA query_only = 1")?;
+        Ok(conn)
+    }
+
+    fn give(&self, conn: Connection) {
+        let mut idle = self.lock();
+        if idle.len() < READER_POOL_CAP {
+            idle.push(conn);
+        } else {
+            drop(idle);
+            if let Err(e) = close_connection(conn) {
+                tracing::warn!(error = %e, "closing a read connection failed");
+            }
+        }
+    }
+
+    /// Finalizes and closes every idle connection.
+    pub(super) fn close_all(&self) {
+        let idle = std::mem::take(&mut *self.lock());
+        for conn in idle {
+            if let Err(e) = close_connection(conn) {
+                tracing::warn!(error = %e, "closing a read connection failed");
+            }
+        }
+    }
+}
+
+impl Drop for ReaderPool {
+    fn drop(&mut self) {
+        self.close_all();
+    }
+}
+
+pub(super) async fn start(
+    pool: Arc<ReaderPool>,
     own_site: SiteId,
     receiver: Cursor,
     limits: BatchLimits,
@@ -54,7 +121,7 @@ pub(super) async fn start(
         .name("crsync-store-reader".into())
         .spawn(move || {
             let mut ready = Some(ready_tx);
-            let result = read(&path, own_site, receiver, limits, &tx, &mut ready);
+            let result = read(&pool, own_site, receiver, limits, &tx, &mut ready);
             if let Err(e) = result {
                 match ready.take() {
                     Some(r) => {
@@ -77,20 +144,20 @@ pub(super) async fn start(
 type Ready = Option<oneshot::Sender<Result<Cursor, StoreError>>>;
 
 fn read(
-    path: &PathBuf,
+    pool: &ReaderPool,
     own_site: SiteId,
     receiver: Cursor,
     limits: BatchLimits,
     tx: &mpsc::Sender<Result<ChangeBatch, StoreError>>,
     ready: &mut Ready,
 ) -> Result<(), StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let conn = pool.take()?;
     let result = read_snapshot(&conn, own_site, receiver, limits, tx, ready);
-    close_connection(conn)?;
+    // End the read transaction; a connection in a clean state goes back to the pool.
+    match conn.execute_batch("ROLLBACK") {
+        Ok(()) if result.is_ok() => pool.give(conn),
+        _ => close_connection(conn)?,
+    }
     result
 }
 
@@ -102,7 +169,7 @@ fn read_snapshot(
     tx: &mpsc::Sender<Result<ChangeBatch, StoreError>>,
     ready: &mut Ready,
 ) -> Result<(), StoreError> {
-    conn.execute_batch("PRAGMA query_only = 1; BEGIN")?;
+    conn.execute_batch("BEGIN")?;
     let snapshot = sender_cursor(conn, own_site)?;
     let from = lowest_local_version(conn, own_site, &receiver, &snapshot)?;
     if let Some(r) = ready.take() {
