@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 bash scripts/setup.sh
-cargo run --release --quiet --example two_files -- "$@"
+cargo run --release --quiet --example demo -- "$@"

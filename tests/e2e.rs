@@ -1,6 +1,9 @@
 //! End to end through a real server on 127.0.0.1: a peer that goes offline,
 //! keeps writing, and comes back catches up both ways; also across a server restart.
 
+// Test helpers: a failed setup step should panic with its error.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -1,0 +1,407 @@
+//! The server side of `crsync sync`: which transport to dial, a one-off
+//! probe of the server's cursor, and a dialer wrapper that reports why
+//! connections fail, as typed [`Problem`]s.
+
+use std::time::Duration;
+
+use crsync::transport::codes;
+use crsync::transports::{SseDialer, WebSocketDialer};
+use crsync::wire::MessageKind;
+use crsync::{Connection, Cursor, Dialer, SiteId, TransportError};
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+/// How long a probe waits for the server's cursor.
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Problems queued for the command before further ones are dropped.
+pub(crate) const PROBLEM_QUEUE_CAP: usize = 16;
+/// How long closing a probe connection may take.
+const PROBE_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The server to sync with, over HTTP+SSE or WebSocket.
+#[derive(Debug, Clone)]
+pub(crate) enum Endpoint {
+    /// `http://host:port/db/<name>`.
+    Sse(SseDialer),
+    /// `ws://host:port/db/<name>/ws`.
+    Ws(WebSocketDialer),
+}
+
+impl Endpoint {
+    /// The endpoint for `url`: WebSocket if `ws` is set or the URL is
+    /// `ws://`/`wss://` (an `http(s)://{base}` URL becomes `ws(s)://{base}/ws`),
+    /// HTTP+SSE otherwise.
+    pub(crate) fn new(url: &str, ws: bool, token: Option<&str>) -> anyhow::Result<Endpoint> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            anyhow::anyhow!("invalid URL {url:?}: expected http://host:port/db/<name>")
+        })?;
+        if rest.is_empty() || rest.starts_with('/') {
+            anyhow::bail!("invalid URL {url:?}: no host");
+        }
+        let scheme = scheme.to_ascii_lowercase();
+        let token = token.filter(|t| !t.is_empty());
+        match scheme.as_str() {
+            "ws" | "wss" => Ok(Endpoint::Ws(ws_dialer(url.to_owned(), token))),
+            "http" | "https" if ws => {
+                let base = rest.trim_end_matches('/');
+                let ws_scheme = if scheme == "https" { "wss" } else { "ws" };
+                Ok(Endpoint::Ws(ws_dialer(
+                    format!("{ws_scheme}://{base}/ws"),
+                    token,
+                )))
+            }
+            "http" | "https" => {
+                let dialer = SseDialer::new(url);
+                Ok(Endpoint::Sse(match token {
+                    Some(t) => dialer.with_token(t),
+                    None => dialer,
+                }))
+            }
+            other => anyhow::bail!(
+                "unsupported URL scheme {other:?} in {url:?}: use http(s):// (or ws(s):// for WebSocket)"
+            ),
+        }
+    }
+
+    /// The URL dialed (the SSE base, or the WebSocket URL).
+    pub(crate) fn url(&self) -> &str {
+        match self {
+            Endpoint::Sse(d) => d.base(),
+            Endpoint::Ws(d) => d.url(),
+        }
+    }
+
+    /// The transport's name.
+    pub(crate) fn transport(&self) -> &'static str {
+        match self {
+            Endpoint::Sse(_) => "HTTP+SSE",
+            Endpoint::Ws(_) => "WebSocket",
+        }
+    }
+
+    /// A fresh dialer for this endpoint.
+    pub(crate) fn dialer(&self) -> Box<dyn Dialer> {
+        match self {
+            Endpoint::Sse(d) => Box::new(d.clone()),
+            Endpoint::Ws(d) => Box::new(d.clone()),
+        }
+    }
+}
+
+fn ws_dialer(url: String, token: Option<&str>) -> WebSocketDialer {
+    let dialer = WebSocketDialer::new(url);
+    match token {
+        Some(t) => dialer.with_token(t),
+        None => dialer,
+    }
+}
+
+/// Why talking to the server failed, sorted by what the command should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Problem {
+    /// The server refused us (401, 403, unknown database or route): retrying
+    /// will not help.
+    Refused {
+        /// The stable code (`UNAUTHORIZED`, `FORBIDDEN`, `HTTP 404`, ...).
+        code: String,
+        /// What to tell the user.
+        message: String,
+    },
+    /// The server could not be reached or the connection failed: it may work later.
+    Unreachable {
+        /// What to tell the user.
+        message: String,
+    },
+}
+
+impl Problem {
+    /// Sorts a transport error; `url` names the server in messages.
+    pub(crate) fn from_error(e: &TransportError, url: &str) -> Problem {
+        match e {
+            TransportError::Remote { code, message } => {
+                let hint = match code.as_str() {
+                    codes::UNAUTHORIZED => {
+                        "; pass the server's token with --token or the CRSYNC_TOKEN environment variable"
+                    }
+                    codes::FORBIDDEN => "; the token does not allow this on this database",
+                    codes::ALREADY_CONNECTED => {
+                        "; another process (a `crsync sync --watch`, an app) is syncing this database file with the server"
+                    }
+                    _ => "",
+                };
+                let refused = matches!(
+                    code.as_str(),
+                    codes::UNAUTHORIZED | codes::FORBIDDEN | codes::UNKNOWN_DATABASE
+                );
+                let message = format!("the server at {url} refused: {code}: {message}{hint}");
+                if refused {
+                    Problem::Refused {
+                        code: code.clone(),
+                        message,
+                    }
+                } else {
+                    Problem::Unreachable { message }
+                }
+            }
+            TransportError::Http {
+                status, message, ..
+            } if (400..500).contains(status) && !matches!(status, 408 | 429) => {
+                let hint = if *status == 404 {
+                    " (check the URL, http://host:port/db/<name>, and whether the server may create databases: --allow-create)"
+                } else {
+                    ""
+                };
+                Problem::Refused {
+                    code: format!("HTTP {status}"),
+                    message: format!("the server at {url} answered HTTP {status}: {message}{hint}"),
+                }
+            }
+            TransportError::Http {
+                status, message, ..
+            } => Problem::Unreachable {
+                message: format!("the server at {url} answered HTTP {status}: {message}"),
+            },
+            TransportError::Connect { source, .. } => Problem::Unreachable {
+                message: format!("cannot reach the server at {url}: {source}"),
+            },
+            TransportError::Timeout(d) => Problem::Unreachable {
+                message: format!("no answer from the server at {url} within {d:?}"),
+            },
+            other => Problem::Unreachable {
+                message: format!("connection to {url} failed: {other}"),
+            },
+        }
+    }
+
+    /// Whether retrying cannot help.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(self, Problem::Refused { .. })
+    }
+
+    /// The message for the user.
+    pub(crate) fn message(&self) -> &str {
+        match self {
+            Problem::Refused { message, .. } | Problem::Unreachable { message } => message,
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// What the server holds, as it said on a fresh connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RemoteState {
+    /// The server database's site id.
+    pub(crate) site: SiteId,
+    /// Its cursor.
+    pub(crate) cursor: Cursor,
+}
+
+/// Opens a short connection under a throw-away site id and reads the
+/// server's `connect` and `sync` (its cursor), sending nothing. A server
+/// sends its cursor on every new connection, so this tells what the server
+/// holds right now, for example whether it has acknowledged our changes.
+pub(crate) async fn probe(endpoint: &Endpoint) -> Result<RemoteState, Problem> {
+    let url = endpoint.url().to_owned();
+    let mut dialer = endpoint.dialer();
+    let attempt = async {
+        let mut connection = dialer
+            .dial(random_site_id())
+            .await
+            .map_err(|e| Problem::from_error(&e, &url))?;
+        let state = read_cursor(&mut connection, &url).await;
+        let _ = tokio::time::timeout(PROBE_CLOSE_TIMEOUT, connection.sink.close()).await;
+        state
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Problem::Unreachable {
+                message: format!(
+                    "the server at {url} did not send its cursor within {PROBE_TIMEOUT:?}"
+                ),
+            })
+        })
+}
+
+async fn read_cursor(connection: &mut Connection, url: &str) -> Result<RemoteState, Problem> {
+    while let Some(item) = connection.stream.next().await {
+        let message = match item {
+            Ok(received) => received.message,
+            Err(TransportError::Decode(e)) => {
+                tracing::debug!("probe: undecodable message: {e}");
+                continue;
+            }
+            Err(e) => return Err(Problem::from_error(&e, url)),
+        };
+        match message.kind {
+            MessageKind::Error => {
+                let e = TransportError::Remote {
+                    code: message.code.unwrap_or_else(|| "ERROR".into()),
+                    message: message.error.unwrap_or_default(),
+                };
+                return Err(Problem::from_error(&e, url));
+            }
+            MessageKind::Sync => {
+                let (Some(cursor), Ok(site)) = (message.cursor.clone(), message.sender()) else {
+                    continue;
+                };
+                return Ok(RemoteState { site, cursor });
+            }
+            MessageKind::Connect | MessageKind::Ping | MessageKind::Data => {}
+        }
+    }
+    Err(Problem::Unreachable {
+        message: format!("the server at {url} closed the connection before sending its cursor"),
+    })
+}
+
+/// A random site id for probes (distinct from every real database's).
+pub(crate) fn random_site_id() -> SiteId {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let mut bytes = [0u8; 16];
+    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+        // Each RandomState has fresh random keys.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(nanos);
+        hasher.write_u32(std::process::id());
+        hasher.write_usize(i);
+        chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+    }
+    SiteId::from_bytes(bytes)
+}
+
+/// Wraps a dialer and reports every failure, typed, on a bounded channel:
+/// failed dials, failed sends (an HTTP 403 on `POST data` with a read-only
+/// token), and refusals the server sends in-band (WebSocket `error` messages).
+pub(crate) struct WatchedDialer {
+    inner: Box<dyn Dialer>,
+    url: String,
+    problems: mpsc::Sender<Problem>,
+}
+
+impl WatchedDialer {
+    /// Wraps `endpoint`'s dialer; problems go to `problems` (dropped when it is full).
+    pub(crate) fn new(endpoint: &Endpoint, problems: mpsc::Sender<Problem>) -> Self {
+        WatchedDialer {
+            inner: endpoint.dialer(),
+            url: endpoint.url().to_owned(),
+            problems,
+        }
+    }
+}
+
+impl Dialer for WatchedDialer {
+    fn dial(&mut self, local: SiteId) -> BoxFuture<'_, Result<Connection, TransportError>> {
+        async move {
+            match self.inner.dial(local).await {
+                Ok(connection) => Ok(watch(connection, &self.url, &self.problems)),
+                Err(e) => {
+                    let _ = self.problems.try_send(Problem::from_error(&e, &self.url));
+                    Err(e)
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn label(&self) -> String {
+        self.inner.label()
+    }
+}
+
+fn watch(connection: Connection, url: &str, problems: &mpsc::Sender<Problem>) -> Connection {
+    let Connection {
+        sink,
+        stream,
+        label,
+    } = connection;
+    let (send_url, send_problems) = (url.to_owned(), problems.clone());
+    let sink = sink.sink_map_err(move |e| {
+        let _ = send_problems.try_send(Problem::from_error(&e, &send_url));
+        e
+    });
+    let (recv_url, recv_problems) = (url.to_owned(), problems.clone());
+    let stream = stream.inspect(move |item| {
+        if let Ok(received) = item {
+            let m = &received.message;
+            let refused = m.kind == MessageKind::Error
+                && matches!(
+                    m.code.as_deref(),
+                    Some(codes::UNAUTHORIZED | codes::FORBIDDEN | codes::UNKNOWN_DATABASE)
+                );
+            if refused {
+                let e = TransportError::Remote {
+                    code: m.code.clone().unwrap_or_default(),
+                    message: m.error.clone().unwrap_or_default(),
+                };
+                let _ = recv_problems.try_send(Problem::from_error(&e, &recv_url));
+            }
+        }
+    });
+    Connection {
+        sink: Box::pin(sink),
+        stream: Box::pin(stream),
+        label,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_pick_the_transport() {
+        let e = Endpoint::new("http://127.0.0.1:8080/db/notes", false, None).unwrap();
+        assert!(matches!(e, Endpoint::Sse(_)));
+        assert_eq!(e.url(), "http://127.0.0.1:8080/db/notes");
+        let e = Endpoint::new("http://127.0.0.1:8080/db/notes/", true, Some("t")).unwrap();
+        assert_eq!(e.url(), "ws://127.0.0.1:8080/db/notes/ws");
+        let e = Endpoint::new("https://h/db/x", true, None).unwrap();
+        assert_eq!(e.url(), "wss://h/db/x/ws");
+        let e = Endpoint::new("ws://h/custom/socket", false, None).unwrap();
+        assert!(matches!(e, Endpoint::Ws(_)));
+        assert_eq!(e.url(), "ws://h/custom/socket");
+        assert!(Endpoint::new("127.0.0.1:8080/db/x", false, None).is_err());
+        assert!(Endpoint::new("ftp://h/db/x", false, None).is_err());
+        assert!(Endpoint::new("http:///db/x", false, None).is_err());
+    }
+
+    #[test]
+    fn refusals_are_told_from_network_failures() {
+        let unauthorized = TransportError::Remote {
+            code: codes::UNAUTHORIZED.into(),
+            message: "unknown token".into(),
+        };
+        let p = Problem::from_error(&unauthorized, "http://h/db/x");
+        assert!(p.is_refusal());
+        assert!(p.message().contains("--token"), "{p}");
+        let not_found = TransportError::Http {
+            status: 404,
+            target: "t".into(),
+            message: "UNKNOWN_DATABASE: no such database".into(),
+        };
+        assert!(Problem::from_error(&not_found, "u").is_refusal());
+        let busy = TransportError::Http {
+            status: 503,
+            target: "t".into(),
+            message: "SHUTTING_DOWN".into(),
+        };
+        assert!(!Problem::from_error(&busy, "u").is_refusal());
+        assert!(!Problem::from_error(&TransportError::Closed, "u").is_refusal());
+    }
+
+    #[test]
+    fn probe_ids_differ() {
+        assert_ne!(random_site_id(), random_site_id());
+    }
+}

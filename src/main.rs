@@ -1,0 +1,110 @@
+//! `crsync`: the command line tool of crsync.
+//!
+//! - `crsync serve`: runs the sync server (many databases from one directory).
+//! - `crsync enable`: turns tables of a database file into CRRs.
+//! - `crsync status`: site id, schema version, CRR tables, cursor, bookkeeping.
+//! - `crsync sync`: replicates a database file with a server, once or live.
+//!
+//! Exit codes: 0 success, 1 failure (the message says why), 2 bad usage,
+//! 130 interrupted (Ctrl-C or SIGTERM) before `sync --once` finished.
+//! Logs go to stderr and follow `RUST_LOG` (default: `info` for `serve`,
+//! `warn` otherwise); results go to stdout.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli {
+    //! The subcommands, one module each, and what they share.
+    pub(crate) mod db;
+    pub(crate) mod enable;
+    pub(crate) mod remote;
+    pub(crate) mod serve;
+    pub(crate) mod signal;
+    pub(crate) mod status;
+    pub(crate) mod sync;
+
+    /// How a command that did not fail ended.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Outcome {
+        /// It did its job.
+        Done,
+        /// Ctrl-C or SIGTERM stopped it before it finished.
+        Interrupted,
+    }
+}
+
+/// Exit code of a command interrupted by Ctrl-C or SIGTERM before it finished.
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// CRDT replication of SQLite databases with cr-sqlite.
+///
+/// Every replica is an ordinary SQLite file; tables turned into CRRs
+/// (`crsync enable`) merge concurrent edits without conflicts. `crsync serve`
+/// runs a server that hosts databases, `crsync sync` replicates a file with it.
+#[derive(Debug, Parser)]
+#[command(name = "crsync", version, propagate_version = true)]
+#[command(after_help = "Example:\n  \
+    crsync serve --data-dir data --schema schema.sql --allow-create   # token in CRSYNC_TOKEN\n  \
+    crsync enable --db notes.db --schema schema.sql notes\n  \
+    crsync sync --db notes.db --url http://127.0.0.1:8080/db/notes --once\n  \
+    crsync status --db notes.db")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sync server: one replica per database under a data directory.
+    Serve(cli::serve::ServeArgs),
+    /// Turn tables of a database file into CRRs (conflict-free replicated relations).
+    Enable(cli::enable::EnableArgs),
+    /// Show a database's site id, schema version, CRR tables and cursor.
+    Status(cli::status::StatusArgs),
+    /// Replicate a database file with a server, once (--once) or live (--watch).
+    Sync(cli::sync::SyncArgs),
+}
+
+impl Command {
+    /// The log filter used when `RUST_LOG` is not set.
+    fn default_log_filter(&self) -> &'static str {
+        match self {
+            Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+fn init_logging(default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.command.default_log_filter());
+    let result = match cli.command {
+        Command::Serve(args) => cli::serve::run(args).await,
+        Command::Enable(args) => cli::enable::run(args).await,
+        Command::Status(args) => cli::status::run(args).await,
+        Command::Sync(args) => cli::sync::run(args).await,
+    };
+    match result {
+        Ok(cli::Outcome::Done) => ExitCode::SUCCESS,
+        Ok(cli::Outcome::Interrupted) => {
+            eprintln!("interrupted");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

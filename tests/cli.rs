@@ -1,0 +1,505 @@
+//! End-to-end tests of the `crsync` binary: `enable` and `status` on good and
+//! bad input, `serve` on 127.0.0.1 port 0 with `sync --once` from two
+//! database files converging through it (HTTP+SSE and WebSocket), refused
+//! and unreachable servers, and `sync --watch` printing events until SIGTERM.
+//! Every wait has a timeout; nothing sleeps and then asserts.
+
+#[path = "support/process.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use crsync::Store;
+use serde_json::Value;
+use support::{Running, TestServer, crsync, run};
+
+/// The replicated table (the server's schema for new databases).
+const SERVER_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY NOT NULL, body TEXT);";
+/// The clients' schema: the replicated table and one without a primary key.
+const CLIENT_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY NOT NULL, body TEXT);
+     CREATE TABLE IF NOT EXISTS log (line TEXT);";
+const TOKEN: &str = "test-token-0123456789";
+
+type Rows = Vec<(i64, String)>;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Runs SQL on a database file through the Store (cr-sqlite loaded), then closes it.
+fn write(db: &Path, sql: &'static str) {
+    runtime().block_on(async {
+        let store = Store::open(db).await.expect("open");
+        store
+            .write(move |tx| tx.execute_batch(sql))
+            .await
+            .expect("write");
+        store.close().await.expect("close");
+    });
+}
+
+/// The rows of `notes`.
+fn rows(db: &Path) -> Rows {
+    runtime().block_on(async {
+        let store = Store::open(db).await.expect("open");
+        let rows = store
+            .read(|c| {
+                let mut stmt = c.prepare("SELECT id, body FROM notes ORDER BY id")?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })
+            .await
+            .expect("read");
+        store.close().await.expect("close");
+        rows
+    })
+}
+
+/// A temp dir with the two schema files.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("server.sql"), SERVER_SCHEMA).expect("write schema");
+        std::fs::write(dir.path().join("client.sql"), CLIENT_SCHEMA).expect("write schema");
+        Fixture { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Creates `name` with the client schema and `notes` enabled, via the CLI.
+    fn client_db(&self, name: &str) -> PathBuf {
+        let db = self.path(name);
+        let mut cmd = crsync();
+        cmd.arg("enable")
+            .arg("--db")
+            .arg(&db)
+            .arg("--schema")
+            .arg(self.path("client.sql"))
+            .arg("notes");
+        run(cmd).assert_success();
+        db
+    }
+
+    fn server(&self, token: Option<&str>, extra: &[&str]) -> TestServer {
+        TestServer::start(self.dir.path(), &self.path("server.sql"), token, extra)
+    }
+}
+
+fn status_json(db: &Path) -> Value {
+    let mut cmd = crsync();
+    cmd.args(["status", "--json", "--db"]).arg(db);
+    let out = run(cmd);
+    out.assert_success();
+    serde_json::from_str(&out.stdout).expect("status --json prints JSON")
+}
+
+/// `sync --once` of `db` with `url`; `extra` adds flags (`--ws`, `--token`).
+fn sync_once(db: &Path, url: &str, token: Option<&str>, extra: &[&str]) -> support::Output {
+    let mut cmd = crsync();
+    cmd.args(["sync", "--once", "--timeout", "30", "--db"])
+        .arg(db)
+        .args(["--url", url])
+        .args(extra);
+    if let Some(token) = token {
+        cmd.env("CRSYNC_TOKEN", token);
+    }
+    run(cmd)
+}
+
+#[test]
+fn enable_then_status_reports_tables_site_and_cursor() {
+    let fx = Fixture::new();
+    let db = fx.client_db("a.db");
+    // Idempotent: enabling again succeeds.
+    let mut again = crsync();
+    again.arg("enable").arg("--db").arg(&db).arg("notes");
+    let out = run(again);
+    out.assert_success();
+    assert!(out.stdout.contains("replicating notes"), "{out:#?}");
+
+    write(&db, "INSERT INTO notes VALUES (1, 'one'), (2, 'two')");
+    let json = status_json(&db);
+    let site = json["site_id"].as_str().expect("site_id");
+    assert_eq!(site.len(), 32);
+    assert!(site.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(json["schema_version"], 0);
+    assert_eq!(
+        json["tables"],
+        serde_json::json!([{"name": "notes", "rows": 2}])
+    );
+    assert_eq!(json["db_version"], 1);
+    assert_eq!(json["cursor"]["peers"][site], 1);
+    assert_eq!(json["bookkeeping"]["origin_records"], 0);
+
+    let mut text = crsync();
+    text.arg("status").arg("--db").arg(&db);
+    let out = run(text);
+    out.assert_success();
+    assert!(
+        out.stdout.contains(&format!("site id:       {site}")),
+        "{out:#?}"
+    );
+    assert!(out.stdout.contains("notes (2 rows)"), "{out:#?}");
+    assert!(out.stdout.contains("(this database)"), "{out:#?}");
+}
+
+#[test]
+fn enable_refuses_unknown_tables_and_tables_without_a_primary_key() {
+    let fx = Fixture::new();
+    let db = fx.client_db("a.db");
+
+    let mut unknown = crsync();
+    unknown.arg("enable").arg("--db").arg(&db).args(["nope"]);
+    run(unknown)
+        .assert_failure(1, "table \"nope\" does not exist")
+        .assert_failure(1, "tables in");
+
+    let mut no_pk = crsync();
+    no_pk.arg("enable").arg("--db").arg(&db).args(["log"]);
+    run(no_pk).assert_failure(1, "has no primary key");
+
+    // All or nothing: a good table next to a bad one is not enabled either.
+    let fresh = fx.path("b.db");
+    let mut mixed = crsync();
+    mixed
+        .arg("enable")
+        .arg("--db")
+        .arg(&fresh)
+        .arg("--schema")
+        .arg(fx.path("client.sql"))
+        .args(["notes", "log"]);
+    run(mixed).assert_failure(1, "no primary key");
+    assert_eq!(status_json(&fresh)["tables"], serde_json::json!([]));
+    assert_eq!(status_json(&db)["tables"][0]["name"], "notes");
+
+    let mut bad_schema = crsync();
+    bad_schema
+        .arg("enable")
+        .arg("--db")
+        .arg(fx.path("c.db"))
+        .arg("--schema")
+        .arg(fx.path("missing.sql"))
+        .arg("notes");
+    run(bad_schema).assert_failure(1, "cannot read schema file");
+    assert!(
+        !fx.path("c.db").exists(),
+        "a failed enable must not create the file"
+    );
+}
+
+#[test]
+fn missing_arguments_are_usage_errors() {
+    for args in [
+        &["enable", "notes"][..],
+        &["status"],
+        &["sync", "--url", "http://127.0.0.1:1/db/x", "--once"],
+    ] {
+        let mut cmd = crsync();
+        cmd.args(args);
+        run(cmd).assert_failure(2, "--db");
+    }
+    let mut cmd = crsync();
+    cmd.args(["enable", "--db", "x.db"]);
+    run(cmd).assert_failure(2, "<TABLE>");
+    let mut cmd = crsync();
+    cmd.args([
+        "sync",
+        "--db",
+        "x.db",
+        "--url",
+        "http://h/db/x",
+        "--once",
+        "--watch",
+    ]);
+    run(cmd).assert_failure(2, "cannot be used with");
+
+    let mut help = crsync();
+    help.arg("--help");
+    let out = run(help);
+    out.assert_success();
+    for word in ["serve", "enable", "status", "sync"] {
+        assert!(out.stdout.contains(word), "help lacks {word}: {out:#?}");
+    }
+}
+
+#[test]
+fn status_and_sync_of_a_missing_file_fail_without_creating_it() {
+    let fx = Fixture::new();
+    let db = fx.path("missing.db");
+    let mut status = crsync();
+    status.arg("status").arg("--db").arg(&db);
+    run(status).assert_failure(1, "does not exist");
+    run({
+        let mut c = crsync();
+        c.arg("sync")
+            .arg("--db")
+            .arg(&db)
+            .args(["--url", "http://127.0.0.1:1/db/x", "--once"]);
+        c
+    })
+    .assert_failure(1, "does not exist");
+    assert!(!db.exists());
+}
+
+#[test]
+fn serve_refuses_to_start_without_any_token() {
+    let fx = Fixture::new();
+    let mut cmd = crsync();
+    cmd.args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(fx.path("server"));
+    run(cmd).assert_failure(1, "allow_anonymous");
+}
+
+#[test]
+fn two_files_converge_through_serve_with_sync_once() {
+    let fx = Fixture::new();
+    let server = fx.server(Some(TOKEN), &[]);
+    let url = server.db_url("notes");
+    let a = fx.client_db("a.db");
+    let b = fx.client_db("b.db");
+    // Row 2 is written on both sides: a conflict cr-sqlite settles the same way everywhere.
+    write(
+        &a,
+        "INSERT INTO notes VALUES (1, 'from a'), (2, 'conflict: a')",
+    );
+    write(
+        &b,
+        "INSERT INTO notes VALUES (3, 'from b'); INSERT INTO notes VALUES (2, 'conflict: b')",
+    );
+
+    // a over HTTP+SSE, the token from the environment.
+    let out = sync_once(&a, &url, Some(TOKEN), &[]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("sent     2 changes (notes)"),
+        "{out:#?}"
+    );
+    assert!(out.stdout.contains("received 0 changes"), "{out:#?}");
+
+    // b over WebSocket, the token as a flag.
+    let out = sync_once(&b, &url, None, &["--ws", "--token", TOKEN]);
+    out.assert_success();
+    assert!(out.stdout.contains("/db/notes/ws (WebSocket"), "{out:#?}");
+    assert!(
+        out.stdout.contains("sent     2 changes (notes)"),
+        "{out:#?}"
+    );
+    assert!(!out.stdout.contains("received 0 changes"), "{out:#?}");
+
+    // a again: it gets b's rows.
+    let out = sync_once(&a, &url, Some(TOKEN), &[]);
+    out.assert_success();
+    assert!(!out.stdout.contains("received 0 changes"), "{out:#?}");
+
+    let rows_a = rows(&a);
+    assert_eq!(rows_a.len(), 3, "{rows_a:?}");
+    assert_eq!(rows_a, rows(&b));
+    assert_eq!(rows_a[0], (1, "from a".into()));
+    assert_eq!(rows_a[2], (3, "from b".into()));
+    // The server's replica holds the same rows.
+    assert_eq!(rows(&fx.path("server/notes.db")), rows_a);
+
+    // Each cursor holds the other's writes.
+    let (sa, sb) = (status_json(&a), status_json(&b));
+    let (site_a, site_b) = (
+        sa["site_id"].as_str().unwrap(),
+        sb["site_id"].as_str().unwrap(),
+    );
+    assert_eq!(sa["cursor"]["peers"][site_b], 1, "{sa:#}");
+    assert_eq!(sb["cursor"]["peers"][site_a], 1, "{sb:#}");
+
+    // A second round moves nothing.
+    let out = sync_once(&b, &url, Some(TOKEN), &["--ws"]);
+    out.assert_success();
+    assert!(out.stdout.contains("received 0 changes"), "{out:#?}");
+    assert!(out.stdout.contains("sent     0 changes"), "{out:#?}");
+
+    let (status, rest) = server.running.terminate();
+    assert!(status.success(), "serve exited with {status:?}");
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}
+
+#[test]
+fn wrong_or_missing_token_fails_with_a_clear_message() {
+    let fx = Fixture::new();
+    let server = fx.server(Some(TOKEN), &[]);
+    let url = server.db_url("notes");
+    let a = fx.client_db("a.db");
+    write(&a, "INSERT INTO notes VALUES (1, 'secret')");
+    for extra in [&[][..], &["--ws"]] {
+        sync_once(&a, &url, Some("wrong-token"), extra)
+            .assert_failure(1, "UNAUTHORIZED")
+            .assert_failure(1, "--token");
+        sync_once(&a, &url, None, extra).assert_failure(1, "UNAUTHORIZED");
+        // `--watch` does not retry a refused token forever either.
+        let mut watch = crsync();
+        watch
+            .arg("sync")
+            .arg("--db")
+            .arg(&a)
+            .args(["--url", &url, "--token", "wrong-token"])
+            .args(extra);
+        run(watch).assert_failure(1, "UNAUTHORIZED");
+    }
+    // Nothing reached the server: a database created by the refused
+    // requests would hold no rows (and none is created before auth).
+    let replica = fx.path("server/notes.db");
+    assert!(!replica.exists() || rows(&replica).is_empty());
+}
+
+#[test]
+fn unreachable_server_fails_with_a_clear_message() {
+    let fx = Fixture::new();
+    let a = fx.client_db("a.db");
+    // A port that was just free.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port();
+    let url = format!("http://127.0.0.1:{port}/db/notes");
+    sync_once(&a, &url, Some(TOKEN), &[]).assert_failure(1, "cannot reach the server");
+    sync_once(&a, &url, Some(TOKEN), &["--ws"]).assert_failure(1, "cannot reach the server");
+    sync_once(&a, "notes", None, &[]).assert_failure(1, "invalid URL");
+}
+
+#[test]
+fn sync_once_fails_when_the_server_sends_what_this_database_cannot_hold() {
+    let fx = Fixture::new();
+    let server = fx.server(Some(TOKEN), &[]);
+    let url = server.db_url("notes");
+    let a = fx.client_db("a.db");
+    write(&a, "INSERT INTO notes VALUES (1, 'one')");
+    sync_once(&a, &url, Some(TOKEN), &[]).assert_success();
+
+    // A database whose only CRR is another table cannot apply `notes` changes.
+    let other = fx.path("other.db");
+    std::fs::write(
+        fx.path("other.sql"),
+        "CREATE TABLE other (id INTEGER PRIMARY KEY NOT NULL, x TEXT);",
+    )
+    .expect("write schema");
+    let mut enable = crsync();
+    enable
+        .arg("enable")
+        .arg("--db")
+        .arg(&other)
+        .arg("--schema")
+        .arg(fx.path("other.sql"))
+        .arg("other");
+    run(enable).assert_success();
+    for extra in [&[][..], &["--ws"]] {
+        sync_once(&other, &url, Some(TOKEN), extra)
+            .assert_failure(1, "did not apply")
+            .assert_failure(1, "server has 1, we have 0");
+    }
+}
+
+#[test]
+fn sync_once_fails_when_the_server_runs_a_newer_schema() {
+    let fx = Fixture::new();
+    let v2 = fx.path("v2.sql");
+    std::fs::write(&v2, format!("{SERVER_SCHEMA}\nPRAGMA user_version = 2;"))
+        .expect("write schema");
+    let server = TestServer::start(fx.dir.path(), &v2, Some(TOKEN), &[]);
+    let url = server.db_url("notes");
+    let a = fx.client_db("a.db");
+    for extra in [&[][..], &["--ws"]] {
+        sync_once(&a, &url, Some(TOKEN), extra)
+            .assert_failure(1, "runs schema version 2 but this database has 0");
+    }
+}
+
+#[test]
+fn read_only_token_cannot_send_changes() {
+    let fx = Fixture::new();
+    let config = fx.path("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[tokens]]\ntoken = \"{TOKEN}\"\ndatabases = [\"notes\"]\n\n\
+             [[tokens]]\ntoken = \"reader\"\ndatabases = [\"notes\"]\naccess = \"read-only\"\n"
+        ),
+    )
+    .expect("write config");
+    let config_arg = config.to_str().expect("utf-8 path");
+    let server = fx.server(None, &["--config", config_arg]);
+    let url = server.db_url("notes");
+    let writer = fx.client_db("writer.db");
+    write(&writer, "INSERT INTO notes VALUES (1, 'published')");
+    sync_once(&writer, &url, Some(TOKEN), &[]).assert_success();
+
+    // A read-only token cannot send the reader's own changes, over either
+    // transport: `--once` fails with the server's refusal instead of waiting.
+    let reader = fx.client_db("reader.db");
+    write(&reader, "INSERT INTO notes VALUES (2, 'not allowed')");
+    sync_once(&reader, &url, Some("reader"), &[]).assert_failure(1, "FORBIDDEN");
+    sync_once(&reader, &url, Some("reader"), &["--ws"]).assert_failure(1, "FORBIDDEN");
+    assert_eq!(rows(&fx.path("server/notes.db")).len(), 1);
+}
+
+/// `sync --watch` of `db` over `url`.
+fn watch(db: &Path, url: &str, extra: &[&str]) -> Running {
+    let mut cmd = crsync();
+    cmd.arg("sync")
+        .arg("--db")
+        .arg(db)
+        .args(["--url", url])
+        .args(extra)
+        .env("CRSYNC_TOKEN", TOKEN);
+    let mut running = Running::start(cmd);
+    running.wait_for_line("connect");
+    running.wait_for_line("eose");
+    running
+}
+
+#[test]
+fn watch_prints_events_and_stops_on_sigterm() {
+    let fx = Fixture::new();
+    let server = fx.server(Some(TOKEN), &[]);
+    let url = server.db_url("notes");
+    let a = fx.client_db("a.db");
+    let b = fx.client_db("b.db");
+    let mut watch_a = watch(&a, &url, &["--ws"]);
+
+    // A change pushed by `sync --once` elsewhere arrives live.
+    write(&b, "INSERT INTO notes VALUES (7, 'live from b')");
+    sync_once(&b, &url, Some(TOKEN), &[]).assert_success();
+    let line = watch_a.wait_for_line("change");
+    assert!(line.contains("notes (from remote)"), "{line}");
+
+    // A write to a watched file by another process goes out live to the
+    // other watcher (over HTTP+SSE this time).
+    let mut watch_b = watch(&b, &url, &[]);
+    write(&a, "INSERT INTO notes VALUES (8, 'live from a')");
+    watch_a.wait_for_line("change     notes (write by another process)");
+    watch_b.wait_for_line("change     notes (from remote)");
+
+    // A second process syncing the same file over the same transport is refused.
+    sync_once(&b, &url, Some(TOKEN), &[])
+        .assert_failure(1, "ALREADY_CONNECTED")
+        .assert_failure(1, "another process");
+
+    for running in [watch_a, watch_b] {
+        let (status, rest) = running.terminate();
+        assert!(status.success(), "sync --watch exited with {status:?}");
+        assert!(rest.iter().any(|l| l.contains("disconnect")), "{rest:?}");
+        assert!(rest.iter().any(|l| l == "stopped"), "{rest:?}");
+    }
+    let expected = vec![
+        (7, "live from b".to_string()),
+        (8, "live from a".to_string()),
+    ];
+    assert_eq!(rows(&a), expected);
+    assert_eq!(rows(&b), expected);
+}

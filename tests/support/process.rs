@@ -1,0 +1,239 @@
+//! Running the `crsync` binary from tests: commands with a time limit, and a
+//! long-running child (a server, `sync --watch`) whose output lines are read
+//! with timeouts.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Limit on one short command (`enable`, `status`, `sync --once`).
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Limit on waiting for one expected line of a long-running child.
+pub(crate) const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The binary under test.
+pub(crate) fn crsync() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crsync"));
+    // Never inherit the developer's token or log settings.
+    cmd.env_remove("CRSYNC_TOKEN").env_remove("RUST_LOG");
+    cmd
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub(crate) struct Output {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+impl Output {
+    /// The exit code (`None` if killed by a signal).
+    pub(crate) fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Panics with the output unless the command succeeded.
+    pub(crate) fn assert_success(&self) -> &Self {
+        assert!(self.status.success(), "command failed: {self:#?}");
+        self
+    }
+
+    /// Panics unless the command failed with `code` and `stderr` contains `needle`.
+    pub(crate) fn assert_failure(&self, code: i32, needle: &str) -> &Self {
+        assert_eq!(self.code(), Some(code), "unexpected exit: {self:#?}");
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}: {self:#?}"
+        );
+        self
+    }
+}
+
+fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Runs `cmd` to completion; kills it and panics past `COMMAND_TIMEOUT`.
+pub(crate) fn run(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn crsync");
+    let stdout = read_all(child.stdout.take().expect("piped"));
+    let stderr = read_all(child.stderr.take().expect("piped"));
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {COMMAND_TIMEOUT:?}; stderr: {}",
+                stderr.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("reader"),
+        stderr: stderr.join().expect("reader"),
+    }
+}
+
+/// A long-running child whose stdout lines arrive on a channel; killed on drop.
+pub(crate) struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Running {
+    /// Starts `cmd`.
+    pub(crate) fn start(mut cmd: Command) -> Running {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn crsync");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Some(read_all(child.stderr.take().expect("piped")));
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// Waits for a line containing `needle` and returns it; panics (with
+    /// everything seen so far) past `LINE_TIMEOUT` or if the child ends.
+    pub(crate) fn wait_for_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => {
+                    let _ = self.child.kill();
+                    let stderr = self
+                        .stderr
+                        .take()
+                        .map(|h| h.join().unwrap_or_default())
+                        .unwrap_or_default();
+                    panic!(
+                        "no line with {needle:?} ({e:?}); stdout so far: {:#?}; stderr: {stderr}",
+                        self.seen
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns its status and the rest of stdout.
+    pub(crate) fn terminate(mut self) -> (ExitStatus, Vec<String>) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "crsync did not stop within {COMMAND_TIMEOUT:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut rest = std::mem::take(&mut self.seen);
+        // The reader thread ends with the pipe: collect what is left.
+        while let Ok(line) = self.lines.recv_timeout(LINE_TIMEOUT) {
+            rest.push(line);
+        }
+        (status, rest)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `crsync serve` on 127.0.0.1, port 0.
+pub(crate) struct TestServer {
+    pub(crate) running: Running,
+    /// `http://127.0.0.1:<port>`.
+    pub(crate) base: String,
+}
+
+impl TestServer {
+    /// Starts `crsync serve` in `dir` with `schema` for new databases and
+    /// `token` in `CRSYNC_TOKEN`, plus `extra` arguments.
+    pub(crate) fn start(
+        dir: &Path,
+        schema: &Path,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> TestServer {
+        let mut cmd = crsync();
+        cmd.arg("serve")
+            .args(["--bind", "127.0.0.1:0", "--allow-create", "--data-dir"])
+            .arg(dir.join("server"))
+            .arg("--schema")
+            .arg(schema)
+            .args(extra);
+        if let Some(token) = token {
+            cmd.env("CRSYNC_TOKEN", token);
+        }
+        let mut running = Running::start(cmd);
+        let line = running.wait_for_line("listening on http://");
+        let base = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .expect("address in the line")
+            .to_owned();
+        TestServer { running, base }
+    }
+
+    /// The URL of database `name`.
+    pub(crate) fn db_url(&self, name: &str) -> String {
+        format!("{}/db/{name}", self.base)
+    }
+}
