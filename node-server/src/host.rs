@@ -210,7 +210,13 @@ impl DbHost {
     }
 }
 
-/// Whether a message kind may be sent with the given access.
-pub(crate) fn allowed(kind: MessageKind, access: crate::Access) -> bool {
-    kind != MessageKind::Data || access == crate::Access::ReadWrite
+/// Whether a message may be sent with the given access: a read-only token may
+/// send anything but changes. A bare `eose` (no changes, no ranges) is allowed,
+/// because every Peer ends its initial stream with one.
+pub(crate) fn allowed(message: &TransportMessage, access: crate::Access) -> bool {
+    let carries_changes = message
+        .data
+        .as_ref()
+        .is_some_and(|d| !d.data.is_empty() || d.ranges.as_ref().is_some_and(|r| !r.is_empty()));
+    access == crate::Access::ReadWrite || message.kind != MessageKind::Data || !carries_changes
 }

@@ -211,11 +211,6 @@ async fn post_message<S: Databases>(
     body: Result<Bytes, BytesRejection>,
     expected: MessageKind,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if !allowed(expected, target.access) {
-        return Err(ApiError::forbidden(
-            "this token is read-only: data messages are refused",
-        ));
-    }
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::payload_too_large(state.max_body_bytes())
@@ -232,6 +227,11 @@ async fn post_message<S: Databases>(
             "expected a message of type {expected:?}, got {:?}",
             message.kind
         )));
+    }
+    if !allowed(&message, target.access) {
+        return Err(ApiError::forbidden(
+            "this token is read-only: data messages are refused",
+        ));
     }
     let host = target.host().await?;
     let peer_id = message.peer_id.clone();

@@ -80,7 +80,7 @@ async fn serve_socket(socket: WebSocket, host: Arc<DbHost>, access: Access, span
         };
         let refusal = match TransportMessage::from_json(text.as_str()) {
             Err(e) => Some(TransportMessage::error(me, codes::MALFORMED, e.to_string())),
-            Ok(msg) if !allowed(msg.kind, access) => Some(TransportMessage::error(
+            Ok(msg) if !allowed(&msg, access) => Some(TransportMessage::error(
                 me,
                 codes::FORBIDDEN,
                 "this token is read-only: data messages are refused",

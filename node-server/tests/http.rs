@@ -101,6 +101,15 @@ async fn auth_matrix() -> Result<()> {
     let (status, body) = server.post("notes", "data", RO, data.to_string()).await?;
     assert_eq!((status, body["code"].as_str()), (403, Some("FORBIDDEN")));
     assert_eq!(replica_counts(&server.replica("notes"))?, (0, 0));
+    // ...but a bare eose (no changes, no ranges), which every Peer sends, is fine.
+    let eose = json!({"type": "data", "peerId": PEER_A, "data": {"type": "eose", "data": []}});
+    let (status, body) = server.post("notes", "data", RO, eose.to_string()).await?;
+    assert_eq!((status, body), (200, json!({"success": true})));
+    // A range-only message would move the server's cursor without data: refused.
+    let ranges = json!({"type": "data", "peerId": PEER_A,
+        "data": {"type": "changes", "data": [], "ranges": {PEER_A: [0, 5]}}});
+    let (status, body) = server.post("notes", "data", RO, ranges.to_string()).await?;
+    assert_eq!((status, body["code"].as_str()), (403, Some("FORBIDDEN")));
 
     // The token given as a query parameter (EventSource cannot set headers).
     let response = server

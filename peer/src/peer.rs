@@ -74,6 +74,19 @@ pub enum PeerEvent {
         /// Why.
         reason: String,
     },
+    /// A batch or message was refused, by us (`by_remote: false`) or by the
+    /// remote; nothing of it was applied. Codes are those of
+    /// [`transport::codes`](crate::transport::codes) (`GAP`, `INVALID_CHANGE`, ...).
+    Rejected {
+        /// The remote.
+        peer: SiteId,
+        /// Stable code.
+        code: String,
+        /// Detail.
+        message: String,
+        /// Whether the remote refused what we sent.
+        by_remote: bool,
+    },
     /// A dial attempt failed (the dialer retries with backoff).
     DialFailed {
         /// The dialer's label.
@@ -180,7 +193,7 @@ impl Inner {
             if let Some(s) = m.get_mut(&peer) {
                 s.sessions = s.sessions.saturating_sub(1);
                 if s.sessions == 0 {
-                    s.eose = false;
+                    m.remove(&peer);
                 }
             }
         });

@@ -195,10 +195,15 @@ async fn run_inner(
     drop(session.stream.take());
     drop(outbox);
     // Let the writer flush what is queued, but not forever.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-    let reason = match reason {
-        Ok(r) => r,
-        Err(e) => e.to_string(),
+    let write_error = match tokio::time::timeout(Duration::from_secs(5), writer).await {
+        Ok(Ok(Err(e))) => Some(e),
+        _ => None,
+    };
+    let reason = match (reason, write_error) {
+        (Err(e), _) => e.to_string(),
+        // The sink's own error says more than "closed while sending".
+        (Ok(_), Some(e)) => format!("send failed: {e}"),
+        (Ok(r), None) => r,
     };
     tracing::debug!(%reason, "session ended");
     if let Some(remote) = session.remote {
@@ -262,8 +267,10 @@ impl Session {
         };
         let stream = self.stream.as_mut()?;
         match stream.next_batch().await {
-            Some(Ok(batch)) if batch.changes.is_empty() && self.window.phase() == Phase::Live => {
-                // Only version bumps (our merges consume local versions): not worth a message.
+            Some(Ok(batch)) if batch.changes.is_empty() => {
+                // Only version bumps (our merges consume local versions): not
+                // worth a message, and the next batch's range starts where the
+                // remote's cursor is, so skipping it opens no gap.
                 None
             }
             Some(Ok(batch)) => {
@@ -336,6 +343,14 @@ impl Session {
             Err(Handled::Rejected(r)) => (Err(r), None),
             Err(Handled::Fatal(r, e)) => (Err(r), Some(e)),
         };
+        if let (Err(rejection), Some(peer)) = (&result, self.remote) {
+            self.inner.emit(PeerEvent::Rejected {
+                peer,
+                code: rejection.code.to_string(),
+                message: rejection.message.clone(),
+                by_remote: false,
+            });
+        }
         if let Err(rejection) = &result {
             // A transport that answers per message (an HTTP POST) reports the
             // rejection there; otherwise say it in-band. Errors that pause the
@@ -435,6 +450,12 @@ impl Session {
                     .unwrap_or_default();
                 let text = message.error.unwrap_or_default();
                 tracing::info!(%remote, %code, %text, "remote reported an error");
+                self.inner.emit(PeerEvent::Rejected {
+                    peer: remote,
+                    code: code.clone(),
+                    message: text.clone(),
+                    by_remote: true,
+                });
                 match code.as_str() {
                     codes::GAP => {
                         self.window.on_gap(Instant::now());
