@@ -211,12 +211,18 @@ impl DbHost {
 }
 
 /// Whether a message may be sent with the given access: a read-only token may
-/// send anything but changes. A bare `eose` (no changes, no ranges) is allowed,
-/// because every Peer ends its initial stream with one.
-pub(crate) fn allowed(message: &TransportMessage, access: crate::Access) -> bool {
-    let carries_changes = message
-        .data
-        .as_ref()
-        .is_some_and(|d| !d.data.is_empty() || d.ranges.as_ref().is_some_and(|r| !r.is_empty()));
-    access == crate::Access::ReadWrite || message.kind != MessageKind::Data || !carries_changes
+/// send anything but changes. A data message without changes (every Peer ends
+/// its initial stream with an `eose`) is let through with its version ranges
+/// removed, so a read-only client can never move the server's cursor.
+pub(crate) fn admit(message: &mut TransportMessage, access: crate::Access) -> bool {
+    if access == crate::Access::ReadWrite || message.kind != MessageKind::Data {
+        return true;
+    }
+    match message.data.as_mut() {
+        Some(data) if data.data.is_empty() => {
+            data.ranges = None;
+            true
+        }
+        _ => false,
+    }
 }

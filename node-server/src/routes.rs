@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::auth::{Access, Auth};
 use crate::error::ApiError;
-use crate::host::{DbHost, SseSession, allowed};
+use crate::host::{DbHost, SseSession, admit};
 
 /// Where the handlers find the database a request addresses.
 pub(crate) trait Databases: Clone + Send + Sync + 'static {
@@ -220,7 +220,7 @@ async fn post_message<S: Databases>(
     })?;
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::malformed(format!("body is not UTF-8: {e}")))?;
-    let message =
+    let mut message =
         TransportMessage::from_json(text).map_err(|e| ApiError::malformed(e.to_string()))?;
     if message.kind != expected {
         return Err(ApiError::malformed(format!(
@@ -228,7 +228,7 @@ async fn post_message<S: Databases>(
             message.kind
         )));
     }
-    if !allowed(&message, target.access) {
+    if !admit(&mut message, target.access) {
         return Err(ApiError::forbidden(
             "this token is read-only: data messages are refused",
         ));

@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::Access;
-use crate::host::{DbHost, INBOUND_QUEUE_CAP, OUTBOUND_QUEUE_CAP, allowed, channel_sink};
+use crate::host::{DbHost, INBOUND_QUEUE_CAP, OUTBOUND_QUEUE_CAP, admit, channel_sink};
 
 /// Runs one WebSocket until either side ends it.
 pub(crate) async fn run(socket: WebSocket, host: Arc<DbHost>, access: Access, id: u64) {
@@ -80,16 +80,19 @@ async fn serve_socket(socket: WebSocket, host: Arc<DbHost>, access: Access, span
         };
         let refusal = match TransportMessage::from_json(text.as_str()) {
             Err(e) => Some(TransportMessage::error(me, codes::MALFORMED, e.to_string())),
-            Ok(msg) if !allowed(&msg, access) => Some(TransportMessage::error(
-                me,
-                codes::FORBIDDEN,
-                "this token is read-only: data messages are refused",
-            )),
-            Ok(msg) => {
-                if in_tx.send(Ok(Received::new(msg))).await.is_err() {
-                    break;
+            Ok(mut msg) => {
+                if admit(&mut msg, access) {
+                    if in_tx.send(Ok(Received::new(msg))).await.is_err() {
+                        break;
+                    }
+                    None
+                } else {
+                    Some(TransportMessage::error(
+                        me,
+                        codes::FORBIDDEN,
+                        "this token is read-only: data messages are refused",
+                    ))
                 }
-                None
             }
         };
         if let Some(refusal) = refusal {

@@ -49,6 +49,8 @@ struct Session {
     window: OutgoingWindow,
     stream: Option<ChangeStream>,
     need_stream: bool,
+    /// Ranges of the initial stream's change-less batches, sent with `eose`.
+    eose_ranges: std::collections::BTreeMap<SiteId, crate::VersionRange>,
     control: VecDeque<TransportMessage>,
     /// Send a `sync` request: "everything my cursor lacks, then eose".
     request_pending: bool,
@@ -110,6 +112,7 @@ async fn run_inner(
         window: OutgoingWindow::new(inner.config.window, false, now),
         stream: None,
         need_stream: false,
+        eose_ranges: std::collections::BTreeMap::new(),
         control: VecDeque::new(),
         request_pending: true,
         ack_pending: false,
@@ -269,8 +272,13 @@ impl Session {
         match stream.next_batch().await {
             Some(Ok(batch)) if batch.changes.is_empty() => {
                 // Only version bumps (our merges consume local versions): not
-                // worth a message, and the next batch's range starts where the
-                // remote's cursor is, so skipping it opens no gap.
+                // worth a message of its own. In the initial stream the ranges
+                // ride on `eose`, so the remote ends up with our whole cursor;
+                // live, they are dropped (the next batch's range starts where
+                // the remote's cursor is, so skipping them opens no gap).
+                if self.window.phase() == Phase::Initial {
+                    self.eose_ranges.extend(batch.ranges);
+                }
                 None
             }
             Some(Ok(batch)) => {
@@ -294,10 +302,17 @@ impl Session {
                 self.stream = None;
                 if self.window.phase() == Phase::Initial {
                     self.window.on_initial_complete();
-                    let empty = ChangeBatch::default();
+                    let eose = ChangeBatch {
+                        changes: Vec::new(),
+                        ranges: std::mem::take(&mut self.eose_ranges),
+                    };
+                    if !eose.ranges.is_empty() {
+                        let after = eose.cursor_after(self.window.sent());
+                        self.window.on_sent(after, Instant::now());
+                    }
                     return Some(TransportMessage::data(
                         self.local,
-                        &empty,
+                        &eose,
                         true,
                         schema_version,
                         self.encoding,
@@ -430,6 +445,7 @@ impl Session {
                 match self.window.on_sync(cursor, ack, Instant::now()) {
                     SyncOutcome::StartInitial => {
                         self.stream = None;
+                        self.eose_ranges.clear();
                         self.need_stream = true;
                         self.inner.emit(PeerEvent::Sync { peer: remote });
                     }
