@@ -243,6 +243,13 @@ impl Server {
                 std::future::pending::<()>().await;
             }
         };
+        // Nagle off: an SSE frame must not wait for a delayed ACK that the
+        // client never piggybacks (its replies go over separate POSTs).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(listener, app).with_graceful_shutdown(signal);
         let result = tokio::select! {
             result = server => result.map_err(|source| ServeError::Io { addr, source }),

@@ -298,7 +298,29 @@ impl Store {
         cursor: &Cursor,
         limits: BatchLimits,
     ) -> Result<ChangeStream, StoreError> {
-        reader::start(self.readers.clone(), self.site_id, cursor.clone(), limits).await
+        self.changes_since_hinted(cursor, &Cursor::new(), limits)
+            .await
+    }
+
+    /// As [`changes_since_with_limits`](Self::changes_since_with_limits), with a
+    /// hint: per site, `known_empty` raises where the scan starts, because the
+    /// caller knows this Store holds no rows of that site between `cursor` and
+    /// the hint (an earlier stream from `cursor` found none). Ranges and the
+    /// changes sent still start at `cursor`; the hint only saves reading.
+    pub async fn changes_since_hinted(
+        &self,
+        cursor: &Cursor,
+        known_empty: &Cursor,
+        limits: BatchLimits,
+    ) -> Result<ChangeStream, StoreError> {
+        reader::start(
+            self.readers.clone(),
+            self.site_id,
+            cursor.clone(),
+            known_empty.clone(),
+            limits,
+        )
+        .await
     }
 
     /// The batch limits this Store was opened with.

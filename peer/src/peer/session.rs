@@ -49,6 +49,9 @@ struct Session {
     window: OutgoingWindow,
     stream: Option<ChangeStream>,
     need_stream: bool,
+    /// Where the next stream may start scanning: past change-less batches
+    /// skipped since `sent` last moved back (see `Store::changes_since_hinted`).
+    scan_hint: crate::Cursor,
     /// Ranges of the initial stream's change-less batches, sent with `eose`.
     eose_ranges: std::collections::BTreeMap<SiteId, crate::VersionRange>,
     control: VecDeque<TransportMessage>,
@@ -113,6 +116,7 @@ async fn run_inner(
         stream: None,
         need_stream: false,
         eose_ranges: std::collections::BTreeMap::new(),
+        scan_hint: crate::Cursor::new(),
         control: VecDeque::new(),
         request_pending: true,
         ack_pending: false,
@@ -255,7 +259,13 @@ impl Session {
     async fn next_data(&mut self) -> Option<TransportMessage> {
         if self.stream.is_none() {
             self.need_stream = false;
-            match self.inner.store.changes_since(self.window.sent()).await {
+            let limits = self.inner.store.batch_limits();
+            match self
+                .inner
+                .store
+                .changes_since_hinted(self.window.sent(), &self.scan_hint, limits)
+                .await
+            {
                 Ok(s) => self.stream = Some(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read changes");
@@ -276,6 +286,7 @@ impl Session {
                 // ride on `eose`, so the remote ends up with our whole cursor;
                 // live, they are dropped (the next batch's range starts where
                 // the remote's cursor is, so skipping them opens no gap).
+                self.scan_hint.join(&batch.cursor_after(self.window.sent()));
                 if self.window.phase() == Phase::Initial {
                     self.eose_ranges.extend(batch.ranges);
                 }
@@ -323,6 +334,14 @@ impl Session {
         }
     }
 
+    /// Drops the current stream; the next one starts from the window's
+    /// (possibly rewound) `sent`, so the scan hint no longer applies.
+    fn rewind_stream(&mut self) {
+        self.stream = None;
+        self.need_stream = true;
+        self.scan_hint = crate::Cursor::new();
+    }
+
     fn on_tick(&mut self) -> Result<(), TransportError> {
         let now = Instant::now();
         let config = self.inner.config.clone();
@@ -338,8 +357,7 @@ impl Session {
             tracing::info!(
                 "no acknowledgement in time; resending from the last acknowledged point"
             );
-            self.stream = None;
-            self.need_stream = true;
+            self.rewind_stream();
         }
         if let (Side::Dialed, Some(limit)) = (self.side, config.liveness_timeout) {
             if now.duration_since(self.last_received) > limit {
@@ -444,14 +462,12 @@ impl Session {
                 let ack = message.ack == Some(true);
                 match self.window.on_sync(cursor, ack, Instant::now()) {
                     SyncOutcome::StartInitial => {
-                        self.stream = None;
+                        self.rewind_stream();
                         self.eose_ranges.clear();
-                        self.need_stream = true;
                         self.inner.emit(PeerEvent::Sync { peer: remote });
                     }
                     SyncOutcome::Rewind => {
-                        self.stream = None;
-                        self.need_stream = true;
+                        self.rewind_stream();
                     }
                     SyncOutcome::Acknowledged => {}
                 }
@@ -475,8 +491,7 @@ impl Session {
                 match code.as_str() {
                     codes::GAP => {
                         self.window.on_gap(Instant::now());
-                        self.stream = None;
-                        self.need_stream = true;
+                        self.rewind_stream();
                     }
                     codes::SCHEMA_OUTDATED | codes::INVALID_CHANGE => self.window.pause(),
                     codes::MALFORMED | codes::PEER_MISMATCH => {}

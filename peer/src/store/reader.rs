@@ -113,6 +113,7 @@ pub(super) async fn start(
     pool: Arc<ReaderPool>,
     own_site: SiteId,
     receiver: Cursor,
+    scan_from: Cursor,
     limits: BatchLimits,
 ) -> Result<ChangeStream, StoreError> {
     let (tx, rx) = mpsc::channel(STREAM_READ_AHEAD);
@@ -121,7 +122,9 @@ pub(super) async fn start(
         .name("crsync-store-reader".into())
         .spawn(move || {
             let mut ready = Some(ready_tx);
-            let result = read(&pool, own_site, receiver, limits, &tx, &mut ready);
+            let result = read(
+                &pool, own_site, receiver, &scan_from, limits, &tx, &mut ready,
+            );
             if let Err(e) = result {
                 match ready.take() {
                     Some(r) => {
@@ -147,12 +150,13 @@ fn read(
     pool: &ReaderPool,
     own_site: SiteId,
     receiver: Cursor,
+    scan_from: &Cursor,
     limits: BatchLimits,
     tx: &mpsc::Sender<Result<ChangeBatch, StoreError>>,
     ready: &mut Ready,
 ) -> Result<(), StoreError> {
     let conn = pool.take()?;
-    let result = read_snapshot(&conn, own_site, receiver, limits, tx, ready);
+    let result = read_snapshot(&conn, own_site, receiver, scan_from, limits, tx, ready);
     // End the read transaction; a connection in a clean state goes back to the pool.
     match conn.execute_batch("ROLLBACK") {
         Ok(()) if result.is_ok() => pool.give(conn),
@@ -165,13 +169,16 @@ fn read_snapshot(
     conn: &Connection,
     own_site: SiteId,
     receiver: Cursor,
+    scan_from: &Cursor,
     limits: BatchLimits,
     tx: &mpsc::Sender<Result<ChangeBatch, StoreError>>,
     ready: &mut Ready,
 ) -> Result<(), StoreError> {
     conn.execute_batch("BEGIN")?;
     let snapshot = sender_cursor(conn, own_site)?;
-    let from = lowest_local_version(conn, own_site, &receiver, &snapshot)?;
+    let mut floor = receiver.clone();
+    floor.join(scan_from);
+    let from = lowest_local_version(conn, own_site, &floor, &snapshot)?;
     if let Some(r) = ready.take() {
         let _ = r.send(Ok(snapshot.clone()));
     }
