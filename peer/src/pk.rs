@@ -193,21 +193,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn value() -> impl Strategy<Value = SqlValue> {
-        prop_oneof![
-            Just(SqlValue::Null),
-            any::<i64>().prop_map(SqlValue::Integer),
-            any::<f64>()
-                .prop_filter("NaN != NaN", |f| !f.is_nan())
-                .prop_map(SqlValue::Real),
-            ".{0,40}".prop_map(SqlValue::Text),
-            proptest::collection::vec(any::<u8>(), 0..300).prop_map(SqlValue::Blob),
-        ]
-    }
-
     proptest! {
         #[test]
-        fn pack_unpack_round_trips(values in proptest::collection::vec(value(), 1..4)) {
+        fn pack_unpack_round_trips(values in proptest::collection::vec(crate::value::arbitrary_value(), 1..4)) {
             let pk = PackedPk::pack(&values);
             prop_assert_eq!(pk.unpack().unwrap(), values);
         }

@@ -70,3 +70,19 @@ impl From<f64> for SqlValue {
         SqlValue::Real(v)
     }
 }
+
+/// Any value (NaN aside, which is not equal to itself), for property tests.
+#[cfg(test)]
+pub(crate) fn arbitrary_value() -> impl proptest::strategy::Strategy<Value = SqlValue> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(SqlValue::Null),
+        any::<i64>().prop_map(SqlValue::Integer),
+        any::<f64>()
+            .prop_filter("NaN != NaN", |f| !f.is_nan())
+            .prop_map(SqlValue::Real),
+        ".{0,40}".prop_map(SqlValue::Text),
+        // past 255 bytes, so lengths take two bytes
+        proptest::collection::vec(any::<u8>(), 0..300).prop_map(SqlValue::Blob),
+    ]
+}

@@ -484,21 +484,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn value() -> impl Strategy<Value = SqlValue> {
-        prop_oneof![
-            Just(SqlValue::Null),
-            any::<i64>().prop_map(SqlValue::Integer),
-            any::<f64>()
-                .prop_filter("NaN", |f| !f.is_nan())
-                .prop_map(SqlValue::Real),
-            ".{0,20}".prop_map(SqlValue::Text),
-            proptest::collection::vec(any::<u8>(), 0..64).prop_map(SqlValue::Blob),
-        ]
-    }
-
     proptest! {
         #[test]
-        fn lossless_round_trip_through_json_text(v in value()) {
+        fn lossless_round_trip_through_json_text(v in crate::value::arbitrary_value()) {
             let text = serde_json::to_string(&encode_value(&v, Encoding::Lossless)).unwrap();
             let back = decode_value(&serde_json::from_str(&text).unwrap()).unwrap();
             prop_assert_eq!(back, v);

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::STREAM_READ_AHEAD;
 use super::error::StoreError;
+use super::schema::load_remote_cursor;
 use super::writer::{close_connection, db_version};
 use crate::{BatchBuilder, BatchLimits, Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId};
 
@@ -228,16 +229,8 @@ fn read_snapshot(
 
 /// What the sender holds: its own version and its stored remote cursor.
 fn sender_cursor(conn: &Connection, own_site: SiteId) -> rusqlite::Result<Cursor> {
-    let mut cursor = Cursor::new();
+    let mut cursor = load_remote_cursor(conn)?;
     cursor.advance(own_site, DbVersion(db_version(conn)?));
-    let mut stmt = conn.prepare("SELECT site_id, db_version FROM crsync_cursor")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
-    for row in rows {
-        let (site, version) = row?;
-        if let Ok(site) = SiteId::from_slice(&site) {
-            cursor.advance(site, DbVersion(version));
-        }
-    }
     Ok(cursor)
 }
 

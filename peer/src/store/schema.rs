@@ -7,7 +7,7 @@ use rusqlite::Connection;
 
 use crate::change::SENTINEL_CID;
 use crate::store::error::InvalidChange;
-use crate::{Change, DbVersion};
+use crate::{Change, Cursor, DbVersion, SiteId};
 
 /// Suffix cr-sqlite gives a CRR table's clock table.
 const CLOCK_SUFFIX: &str = "__crsql_clock";
@@ -145,4 +145,19 @@ pub(crate) fn table_columns(
 /// Quotes an SQL identifier.
 pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The stored cursor of remote origins (`crsync_cursor`); rows with a malformed
+/// site id are ignored.
+pub(crate) fn load_remote_cursor(conn: &Connection) -> rusqlite::Result<Cursor> {
+    let mut cursor = Cursor::new();
+    let mut stmt = conn.prepare_cached("SELECT site_id, db_version FROM crsync_cursor")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (site, version) = row?;
+        if let Ok(site) = SiteId::from_slice(&site) {
+            cursor.advance(site, DbVersion(version));
+        }
+    }
+    Ok(cursor)
 }

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{broadcast, oneshot};
 
 use super::error::{EnableError, MergeError, OpenError, StoreError};
-use super::schema::{BOOTSTRAP_SQL, Schema, table_columns};
+use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
 use crate::batch::plan_merge;
 use crate::{ChangeBatch, Cursor, DbVersion, SiteId};
@@ -114,18 +114,7 @@ impl Writer {
         let site = SiteId::from_slice(&site_bytes).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
         })?;
-        let mut remote = Cursor::new();
-        {
-            let mut stmt = conn.prepare("SELECT site_id, db_version FROM crsync_cursor")?;
-            let rows =
-                stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
-            for row in rows {
-                let (s, v) = row?;
-                if let Ok(s) = SiteId::from_slice(&s) {
-                    remote.advance(s, DbVersion(v));
-                }
-            }
-        }
+        let remote = load_remote_cursor(&conn)?;
         let origin_records: i64 =
             conn.query_row("SELECT count(*) FROM crsync_origin", [], |r| r.get(0))?;
         let last_data_version = data_version(&conn)?;
