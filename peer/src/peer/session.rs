@@ -523,7 +523,11 @@ impl Session {
         let data = message
             .data
             .ok_or_else(|| Handled::rejected(codes::MALFORMED, "data message without data"))?;
-        let ours = *self.inner.schema.borrow();
+        // Read fresh (the watch is polled): a stale version would misreport `Outdated`.
+        let ours = match self.inner.store.schema_version().await {
+            Ok(v) => v,
+            Err(_) => *self.inner.schema.borrow(),
+        };
         if let Some(theirs) = data.schema_version.filter(|v| *v > ours) {
             self.inner.emit(PeerEvent::Outdated {
                 peer: remote,
