@@ -10,89 +10,37 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crsync::rusqlite::{self, Connection};
-use crsync::{Cursor, Store};
+use crsync::Store;
+use crsync::rusqlite;
 
-const COLUMNS: &str =
-    "CREATE TABLE items (id INTEGER PRIMARY KEY NOT NULL, name TEXT, qty INTEGER, note TEXT)";
-const ROWS_PER_TXN: usize = 1000;
+mod common;
 
-fn open_raw(path: &Path) -> rusqlite::Result<Connection> {
-    let c = Connection::open(path)?;
-    c.pragma_update(None, "journal_mode", "WAL")?;
-    c.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(c)
-}
+use common::{
+    close_raw, copy_raw, create_schema, open_raw, peak_rss_kib, store_copy, write_source,
+};
 
-fn close_raw(c: Connection) {
-    let _ = c.query_row("SELECT crsql_finalize()", [], |_| Ok(()));
-    let _ = c.close();
-}
+const ROWS_PER_TXN: usize = common::ROWS_PER_TXN;
 
-/// The source database: `rows` rows x 3 columns, written in transactions of 1000 rows.
+/// The source database: `rows` rows x 3 columns.
 fn generate(path: &Path, rows: usize) -> rusqlite::Result<()> {
     let c = open_raw(path)?;
-    c.execute_batch(COLUMNS)?;
-    c.query_row("SELECT crsql_as_crr('items')", [], |_| Ok(()))?;
-    let mut id = 0;
-    while id < rows {
-        let tx = c.unchecked_transaction()?;
-        {
-            let mut st = tx.prepare_cached("INSERT INTO items VALUES (?1, ?2, ?3, ?4)")?;
-            for _ in 0..ROWS_PER_TXN.min(rows - id) {
-                st.execute((
-                    id as i64,
-                    format!("item-{id}"),
-                    (id * 7) as i64,
-                    "a note of moderate length",
-                ))?;
-                id += 1;
-            }
-        }
-        tx.commit()?;
-    }
+    write_source(&c, rows)?;
     close_raw(c);
     Ok(())
 }
 
 fn dest_schema(path: &Path) -> rusqlite::Result<()> {
     let c = open_raw(path)?;
-    c.execute_batch(COLUMNS)?;
-    c.query_row("SELECT crsql_as_crr('items')", [], |_| Ok(()))?;
+    create_schema(&c)?;
     close_raw(c);
     Ok(())
 }
 
-/// Raw cr-sqlite: stream all of `crsql_changes` into the destination, committing
-/// every `per_txn` changes (`usize::MAX`: one transaction).
+/// Raw cr-sqlite copy from `src` into `dst`, committing every `per_txn` changes.
 fn run_raw(src: &Path, dst: &Path, per_txn: usize) -> anyhow::Result<usize> {
     let s = open_raw(src)?;
     let d = open_raw(dst)?;
-    let mut n = 0;
-    {
-        d.execute_batch("BEGIN")?;
-        let tx = &d;
-        {
-            let mut read = s.prepare(
-                "SELECT \"table\", pk, cid, val, col_version, db_version, site_id, cl, seq FROM crsql_changes",
-            )?;
-            let mut write = tx.prepare(
-                "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
-            let mut rows = read.query([])?;
-            while let Some(r) = rows.next()? {
-                let v: [rusqlite::types::Value; 9] =
-                    std::array::from_fn(|i| r.get(i).unwrap_or(rusqlite::types::Value::Null));
-                write.execute(rusqlite::params_from_iter(v.iter()))?;
-                n += 1;
-                if n % per_txn == 0 {
-                    tx.execute_batch("COMMIT; BEGIN")?;
-                }
-            }
-        }
-        tx.execute_batch("COMMIT")?;
-    }
+    let n = copy_raw(&s, &d, per_txn)?;
     close_raw(s);
     close_raw(d);
     Ok(n)
@@ -102,26 +50,10 @@ fn run_raw(src: &Path, dst: &Path, per_txn: usize) -> anyhow::Result<usize> {
 async fn run_store(src: &Path, dst: &Path) -> anyhow::Result<usize> {
     let a = Store::open(src).await?;
     let b = Store::open(dst).await?;
-    let mut stream = a.changes_since(&Cursor::new()).await?;
-    let mut n = 0;
-    while let Some(batch) = stream.next_batch().await {
-        n += b.merge(batch?).await?.applied;
-    }
+    let n = store_copy(&a, &b).await?;
     a.close().await?;
     b.close().await?;
     Ok(n)
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(|l| l.to_string())
-        })
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }
 
 /// Child: `store-bench child raw|store SRC DST` -> prints "changes seconds peak_kib".

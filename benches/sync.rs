@@ -44,14 +44,19 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail, ensure};
-use crsync::rusqlite::{self, Connection, OpenFlags};
+use crsync::rusqlite::{Connection, OpenFlags};
 use crsync::server::{Access, Server, ServerConfig, TokenConfig};
 use crsync::transports::{SseDialer, WebSocketDialer};
-use crsync::{ChangeSource, Cursor, DbVersion, Peer, PeerEvent, SiteId, Store};
+use crsync::{ChangeSource, DbVersion, Peer, PeerEvent, SiteId, Store};
 use futures_util::{Stream, StreamExt};
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY NOT NULL, name TEXT, qty INTEGER, note TEXT)";
-const ROWS_PER_TXN: usize = 1000;
+mod common;
+
+use common::{
+    ROWS_PER_TXN, SCHEMA, close_raw, copy_raw, create_schema, open_raw, peak_rss_kib, store_copy,
+    write_source,
+};
+
 const TOKEN: &str = "bench-token";
 const DB_NAME: &str = "bench";
 const LATENCY_WARMUP: usize = 20;
@@ -60,17 +65,6 @@ const LATENCY_INTERVAL: Duration = Duration::from_millis(10);
 const STEP_TIMEOUT: Duration = Duration::from_secs(900);
 
 // ---------------------------------------------------------------- helpers
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 /// User + system CPU time of this process so far, in seconds.
 fn cpu_secs() -> f64 {
@@ -95,18 +89,6 @@ fn now_ns() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
-}
-
-fn open_raw(path: &Path) -> rusqlite::Result<Connection> {
-    let c = Connection::open(path)?;
-    c.pragma_update(None, "journal_mode", "WAL")?;
-    c.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(c)
-}
-
-fn close_raw(c: Connection) {
-    let _ = c.query_row("SELECT crsql_finalize()", [], |_| Ok(()));
-    let _ = c.close();
 }
 
 fn remove_db(path: &Path) {
@@ -149,25 +131,7 @@ fn child_gen(path: &Path, rows: usize) -> anyhow::Result<()> {
     crsync::load_extension(None)?;
     remove_db(path);
     let c = open_raw(path)?;
-    c.execute_batch(SCHEMA)?;
-    c.query_row("SELECT crsql_as_crr('items')", [], |_| Ok(()))?;
-    let mut id = 0;
-    while id < rows {
-        let tx = c.unchecked_transaction()?;
-        {
-            let mut st = tx.prepare_cached("INSERT INTO items VALUES (?1, ?2, ?3, ?4)")?;
-            for _ in 0..ROWS_PER_TXN.min(rows - id) {
-                st.execute((
-                    id as i64,
-                    format!("item-{id}"),
-                    (id * 7) as i64,
-                    "a note of moderate length",
-                ))?;
-                id += 1;
-            }
-        }
-        tx.commit()?;
-    }
+    write_source(&c, rows)?;
     let site: Vec<u8> = c.query_row("SELECT crsql_site_id()", [], |r| r.get(0))?;
     let version: i64 = c.query_row("SELECT crsql_db_version()", [], |r| r.get(0))?;
     close_raw(c);
@@ -179,29 +143,10 @@ fn child_gen(path: &Path, rows: usize) -> anyhow::Result<()> {
 fn child_raw(src: &Path, dst: &Path) -> anyhow::Result<()> {
     crsync::load_extension(None)?;
     let d = open_raw(dst)?;
-    d.execute_batch(SCHEMA)?;
-    d.query_row("SELECT crsql_as_crr('items')", [], |_| Ok(()))?;
+    create_schema(&d)?;
     let s = open_raw(src)?;
     let start = Instant::now();
-    let mut n = 0usize;
-    d.execute_batch("BEGIN")?;
-    {
-        let mut read = s.prepare(
-            "SELECT \"table\", pk, cid, val, col_version, db_version, site_id, cl, seq FROM crsql_changes",
-        )?;
-        let mut write = d.prepare(
-            "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?;
-        let mut rows = read.query([])?;
-        while let Some(r) = rows.next()? {
-            let v: [rusqlite::types::Value; 9] =
-                std::array::from_fn(|i| r.get(i).unwrap_or(rusqlite::types::Value::Null));
-            write.execute(rusqlite::params_from_iter(v.iter()))?;
-            n += 1;
-        }
-    }
-    d.execute_batch("COMMIT")?;
+    let n = copy_raw(&s, &d, usize::MAX)?;
     let secs = start.elapsed().as_secs_f64();
     close_raw(s);
     close_raw(d);
@@ -219,11 +164,7 @@ fn child_store(src: &Path, dst: &Path) -> anyhow::Result<()> {
         b.write(|tx| tx.execute_batch(SCHEMA)).await?;
         b.enable_crr(&["items"]).await?;
         let start = Instant::now();
-        let mut stream = a.changes_since(&Cursor::new()).await?;
-        let mut n = 0;
-        while let Some(batch) = stream.next_batch().await {
-            n += b.merge(batch?).await?.applied;
-        }
+        let n = store_copy(&a, &b).await?;
         let secs = start.elapsed().as_secs_f64();
         a.close().await?;
         b.close().await?;
