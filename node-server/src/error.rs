@@ -1,11 +1,11 @@
 //! JSON errors: every refusal is `{"type":"error","error":"...","code":"..."}`
-//! with a stable code from [`crsync_peer::transport::codes`].
+//! with a stable code ([`ErrorCode`]).
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use crsync_peer::Rejection;
-use crsync_peer::transport::codes;
+use crsync_peer::proto::ErrorCode;
 
 /// An HTTP error answer: status, stable code and a human-readable message.
 ///
@@ -19,13 +19,13 @@ use crsync_peer::transport::codes;
 #[error("{status} {code}: {message}")]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
     /// An error with an explicit status and code.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -35,24 +35,24 @@ impl ApiError {
 
     /// 400 `MALFORMED`.
     pub fn malformed(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, codes::MALFORMED, message)
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::Malformed, message)
     }
 
     /// 401 `UNAUTHORIZED`.
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED, message)
+        Self::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
     }
 
     /// 403 `FORBIDDEN`.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, codes::FORBIDDEN, message)
+        Self::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
     }
 
     /// 404 `UNKNOWN_DATABASE`.
     pub fn unknown_database(name: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
-            codes::UNKNOWN_DATABASE,
+            ErrorCode::UnknownDatabase,
             format!("no database named {name:?}"),
         )
     }
@@ -61,7 +61,7 @@ impl ApiError {
     pub fn not_connected(peer: &str) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
-            codes::NOT_CONNECTED,
+            ErrorCode::NotConnected,
             format!("no stream is open for peer {peer}; open GET stream?peerId=... first"),
         )
     }
@@ -70,21 +70,25 @@ impl ApiError {
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            codes::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
             format!("body exceeds {limit} bytes"),
         )
     }
 
     /// 500 `INTERNAL`.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, message)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            message,
+        )
     }
 
     /// 503 `SHUTTING_DOWN`.
     pub fn shutting_down() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            codes::SHUTTING_DOWN,
+            ErrorCode::ShuttingDown,
             "the server is shutting down",
         )
     }
@@ -95,8 +99,8 @@ impl ApiError {
     }
 
     /// The stable code.
-    pub fn code(&self) -> &'static str {
-        self.code
+    pub fn code(&self) -> &ErrorCode {
+        &self.code
     }
 
     /// The human-readable message.
@@ -112,11 +116,8 @@ impl ApiError {
 
 impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> Self {
-        let status = if r.client_error {
-            StatusCode::BAD_REQUEST
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
+        let status =
+            StatusCode::from_u16(r.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError::new(status, r.code, r.message)
     }
 }
@@ -132,9 +133,3 @@ impl IntoResponse for ApiError {
         response
     }
 }
-
-/// Code of the JSON 404 for a path that is no route (not in
-/// [`codes`]: it is not a protocol error).
-pub const NOT_FOUND: &str = "NOT_FOUND";
-/// Code of the JSON 405 for a route called with the wrong method.
-pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crsync_peer::transport::codes;
+use crsync_peer::proto::ErrorCode;
 use crsync_peer::wire::{Hello, MessageKind, TransportMessage};
 use crsync_peer::{Connection, MessageSink, Received, SiteId, TransportError};
 use futures_util::SinkExt;
@@ -146,6 +146,8 @@ impl DbHost {
             sink: channel_sink(out_tx),
             stream: Box::pin(ReceiverStream::new(in_rx)),
             label: format!("sse {}/{}", self.name, client),
+            // Separate POSTs: they may arrive out of order, or not at all.
+            ordered: false,
         };
         // Detached: the session ends when the SSE body is dropped or the Peer stops.
         drop(self.accept(conn, span));
@@ -204,7 +206,7 @@ impl DbHost {
     pub(crate) fn already_connected(&self, client: SiteId) -> TransportMessage {
         TransportMessage::error(
             self.peer.site_id(),
-            codes::ALREADY_CONNECTED,
+            &ErrorCode::AlreadyConnected,
             format!("a stream for peer {client} is already open"),
         )
     }

@@ -15,7 +15,7 @@ pub use config::{
     ConfigError, CorsConfig, DEFAULT_BIND, DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TOKEN_ENV, ServerConfig, TokenConfig,
 };
-pub use error::{ApiError, METHOD_NOT_ALLOWED, NOT_FOUND};
+pub use error::ApiError;
 pub use host::{INBOUND_QUEUE_CAP, OUTBOUND_QUEUE_CAP};
 pub use peer_router::{PeerRouter, peer_router};
 pub use registry::{MAX_NAME_LEN, valid_database_name};

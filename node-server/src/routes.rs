@@ -17,6 +17,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crsync_peer::SiteId;
+use crsync_peer::proto::ErrorCode;
 use crsync_peer::wire::{LOSSLESS, MessageKind, TransportMessage};
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -127,7 +128,7 @@ pub(crate) fn database_routes<S: Databases>(max_body_bytes: usize) -> Router<S> 
 pub(crate) async fn not_found(uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        crate::error::NOT_FOUND,
+        ErrorCode::NotFound,
         format!("no route for {}", uri.path()),
     )
 }
@@ -136,7 +137,7 @@ pub(crate) async fn not_found(uri: Uri) -> ApiError {
 pub(crate) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        crate::error::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {}", uri.path()),
     )
 }
@@ -244,13 +245,8 @@ async fn websocket<S: Databases>(
     State(state): State<S>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let upgrade = upgrade.map_err(|r| {
-        ApiError::new(
-            r.status(),
-            crsync_peer::transport::codes::MALFORMED,
-            r.body_text(),
-        )
-    })?;
+    let upgrade =
+        upgrade.map_err(|r| ApiError::new(r.status(), ErrorCode::Malformed, r.body_text()))?;
     let host = target.host().await?;
     let access = target.access;
     let id = NEXT_WS.fetch_add(1, Ordering::Relaxed);

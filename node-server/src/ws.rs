@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
-use crsync_peer::transport::codes;
+use crsync_peer::proto::ErrorCode;
 use crsync_peer::wire::TransportMessage;
 use crsync_peer::{Connection, Received};
 use futures_util::{SinkExt, StreamExt};
@@ -51,6 +51,7 @@ async fn serve_socket(socket: WebSocket, host: Arc<DbHost>, access: Access, span
         sink: channel_sink(out_tx.clone()),
         stream: Box::pin(ReceiverStream::new(in_rx)),
         label: format!("ws {}", host.name()),
+        ordered: true,
     };
     let mut session = host.accept(conn, &span);
 
@@ -68,8 +69,11 @@ async fn serve_socket(socket: WebSocket, host: Arc<DbHost>, access: Access, span
         let text = match frame {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(_))) => {
-                let refusal =
-                    TransportMessage::error(me, codes::MALFORMED, "expected text frames of JSON");
+                let refusal = TransportMessage::error(
+                    me,
+                    &ErrorCode::Malformed,
+                    "expected text frames of JSON",
+                );
                 if out_tx.send(refusal).await.is_err() {
                     break;
                 }
@@ -79,7 +83,11 @@ async fn serve_socket(socket: WebSocket, host: Arc<DbHost>, access: Access, span
             Some(Ok(Message::Close(_)) | Err(_)) | None => break,
         };
         let refusal = match TransportMessage::from_json(text.as_str()) {
-            Err(e) => Some(TransportMessage::error(me, codes::MALFORMED, e.to_string())),
+            Err(e) => Some(TransportMessage::error(
+                me,
+                &ErrorCode::Malformed,
+                e.to_string(),
+            )),
             Ok(mut msg) => {
                 if admit(&mut msg, access) {
                     if in_tx.send(Ok(Received::new(msg))).await.is_err() {
@@ -89,7 +97,7 @@ async fn serve_socket(socket: WebSocket, host: Arc<DbHost>, access: Access, span
                 } else {
                     Some(TransportMessage::error(
                         me,
-                        codes::FORBIDDEN,
+                        &ErrorCode::Forbidden,
                         "this token is read-only: data messages are refused",
                     ))
                 }

@@ -13,23 +13,18 @@
 //! # Ok(()) }
 //! ```
 
-mod batch;
 mod change;
 mod cursor;
 mod extension;
 mod ids;
-pub mod outgoing;
 mod peer;
 mod pk;
+pub mod proto;
 mod store;
 pub mod transport;
 mod value;
 pub mod wire;
 
-pub use batch::{
-    BatchBuilder, BatchLimits, BatchRejection, ChangeBatch, DEFAULT_MAX_BATCH_BYTES,
-    DEFAULT_MAX_BATCH_CHANGES, MergePlan, VersionRange, plan_merge,
-};
 pub use change::{Change, SENTINEL_CID};
 pub use cursor::Cursor;
 pub use extension::{
@@ -38,6 +33,10 @@ pub use extension::{
 };
 pub use ids::{DbVersion, InvalidSiteId, SITE_ID_LEN, SiteId};
 pub use pk::{PackedPk, PkError};
+pub use proto::batch::{
+    BatchBuilder, BatchLimits, BatchRejection, ChangeBatch, DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_CHANGES, MergePlan, VersionRange, plan_merge,
+};
 pub use store::{
     BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, DEFAULT_ORIGIN_GC_SLACK,
     DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, InvalidChange, MergeError, MergeReport,

@@ -1,9 +1,8 @@
 //! The [`Peer`]: a [`Store`] synced with any number of remotes at once.
 //!
-//! Each connection runs one session (`peer/session.rs`) that speaks the wire
-//! protocol; the decisions of what to send live in the pure
-//! [`OutgoingWindow`](crate::outgoing::OutgoingWindow) and
-//! [`BatchBuilder`](crate::BatchBuilder). Outgoing connections come from
+//! Each connection runs one session: the pure state machine
+//! [`proto::Session`](crate::proto::Session), driven by `peer/session.rs`,
+//! which performs what it asks for (merges, reads, sends). Outgoing connections come from
 //! [`Dialer`]s and are redialed with backoff; incoming ones are handed to
 //! [`Peer::accept`].
 
@@ -19,9 +18,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::proto::Side;
 use crate::store::ChangeSource;
 use crate::transport::{Connection, Dialer, ReconnectPolicy};
-use crate::{SiteId, Store, StoreEvent};
+use crate::{Cursor, SiteId, Store, StoreEvent};
 
 /// Capacity of the broadcast channel of [`PeerEvent`]s.
 pub const PEER_EVENT_CAP: usize = 1024;
@@ -75,13 +75,12 @@ pub enum PeerEvent {
         reason: String,
     },
     /// A batch or message was refused, by us (`by_remote: false`) or by the
-    /// remote; nothing of it was applied. Codes are those of
-    /// [`transport::codes`](crate::transport::codes) (`GAP`, `INVALID_CHANGE`, ...).
+    /// remote; nothing of it was applied.
     Rejected {
         /// The remote.
         peer: SiteId,
         /// Stable code.
-        code: String,
+        code: crate::proto::ErrorCode,
         /// Detail.
         message: String,
         /// Whether the remote refused what we sent.
@@ -174,6 +173,8 @@ pub(crate) struct Inner {
     pub(crate) events: broadcast::Sender<PeerEvent>,
     pub(crate) cancel: CancellationToken,
     pub(crate) schema: watch::Receiver<i64>,
+    /// Our cursor, refreshed after every commit the Store reports.
+    pub(crate) cursor: watch::Receiver<Cursor>,
     remotes: watch::Sender<BTreeMap<SiteId, RemoteStatus>>,
     tasks: TaskTracker,
 }
@@ -263,16 +264,20 @@ impl Peer {
         let (events, _) = broadcast::channel(PEER_EVENT_CAP);
         let (schema_tx, schema) = watch::channel(0);
         let (remotes, _) = watch::channel(BTreeMap::new());
+        let (cursor_tx, cursor) = watch::channel(Cursor::new());
         let inner = Arc::new(Inner {
             store,
             config,
             events,
             cancel: CancellationToken::new(),
             schema,
+            cursor,
             remotes,
             tasks: TaskTracker::new(),
         });
-        inner.tasks.spawn(watch_store(inner.clone(), schema_tx));
+        inner
+            .tasks
+            .spawn(watch_store(inner.clone(), schema_tx, cursor_tx));
         Peer { inner }
     }
 
@@ -300,9 +305,9 @@ impl Peer {
     /// Runs a session over an incoming connection until it ends.
     pub fn accept(&self, connection: Connection) -> JoinHandle<()> {
         let inner = self.inner.clone();
-        self.inner.tasks.spawn(async move {
-            let _ = session::run(inner, connection, session::Side::Accepted).await;
-        })
+        self.inner
+            .tasks
+            .spawn(session::run(inner, connection, Side::Accepted))
     }
 
     /// Dials `dialer` now and again whenever its connection ends, with backoff.
@@ -344,21 +349,36 @@ impl Peer {
     }
 }
 
-/// Forwards Store events as Peer events and tracks our schema version.
-async fn watch_store(inner: Arc<Inner>, schema_tx: watch::Sender<i64>) {
+/// Forwards Store events as Peer events and tracks our schema version and
+/// cursor (every commit notifies the sessions through the cursor watch).
+async fn watch_store(
+    inner: Arc<Inner>,
+    schema_tx: watch::Sender<i64>,
+    cursor_tx: watch::Sender<Cursor>,
+) {
     let mut store_events = inner.store.subscribe();
     if let Ok(v) = inner.store.schema_version().await {
         schema_tx.send_replace(v);
+    }
+    if let Ok(c) = inner.store.cursor().await {
+        cursor_tx.send_replace(c);
     }
     let mut tick = tokio::time::interval(inner.config.schema_poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
-            event = store_events.recv() => match event {
-                Ok(StoreEvent::Changed { tables, source }) => inner.emit(PeerEvent::Change { tables, source }),
-                Err(broadcast::error::RecvError::Lagged(missed)) => inner.emit(PeerEvent::Lagged { missed }),
-                Err(broadcast::error::RecvError::Closed) => return,
+            event = store_events.recv() => {
+                match event {
+                    Ok(StoreEvent::Changed { tables, source }) => inner.emit(PeerEvent::Change { tables, source }),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => inner.emit(PeerEvent::Lagged { missed }),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                // Sent even when unchanged: an unranged merge moves no cursor but has rows to relay.
+                match inner.store.cursor().await {
+                    Ok(c) => { cursor_tx.send_replace(c); }
+                    Err(e) => tracing::warn!(error = %e, "cannot read our cursor"),
+                }
             },
             _ = tick.tick() => {
                 if let Ok(v) = inner.store.schema_version().await {
@@ -380,7 +400,7 @@ async fn dial_loop(inner: Arc<Inner>, mut dialer: Box<dyn Dialer>) {
         match attempt {
             Ok(connection) => {
                 backoff.reset();
-                let _ = session::run(inner.clone(), connection, session::Side::Dialed).await;
+                session::run(inner.clone(), connection, Side::Dialed).await;
             }
             Err(e) => {
                 tracing::debug!(transport = %dialer.label(), error = %e, "dial failed");

@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, oneshot};
 pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
 pub use reader::{ChangeStream, READER_POOL_CAP};
 
-use crate::batch::BatchLimits;
+use crate::proto::batch::BatchLimits;
 use crate::{ChangeBatch, Cursor, SiteId};
 use writer::Command;
 
@@ -61,6 +61,10 @@ pub enum StoreEvent {
 /// What a merge did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MergeReport {
+    /// What this Store holds after the merge.
+    pub cursor: Cursor,
+    /// Invalid changes of a v1 (JavaScript) sender left out (logged).
+    pub dropped: usize,
     /// Changes handed to cr-sqlite (each may win or lose its conflict).
     pub applied: usize,
     /// Changes skipped because they were already held.
@@ -298,26 +302,24 @@ impl Store {
         cursor: &Cursor,
         limits: BatchLimits,
     ) -> Result<ChangeStream, StoreError> {
-        self.changes_since_hinted(cursor, &Cursor::new(), limits)
-            .await
+        self.changes_since_hinted(cursor, 0, limits).await
     }
 
-    /// As [`changes_since_with_limits`](Self::changes_since_with_limits), with a
-    /// hint: per site, `known_empty` raises where the scan starts, because the
-    /// caller knows this Store holds no rows of that site between `cursor` and
-    /// the hint (an earlier stream from `cursor` found none). Ranges and the
-    /// changes sent still start at `cursor`; the hint only saves reading.
+    /// As [`changes_since_with_limits`](Self::changes_since_with_limits),
+    /// skipping rows at local versions up to `after_local`: the caller already
+    /// sent them to this receiver (see [`ChangeStream::read_upto`]). Ranges
+    /// still start at `cursor`; the hint only saves reading and resending.
     pub async fn changes_since_hinted(
         &self,
         cursor: &Cursor,
-        known_empty: &Cursor,
+        after_local: i64,
         limits: BatchLimits,
     ) -> Result<ChangeStream, StoreError> {
         reader::start(
             self.readers.clone(),
             self.site_id,
             cursor.clone(),
-            known_empty.clone(),
+            after_local,
             limits,
         )
         .await

@@ -17,6 +17,7 @@ use futures_util::Sink;
 use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
+use crate::proto::ErrorCode;
 use crate::wire::{DecodeError, TransportMessage};
 
 /// Boxed error from an underlying library.
@@ -65,42 +66,25 @@ impl Received {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct Rejection {
-    /// Stable machine-readable code (see [`codes`]).
-    pub code: &'static str,
+    /// Stable machine-readable code.
+    pub code: ErrorCode,
     /// Human-readable detail.
     pub message: String,
-    /// Whether the fault is the sender's (HTTP 400) rather than ours (500).
-    pub client_error: bool,
 }
 
-/// Stable error codes used on the wire.
-pub mod codes {
-    /// The JSON does not parse or lacks fields.
-    pub const MALFORMED: &str = "MALFORMED";
-    /// A change is invalid for this database (unknown table/column, bad key...).
-    pub const INVALID_CHANGE: &str = "INVALID_CHANGE";
-    /// The batch starts past what the receiver holds; resend from its cursor.
-    pub const GAP: &str = "GAP";
-    /// The sender's schema is newer; its changes wait for an upgrade.
-    pub const SCHEMA_OUTDATED: &str = "SCHEMA_OUTDATED";
-    /// A stream for this peer id is already open.
-    pub const ALREADY_CONNECTED: &str = "ALREADY_CONNECTED";
-    /// No stream is open for this peer id.
-    pub const NOT_CONNECTED: &str = "NOT_CONNECTED";
-    /// Missing or unknown token.
-    pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
-    /// The token does not allow this.
-    pub const FORBIDDEN: &str = "FORBIDDEN";
-    /// The body exceeds the server's limit.
-    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
-    /// No such database (and creating it is not allowed).
-    pub const UNKNOWN_DATABASE: &str = "UNKNOWN_DATABASE";
-    /// The message's peerId is not the connection's.
-    pub const PEER_MISMATCH: &str = "PEER_MISMATCH";
-    /// The server failed.
-    pub const INTERNAL: &str = "INTERNAL";
-    /// The peer is shutting down.
-    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+impl Rejection {
+    /// A rejection with this code.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Whether the fault is the sender's (HTTP 400) rather than ours (500).
+    pub fn client_error(&self) -> bool {
+        self.code.is_client_error()
+    }
 }
 
 /// A transport failed.
@@ -120,7 +104,7 @@ pub enum TransportError {
     #[error("remote refused: {code}: {message}")]
     Remote {
         /// Stable code.
-        code: String,
+        code: ErrorCode,
         /// Detail.
         message: String,
     },
@@ -156,6 +140,11 @@ pub struct Connection {
     pub stream: MessageStream,
     /// What this is, for events and logs (e.g. `"sse http://127.0.0.1:8080/db/notes"`).
     pub label: String,
+    /// Whether messages from the remote arrive in the order it sent them and
+    /// none is lost without the connection ending (an SSE stream or a
+    /// WebSocket: yes; separate HTTP `POST`s: no). A `v1` peer's end of
+    /// stream is taken as evidence of completeness only on an ordered connection.
+    pub ordered: bool,
 }
 
 impl fmt::Debug for Connection {

@@ -272,10 +272,10 @@ impl TransportMessage {
     }
 
     /// `error` with a stable code.
-    pub fn error(peer: SiteId, code: &str, message: impl Into<String>) -> Self {
+    pub fn error(peer: SiteId, code: &crate::proto::ErrorCode, message: impl Into<String>) -> Self {
         TransportMessage {
             error: Some(message.into()),
-            code: Some(code.into()),
+            code: Some(code.as_str().into()),
             ..Self::bare(MessageKind::Error, peer)
         }
     }

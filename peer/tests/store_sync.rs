@@ -176,7 +176,7 @@ async fn empty_cursor_gets_everything_and_full_cursor_nothing() {
 }
 
 #[tokio::test]
-async fn a_scan_hint_over_an_empty_range_changes_nothing_sent() {
+async fn a_read_upto_hint_skips_only_what_was_already_read() {
     let dir = tempfile::tempdir().unwrap();
     let a = open_store(dir.path(), "a.db").await;
     let b = open_store(dir.path(), "b.db").await;
@@ -186,38 +186,34 @@ async fn a_scan_hint_over_an_empty_range_changes_nothing_sent() {
     sync(&a, &b).await;
     // b's merges consume b's local versions: b now has own versions with no rows
     let a_view_of_b = a.cursor().await.unwrap();
-    let b_cursor = b.cursor().await.unwrap();
     let limits = crsync_peer::BatchLimits::default();
-    let empty = {
-        let mut s = b
-            .changes_since_with_limits(&a_view_of_b, limits)
-            .await
-            .unwrap();
-        let mut v = Vec::new();
-        while let Some(x) = s.next_batch().await {
-            v.push(x.unwrap());
-        }
-        v
-    };
-    assert!(empty.iter().all(|x| x.changes.is_empty()), "{empty:?}");
-    // then b writes; a stream hinted past the empty range sends the same as an unhinted one
-    b.write(|tx| tx.execute_batch("INSERT INTO items VALUES (2, 'y', 2, NULL)"))
-        .await
-        .unwrap();
-    let collect = |hint: Cursor| {
+    let collect = |after_local: i64| {
         let b = b.clone();
         let from = a_view_of_b.clone();
         async move {
-            let mut s = b.changes_since_hinted(&from, &hint, limits).await.unwrap();
+            let mut s = b
+                .changes_since_hinted(&from, after_local, limits)
+                .await
+                .unwrap();
             let mut v = Vec::new();
             while let Some(x) = s.next_batch().await {
                 v.push(x.unwrap());
             }
-            v
+            (v, s.read_upto())
         }
     };
-    let plain = collect(Cursor::new()).await;
-    let hinted = collect(b_cursor).await;
+    let (empty, read_upto) = collect(0).await;
+    assert!(empty.iter().all(|x| x.changes.is_empty()), "{empty:?}");
+    assert!(read_upto > 0);
+    // then b writes; a stream hinted past what was read sends the same as an unhinted one
+    b.write(|tx| tx.execute_batch("INSERT INTO items VALUES (2, 'y', 2, NULL)"))
+        .await
+        .unwrap();
+    let (plain, plain_upto) = collect(0).await;
+    let (hinted, _) = collect(read_upto).await;
     assert_eq!(plain, hinted);
     assert_eq!(plain.iter().map(|x| x.changes.len()).sum::<usize>(), 3);
+    // a hint past the write skips it
+    let (past, _) = collect(plain_upto).await;
+    assert_eq!(past.iter().map(|x| x.changes.len()).sum::<usize>(), 0);
 }

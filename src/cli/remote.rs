@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crsync::transport::codes;
+use crsync::proto::ErrorCode;
 use crsync::transports::{SseDialer, WebSocketDialer};
 use crsync::wire::MessageKind;
 use crsync::{Connection, Cursor, Dialer, SiteId, TransportError};
@@ -120,24 +120,24 @@ impl Problem {
     pub(crate) fn from_error(e: &TransportError, url: &str) -> Problem {
         match e {
             TransportError::Remote { code, message } => {
-                let hint = match code.as_str() {
-                    codes::UNAUTHORIZED => {
+                let hint = match code {
+                    ErrorCode::Unauthorized => {
                         "; pass the server's token with --token or the CRSYNC_TOKEN environment variable"
                     }
-                    codes::FORBIDDEN => "; the token does not allow this on this database",
-                    codes::ALREADY_CONNECTED => {
+                    ErrorCode::Forbidden => "; the token does not allow this on this database",
+                    ErrorCode::AlreadyConnected => {
                         "; another process (a `crsync sync --watch`, an app) is syncing this database file with the server"
                     }
                     _ => "",
                 };
                 let refused = matches!(
-                    code.as_str(),
-                    codes::UNAUTHORIZED | codes::FORBIDDEN | codes::UNKNOWN_DATABASE
+                    code,
+                    ErrorCode::Unauthorized | ErrorCode::Forbidden | ErrorCode::UnknownDatabase
                 );
                 let message = format!("the server at {url} refused: {code}: {message}{hint}");
                 if refused {
                     Problem::Refused {
-                        code: code.clone(),
+                        code: code.to_string(),
                         message,
                     }
                 } else {
@@ -242,7 +242,10 @@ async fn read_cursor(connection: &mut Connection, url: &str) -> Result<RemoteSta
         match message.kind {
             MessageKind::Error => {
                 let e = TransportError::Remote {
-                    code: message.code.unwrap_or_else(|| "ERROR".into()),
+                    code: message
+                        .code
+                        .as_deref()
+                        .map_or(ErrorCode::Other("ERROR".into()), ErrorCode::parse),
                     message: message.error.unwrap_or_default(),
                 };
                 return Err(Problem::from_error(&e, url));
@@ -324,6 +327,7 @@ fn watch(connection: Connection, url: &str, problems: &mpsc::Sender<Problem>) ->
         sink,
         stream,
         label,
+        ordered,
     } = connection;
     let (send_url, send_problems) = (url.to_owned(), problems.clone());
     let sink = sink.sink_map_err(move |e| {
@@ -334,14 +338,17 @@ fn watch(connection: Connection, url: &str, problems: &mpsc::Sender<Problem>) ->
     let stream = stream.inspect(move |item| {
         if let Ok(received) = item {
             let m = &received.message;
+            let code = m.code.as_deref().map(ErrorCode::parse);
             let refused = m.kind == MessageKind::Error
                 && matches!(
-                    m.code.as_deref(),
-                    Some(codes::UNAUTHORIZED | codes::FORBIDDEN | codes::UNKNOWN_DATABASE)
+                    code,
+                    Some(
+                        ErrorCode::Unauthorized | ErrorCode::Forbidden | ErrorCode::UnknownDatabase
+                    )
                 );
-            if refused {
+            if let (true, Some(code)) = (refused, code) {
                 let e = TransportError::Remote {
-                    code: m.code.clone().unwrap_or_default(),
+                    code,
                     message: m.error.clone().unwrap_or_default(),
                 };
                 let _ = recv_problems.try_send(Problem::from_error(&e, &recv_url));
@@ -352,6 +359,7 @@ fn watch(connection: Connection, url: &str, problems: &mpsc::Sender<Problem>) ->
         sink: Box::pin(sink),
         stream: Box::pin(stream),
         label,
+        ordered,
     }
 }
 
@@ -379,7 +387,7 @@ mod tests {
     #[test]
     fn refusals_are_told_from_network_failures() {
         let unauthorized = TransportError::Remote {
-            code: codes::UNAUTHORIZED.into(),
+            code: ErrorCode::Unauthorized,
             message: "unknown token".into(),
         };
         let p = Problem::from_error(&unauthorized, "http://h/db/x");

@@ -2,7 +2,7 @@
 //! to [`TransportError`]s.
 
 use crsync_peer::TransportError;
-use crsync_peer::transport::codes;
+use crsync_peer::proto::ErrorCode;
 
 /// Longest body text quoted in an error.
 const MAX_QUOTED_BODY: usize = 512;
@@ -51,14 +51,11 @@ pub(crate) fn refused(status: u16, target: &str, body: &str) -> TransportError {
     let parsed = ErrorBody::parse(body);
     match status {
         401 | 403 => TransportError::Remote {
-            code: parsed.code.unwrap_or_else(|| {
-                if status == 401 {
-                    codes::UNAUTHORIZED
-                } else {
-                    codes::FORBIDDEN
-                }
-                .to_owned()
-            }),
+            code: match parsed.code {
+                Some(code) => ErrorCode::parse(&code),
+                None if status == 401 => ErrorCode::Unauthorized,
+                None => ErrorCode::Forbidden,
+            },
             message: parsed.message,
         },
         413 => TransportError::Http {

@@ -42,7 +42,7 @@
 
 use std::time::Duration;
 
-use crsync_peer::transport::codes;
+use crsync_peer::proto::{ErrorCode, SenderAction};
 use crsync_peer::wire::{LOSSLESS, MessageKind, TransportMessage};
 use crsync_peer::{Connection, Dialer, MessageStream, Received, SiteId, TransportError};
 use es::Client as _;
@@ -57,15 +57,6 @@ pub use crate::DEFAULT_DIAL_TIMEOUT;
 
 /// Default limit on one POST, from sending to the complete response.
 pub const DEFAULT_POST_TIMEOUT: Duration = Duration::from_secs(60);
-/// Codes of refusals that the sync protocol recovers from by itself: a POST
-/// answered with one of them counts as delivered.
-pub const RECOVERABLE_CODES: [&str; 4] = [
-    codes::GAP,
-    codes::INVALID_CHANGE,
-    codes::SCHEMA_OUTDATED,
-    codes::MALFORMED,
-];
-
 /// How long a refused stream's error body may take to arrive.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -207,7 +198,7 @@ impl SseDialer {
         if first.kind == MessageKind::Error {
             let message = first.error.unwrap_or_default();
             return Err(TransportError::Remote {
-                code: first.code.unwrap_or_else(|| infer_code(&message)),
+                code: code_of(first.code.as_deref(), &message),
                 message,
             });
         }
@@ -223,6 +214,7 @@ impl SseDialer {
             sink: Box::pin(SerialSink::new(poster)),
             stream: messages,
             label: self.label(),
+            ordered: true,
         })
     }
 }
@@ -237,18 +229,9 @@ impl Dialer for SseDialer {
     }
 }
 
-/// A v1 server may send a bare `{"type":"error","error":"ALREADY_CONNECTED"}`:
-/// an all-caps error text is its code.
-fn infer_code(error: &str) -> String {
-    let is_code = !error.is_empty()
-        && error
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-    if is_code {
-        error.to_owned()
-    } else {
-        "ERROR".to_owned()
-    }
+/// The code of an error: its `code` field, else inferred from a v1 text.
+fn code_of(code: Option<&str>, message: &str) -> ErrorCode {
+    code.map_or_else(|| ErrorCode::from_v1_text(message), ErrorCode::parse)
 }
 
 /// Waits for the stream's first event and decodes it.
@@ -265,7 +248,7 @@ async fn first_message(
                     let body = ErrorBody::parse(&event.data);
                     if body.is_error_message {
                         TransportError::Remote {
-                            code: body.code.unwrap_or_else(|| infer_code(&body.message)),
+                            code: code_of(body.code.as_deref(), &body.message),
                             message: body.message,
                         }
                     } else {
@@ -377,13 +360,21 @@ impl Poster {
         let status = status.as_u16();
         if (400..500).contains(&status) && !matches!(status, 401 | 403 | 413) {
             let refusal = ErrorBody::parse(&body);
+            // Refusals the sync protocol recovers from by itself (a gap is
+            // resent, a pause waits for the next request): the POST counts as delivered.
             if let Some(code) = refusal
                 .code
                 .as_deref()
-                .filter(|code| RECOVERABLE_CODES.contains(code))
+                .map(ErrorCode::parse)
+                .filter(|code| {
+                    matches!(
+                        code.sender_action(),
+                        SenderAction::Resend | SenderAction::Pause | SenderAction::Ignore
+                    )
+                })
             {
                 tracing::warn!(
-                    %url, status, code, error = %refusal.message,
+                    %url, status, %code, error = %refusal.message,
                     "server refused a message; sync recovers it"
                 );
                 return Ok(());
@@ -410,9 +401,12 @@ mod tests {
 
     #[test]
     fn codes_are_inferred_only_from_code_like_text() {
-        assert_eq!(infer_code("ALREADY_CONNECTED"), "ALREADY_CONNECTED");
-        assert_eq!(infer_code("Already connected"), "ERROR");
-        assert_eq!(infer_code(""), "ERROR");
+        assert_eq!(
+            code_of(None, "ALREADY_CONNECTED"),
+            ErrorCode::AlreadyConnected
+        );
+        assert_eq!(code_of(None, "Already connected").as_str(), "ERROR");
+        assert_eq!(code_of(Some("GAP"), "whatever"), ErrorCode::Gap);
     }
 
     #[test]

@@ -180,6 +180,7 @@ where
         sink: Box::pin(sink),
         stream: messages(stream),
         label: label.into(),
+        ordered: true,
     }
 }
 

@@ -123,7 +123,7 @@ async fn stream(
             } else {
                 frame(&TransportMessage::error(
                     server_site(),
-                    "ALREADY_CONNECTED",
+                    &crsync_peer::proto::ErrorCode::AlreadyConnected,
                     "a stream for this peer is open",
                 ))
             });

@@ -139,7 +139,8 @@ async fn messages_round_trip_both_ways_with_the_token() {
         assert_eq!(&got.unwrap().message, message);
     }
 
-    let reply = TransportMessage::error(server_site(), "GAP", "resend");
+    let reply =
+        TransportMessage::error(server_site(), &crsync_peer::proto::ErrorCode::Gap, "resend");
     server
         .sink
         .send(TransportMessage::connect(server_site()))

@@ -1,8 +1,8 @@
 //! Errors of the Store, one enum per operation.
 
 use crate::ExtensionError;
-use crate::batch::BatchRejection;
 use crate::pk::PkError;
+use crate::proto::batch::BatchRejection;
 
 /// Opening a [`Store`](crate::Store) failed.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +129,15 @@ pub enum MergeError {
         /// What is wrong.
         #[source]
         reason: InvalidChange,
+    },
+    /// The sender's schema (`user_version`) is newer than ours: its changes
+    /// may use columns we lack. They wait until our schema catches up.
+    #[error("the sender's schema version {theirs} is newer than ours ({ours})")]
+    Outdated {
+        /// Our `user_version`.
+        ours: i64,
+        /// The sender's.
+        theirs: i64,
     },
     /// Any other failure (the transaction was rolled back).
     #[error(transparent)]

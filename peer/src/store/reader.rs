@@ -20,19 +20,30 @@ use crate::{BatchBuilder, BatchLimits, Change, ChangeBatch, Cursor, DbVersion, P
 /// stream stops it.
 #[derive(Debug)]
 pub struct ChangeStream {
-    batches: mpsc::Receiver<Result<ChangeBatch, StoreError>>,
+    batches: mpsc::Receiver<Result<(ChangeBatch, i64), StoreError>>,
     snapshot: Cursor,
+    read_upto: i64,
 }
 
 impl ChangeStream {
     /// The next batch, or `None` when the stream is complete.
     pub async fn next_batch(&mut self) -> Option<Result<ChangeBatch, StoreError>> {
-        self.batches.recv().await
+        let item = self.batches.recv().await?;
+        Some(item.map(|(batch, upto)| {
+            self.read_upto = upto;
+            batch
+        }))
     }
 
     /// The sender's cursor at the snapshot the stream reads from.
     pub fn snapshot(&self) -> &Cursor {
         &self.snapshot
+    }
+
+    /// The local version the batches returned so far cover: every row at or
+    /// below it was either in one of them or already held by the receiver.
+    pub fn read_upto(&self) -> i64 {
+        self.read_upto
     }
 }
 
@@ -40,7 +51,15 @@ impl futures_core::Stream for ChangeStream {
     type Item = Result<ChangeBatch, StoreError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.batches.poll_recv(cx)
+        match self.batches.poll_recv(cx) {
+            Poll::Ready(Some(Ok((batch, upto)))) => {
+                self.read_upto = upto;
+                Poll::Ready(Some(Ok(batch)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -114,7 +133,7 @@ pub(super) async fn start(
     pool: Arc<ReaderPool>,
     own_site: SiteId,
     receiver: Cursor,
-    scan_from: Cursor,
+    after_local: i64,
     limits: BatchLimits,
 ) -> Result<ChangeStream, StoreError> {
     let (tx, rx) = mpsc::channel(STREAM_READ_AHEAD);
@@ -124,7 +143,13 @@ pub(super) async fn start(
         .spawn(move || {
             let mut ready = Some(ready_tx);
             let result = read(
-                &pool, own_site, receiver, &scan_from, limits, &tx, &mut ready,
+                &pool,
+                own_site,
+                receiver,
+                after_local,
+                limits,
+                &tx,
+                &mut ready,
             );
             if let Err(e) = result {
                 match ready.take() {
@@ -142,22 +167,24 @@ pub(super) async fn start(
     Ok(ChangeStream {
         batches: rx,
         snapshot,
+        read_upto: after_local,
     })
 }
 
 type Ready = Option<oneshot::Sender<Result<Cursor, StoreError>>>;
+type BatchSender = mpsc::Sender<Result<(ChangeBatch, i64), StoreError>>;
 
 fn read(
     pool: &ReaderPool,
     own_site: SiteId,
     receiver: Cursor,
-    scan_from: &Cursor,
+    after_local: i64,
     limits: BatchLimits,
-    tx: &mpsc::Sender<Result<ChangeBatch, StoreError>>,
+    tx: &BatchSender,
     ready: &mut Ready,
 ) -> Result<(), StoreError> {
     let conn = pool.take()?;
-    let result = read_snapshot(&conn, own_site, receiver, scan_from, limits, tx, ready);
+    let result = read_snapshot(&conn, own_site, receiver, after_local, limits, tx, ready);
     // End the read transaction; a connection in a clean state goes back to the pool.
     match conn.execute_batch("ROLLBACK") {
         Ok(()) if result.is_ok() => pool.give(conn),
@@ -170,27 +197,34 @@ fn read_snapshot(
     conn: &Connection,
     own_site: SiteId,
     receiver: Cursor,
-    scan_from: &Cursor,
+    after_local: i64,
     limits: BatchLimits,
-    tx: &mpsc::Sender<Result<ChangeBatch, StoreError>>,
+    tx: &BatchSender,
     ready: &mut Ready,
 ) -> Result<(), StoreError> {
     conn.execute_batch("BEGIN")?;
     let snapshot = sender_cursor(conn, own_site)?;
-    let mut floor = receiver.clone();
-    floor.join(scan_from);
-    let from = lowest_local_version(conn, own_site, &floor, &snapshot)?;
+    let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let end = db_version(conn)?;
+    let from = lowest_local_version(conn, own_site, &receiver)?.max(after_local);
     if let Some(r) = ready.take() {
         let _ = r.send(Ok(snapshot.clone()));
     }
     let mut builder =
-        BatchBuilder::new(receiver, limits.max_changes).with_max_bytes(limits.max_bytes);
+        BatchBuilder::new(receiver, snapshot, limits.max_changes).with_max_bytes(limits.max_bytes);
     let mut stmt = conn.prepare(
         "SELECT c.\"table\", c.pk, c.cid, c.val, c.col_version, c.db_version, c.site_id, c.cl, c.seq, o.origin_version \
          FROM crsql_changes AS c LEFT JOIN crsync_origin AS o ON o.local_version = c.db_version \
          WHERE c.db_version > ?1 ORDER BY c.db_version, c.seq",
     )?;
     let mut rows = stmt.query(params![from])?;
+    // The local version of the last row pushed: a batch returned by `push`
+    // holds rows up to the one before the current.
+    let mut last_local = from;
+    let stamp = |mut batch: ChangeBatch| {
+        batch.schema_version = Some(schema_version);
+        batch
+    };
     while let Some(row) = rows.next()? {
         let site_bytes: Vec<u8> = row.get(6)?;
         let site = SiteId::from_slice(&site_bytes).map_err(|e| {
@@ -215,14 +249,24 @@ fn read_snapshot(
             cl: row.get(7)?,
             seq: row.get(8)?,
         };
+        let read_before = last_local;
+        last_local = local;
         if let Some(batch) = builder.push(change) {
-            if tx.blocking_send(Ok(batch)).is_err() {
+            // Rows of `read_before`'s version may continue into the next
+            // batch only if they belong to the same transaction, which
+            // `push` keeps whole, so the batch covers versions below `local`.
+            let upto = if read_before < local {
+                read_before
+            } else {
+                local - 1
+            };
+            if tx.blocking_send(Ok((stamp(batch), upto))).is_err() {
                 return Ok(()); // the consumer went away
             }
         }
     }
-    if let Some(batch) = builder.finish(&snapshot) {
-        let _ = tx.blocking_send(Ok(batch));
+    if let Some(batch) = builder.finish() {
+        let _ = tx.blocking_send(Ok((stamp(batch), end.max(last_local))));
     }
     Ok(())
 }
@@ -235,24 +279,31 @@ fn sender_cursor(conn: &Connection, own_site: SiteId) -> rusqlite::Result<Cursor
 }
 
 /// The local version to scan from: below it, every row is already held by the receiver.
+///
+/// Every site with merged rows counts, not only those of the sender's cursor:
+/// rows the sender holds beyond its cursor (unranged, from v1 peers) are sent too.
 fn lowest_local_version(
     conn: &Connection,
     own_site: SiteId,
     receiver: &Cursor,
-    sender: &Cursor,
 ) -> rusqlite::Result<i64> {
     let mut from = receiver.get(&own_site).0;
+    let mut sites = conn.prepare_cached("SELECT DISTINCT site_id FROM crsync_origin")?;
+    let sites: Vec<Vec<u8>> = sites
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
     let mut stmt = conn.prepare_cached(
         "SELECT min(local_version) FROM crsync_origin WHERE site_id = ?1 AND origin_version > ?2",
     )?;
-    for (site, held) in sender.iter() {
-        if site == own_site || receiver.holds(&site, held) {
+    for bytes in sites {
+        let Ok(site) = SiteId::from_slice(&bytes) else {
+            continue;
+        };
+        if site == own_site {
             continue;
         }
-        let first: Option<i64> = stmt.query_row(
-            params![site.as_bytes().as_slice(), receiver.get(&site).0],
-            |r| r.get(0),
-        )?;
+        let first: Option<i64> =
+            stmt.query_row(params![bytes, receiver.get(&site).0], |r| r.get(0))?;
         if let Some(first) = first {
             from = from.min(first - 1);
         }

@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::error::{EnableError, MergeError, OpenError, StoreError};
 use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
-use crate::batch::plan_merge;
+use crate::proto::batch::plan_merge;
 use crate::{ChangeBatch, Cursor, DbVersion, SiteId};
 
 /// A closure run on the writer connection.
@@ -47,6 +47,11 @@ struct Writer {
     last_data_version: i64,
     /// Highest local db_version already reported to subscribers.
     last_reported: i64,
+    /// Our own entry of the cursor: the highest local version that holds rows.
+    /// `crsql_db_version()` also counts transactions that wrote nothing (an
+    /// upsert of equal values), which a restart forgets; claiming those would
+    /// let a remote skip our next writes as "already held".
+    own_version: i64,
     origin_records: u64,
     origin_live_after_gc: u64,
     config: WriterConfig,
@@ -119,6 +124,7 @@ impl Writer {
             conn.query_row("SELECT count(*) FROM crsync_origin", [], |r| r.get(0))?;
         let last_data_version = data_version(&conn)?;
         let last_reported = db_version(&conn)?;
+        let own_version = last_reported;
         let mut schema = Schema::default();
         schema.refresh(&conn)?;
         Ok(Writer {
@@ -129,6 +135,7 @@ impl Writer {
             events,
             last_data_version,
             last_reported,
+            own_version,
             origin_records: origin_records as u64,
             origin_live_after_gc: origin_records as u64,
             config,
@@ -161,7 +168,7 @@ impl Writer {
 
     fn cursor(&self) -> rusqlite::Result<Cursor> {
         let mut cursor = self.remote.clone();
-        cursor.advance(self.site, DbVersion(db_version(&self.conn)?));
+        cursor.advance(self.site, DbVersion(self.own_version));
         Ok(cursor)
     }
 
@@ -211,16 +218,48 @@ impl Writer {
     }
 
     fn merge(&mut self, batch: &ChangeBatch) -> Result<MergeReport, MergeError> {
-        self.schema.refresh(&self.conn)?;
-        for (index, change) in batch.changes.iter().enumerate() {
-            self.schema
-                .check(change)
-                .map_err(|reason| MergeError::Invalid { index, reason })?;
+        if let Some(theirs) = batch.schema_version {
+            let ours: i64 = self
+                .conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            if theirs > ours {
+                return Err(MergeError::Outdated { ours, theirs });
+            }
         }
+        self.schema.refresh(&self.conn)?;
+        let mut dropped = 0;
+        let lenient;
+        let batch = if batch.javascript {
+            // A v1 sender's odd change is left out; the rest still applies.
+            let mut kept = ChangeBatch {
+                changes: Vec::with_capacity(batch.changes.len()),
+                ..batch.clone()
+            };
+            for change in &batch.changes {
+                match self.schema.check(change) {
+                    Ok(()) => kept.changes.push(change.clone()),
+                    Err(reason) => {
+                        dropped += 1;
+                        tracing::warn!(table = %change.table, %reason, "left out an invalid change from a v1 peer");
+                    }
+                }
+            }
+            lenient = kept;
+            &lenient
+        } else {
+            for (index, change) in batch.changes.iter().enumerate() {
+                self.schema
+                    .check(change)
+                    .map_err(|reason| MergeError::Invalid { index, reason })?;
+            }
+            batch
+        };
         let held = self.cursor()?;
         let plan = plan_merge(self.site, &held, batch)?;
         let mut report = MergeReport {
             skipped: plan.skipped,
+            dropped,
+            cursor: held.clone(),
             ..MergeReport::default()
         };
         if plan.transactions.is_empty() && plan.cursor == held {
@@ -279,6 +318,10 @@ impl Writer {
                 self.remote.advance(site, version);
             }
         }
+        // Merged rows hold local versions too: our own entry may claim them
+        // (they are holes in our own versions), once they are on disk.
+        self.rows_since(base)?;
+        report.cursor = self.cursor()?;
         // Merged rows are reported here, as merges, not as local writes.
         self.last_reported = db_version(&self.conn)?;
         if !report.tables.is_empty() {
@@ -331,13 +374,7 @@ impl Writer {
             if now <= self.last_reported {
                 return Ok((BTreeSet::new(), now));
             }
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT DISTINCT \"table\" FROM crsql_changes WHERE db_version > ?1",
-            )?;
-            let tables = stmt
-                .query_map([self.last_reported], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok((tables, now))
+            Ok((self.rows_since(self.last_reported)?, now))
         })();
         match result {
             Ok((tables, now)) => {
@@ -348,6 +385,21 @@ impl Writer {
             }
             Err(e) => tracing::warn!(error = %e, "reading changed tables failed"),
         }
+    }
+
+    /// The tables with rows at local versions above `since`; raises our own
+    /// cursor entry to the highest such version (rows on disk survive a restart).
+    fn rows_since(&mut self, since: i64) -> rusqlite::Result<BTreeSet<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT \"table\", max(db_version) FROM crsql_changes WHERE db_version > ?1 GROUP BY \"table\"",
+        )?;
+        let mut tables = BTreeSet::new();
+        let mut rows = stmt.query([since])?;
+        while let Some(row) = rows.next()? {
+            tables.insert(row.get::<_, String>(0)?);
+            self.own_version = self.own_version.max(row.get(1)?);
+        }
+        Ok(tables)
     }
 
     fn close(mut self) -> Result<(), StoreError> {

@@ -1,11 +1,18 @@
 //! Batches of changes and the pure rules for building and accepting them.
 //!
-//! A [`ChangeBatch`] carries whole origin transactions plus, per origin site, a
-//! [`VersionRange`]: the sender's promise that the receiver, once it has applied
-//! this batch, holds every change of that site in `(after, upto]`. The promise
-//! is what lets a cursor advance past versions that have no surviving rows
-//! (overwritten cells vanish from `crsql_changes`), and what lets a receiver
-//! notice a gap instead of silently skipping changes.
+//! A [`ChangeBatch`] carries changes plus, per origin site, a [`VersionRange`]:
+//! the sender's claim that the receiver, once it has applied this batch, holds
+//! every change of that site in `(after, upto]`. The claim is what lets a
+//! cursor advance past versions that have no surviving rows (overwritten cells
+//! vanish from `crsql_changes`, and every merge uses up a local version, so a
+//! site's own versions have holes), and what lets a receiver notice a gap
+//! instead of silently skipping changes.
+//!
+//! A change outside every range is **unranged**: the receiver applies it
+//! (unless its cursor already holds that version) but its cursor does not
+//! move. That is how changes travel that nobody can vouch for yet: everything
+//! from a v1 peer (which sends no ranges, and whose batches may split a
+//! transaction), and changes a sender holds beyond its own cursor.
 
 use std::collections::BTreeMap;
 
@@ -43,13 +50,28 @@ pub struct VersionRange {
     pub upto: DbVersion,
 }
 
-/// Whole origin transactions and the version ranges they complete.
+impl VersionRange {
+    /// Whether `version` lies in `(after, upto]`.
+    pub fn contains(&self, version: DbVersion) -> bool {
+        self.after < version && version <= self.upto
+    }
+}
+
+/// Changes and the version ranges they complete.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChangeBatch {
-    /// Changes grouped by origin transaction, each group whole.
+    /// Changes; those inside a range come as whole origin transactions.
     pub changes: Vec<Change>,
     /// Per origin site, what this batch completes.
     pub ranges: BTreeMap<SiteId, VersionRange>,
+    /// The sender's schema version (`PRAGMA user_version`) when it read these
+    /// changes; a receiver with an older schema refuses the batch.
+    pub schema_version: Option<i64>,
+    /// The values were written by a JavaScript (v1) peer: numbers follow
+    /// JavaScript, so the receiver reads them by each column's declared type
+    /// (a `1` for a REAL column is the REAL `1.0`), and an invalid change is
+    /// skipped rather than refusing the batch.
+    pub javascript: bool,
 }
 
 impl ChangeBatch {
@@ -76,6 +98,10 @@ impl ChangeBatch {
 /// `max_changes` changes or `max_bytes` of estimated wire size. An origin
 /// transaction larger than that becomes a batch of its own.
 ///
+/// Ranges never claim past `sender`, the sender's own cursor: a change beyond
+/// it (one the sender holds without proof that it holds everything before it)
+/// travels unranged.
+///
 /// ```
 /// use crsync_peer::{BatchBuilder, Change, Cursor, DbVersion, PackedPk, SiteId, SqlValue};
 /// let site = SiteId::from_bytes([1; 16]);
@@ -83,18 +109,20 @@ impl ChangeBatch {
 ///     table: "t".into(), pk: PackedPk::pack(&[SqlValue::Integer(v)]), cid: "x".into(),
 ///     val: SqlValue::Null, col_version: 1, db_version: DbVersion(v), site_id: site, cl: 1, seq: 0,
 /// };
-/// let mut builder = BatchBuilder::new(Cursor::new(), 1);
+/// let sender: Cursor = [(site, DbVersion(5))].into_iter().collect();
+/// let mut builder = BatchBuilder::new(Cursor::new(), sender.clone(), 1);
 /// assert!(builder.push(change(1)).is_none());
 /// let first = builder.push(change(2)).unwrap(); // a new transaction closes the full batch
 /// assert_eq!(first.changes.len(), 1);
-/// let sender: Cursor = [(site, DbVersion(5))].into_iter().collect();
-/// let last = builder.finish(&sender).unwrap();
+/// let last = builder.finish().unwrap();
 /// assert_eq!(last.ranges[&site].upto, DbVersion(5));
 /// ```
 #[derive(Debug)]
 pub struct BatchBuilder {
     /// Per site, the version the next range starts after.
     sent: Cursor,
+    /// What the sender can vouch for.
+    sender: Cursor,
     max_changes: usize,
     max_bytes: usize,
     current_bytes: usize,
@@ -103,10 +131,11 @@ pub struct BatchBuilder {
 }
 
 impl BatchBuilder {
-    /// Starts from the receiver's cursor.
-    pub fn new(receiver: Cursor, max_changes: usize) -> Self {
+    /// Starts from the receiver's cursor; `sender` is the sender's own cursor.
+    pub fn new(receiver: Cursor, sender: Cursor, max_changes: usize) -> Self {
         Self {
             sent: receiver,
+            sender,
             max_changes: max_changes.max(1),
             max_bytes: DEFAULT_MAX_BATCH_BYTES,
             current_bytes: 0,
@@ -139,22 +168,30 @@ impl BatchBuilder {
             }
             self.current_txn = Some((site, version));
         }
-        let after = self.sent.get(&site);
-        self.current
-            .ranges
-            .entry(site)
-            .or_insert(VersionRange { after, upto: after })
-            .upto = version;
+        if self.sender.holds(&site, version) {
+            let after = self.sent.get(&site);
+            let range = self
+                .current
+                .ranges
+                .entry(site)
+                .or_insert(VersionRange { after, upto: after });
+            range.upto = range.upto.max(version);
+        }
         self.current_bytes += change.approx_wire_size();
         self.current.changes.push(change);
         done
     }
 
+    /// Whether a batch is in progress.
+    pub fn has_pending(&self) -> bool {
+        !self.current.changes.is_empty()
+    }
+
     /// Closes the stream: the last batch, with ranges raised to everything the
-    /// sender holds (`sender`), or `None` if there is nothing left to say.
-    pub fn finish(mut self, sender: &Cursor) -> Option<ChangeBatch> {
+    /// sender holds, or `None` if there is nothing left to say.
+    pub fn finish(mut self) -> Option<ChangeBatch> {
         let mut batch = std::mem::take(&mut self.current);
-        for (site, upto) in sender.iter() {
+        for (site, upto) in self.sender.iter() {
             let after = self.sent.get(&site);
             let range = batch
                 .ranges
@@ -192,16 +229,6 @@ pub enum BatchRejection {
         /// Where the batch starts.
         after: DbVersion,
     },
-    /// A change whose origin version lies outside the range its batch declares.
-    #[error(
-        "change of site {site} at version {version} lies outside the batch's range for that site"
-    )]
-    OutOfRange {
-        /// The origin site.
-        site: SiteId,
-        /// The change's origin version.
-        version: DbVersion,
-    },
     /// A range whose end is before its start, or a negative version.
     #[error("invalid range for site {site}: ({after}, {upto}]")]
     BadRange {
@@ -217,7 +244,8 @@ pub enum BatchRejection {
 /// The transactions of a batch that a receiver still lacks, grouped for applying.
 #[derive(Debug, Default, PartialEq)]
 pub struct MergePlan<'a> {
-    /// Origin transactions to apply, in batch order; each group is one transaction.
+    /// Origin transactions to apply, in batch order; each group is one transaction
+    /// (or, unranged, the part of one that this batch carries).
     pub transactions: Vec<((SiteId, DbVersion), Vec<&'a Change>)>,
     /// The receiver's cursor once the batch is applied.
     pub cursor: Cursor,
@@ -227,8 +255,9 @@ pub struct MergePlan<'a> {
 
 /// Checks `batch` against the receiver's cursor `held` and lists what to apply.
 ///
-/// Changes from `own_site` and changes the cursor holds are skipped. A batch
-/// that would leave a gap is rejected whole.
+/// Changes from `own_site` and changes the cursor holds are skipped; every
+/// other change is applied, ranged or not. A range that would leave a gap
+/// rejects the batch whole.
 pub fn plan_merge<'a>(
     own_site: SiteId,
     held: &Cursor,
@@ -257,13 +286,6 @@ pub fn plan_merge<'a>(
     let mut index: BTreeMap<(SiteId, DbVersion), usize> = BTreeMap::new();
     for change in &batch.changes {
         let (site, version) = change.origin();
-        let in_range = batch
-            .ranges
-            .get(&site)
-            .is_some_and(|r| r.after < version && version <= r.upto);
-        if !in_range {
-            return Err(BatchRejection::OutOfRange { site, version });
-        }
         if site == own_site || held.holds(&site, version) {
             plan.skipped += 1;
             continue;
@@ -303,14 +325,15 @@ mod tests {
 
     #[test]
     fn never_splits_a_transaction() {
-        let mut b = BatchBuilder::new(Cursor::new(), 2);
+        let sender: Cursor = [(site(1), DbVersion(3))].into_iter().collect();
+        let mut b = BatchBuilder::new(Cursor::new(), sender, 2);
         let mut out = Vec::new();
         for (v, n) in [(1, 3), (2, 1), (3, 2)] {
             for seq in 0..n {
                 out.extend(b.push(change(1, v, seq)));
             }
         }
-        out.extend(b.finish(&[(site(1), DbVersion(3))].into_iter().collect()));
+        out.extend(b.finish());
         let sizes: Vec<usize> = out.iter().map(|b| b.changes.len()).collect();
         assert_eq!(sizes, vec![3, 3]);
         assert_eq!(
@@ -331,23 +354,24 @@ mod tests {
 
     #[test]
     fn cuts_batches_by_size_too() {
-        let mut b = BatchBuilder::new(Cursor::new(), 1000).with_max_bytes(1);
+        let sender: Cursor = [(site(1), DbVersion(3))].into_iter().collect();
+        let mut b = BatchBuilder::new(Cursor::new(), sender, 1000).with_max_bytes(1);
         let mut out: Vec<ChangeBatch> = (1..=3).filter_map(|v| b.push(change(1, v, 0))).collect();
-        out.extend(b.finish(&Cursor::new()));
+        out.extend(b.finish());
         assert_eq!(out.len(), 3);
     }
 
     #[test]
     fn skips_what_the_receiver_holds_and_reports_empty_ranges() {
         let held: Cursor = [(site(1), DbVersion(2))].into_iter().collect();
-        let mut b = BatchBuilder::new(held, 10);
-        assert!(b.push(change(1, 1, 0)).is_none());
-        assert!(b.push(change(1, 2, 0)).is_none());
         // site 2 had versions up to 7, all overwritten: no rows, but the range still moves.
         let sender: Cursor = [(site(1), DbVersion(2)), (site(2), DbVersion(7))]
             .into_iter()
             .collect();
-        let last = b.finish(&sender).unwrap();
+        let mut b = BatchBuilder::new(held, sender, 10);
+        assert!(b.push(change(1, 1, 0)).is_none());
+        assert!(b.push(change(1, 2, 0)).is_none());
+        let last = b.finish().unwrap();
         assert!(last.changes.is_empty());
         assert_eq!(last.ranges.len(), 1);
         assert_eq!(
@@ -360,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn plan_rejects_gaps_and_out_of_range() {
+    fn plan_rejects_gaps_and_bad_ranges() {
         let mut batch = ChangeBatch::default();
         batch.changes.push(change(1, 5, 0));
         batch.ranges.insert(
@@ -383,20 +407,6 @@ mod tests {
             site(1),
             VersionRange {
                 after: DbVersion(3),
-                upto: DbVersion(4),
-            },
-        );
-        assert_eq!(
-            plan_merge(site(9), &held, &batch),
-            Err(BatchRejection::OutOfRange {
-                site: site(1),
-                version: DbVersion(5)
-            })
-        );
-        batch.ranges.insert(
-            site(1),
-            VersionRange {
-                after: DbVersion(3),
                 upto: DbVersion(2),
             },
         );
@@ -404,6 +414,41 @@ mod tests {
             plan_merge(site(9), &held, &batch),
             Err(BatchRejection::BadRange { .. })
         ));
+    }
+
+    #[test]
+    fn unranged_changes_apply_without_moving_the_cursor() {
+        // A v1 batch: no ranges, versions with holes, half of transaction 7.
+        let mut batch = ChangeBatch::default();
+        batch.changes.extend([change(1, 3, 0), change(1, 7, 0)]);
+        let held: Cursor = [(site(1), DbVersion(2))].into_iter().collect();
+        let plan = plan_merge(site(9), &held, &batch).unwrap();
+        assert_eq!(plan.transactions.len(), 2);
+        assert_eq!(plan.cursor, held);
+        // The other half of transaction 7 is not "already held".
+        let mut rest = ChangeBatch::default();
+        rest.changes.push(change(1, 7, 1));
+        let plan = plan_merge(site(9), &plan.cursor, &rest).unwrap();
+        assert_eq!(plan.transactions.len(), 1);
+        assert_eq!(plan.skipped, 0);
+    }
+
+    #[test]
+    fn ranges_never_claim_past_the_sender() {
+        // The sender holds site 1 up to 4 with proof, and version 6 without.
+        let sender: Cursor = [(site(1), DbVersion(4))].into_iter().collect();
+        let mut b = BatchBuilder::new(Cursor::new(), sender, 10);
+        assert!(b.push(change(1, 3, 0)).is_none());
+        assert!(b.push(change(1, 6, 0)).is_none());
+        let batch = b.finish().unwrap();
+        assert_eq!(batch.changes.len(), 2);
+        assert_eq!(
+            batch.ranges[&site(1)],
+            VersionRange {
+                after: DbVersion(0),
+                upto: DbVersion(4)
+            }
+        );
     }
 
     #[test]
@@ -456,9 +501,9 @@ mod tests {
             }
             let sender: Cursor = (1..4u8).map(|s| (site(s), DbVersion(next[s as usize] + 2))).collect();
             let held: Cursor = (1..4u8).map(|s| (site(s), DbVersion(held_v[s as usize - 1]))).collect();
-            let mut builder = BatchBuilder::new(held.clone(), max);
+            let mut builder = BatchBuilder::new(held.clone(), sender.clone(), max);
             let mut batches: Vec<ChangeBatch> = all.iter().cloned().filter_map(|c| builder.push(c)).collect();
-            batches.extend(builder.finish(&sender));
+            batches.extend(builder.finish());
             let mut cursor = held.clone();
             let mut applied = Vec::new();
             for batch in &batches {

@@ -36,7 +36,7 @@ pub enum SyncOutcome {
 /// The outgoing window of one session.
 ///
 /// ```
-/// use crsync_peer::{Cursor, DbVersion, SiteId, outgoing::{OutgoingWindow, Phase, SyncOutcome}};
+/// use crsync_peer::{Cursor, DbVersion, SiteId, proto::window::{OutgoingWindow, Phase, SyncOutcome}};
 /// use std::time::{Duration, Instant};
 /// let now = Instant::now();
 /// let site = SiteId::from_bytes([1; 16]);
@@ -163,6 +163,11 @@ impl OutgoingWindow {
             return true;
         }
         false
+    }
+
+    /// When [`check_ack_timeout`](Self::check_ack_timeout) would next fire, if batches are in flight.
+    pub fn ack_deadline(&self, timeout: Duration) -> Option<Instant> {
+        (!self.unacked.is_empty()).then(|| self.last_progress + timeout)
     }
 
     /// Stops sending until the remote's next `sync` (it cannot apply what we send).

@@ -1,0 +1,895 @@
+//! [`Session`]: the protocol state machine of one connection to one remote.
+//!
+//! No I/O and no clock: the driver feeds [`Input`]s with the current time and
+//! performs what the session asks for ([`Output`]s, messages from
+//! [`Session::poll_transmit`], a wake-up at [`Session::poll_timeout`]).
+//!
+//! What it decides:
+//! - **Incoming**: one message at a time. A `data` message becomes one
+//!   [`Output::Merge`]; the next message waits until [`Input::Merged`]
+//!   ([`Session::is_busy`]). A refused merge is answered with its code, on the
+//!   per-message reply when the transport has one (HTTP `POST`), else in-band.
+//! - **Outgoing**: on the remote's `sync` request it asks for a stream of what
+//!   the remote's cursor lacks ([`Output::Read`]), sends it within the
+//!   [window](crate::proto::window::OutgoingWindow), ends it with `eose`, then
+//!   follows local changes. After a gap, a lost acknowledgement or a new
+//!   request it starts again from what the remote acknowledged.
+//! - **v1 remotes** (no crsync hello, no ranges): their changes are unranged
+//!   (applied, cursor unmoved: their versions have holes and their batches may
+//!   split a transaction). Their own site's versions become part of our
+//!   cursor only at an `eose` that answers our request on an ordered
+//!   connection: then every change of theirs above the cursor we asked from
+//!   has passed by, in order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::proto::window::{OutgoingWindow, Phase, SyncOutcome};
+use crate::proto::{ErrorCode, Message, ParsedData, SenderAction, SessionPhase, SessionStatus};
+use crate::transport::Rejection;
+use crate::wire::{Encoding, Hello, TransportMessage};
+use crate::{BatchRejection, ChangeBatch, Cursor, DbVersion, SiteId, VersionRange};
+
+/// Control messages (errors, pings) kept while the connection is busy; more are dropped.
+const MAX_PENDING_CONTROL: usize = 32;
+/// Messages received while a merge runs, kept in order.
+const MAX_QUEUED_MESSAGES: usize = 64;
+/// How long to wait before reading again after a read failed.
+const READ_RETRY: Duration = Duration::from_secs(1);
+
+/// Identifies a per-message reply (an HTTP `POST` waiting for its outcome).
+pub type ReplyId = u64;
+
+/// Which end opened the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// We dialed it: the liveness timeout applies.
+    Dialed,
+    /// A remote connected to us.
+    Accepted,
+}
+
+/// Settings of one session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Batches in flight at most.
+    pub window: usize,
+    /// Resend from the acknowledged point when no acknowledgement came for
+    /// this long; ask again when the remote's initial stream stalls this long.
+    pub ack_timeout: Duration,
+    /// How often to ping.
+    pub ping_interval: Duration,
+    /// Close a dialed connection that received nothing for this long.
+    pub liveness_timeout: Option<Duration>,
+    /// Which end opened the connection.
+    pub side: Side,
+    /// Messages from the remote arrive in order and none is lost silently
+    /// ([`Connection::ordered`](crate::Connection::ordered)).
+    pub ordered: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            window: 8,
+            ack_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            liveness_timeout: Some(Duration::from_secs(75)),
+            side: Side::Dialed,
+            ordered: true,
+        }
+    }
+}
+
+/// Something for the session to take in.
+#[derive(Debug)]
+pub enum Input {
+    /// A message from the remote; `reply` if the transport waits for its outcome.
+    Received {
+        /// The message.
+        message: TransportMessage,
+        /// The reply to answer with [`Output::Reply`].
+        reply: Option<ReplyId>,
+    },
+    /// The remote sent something that is not a message.
+    Undecodable {
+        /// Why it does not decode.
+        error: String,
+        /// The reply to answer, if any.
+        reply: Option<ReplyId>,
+    },
+    /// The next batch of the stream the session asked for ([`Output::Read`]).
+    Batch {
+        /// The batch.
+        batch: ChangeBatch,
+        /// The highest local version the stream has read up to.
+        read_upto: i64,
+    },
+    /// The stream ended: every batch was delivered.
+    StreamEnded,
+    /// Reading the stream failed; the session reads again later.
+    StreamFailed(String),
+    /// The merge the session asked for finished.
+    Merged(Result<MergeOutcome, MergeFailure>),
+    /// The store committed something (a local write, or a merge from any
+    /// remote); `cursor` is what it holds now.
+    LocalChanged {
+        /// Our cursor.
+        cursor: Cursor,
+    },
+    /// Our schema version changed.
+    SchemaChanged(i64),
+    /// The time of [`Session::poll_timeout`] came (early calls are harmless).
+    Timeout,
+}
+
+/// A merge succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeOutcome {
+    /// Our cursor after the merge.
+    pub cursor: Cursor,
+}
+
+/// A merge was refused; nothing of it was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MergeFailure {
+    /// The batch does not fit our cursor (a gap).
+    Rejected(BatchRejection),
+    /// A change is invalid for our database.
+    Invalid(String),
+    /// The sender's schema is newer than ours.
+    Outdated {
+        /// Our `user_version`.
+        ours: i64,
+        /// The sender's.
+        theirs: i64,
+    },
+    /// The store failed.
+    Failed(String),
+}
+
+/// Work for the driver.
+#[derive(Debug)]
+pub enum Output {
+    /// Apply this batch atomically and report with [`Input::Merged`].
+    Merge(ChangeBatch),
+    /// Open a stream of what a receiver at `from` lacks, skipping rows at
+    /// local versions up to `after_local` (already sent), and feed its
+    /// batches as [`Input::Batch`] while [`Session::wants_batch`].
+    Read {
+        /// The receiver's cursor.
+        from: Cursor,
+        /// Local versions already delivered.
+        after_local: i64,
+    },
+    /// Drop the stream in progress.
+    CancelRead,
+    /// Answer a per-message reply.
+    Reply {
+        /// Which.
+        id: ReplyId,
+        /// The outcome.
+        result: Result<(), Rejection>,
+    },
+    /// Tell the application.
+    Event(SessionEvent),
+    /// End the session.
+    Close(CloseReason),
+}
+
+/// What happened, for the Peer's events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// The remote said who it is.
+    Identified(SiteId),
+    /// The remote asked for everything its cursor lacks: our initial stream starts.
+    SyncRequested,
+    /// The remote's initial stream to us is complete.
+    Eose,
+    /// The remote runs a newer schema; its changes wait for our upgrade.
+    Outdated {
+        /// Its `user_version`.
+        remote_version: i64,
+        /// Ours.
+        local_version: i64,
+    },
+    /// A message was refused, by us or by the remote.
+    Rejected {
+        /// The code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+        /// Whether the remote refused what we sent.
+        by_remote: bool,
+    },
+    /// Values or changes of a v1 sender that could only be approximated or were left out.
+    Approximated(Vec<String>),
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The remote refused us in a way that retrying on this connection cannot fix.
+    #[error("remote refused: {code}: {message}")]
+    Refused {
+        /// The code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// Nothing received for this long.
+    #[error("no message from the remote for {0:?}")]
+    Timeout(Duration),
+    /// The remote has our own site id.
+    #[error("connected to ourselves")]
+    ConnectedToSelf,
+}
+
+/// A v1 remote's answer to our request: what passed by since we asked.
+#[derive(Debug, Clone)]
+struct V1Round {
+    /// The cursor we asked from.
+    from: Cursor,
+    /// The highest version of the remote's own site seen since.
+    seen: DbVersion,
+}
+
+/// A merge in progress.
+#[derive(Debug)]
+struct PendingMerge {
+    reply: Option<ReplyId>,
+    eose: bool,
+    /// What the remote holds, by its own ranges.
+    holds: Cursor,
+}
+
+/// The protocol state of one connection. See the [module docs](self).
+///
+/// ```
+/// use std::time::Instant;
+/// use crsync_peer::proto::{Input, Output, Session, SessionConfig};
+/// use crsync_peer::wire::TransportMessage;
+/// use crsync_peer::{Cursor, SiteId};
+/// let (a, b) = (SiteId::from_bytes([1; 16]), SiteId::from_bytes([2; 16]));
+/// let now = Instant::now();
+/// let mut session = Session::new(SessionConfig::default(), a, Cursor::new(), 0, now);
+/// // First our `connect`, then our request.
+/// assert_eq!(session.poll_transmit(now).unwrap().kind, crsync_peer::wire::MessageKind::Connect);
+/// assert_eq!(session.poll_transmit(now).unwrap().kind, crsync_peer::wire::MessageKind::Sync);
+/// // The remote asks for everything: the session wants a stream read.
+/// session.handle(Input::Received { message: TransportMessage::sync(b, Cursor::new()), reply: None }, now);
+/// let outputs: Vec<Output> = std::iter::from_fn(|| session.poll_output()).collect();
+/// assert!(outputs.iter().any(|o| matches!(o, Output::Read { .. })));
+/// ```
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    local: SiteId,
+    remote: Option<SiteId>,
+    /// The remote said it is a crsync peer: it reads our acknowledgements.
+    remote_is_crsync: bool,
+    encoding: Encoding,
+    window: OutgoingWindow,
+    /// Our cursor, as the driver last told us.
+    cursor: Cursor,
+    schema_version: i64,
+    // ---- outgoing stream
+    reading: bool,
+    need_stream: bool,
+    buffered: Option<(ChangeBatch, i64)>,
+    eose_pending: bool,
+    /// A read failed: read again at this time.
+    retry_read: Option<Instant>,
+    /// Every row at a local version up to here was sent (or held) since the
+    /// stream last started from the remote's acknowledged point.
+    delivered_local: i64,
+    /// Ranges of the initial stream's change-less batches, sent with `eose`.
+    eose_ranges: BTreeMap<SiteId, VersionRange>,
+    // ---- incoming
+    merging: Option<PendingMerge>,
+    queued: VecDeque<(TransportMessage, Option<ReplyId>)>,
+    v1_round: Option<V1Round>,
+    eose_received: bool,
+    awaiting_schema: Option<i64>,
+    // ---- control
+    control: VecDeque<TransportMessage>,
+    request_pending: bool,
+    ack_pending: bool,
+    // ---- timers
+    last_request: Instant,
+    last_progress_in: Instant,
+    last_received: Instant,
+    last_ping: Instant,
+    // ---- bookkeeping
+    outputs: VecDeque<Output>,
+    closed: bool,
+    changes_received: u64,
+    changes_sent: u64,
+    last_error: Option<(ErrorCode, String)>,
+}
+
+impl Session {
+    /// A new session; `cursor` and `schema_version` are ours now.
+    pub fn new(
+        config: SessionConfig,
+        local: SiteId,
+        cursor: Cursor,
+        schema_version: i64,
+        now: Instant,
+    ) -> Self {
+        let window = OutgoingWindow::new(config.window, false, now);
+        let mut session = Session {
+            config,
+            local,
+            remote: None,
+            remote_is_crsync: false,
+            encoding: Encoding::V1,
+            window,
+            cursor,
+            schema_version,
+            reading: false,
+            need_stream: false,
+            buffered: None,
+            eose_pending: false,
+            retry_read: None,
+            delivered_local: 0,
+            eose_ranges: BTreeMap::new(),
+            merging: None,
+            queued: VecDeque::new(),
+            v1_round: None,
+            eose_received: false,
+            awaiting_schema: None,
+            control: VecDeque::new(),
+            request_pending: true,
+            ack_pending: false,
+            last_request: now,
+            last_progress_in: now,
+            last_received: now,
+            last_ping: now,
+            outputs: VecDeque::new(),
+            closed: false,
+            changes_received: 0,
+            changes_sent: 0,
+            last_error: None,
+        };
+        session.control.push_back(TransportMessage::connect(local));
+        session
+    }
+
+    /// The remote, once it said who it is.
+    pub fn remote(&self) -> Option<SiteId> {
+        self.remote
+    }
+
+    /// Whether a merge is running: hold further [`Input::Received`] until it ends.
+    pub fn is_busy(&self) -> bool {
+        self.merging.is_some() || self.queued.len() >= MAX_QUEUED_MESSAGES
+    }
+
+    /// Whether the session wants the next batch of its stream.
+    pub fn wants_batch(&self) -> bool {
+        !self.closed && self.reading && self.buffered.is_none() && !self.eose_pending
+    }
+
+    /// Whether [`poll_transmit`](Self::poll_transmit) has a message now.
+    pub fn has_transmit(&self) -> bool {
+        !self.closed
+            && (!self.control.is_empty()
+                || self.request_pending
+                || self.ack_pending
+                || (self.window.can_send() && (self.buffered.is_some() || self.eose_pending)))
+    }
+
+    /// Work for the driver, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When to call back with [`Input::Timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        let c = &self.config;
+        let mut next = self.last_ping + c.ping_interval;
+        if !self.eose_received {
+            next = next.min(self.last_request.max(self.last_progress_in) + c.ack_timeout);
+        }
+        if let Some(at) = self.window.ack_deadline(c.ack_timeout) {
+            next = next.min(at);
+        }
+        if let Some(at) = self.retry_read {
+            next = next.min(at);
+        }
+        if let (Side::Dialed, Some(limit)) = (c.side, c.liveness_timeout) {
+            next = next.min(self.last_received + limit);
+        }
+        Some(next)
+    }
+
+    /// The next message to send, when the connection can take one: control
+    /// messages first, then our request or acknowledgement, then data.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<TransportMessage> {
+        if self.closed {
+            return None;
+        }
+        if let Some(message) = self.control.pop_front() {
+            return Some(message);
+        }
+        if std::mem::take(&mut self.request_pending) {
+            self.ack_pending = false;
+            self.last_request = now;
+            self.start_v1_round();
+            return Some(TransportMessage::sync(self.local, self.cursor.clone()));
+        }
+        if std::mem::take(&mut self.ack_pending) {
+            return Some(TransportMessage::ack(self.local, self.cursor.clone()));
+        }
+        if !self.window.can_send() {
+            return None;
+        }
+        if let Some((batch, read_upto)) = self.buffered.take() {
+            let after = batch.cursor_after(self.window.sent());
+            self.window.on_sent(after, now);
+            self.delivered_local = self.delivered_local.max(read_upto);
+            self.changes_sent += batch.changes.len() as u64;
+            let message = TransportMessage::data(
+                self.local,
+                &batch,
+                false,
+                batch.schema_version.unwrap_or(self.schema_version),
+                self.encoding,
+            );
+            self.drive();
+            return Some(message);
+        }
+        if std::mem::take(&mut self.eose_pending) {
+            let eose = ChangeBatch {
+                ranges: std::mem::take(&mut self.eose_ranges),
+                ..ChangeBatch::default()
+            };
+            if !eose.ranges.is_empty() {
+                let after = eose.cursor_after(self.window.sent());
+                self.window.on_sent(after, now);
+            }
+            self.window.on_initial_complete();
+            let message =
+                TransportMessage::data(self.local, &eose, true, self.schema_version, self.encoding);
+            self.drive();
+            return Some(message);
+        }
+        None
+    }
+
+    /// Where the session stands.
+    pub fn status(&self) -> SessionStatus {
+        let phase = if self.closed {
+            SessionPhase::Closed
+        } else if self.remote.is_none() {
+            SessionPhase::Connecting
+        } else if self.awaiting_schema.is_some() {
+            SessionPhase::Outdated
+        } else if self.window.is_paused() {
+            SessionPhase::Paused
+        } else if self.eose_received && self.window.phase() == Phase::Live {
+            SessionPhase::Live
+        } else {
+            SessionPhase::Initial
+        };
+        SessionStatus {
+            remote: self.remote,
+            crsync: self.remote_is_crsync,
+            phase,
+            acknowledged: self.window.acked().clone(),
+            in_flight: self.window.in_flight(),
+            received_eose: self.eose_received,
+            sent_eose: self.window.phase() == Phase::Live,
+            changes_received: self.changes_received,
+            changes_sent: self.changes_sent,
+            last_error: self.last_error.clone(),
+        }
+    }
+
+    /// Takes one input.
+    pub fn handle(&mut self, input: Input, now: Instant) {
+        if self.closed {
+            return;
+        }
+        match input {
+            Input::Received { message, reply } => {
+                self.last_received = now;
+                if self.merging.is_some() {
+                    if self.queued.len() < MAX_QUEUED_MESSAGES {
+                        self.queued.push_back((message, reply));
+                    } else if let Some(id) = reply {
+                        let r = Rejection::new(ErrorCode::Internal, "too many messages queued");
+                        self.outputs.push_back(Output::Reply { id, result: Err(r) });
+                    }
+                } else {
+                    self.receive(message, reply, now);
+                }
+            }
+            Input::Undecodable { error, reply } => {
+                self.last_received = now;
+                self.reject(reply, Rejection::new(ErrorCode::Malformed, error));
+            }
+            Input::Batch { batch, read_upto } => self.on_batch(batch, read_upto),
+            Input::StreamEnded => {
+                self.reading = false;
+                if self.window.phase() == Phase::Initial {
+                    self.eose_pending = true;
+                }
+            }
+            Input::StreamFailed(_) => {
+                self.reading = false;
+                self.retry_read = Some(now + READ_RETRY);
+            }
+            Input::Merged(result) => {
+                self.merged(result, now);
+                while self.merging.is_none() {
+                    let Some((message, reply)) = self.queued.pop_front() else {
+                        break;
+                    };
+                    self.receive(message, reply, now);
+                }
+            }
+            Input::LocalChanged { cursor } => {
+                self.cursor.join(&cursor);
+                if self.window.phase() != Phase::AwaitingSync {
+                    self.need_stream = true;
+                }
+            }
+            Input::SchemaChanged(version) => {
+                self.schema_version = version;
+                if self.awaiting_schema.is_some_and(|theirs| version >= theirs) {
+                    // Our schema caught up: ask again for what we declined.
+                    self.awaiting_schema = None;
+                    self.request_pending = true;
+                }
+            }
+            Input::Timeout => self.on_timeout(now),
+        }
+        self.drive();
+    }
+
+    /// Opens a stream when one is needed and the window has room.
+    fn drive(&mut self) {
+        if self.closed || self.reading || !self.need_stream || !self.window.can_send() {
+            return;
+        }
+        if self.buffered.is_some() || self.eose_pending {
+            return;
+        }
+        self.need_stream = false;
+        self.reading = true;
+        self.outputs.push_back(Output::Read {
+            from: self.window.sent().clone(),
+            after_local: self.delivered_local,
+        });
+    }
+
+    /// Drops the stream in progress; the next starts from the window's
+    /// (possibly rewound) `sent`, with nothing counted as delivered.
+    fn rewind_stream(&mut self) {
+        if self.reading {
+            self.outputs.push_back(Output::CancelRead);
+        }
+        self.reading = false;
+        self.buffered = None;
+        self.eose_pending = false;
+        self.need_stream = true;
+        self.delivered_local = 0;
+    }
+
+    fn on_batch(&mut self, batch: ChangeBatch, read_upto: i64) {
+        if !self.reading {
+            return; // from a stream already cancelled
+        }
+        if batch.changes.is_empty() {
+            // Only version bumps: not worth a message of its own. In the
+            // initial stream the ranges ride on `eose`, so the remote ends up
+            // with our whole cursor; live, they are dropped (the next batch's
+            // range starts where the remote's cursor is, so no gap opens).
+            self.delivered_local = self.delivered_local.max(read_upto);
+            if self.window.phase() == Phase::Initial {
+                self.eose_ranges.extend(batch.ranges);
+            }
+            return;
+        }
+        self.buffered = Some((batch, read_upto));
+    }
+
+    fn on_timeout(&mut self, now: Instant) {
+        let c = self.config.clone();
+        if self.retry_read.is_some_and(|at| now >= at) {
+            self.retry_read = None;
+            self.need_stream = true;
+        }
+        if now.duration_since(self.last_ping) >= c.ping_interval {
+            self.last_ping = now;
+            self.push_control(TransportMessage::ping(self.local));
+        }
+        let stalled_since = self.last_request.max(self.last_progress_in);
+        if !self.eose_received && now.duration_since(stalled_since) >= c.ack_timeout {
+            // Our request, or the remote's eose, may have been lost: ask again.
+            self.request_pending = true;
+            self.last_request = now;
+        }
+        if self.window.check_ack_timeout(now, c.ack_timeout) {
+            self.rewind_stream();
+        }
+        if let (Side::Dialed, Some(limit)) = (c.side, c.liveness_timeout) {
+            if now.duration_since(self.last_received) >= limit {
+                self.close(CloseReason::Timeout(limit));
+            }
+        }
+    }
+
+    fn push_control(&mut self, message: TransportMessage) {
+        if self.control.len() < MAX_PENDING_CONTROL {
+            self.control.push_back(message);
+        }
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if !self.closed {
+            self.outputs.push_back(Output::Close(reason));
+        }
+        self.closed = true;
+    }
+
+    fn event(&mut self, event: SessionEvent) {
+        self.outputs.push_back(Output::Event(event));
+    }
+
+    /// Refuses a message: an event, the reply if there is one, and in-band
+    /// when there is no reply or the refusal must pause the sender (an HTTP
+    /// client counts any answer as delivered).
+    fn reject(&mut self, reply: Option<ReplyId>, rejection: Rejection) {
+        self.last_error = Some((rejection.code.clone(), rejection.message.clone()));
+        if self.remote.is_some() {
+            self.event(SessionEvent::Rejected {
+                code: rejection.code.clone(),
+                message: rejection.message.clone(),
+                by_remote: false,
+            });
+        }
+        let pauses = rejection.code.sender_action() == SenderAction::Pause;
+        if reply.is_none() || pauses {
+            self.push_control(TransportMessage::error(
+                self.local,
+                &rejection.code,
+                rejection.message.clone(),
+            ));
+        }
+        if let Some(id) = reply {
+            self.outputs.push_back(Output::Reply {
+                id,
+                result: Err(rejection),
+            });
+        }
+    }
+
+    fn accept(&mut self, reply: Option<ReplyId>) {
+        if let Some(id) = reply {
+            self.outputs.push_back(Output::Reply { id, result: Ok(()) });
+        }
+    }
+
+    fn receive(&mut self, message: TransportMessage, reply: Option<ReplyId>, now: Instant) {
+        let javascript = !self.remote_is_crsync;
+        let (sender, message) = match Message::parse(message, javascript) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                return self.reject(reply, Rejection::new(ErrorCode::Malformed, e.to_string()));
+            }
+        };
+        if let Err(rejection) = self.identify(sender) {
+            return self.reject(reply, rejection);
+        }
+        if self.closed {
+            return;
+        }
+        match message {
+            Message::Connect { hello } => {
+                self.hello(hello.as_ref());
+                self.accept(reply);
+            }
+            Message::Ping => self.accept(reply),
+            Message::SyncRequest { cursor, hello } => {
+                self.hello(hello.as_ref());
+                self.on_sync(cursor, false, now);
+                self.accept(reply);
+            }
+            Message::Ack { cursor, hello } => {
+                self.hello(hello.as_ref());
+                self.on_sync(cursor, true, now);
+                self.accept(reply);
+            }
+            Message::Error { code, message } => {
+                self.on_remote_error(code, message, now);
+                self.accept(reply);
+            }
+            Message::Data(data) => self.on_data(data, reply, now),
+        }
+    }
+
+    fn identify(&mut self, sender: SiteId) -> Result<(), Rejection> {
+        match self.remote {
+            Some(remote) if remote != sender => Err(Rejection::new(
+                ErrorCode::PeerMismatch,
+                format!("message from {sender} on a connection with {remote}"),
+            )),
+            Some(_) => Ok(()),
+            None if sender == self.local => {
+                self.close(CloseReason::ConnectedToSelf);
+                Err(Rejection::new(
+                    ErrorCode::PeerMismatch,
+                    "connected to ourselves",
+                ))
+            }
+            None => {
+                self.remote = Some(sender);
+                self.event(SessionEvent::Identified(sender));
+                Ok(())
+            }
+        }
+    }
+
+    fn hello(&mut self, hello: Option<&Hello>) {
+        if hello.is_some() && !self.remote_is_crsync {
+            self.encoding = Hello::encoding(hello);
+            self.remote_is_crsync = true;
+            self.window.set_acks_expected(true);
+            self.v1_round = None;
+        }
+    }
+
+    fn on_sync(&mut self, cursor: Cursor, ack: bool, now: Instant) {
+        match self.window.on_sync(cursor, ack, now) {
+            SyncOutcome::StartInitial => {
+                self.rewind_stream();
+                self.eose_ranges.clear();
+                self.event(SessionEvent::SyncRequested);
+            }
+            SyncOutcome::Rewind => self.rewind_stream(),
+            SyncOutcome::Acknowledged => {}
+        }
+    }
+
+    fn on_remote_error(&mut self, code: ErrorCode, message: String, now: Instant) {
+        self.last_error = Some((code.clone(), message.clone()));
+        self.event(SessionEvent::Rejected {
+            code: code.clone(),
+            message: message.clone(),
+            by_remote: true,
+        });
+        match code.sender_action() {
+            SenderAction::Resend => {
+                self.window.on_gap(now);
+                self.rewind_stream();
+            }
+            SenderAction::Pause => self.window.pause(),
+            SenderAction::Ignore => {}
+            _ => self.close(CloseReason::Refused { code, message }),
+        }
+    }
+
+    fn on_data(&mut self, mut data: ParsedData, reply: Option<ReplyId>, now: Instant) {
+        if data.ranged && !self.remote_is_crsync {
+            // Only crsync sends ranges (its hello may have been lost).
+            self.hello(Some(&Hello::current()));
+        }
+        self.last_progress_in = now;
+        if !data.dropped.is_empty() {
+            self.event(SessionEvent::Approximated(std::mem::take(
+                &mut data.dropped,
+            )));
+        }
+        let remote = self.remote.unwrap_or(self.local);
+        if !self.remote_is_crsync {
+            self.v1_evidence(remote, &mut data);
+        }
+        self.changes_received += data.batch.changes.len() as u64;
+        self.merging = Some(PendingMerge {
+            reply,
+            eose: data.eose,
+            holds: data.batch.cursor_after(&Cursor::new()),
+        });
+        self.outputs.push_back(Output::Merge(data.batch));
+    }
+
+    /// Notes the v1 remote's own versions passing by; at an `eose` on an
+    /// ordered connection, claims them (see the module docs).
+    fn v1_evidence(&mut self, remote: SiteId, data: &mut ParsedData) {
+        let Some(round) = self.v1_round.as_mut() else {
+            return;
+        };
+        for change in &data.batch.changes {
+            if change.site_id == remote {
+                round.seen = round.seen.max(change.db_version);
+            }
+        }
+        if data.eose && self.config.ordered {
+            let after = round.from.get(&remote);
+            if round.seen > after {
+                data.batch.ranges.insert(
+                    remote,
+                    VersionRange {
+                        after,
+                        upto: round.seen,
+                    },
+                );
+            }
+            self.v1_round = None;
+        }
+    }
+
+    /// Our request to a v1 remote opens a round (the first outstanding one counts).
+    fn start_v1_round(&mut self) {
+        if !self.remote_is_crsync && self.v1_round.is_none() {
+            self.v1_round = Some(V1Round {
+                from: self.cursor.clone(),
+                seen: DbVersion::ZERO,
+            });
+        }
+    }
+
+    fn merged(&mut self, result: Result<MergeOutcome, MergeFailure>, now: Instant) {
+        let Some(pending) = self.merging.take() else {
+            return;
+        };
+        self.last_progress_in = now;
+        match result {
+            Ok(outcome) => {
+                self.cursor.join(&outcome.cursor);
+                self.window.on_remote_holds(&pending.holds);
+                if pending.eose && !self.eose_received {
+                    self.eose_received = true;
+                    self.event(SessionEvent::Eose);
+                }
+                // A v1 peer reads every `sync` as "send everything again": ack crsync peers only.
+                if self.remote_is_crsync {
+                    self.ack_pending = true;
+                }
+                self.accept(pending.reply);
+            }
+            Err(MergeFailure::Rejected(rejection)) => {
+                // Ask again from our cursor: the remote restarts from where we are.
+                self.request_pending = true;
+                self.reject(
+                    pending.reply,
+                    Rejection::new(ErrorCode::Gap, rejection.to_string()),
+                );
+            }
+            Err(MergeFailure::Invalid(reason)) => {
+                self.reject(
+                    pending.reply,
+                    Rejection::new(ErrorCode::InvalidChange, reason),
+                );
+            }
+            Err(MergeFailure::Outdated { ours, theirs }) => {
+                self.event(SessionEvent::Outdated {
+                    remote_version: theirs,
+                    local_version: ours,
+                });
+                self.awaiting_schema = Some(theirs);
+                self.reject(
+                    pending.reply,
+                    Rejection::new(
+                        ErrorCode::SchemaOutdated,
+                        format!(
+                            "schema version {theirs} is newer than ours ({ours}); changes wait for an upgrade"
+                        ),
+                    ),
+                );
+            }
+            Err(MergeFailure::Failed(reason)) => {
+                self.reject(pending.reply, Rejection::new(ErrorCode::Internal, reason));
+            }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! [`SessionStatus`]: where one session stands, read straight from its state machine.
+
+use crate::proto::ErrorCode;
+use crate::{Cursor, SiteId};
+
+/// The phase of a session, as an app would show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionPhase {
+    /// Nothing heard from the remote yet.
+    Connecting,
+    /// The initial exchange is under way: the remote's initial stream to us,
+    /// ours to it, or both, are not complete.
+    Initial,
+    /// Both initial streams are complete; live changes flow.
+    Live,
+    /// The remote refused what we send (it cannot apply it) and we wait until it asks again.
+    Paused,
+    /// The remote runs a newer schema; its changes wait for our upgrade.
+    Outdated,
+    /// The session ended.
+    Closed,
+}
+
+/// A snapshot of one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionStatus {
+    /// The remote, once it said who it is.
+    pub remote: Option<SiteId>,
+    /// The remote is a crsync peer (it acknowledges and sends ranges); else a v1 peer.
+    pub crsync: bool,
+    /// The phase.
+    pub phase: SessionPhase,
+    /// What the remote has acknowledged holding (for a v1 remote: what we sent it).
+    pub acknowledged: Cursor,
+    /// Batches sent and not yet acknowledged.
+    pub in_flight: usize,
+    /// The remote's initial stream to us is complete (`eose` received).
+    pub received_eose: bool,
+    /// Our initial stream to the remote is complete (`eose` sent).
+    pub sent_eose: bool,
+    /// Changes received from the remote and handed to the store.
+    pub changes_received: u64,
+    /// Changes sent to the remote.
+    pub changes_sent: u64,
+    /// The last refusal, by either side.
+    pub last_error: Option<(ErrorCode, String)>,
+}
