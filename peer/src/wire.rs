@@ -17,11 +17,13 @@
 //! - `sync.ack = true`: an acknowledgement between crsync peers (what the
 //!   sender now holds); it does not restart the stream the way a `sync` does.
 //!
-//! Values: NULL, text, finite reals and integers within ±(2^53 − 1) are plain
-//! JSON in both encodings. With `lossless`, other integers are
-//! `{"$int": "<decimal>"}`, blobs `{"$blob": "<base64>"}` and non-finite reals
-//! `{"$real": "NaN" | "inf" | "-inf"}`. To a v1 peer, blobs go as lowercase hex
-//! text and large integers as JSON numbers (what v1 can carry).
+//! Values (codec in [`value`]): NULL, UTF-8 text, finite reals and integers
+//! within ±(2^53 − 1) are plain JSON in both encodings. With `lossless`, other
+//! integers are `{"$int": "<decimal>"}`, blobs `{"$blob": "<base64>"}`,
+//! non-finite reals `{"$real": "NaN" | "inf" | "-inf"}` and text that is not
+//! valid UTF-8 (SQLite holds whatever bytes it is given) `{"$text": "<base64>"}`.
+//! To a v1 peer, blobs go as lowercase hex text, large integers as JSON numbers
+//! and text that is not UTF-8 as lossy UTF-8 (with a warning): what v1 can carry.
 
 pub mod value;
 
@@ -420,7 +422,7 @@ mod tests {
         );
         let msg = TransportMessage::from_json(&text).unwrap();
         let batch = msg.data.unwrap().to_batch().unwrap();
-        assert_eq!(batch.changes[0].val, SqlValue::Text("hi".into()));
+        assert_eq!(batch.changes[0].val, SqlValue::text("hi"));
         let range = batch.ranges[&batch.changes[0].site_id];
         assert_eq!((range.after, range.upto), (DbVersion(3), DbVersion(4)));
     }

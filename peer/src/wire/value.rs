@@ -2,6 +2,7 @@
 //! and read back (see the [`wire`](super) module docs for the encodings).
 
 use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value as Json;
 
 use super::Encoding;
@@ -21,7 +22,18 @@ pub fn encode_value(v: &SqlValue, encoding: Encoding) -> Json {
     let lossless = encoding == Encoding::Lossless;
     match v {
         SqlValue::Null => Json::Null,
-        SqlValue::Text(s) => Json::String(s.clone()),
+        SqlValue::Text(t) => match std::str::from_utf8(t) {
+            Ok(s) => Json::String(s.to_owned()),
+            Err(_) if lossless => tagged("$text", BASE64.encode(t)),
+            Err(_) => {
+                // A v1 peer holds JavaScript strings, which cannot carry these bytes.
+                tracing::warn!(
+                    bytes = %hex::encode(t),
+                    "text that is not UTF-8 sent to a v1 peer as lossy UTF-8"
+                );
+                Json::String(String::from_utf8_lossy(t).into_owned())
+            }
+        },
         SqlValue::Integer(i) if lossless && i.unsigned_abs() > MAX_SAFE_INTEGER as u64 => {
             tagged("$int", i.to_string())
         }
@@ -40,9 +52,7 @@ pub fn encode_value(v: &SqlValue, encoding: Encoding) -> Json {
             ),
             None => Json::Null,
         },
-        SqlValue::Blob(b) if lossless => {
-            tagged("$blob", base64::engine::general_purpose::STANDARD.encode(b))
-        }
+        SqlValue::Blob(b) if lossless => tagged("$blob", BASE64.encode(b)),
         SqlValue::Blob(b) => Json::String(hex::encode(b)),
     }
 }
@@ -52,7 +62,7 @@ pub fn decode_value(v: &Json) -> Result<SqlValue, String> {
     Ok(match v {
         Json::Null => SqlValue::Null,
         Json::Bool(b) => SqlValue::Integer(i64::from(*b)),
-        Json::String(s) => SqlValue::Text(s.clone()),
+        Json::String(s) => SqlValue::text(s.as_str()),
         Json::Number(n) => {
             if let Some(i) = n.as_i64() {
                 SqlValue::Integer(i)
@@ -75,9 +85,14 @@ pub fn decode_value(v: &Json) -> Result<SqlValue, String> {
                     SqlValue::Integer(text.parse().map_err(|_| format!("bad $int {text:?}"))?)
                 }
                 "$blob" => SqlValue::Blob(
-                    base64::engine::general_purpose::STANDARD
+                    BASE64
                         .decode(text)
                         .map_err(|_| format!("bad $blob {text:?}"))?,
+                ),
+                "$text" => SqlValue::Text(
+                    BASE64
+                        .decode(text)
+                        .map_err(|_| format!("bad $text {text:?}"))?,
                 ),
                 "$real" => SqlValue::Real(match text {
                     "NaN" => f64::NAN,
@@ -130,5 +145,24 @@ mod tests {
         );
         assert!(decode_value(&serde_json::json!([1])).is_err());
         assert!(decode_value(&serde_json::json!({"$int": "x"})).is_err());
+    }
+
+    #[test]
+    fn text_that_is_not_utf8() {
+        let odd = SqlValue::Text(vec![0xff, 0x00, 0xfe]);
+        let tagged = serde_json::json!({"$text": "/wD+"});
+        assert_eq!(encode_value(&odd, Encoding::Lossless), tagged);
+        assert_eq!(decode_value(&tagged).unwrap(), odd);
+        // valid UTF-8 stays a plain string in both encodings
+        assert_eq!(
+            encode_value(&SqlValue::text("é"), Encoding::Lossless),
+            serde_json::json!("é")
+        );
+        // a v1 peer gets what a JavaScript string can hold
+        assert_eq!(
+            encode_value(&odd, Encoding::V1),
+            serde_json::json!("\u{fffd}\u{0}\u{fffd}")
+        );
+        assert!(decode_value(&serde_json::json!({"$text": "!"})).is_err());
     }
 }
