@@ -120,6 +120,94 @@ impl From<f64> for SqlValue {
     }
 }
 
+/// A column's type affinity: how SQLite converts the values stored in it
+/// (<https://sqlite.org/datatype3.html>, section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Affinity {
+    /// `INTEGER` affinity.
+    Integer,
+    /// `TEXT` affinity.
+    Text,
+    /// `BLOB` affinity (no conversion): also a column without a declared type.
+    Blob,
+    /// `REAL` affinity.
+    Real,
+    /// `NUMERIC` affinity.
+    Numeric,
+}
+
+impl Affinity {
+    /// The affinity SQLite gives a column declared with type `decl`
+    /// (the rules of section 3.1, in their order).
+    ///
+    /// ```
+    /// use crsync_peer::Affinity;
+    /// assert_eq!(Affinity::of_declared_type("BIGINT"), Affinity::Integer);
+    /// assert_eq!(Affinity::of_declared_type("VARCHAR(10)"), Affinity::Text);
+    /// assert_eq!(Affinity::of_declared_type(""), Affinity::Blob);
+    /// assert_eq!(Affinity::of_declared_type("double precision"), Affinity::Real);
+    /// assert_eq!(Affinity::of_declared_type("DECIMAL(10,5)"), Affinity::Numeric);
+    /// // the order matters: "POINT" contains "INT"
+    /// assert_eq!(Affinity::of_declared_type("FLOATING POINT"), Affinity::Integer);
+    /// ```
+    pub fn of_declared_type(decl: &str) -> Affinity {
+        let decl = decl.to_ascii_uppercase();
+        let has = |s: &str| decl.contains(s);
+        if has("INT") {
+            Affinity::Integer
+        } else if has("CHAR") || has("CLOB") || has("TEXT") {
+            Affinity::Text
+        } else if has("BLOB") || decl.trim().is_empty() {
+            Affinity::Blob
+        } else if has("REAL") || has("FLOA") || has("DOUB") {
+            Affinity::Real
+        } else {
+            Affinity::Numeric
+        }
+    }
+}
+
+/// Two to the 63rd: the first double above `i64::MAX`.
+const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
+
+/// What a JavaScript sender meant by `value`, given the receiving column's
+/// affinity, with a note when that is only an approximation.
+///
+/// A JavaScript peer holds every number as a double and prints integral ones
+/// as integers, so the wire loses INTEGER versus REAL; the column's declared
+/// type tells them apart again:
+/// - an integer in a REAL column is that real (exact: it was printed from a double);
+/// - an integral real in an INTEGER or NUMERIC column is that integer when it
+///   fits in `i64`, else it saturates to `i64::MIN`/`i64::MAX`, noted;
+/// - everything else is unchanged (TEXT columns convert on their own, and a
+///   BLOB column keeps what it is given).
+///
+/// ```
+/// use crsync_peer::{Affinity, SqlValue, normalize_js};
+/// assert_eq!(normalize_js(SqlValue::Integer(1), Affinity::Real), (SqlValue::Real(1.0), None));
+/// assert_eq!(normalize_js(SqlValue::Real(i64::MIN as f64), Affinity::Integer),
+///            (SqlValue::Integer(i64::MIN), None));
+/// assert_eq!(normalize_js(SqlValue::Real(1.5), Affinity::Integer), (SqlValue::Real(1.5), None));
+/// ```
+pub fn normalize_js(value: SqlValue, affinity: Affinity) -> (SqlValue, Option<String>) {
+    match (value, affinity) {
+        (SqlValue::Integer(i), Affinity::Real) => (SqlValue::Real(i as f64), None),
+        (SqlValue::Real(f), Affinity::Integer | Affinity::Numeric)
+            if f.is_finite() && f.fract() == 0.0 =>
+        {
+            // `as` saturates, and is exact inside the range
+            let i = f as i64;
+            if (-TWO_POW_63..TWO_POW_63).contains(&f) {
+                (SqlValue::Integer(i), None)
+            } else {
+                let note = format!("integral real {f:e} is beyond i64, taken as {i}");
+                (SqlValue::Integer(i), Some(note))
+            }
+        }
+        (value, _) => (value, None),
+    }
+}
+
 /// Text as a serde string when it is UTF-8 (as `String` was), else as bytes.
 mod text_serde {
     use serde::de::{self, Visitor};
@@ -217,6 +305,73 @@ mod tests {
         assert_eq!(SqlValue::text("hi").as_str(), Some("hi"));
         assert_eq!(SqlValue::from(String::from("hi")), SqlValue::from("hi"));
         assert_eq!(SqlValue::Integer(1).as_text(), None);
+    }
+
+    #[test]
+    fn affinity_follows_sqlite_rules() {
+        use Affinity::*;
+        for (decl, affinity) in [
+            ("INTEGER", Integer),
+            ("int", Integer),
+            ("UNSIGNED BIG INT", Integer),
+            ("INT8", Integer),
+            ("CHARACTER(20)", Text),
+            ("NVARCHAR(100)", Text),
+            ("text", Text),
+            ("CLOB", Text),
+            ("BLOB", Blob),
+            ("", Blob),
+            ("REAL", Real),
+            ("DOUBLE", Real),
+            ("Float", Real),
+            ("NUMERIC", Numeric),
+            ("DECIMAL(10,5)", Numeric),
+            ("BOOLEAN", Numeric),
+            ("DATETIME", Numeric),
+            ("STRING", Numeric),
+            // rule order: INT before CHAR, CHAR before BLOB, BLOB before REAL
+            ("CHARINT", Integer),
+            ("BLOBCHAR", Text),
+            ("REALBLOB", Blob),
+        ] {
+            assert_eq!(Affinity::of_declared_type(decl), affinity, "{decl:?}");
+        }
+    }
+
+    #[test]
+    fn normalize_js_by_affinity() {
+        use Affinity::*;
+        let same = |v: SqlValue, a| assert_eq!(normalize_js(v.clone(), a), (v, None), "{a:?}");
+        // what JavaScript could not tell apart
+        assert_eq!(
+            normalize_js(SqlValue::Integer(3), Real),
+            (SqlValue::Real(3.0), None)
+        );
+        assert_eq!(
+            normalize_js(SqlValue::Real(3.0), Integer),
+            (SqlValue::Integer(3), None)
+        );
+        assert_eq!(
+            normalize_js(SqlValue::Real(-0.0), Numeric),
+            (SqlValue::Integer(0), None)
+        );
+        // beyond i64: saturated, noted
+        for (f, i) in [(1e19, i64::MAX), (TWO_POW_63, i64::MAX), (-1e30, i64::MIN)] {
+            let (v, note) = normalize_js(SqlValue::Real(f), Integer);
+            assert_eq!(v, SqlValue::Integer(i), "{f}");
+            assert!(note.is_some(), "{f}");
+        }
+        // everything else unchanged
+        same(SqlValue::Real(1.5), Integer);
+        same(SqlValue::Real(f64::INFINITY), Integer);
+        same(SqlValue::Real(3.0), Blob);
+        same(SqlValue::Real(3.0), Text);
+        same(SqlValue::Integer(3), Integer);
+        same(SqlValue::Integer(3), Blob);
+        same(SqlValue::Integer(3), Text);
+        same(SqlValue::text("3"), Integer);
+        same(SqlValue::Blob(vec![1]), Real);
+        same(SqlValue::Null, Real);
     }
 
     #[test]

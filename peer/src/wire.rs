@@ -22,8 +22,17 @@
 //! integers are `{"$int": "<decimal>"}`, blobs `{"$blob": "<base64>"}`,
 //! non-finite reals `{"$real": "NaN" | "inf" | "-inf"}` and text that is not
 //! valid UTF-8 (SQLite holds whatever bytes it is given) `{"$text": "<base64>"}`.
-//! To a v1 peer, blobs go as lowercase hex text, large integers as JSON numbers
-//! and text that is not UTF-8 as lossy UTF-8 (with a warning): what v1 can carry.
+//! To a v1 peer, values go as a v1 peer writes them itself (`JSON.stringify`
+//! of better-sqlite3 values): blobs as Node Buffer JSON
+//! `{"type": "Buffer", "data": [<byte>, ...]}`, large integers as JSON numbers,
+//! non-finite reals as `null` and text that is not UTF-8 as lossy UTF-8 (with a
+//! warning): what v1 can carry.
+//!
+//! Reading, the [`ValueDialect`] says who wrote the values: a crsync peer's
+//! are decoded strictly; a JavaScript peer's never fail to decode, and what
+//! JavaScript numbers lose (INTEGER versus REAL, integers beyond 2^53) is
+//! approximated and noted ([`decode_change_with`]), then sorted out by the
+//! receiving column's affinity ([`normalize_js`](crate::normalize_js)).
 
 pub mod value;
 
@@ -32,7 +41,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-pub use value::{MAX_SAFE_INTEGER, decode_value, encode_value};
+pub use value::{DecodedValue, MAX_SAFE_INTEGER, ValueDialect, decode_value, encode_value};
 
 use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId, VersionRange};
 
@@ -385,19 +394,33 @@ pub fn encode_change(c: &Change, encoding: Encoding) -> PeerChange {
     }
 }
 
-/// Decodes one change (`index` is its position, for errors).
+/// Decodes one change from a crsync peer (`index` is its position, for errors).
 pub fn decode_change(c: &PeerChange, index: usize) -> Result<Change, DecodeError> {
-    Ok(Change {
+    // crsync values are exact: there is never a note
+    decode_change_with(c, index, ValueDialect::Crsync).map(|(change, _)| change)
+}
+
+/// Decodes one change whose value `dialect` wrote, with a note when the value
+/// could only be approximated (see [`decode_value`]).
+pub fn decode_change_with(
+    c: &PeerChange,
+    index: usize,
+    dialect: ValueDialect,
+) -> Result<(Change, Option<String>), DecodeError> {
+    let val =
+        decode_value(&c.val, dialect).map_err(|reason| DecodeError::BadValue { index, reason })?;
+    let change = Change {
         table: c.table.clone(),
         pk: PackedPk(hex::decode(&c.pk).map_err(|_| DecodeError::BadHex { field: "pk" })?),
         cid: c.cid.clone(),
-        val: decode_value(&c.val).map_err(|reason| DecodeError::BadValue { index, reason })?,
+        val: val.value,
         col_version: c.col_version,
         db_version: DbVersion(c.db_version),
         site_id: parse_site(&c.site_id, "site_id")?,
         cl: c.cl,
         seq: c.seq,
-    })
+    };
+    Ok((change, val.approximated))
 }
 
 #[cfg(test)]
