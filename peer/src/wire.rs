@@ -28,11 +28,12 @@
 //! non-finite reals as `null` and text that is not UTF-8 as lossy UTF-8 (with a
 //! warning): what v1 can carry.
 //!
-//! Reading, the [`ValueDialect`] says who wrote the values: a crsync peer's
-//! are decoded strictly; a JavaScript peer's never fail to decode, and what
-//! JavaScript numbers lose (INTEGER versus REAL, integers beyond 2^53) is
-//! approximated and noted ([`decode_change_with`]), then sorted out by the
-//! receiving column's affinity ([`normalize_js`](crate::normalize_js)).
+//! When reading, the [`ValueDialect`] says who wrote the values: a crsync
+//! peer's are decoded strictly; a JavaScript peer's never fail to decode
+//! (what cannot be decoded exactly is approximated and noted, see
+//! [`decode_change_with`]), and what JavaScript numbers lose, INTEGER versus
+//! REAL, is restored from the receiving column's affinity
+//! ([`normalize_js`](crate::normalize_js)).
 
 pub mod value;
 

@@ -28,7 +28,7 @@ pub fn encode_value(v: &SqlValue, encoding: Encoding) -> Json {
             Err(_) => {
                 // A v1 peer holds JavaScript strings, which cannot carry these bytes.
                 tracing::warn!(
-                    bytes = %hex::encode(t),
+                    bytes = t.len(),
                     "text that is not UTF-8 sent to a v1 peer as lossy UTF-8"
                 );
                 Json::String(String::from_utf8_lossy(t).into_owned())
