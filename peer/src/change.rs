@@ -36,9 +36,12 @@ impl Change {
     pub fn approx_wire_size(&self) -> usize {
         let val = match &self.val {
             SqlValue::Null | SqlValue::Integer(_) | SqlValue::Real(_) => 32,
-            // escaping can double text; hex doubles blobs (base64: 4/3)
-            SqlValue::Text(s) => 2 * s.len() + 2,
-            SqlValue::Blob(b) => 2 * b.len() + 16,
+            // escaping can double text; text that is not UTF-8 goes as lossy
+            // UTF-8 (up to 3 bytes per byte) or as `{"$text": base64}`
+            SqlValue::Text(t) if std::str::from_utf8(t).is_ok() => 2 * t.len() + 2,
+            SqlValue::Text(t) => 3 * t.len() + 16,
+            // Node Buffer JSON takes up to 4 bytes a byte ("255,"; base64: 4/3)
+            SqlValue::Blob(b) => 4 * b.len() + 32,
         };
         // field names, numbers and the 32-hex-digit site id
         160 + self.table.len() + self.cid.len() + 2 * self.pk.0.len() + val

@@ -42,7 +42,7 @@ pub use store::{
     DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, InvalidChange, MergeError, MergeReport,
     OpenError, READER_POOL_CAP, STREAM_READ_AHEAD, Store, StoreBuilder, StoreError, StoreEvent,
 };
-pub use value::SqlValue;
+pub use value::{Affinity, SqlValue, normalize_js};
 
 pub use peer::{DEFAULT_WINDOW, PEER_EVENT_CAP, Peer, PeerBuilder, PeerEvent, WaitError};
 /// Re-exported so callers of [`Store::write`] use the same rusqlite.

@@ -5,7 +5,9 @@
 //! three bits are the SQLite type and whose high five bits are the width of the
 //! big-endian integer that follows (the value for integers, the length for text
 //! and blobs), then the bytes. cr-sqlite itself panics on malformed input, so
-//! every key from outside is checked here before it reaches SQLite.
+//! every key from outside is checked here before it reaches SQLite. Text is
+//! kept as the bytes SQLite holds, UTF-8 or not (there is no UTF-8 check, as
+//! there is none in SQLite), so any key a replica holds can be replicated.
 
 use crate::SqlValue;
 
@@ -48,12 +50,6 @@ pub enum PkError {
         /// The width found.
         width: usize,
     },
-    /// Text that is not UTF-8.
-    #[error("primary key column {column} is not valid UTF-8")]
-    NotUtf8 {
-        /// Zero-based column index.
-        column: usize,
-    },
     /// Bytes left after the last column.
     #[error("{extra} trailing bytes after the primary key")]
     TrailingBytes {
@@ -85,7 +81,7 @@ impl PackedPk {
                     out.push(TYPE_FLOAT);
                     out.extend_from_slice(&f.to_be_bytes());
                 }
-                SqlValue::Text(s) => push_bytes(&mut out, TYPE_TEXT, s.as_bytes()),
+                SqlValue::Text(t) => push_bytes(&mut out, TYPE_TEXT, t),
                 SqlValue::Blob(b) => push_bytes(&mut out, TYPE_BLOB, b),
             }
         }
@@ -124,9 +120,8 @@ impl PackedPk {
                     let len = usize::try_from(len).map_err(|_| PkError::Truncated { column })?;
                     let bytes = take(&mut rest, len, column)?;
                     if t == TYPE_TEXT {
-                        let s =
-                            std::str::from_utf8(bytes).map_err(|_| PkError::NotUtf8 { column })?;
-                        SqlValue::Text(s.to_owned())
+                        // as SQLite holds it: text need not be UTF-8
+                        SqlValue::Text(bytes.to_vec())
                     } else {
                         SqlValue::Blob(bytes.to_vec())
                     }
@@ -228,10 +223,14 @@ mod tests {
             PackedPk(vec![1, TYPE_NULL, 0]).unpack(),
             Err(PkError::TrailingBytes { extra: 1 })
         );
-        assert_eq!(
-            PackedPk(vec![1, 1 << 3 | TYPE_TEXT, 2, 0xff, 0xfe]).unpack(),
-            Err(PkError::NotUtf8 { column: 0 })
-        );
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_keeps_its_bytes() {
+        let pk = PackedPk(vec![1, 1 << 3 | TYPE_TEXT, 2, 0xff, 0xfe]);
+        let values = pk.unpack().unwrap();
+        assert_eq!(values, vec![SqlValue::Text(vec![0xff, 0xfe])]);
+        assert_eq!(PackedPk::pack(&values), pk);
     }
 
     #[test]

@@ -17,22 +17,35 @@
 //! - `sync.ack = true`: an acknowledgement between crsync peers (what the
 //!   sender now holds); it does not restart the stream the way a `sync` does.
 //!
-//! Values: NULL, text, finite reals and integers within ±(2^53 − 1) are plain
-//! JSON in both encodings. With `lossless`, other integers are
-//! `{"$int": "<decimal>"}`, blobs `{"$blob": "<base64>"}` and non-finite reals
-//! `{"$real": "NaN" | "inf" | "-inf"}`. To a v1 peer, blobs go as lowercase hex
-//! text and large integers as JSON numbers (what v1 can carry).
+//! Values (codec in [`value`]): NULL, UTF-8 text, finite reals and integers
+//! within ±(2^53 − 1) are plain JSON in both encodings. With `lossless`, other
+//! integers are `{"$int": "<decimal>"}`, blobs `{"$blob": "<base64>"}`,
+//! non-finite reals `{"$real": "NaN" | "inf" | "-inf"}` and text that is not
+//! valid UTF-8 (SQLite holds whatever bytes it is given) `{"$text": "<base64>"}`.
+//! To a v1 peer, values go as a v1 peer writes them itself (`JSON.stringify`
+//! of better-sqlite3 values): blobs as Node Buffer JSON
+//! `{"type": "Buffer", "data": [<byte>, ...]}`, large integers as JSON numbers,
+//! non-finite reals as `null` and text that is not UTF-8 as lossy UTF-8 (with a
+//! warning): what v1 can carry.
+//!
+//! When reading, the [`ValueDialect`] says who wrote the values: a crsync
+//! peer's are decoded strictly; a JavaScript peer's never fail to decode
+//! (what cannot be decoded exactly is approximated and noted, see
+//! [`decode_change_with`]), and what JavaScript numbers lose, INTEGER versus
+//! REAL, is restored from the receiving column's affinity
+//! ([`normalize_js`](crate::normalize_js)).
+
+pub mod value;
 
 use std::collections::BTreeMap;
 
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId, SqlValue, VersionRange};
+pub use value::{DecodedValue, MAX_SAFE_INTEGER, ValueDialect, decode_value, encode_value};
 
-/// Largest integer a JSON number carries exactly in JavaScript.
-pub const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
+use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId, VersionRange};
+
 /// Name of the lossless value encoding.
 pub const LOSSLESS: &str = "lossless";
 /// crsync's protocol extension version.
@@ -382,146 +395,46 @@ pub fn encode_change(c: &Change, encoding: Encoding) -> PeerChange {
     }
 }
 
-/// Decodes one change (`index` is its position, for errors).
+/// Decodes one change from a crsync peer (`index` is its position, for errors).
 pub fn decode_change(c: &PeerChange, index: usize) -> Result<Change, DecodeError> {
-    Ok(Change {
+    // crsync values are exact: there is never a note
+    decode_change_with(c, index, ValueDialect::Crsync).map(|(change, _)| change)
+}
+
+/// Decodes one change whose value `dialect` wrote, with a note when the value
+/// could only be approximated (see [`decode_value`]).
+pub fn decode_change_with(
+    c: &PeerChange,
+    index: usize,
+    dialect: ValueDialect,
+) -> Result<(Change, Option<String>), DecodeError> {
+    let val =
+        decode_value(&c.val, dialect).map_err(|reason| DecodeError::BadValue { index, reason })?;
+    let change = Change {
         table: c.table.clone(),
         pk: PackedPk(hex::decode(&c.pk).map_err(|_| DecodeError::BadHex { field: "pk" })?),
         cid: c.cid.clone(),
-        val: decode_value(&c.val).map_err(|reason| DecodeError::BadValue { index, reason })?,
+        val: val.value,
         col_version: c.col_version,
         db_version: DbVersion(c.db_version),
         site_id: parse_site(&c.site_id, "site_id")?,
         cl: c.cl,
         seq: c.seq,
-    })
-}
-
-fn tagged(tag: &str, text: String) -> Json {
-    let mut map = serde_json::Map::new();
-    map.insert(tag.into(), Json::String(text));
-    Json::Object(map)
-}
-
-/// Encodes a value for the wire.
-pub fn encode_value(v: &SqlValue, encoding: Encoding) -> Json {
-    let lossless = encoding == Encoding::Lossless;
-    match v {
-        SqlValue::Null => Json::Null,
-        SqlValue::Text(s) => Json::String(s.clone()),
-        SqlValue::Integer(i) if lossless && i.unsigned_abs() > MAX_SAFE_INTEGER as u64 => {
-            tagged("$int", i.to_string())
-        }
-        SqlValue::Integer(i) => Json::from(*i),
-        SqlValue::Real(f) => match serde_json::Number::from_f64(*f) {
-            Some(n) => Json::Number(n),
-            None if lossless => tagged(
-                "$real",
-                if f.is_nan() {
-                    "NaN".into()
-                } else if *f > 0.0 {
-                    "inf".into()
-                } else {
-                    "-inf".into()
-                },
-            ),
-            None => Json::Null,
-        },
-        SqlValue::Blob(b) if lossless => {
-            tagged("$blob", base64::engine::general_purpose::STANDARD.encode(b))
-        }
-        SqlValue::Blob(b) => Json::String(hex::encode(b)),
-    }
-}
-
-/// Decodes a value from the wire (either encoding).
-pub fn decode_value(v: &Json) -> Result<SqlValue, String> {
-    Ok(match v {
-        Json::Null => SqlValue::Null,
-        Json::Bool(b) => SqlValue::Integer(i64::from(*b)),
-        Json::String(s) => SqlValue::Text(s.clone()),
-        Json::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                SqlValue::Integer(i)
-            } else if n.is_u64() {
-                return Err(format!("integer {n} does not fit in 64 bits"));
-            } else {
-                SqlValue::Real(
-                    n.as_f64()
-                        .ok_or_else(|| format!("number {n} is not representable"))?,
-                )
-            }
-        }
-        Json::Object(map) if map.len() == 1 => {
-            let (tag, body) = map.iter().next().ok_or("empty object")?;
-            let text = body
-                .as_str()
-                .ok_or_else(|| format!("{tag} must be a string"))?;
-            match tag.as_str() {
-                "$int" => {
-                    SqlValue::Integer(text.parse().map_err(|_| format!("bad $int {text:?}"))?)
-                }
-                "$blob" => SqlValue::Blob(
-                    base64::engine::general_purpose::STANDARD
-                        .decode(text)
-                        .map_err(|_| format!("bad $blob {text:?}"))?,
-                ),
-                "$real" => SqlValue::Real(match text {
-                    "NaN" => f64::NAN,
-                    "inf" => f64::INFINITY,
-                    "-inf" => f64::NEG_INFINITY,
-                    other => return Err(format!("bad $real {other:?}")),
-                }),
-                other => return Err(format!("unknown tag {other:?}")),
-            }
-        }
-        other => return Err(format!("unsupported JSON value {other}")),
-    })
+    };
+    Ok((change, val.approximated))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SqlValue;
     use proptest::prelude::*;
 
     proptest! {
         #[test]
-        fn lossless_round_trip_through_json_text(v in crate::value::arbitrary_value()) {
-            let text = serde_json::to_string(&encode_value(&v, Encoding::Lossless)).unwrap();
-            let back = decode_value(&serde_json::from_str(&text).unwrap()).unwrap();
-            prop_assert_eq!(back, v);
-        }
-
-        #[test]
         fn decoding_arbitrary_json_never_panics(s in ".{0,200}") {
             let _ = TransportMessage::from_json(&s);
         }
-    }
-
-    #[test]
-    fn v1_values_are_plain_json() {
-        assert_eq!(
-            encode_value(&SqlValue::Integer(5), Encoding::V1),
-            serde_json::json!(5)
-        );
-        assert_eq!(
-            encode_value(&SqlValue::Integer(5), Encoding::Lossless),
-            serde_json::json!(5)
-        );
-        assert_eq!(
-            encode_value(&SqlValue::Blob(vec![1, 2]), Encoding::V1),
-            serde_json::json!("0102")
-        );
-        assert_eq!(
-            encode_value(&SqlValue::Integer(i64::MAX), Encoding::Lossless),
-            serde_json::json!({"$int": "9223372036854775807"})
-        );
-        assert_eq!(
-            decode_value(&serde_json::json!(1.5)).unwrap(),
-            SqlValue::Real(1.5)
-        );
-        assert!(decode_value(&serde_json::json!([1])).is_err());
-        assert!(decode_value(&serde_json::json!({"$int": "x"})).is_err());
     }
 
     #[test]
@@ -533,7 +446,7 @@ mod tests {
         );
         let msg = TransportMessage::from_json(&text).unwrap();
         let batch = msg.data.unwrap().to_batch().unwrap();
-        assert_eq!(batch.changes[0].val, SqlValue::Text("hi".into()));
+        assert_eq!(batch.changes[0].val, SqlValue::text("hi"));
         let range = batch.ranges[&batch.changes[0].site_id];
         assert_eq!((range.after, range.upto), (DbVersion(3), DbVersion(4)));
     }

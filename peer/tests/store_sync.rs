@@ -88,7 +88,7 @@ async fn values_survive_exactly() {
         (
             4,
             SqlValue::Real(0.1 + 0.2),
-            SqlValue::Text("ünïcødé \u{0} nul".into()),
+            SqlValue::text("ünïcødé \u{0} nul"),
         ),
         (5, SqlValue::Real(f64::MAX), SqlValue::Real(-0.0)),
     ];
@@ -216,4 +216,66 @@ async fn a_read_upto_hint_skips_only_what_was_already_read() {
     // a hint past the write skips it
     let (past, _) = collect(plain_upto).await;
     assert_eq!(past.iter().map(|x| x.changes.len()).sum::<usize>(), 0);
+}
+
+/// Text SQLite holds as bytes that are not UTF-8, in a primary key and in a
+/// column, reaches another store byte for byte: merged directly, and through
+/// lossless wire JSON.
+#[tokio::test]
+async fn text_that_is_not_utf8_survives_byte_for_byte() {
+    use crsync_peer::wire::{Encoding, TransportMessage};
+    const TABLE: &str = "CREATE TABLE raw (k TEXT PRIMARY KEY NOT NULL, note TEXT)";
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &'static str| {
+        let path = dir.path().to_owned();
+        async move {
+            let s = open_store(&path, name).await;
+            s.write(|tx| tx.execute_batch(TABLE)).await.unwrap();
+            s.enable_crr(&["raw"]).await.unwrap();
+            s
+        }
+    };
+    let (a, b, c) = (open("a.db").await, open("b.db").await, open("c.db").await);
+    a.write(|tx| {
+        tx.execute_batch(
+            "INSERT INTO raw VALUES (CAST(x'ff00fe' AS TEXT), CAST(x'ff00fe' AS TEXT));
+             INSERT INTO raw VALUES ('plain', CAST(x'80' AS TEXT));
+             UPDATE raw SET note = CAST(x'c328' AS TEXT) WHERE k = 'plain'",
+        )
+    })
+    .await
+    .unwrap();
+    // a -> b: the Store's own stream and merge
+    sync(&a, &b).await;
+    // a -> c: through the JSON text a crsync peer sends
+    for batch in support::batches_for(&a, &Cursor::new()).await {
+        let json =
+            TransportMessage::data(a.site_id(), &batch, false, 0, Encoding::Lossless).to_json();
+        let back = TransportMessage::from_json(&json).unwrap();
+        let batch = back.data.unwrap().to_batch().unwrap();
+        c.merge(batch).await.unwrap();
+    }
+    let t = || "text".to_owned();
+    let expected = vec![
+        ("706C61696E".to_owned(), t(), "C328".to_owned(), t()),
+        ("FF00FE".to_owned(), t(), "FF00FE".to_owned(), t()),
+    ];
+    assert_eq!(raw_hex(&a).await, expected);
+    assert_eq!(raw_hex(&b).await, expected);
+    assert_eq!(raw_hex(&c).await, expected);
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
+}
+
+/// `raw`'s rows as hex, with their storage types.
+async fn raw_hex(s: &Store) -> Vec<(String, String, String, String)> {
+    s.read(|conn| {
+        let mut stmt =
+            conn.prepare("SELECT hex(k), typeof(k), hex(note), typeof(note) FROM raw ORDER BY k")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        rows.collect()
+    })
+    .await
+    .expect("read raw")
 }

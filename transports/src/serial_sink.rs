@@ -169,4 +169,42 @@ mod tests {
         assert_eq!(log.lock().unwrap().len(), 2);
         sink.close().await.unwrap();
     }
+
+    /// Fails every close.
+    struct FailingClose;
+
+    impl SerialSend for FailingClose {
+        fn send(self, _: TransportMessage) -> BoxFuture<'static, (Self, SendResult)> {
+            futures_util::future::ready((self, Ok(()))).boxed()
+        }
+
+        fn close(self) -> BoxFuture<'static, SendResult> {
+            futures_util::future::ready(Err(TransportError::Io("close".into()))).boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_sink_never_polls_its_completed_futures() {
+        // after a failed send: every later call answers without polling it again
+        let mut sink = SerialSink::new(Recorder(Arc::new(Mutex::new(Vec::new()))));
+        for i in 1..=3 {
+            let _ = sink.send(msg(i)).await;
+        }
+        assert!(matches!(
+            sink.send(msg(4)).await,
+            Err(TransportError::Closed)
+        ));
+        sink.close().await.unwrap();
+        sink.close().await.unwrap();
+        assert!(matches!(sink.flush().await, Err(TransportError::Closed)));
+        // after a close, failed or not
+        let mut sink = SerialSink::new(FailingClose);
+        sink.send(msg(1)).await.unwrap();
+        assert!(matches!(sink.close().await, Err(TransportError::Io(_))));
+        sink.close().await.unwrap();
+        assert!(matches!(
+            sink.send(msg(2)).await,
+            Err(TransportError::Closed)
+        ));
+    }
 }

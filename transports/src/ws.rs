@@ -9,16 +9,22 @@
 //! - a close frame, or the socket closing, ends the stream; any other socket
 //!   error yields one `Err(TransportError::Io)` and ends it.
 //!
+//! On the sink, the first socket error is reported once (`Io`, or `Closed`
+//! when the socket was already closed) and finishes it, as does a completed
+//! close: later sends fail with `Closed` and closing again is `Ok`.
+//!
 //! [`WebSocketDialer`] opens `ws://` URLs (and `wss://` with the `rustls`
 //! feature); [`connection_from_ws`] turns any WebSocket (a server's accepted
 //! socket, or a test's in-memory one) into a [`Connection`].
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crsync_peer::wire::TransportMessage;
 use crsync_peer::{Connection, Dialer, MessageStream, Received, SiteId, TransportError};
 use futures_util::future::{BoxFuture, FutureExt};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{Sink, Stream, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
@@ -171,16 +177,81 @@ where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Send + 'static,
 {
     let (sink, stream) = socket.split();
-    let sink = sink
-        .sink_map_err(send_error)
-        .with(|message: TransportMessage| {
-            futures_util::future::ready(Ok::<_, TransportError>(Message::text(message.to_json())))
-        });
     Connection {
-        sink: Box::pin(sink),
+        sink: Box::pin(FrameSink {
+            frames: sink,
+            finished: false,
+        }),
         stream: messages(stream),
         label: label.into(),
         ordered: true,
+    }
+}
+
+/// Messages to text frames. The first socket error is reported once and
+/// finishes the sink, as does a completed close: after that, sends fail with
+/// [`TransportError::Closed`] and closing again is `Ok`, without touching the
+/// socket (whose sink must not be polled after it failed or closed).
+struct FrameSink<S> {
+    frames: S,
+    finished: bool,
+}
+
+impl<S> FrameSink<S>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    /// Polls one operation on the socket unless finished; an error finishes.
+    fn on_socket(
+        &mut self,
+        op: impl FnOnce(Pin<&mut S>) -> Poll<Result<(), WsError>>,
+    ) -> Poll<Result<(), TransportError>> {
+        if self.finished {
+            return Poll::Ready(Err(TransportError::Closed));
+        }
+        let result = std::task::ready!(op(Pin::new(&mut self.frames)));
+        Poll::Ready(self.finish_on_error(result))
+    }
+
+    fn finish_on_error(&mut self, result: Result<(), WsError>) -> Result<(), TransportError> {
+        if result.is_err() {
+            self.finished = true;
+        }
+        result.map_err(send_error)
+    }
+}
+
+impl<S> Sink<TransportMessage> for FrameSink<S>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    type Error = TransportError;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.get_mut().on_socket(|s| s.poll_ready(cx))
+    }
+
+    fn start_send(self: Pin<&mut Self>, message: TransportMessage) -> Result<(), Self::Error> {
+        let this = self.get_mut();
+        if this.finished {
+            return Err(TransportError::Closed);
+        }
+        let result = Pin::new(&mut this.frames).start_send(Message::text(message.to_json()));
+        this.finish_on_error(result)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.get_mut().on_socket(|s| s.poll_flush(cx))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let this = self.get_mut();
+        if this.finished {
+            return Poll::Ready(Ok(()));
+        }
+        let result = std::task::ready!(this.on_socket(|s| s.poll_close(cx)));
+        this.finished = true;
+        Poll::Ready(result)
     }
 }
 

@@ -295,3 +295,62 @@ async fn a_close_frame_ends_the_stream() {
         .await;
     assert!(after.is_err());
 }
+
+/// Sends pings until one fails (the socket is gone), within [`WAIT`].
+async fn send_until_it_fails(sink: &mut crsync_peer::MessageSink) -> TransportError {
+    timeout(WAIT, async {
+        loop {
+            if let Err(e) = sink.send(TransportMessage::ping(client_site())).await {
+                return e;
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn closing_after_a_failed_send_does_not_panic() {
+    let (url, mut accepted) = server(Gate::Open).await;
+    let mut client = WebSocketDialer::new(&url)
+        .dial(client_site())
+        .await
+        .unwrap();
+    // The server accepts, then drops the socket without a close frame.
+    drop(accept(&mut accepted).await.socket);
+    let failed = send_until_it_fails(&mut client.sink).await;
+    assert!(
+        matches!(failed, TransportError::Io(_) | TransportError::Closed),
+        "{failed:?}"
+    );
+    // The session then closes its sink: an error or Ok, never a panic.
+    let _ = timeout(WAIT, client.sink.close()).await.unwrap();
+    // and the sink stays finished
+    let again = client
+        .sink
+        .send(TransportMessage::ping(client_site()))
+        .await;
+    assert!(matches!(again, Err(TransportError::Closed)), "{again:?}");
+    let _ = timeout(WAIT, client.sink.close()).await.unwrap();
+}
+
+#[tokio::test]
+async fn closing_after_the_remote_closed_does_not_panic() {
+    let (url, mut accepted) = server(Gate::Open).await;
+    let mut client = WebSocketDialer::new(&url)
+        .dial(client_site())
+        .await
+        .unwrap();
+    let mut socket = accept(&mut accepted).await.socket;
+    let server = tokio::spawn(async move {
+        socket.close(None).await.unwrap();
+        while let Some(Ok(_)) = socket.next().await {}
+    });
+    // The stream reads the close frame and ends.
+    assert!(timeout(WAIT, client.stream.next()).await.unwrap().is_none());
+    timeout(WAIT, server).await.unwrap().unwrap();
+    let failed = send_until_it_fails(&mut client.sink).await;
+    assert!(matches!(failed, TransportError::Closed), "{failed:?}");
+    let _ = timeout(WAIT, client.sink.close()).await.unwrap();
+    let _ = timeout(WAIT, client.sink.close()).await.unwrap();
+}

@@ -48,7 +48,7 @@ pub async fn dump(store: &Store) -> Vec<Vec<SqlValue>> {
                 for row in rows {
                     out.push(row?);
                 }
-                out.push(vec![SqlValue::Text("--".into())]);
+                out.push(vec![SqlValue::text("--")]);
             }
             Ok(out)
         })
