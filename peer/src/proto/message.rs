@@ -1,7 +1,10 @@
 //! [`Message`]: a [`TransportMessage`] parsed once, at the edge, into what it means.
 
 use crate::proto::ErrorCode;
-use crate::wire::{DecodeError, Hello, MessageKind, PeerMessageKind, TransportMessage};
+use crate::wire::{
+    DecodeError, Hello, MessageKind, PeerMessageKind, TransportMessage, ValueDialect,
+    decode_change_with,
+};
 use crate::{ChangeBatch, Cursor, DbVersion, SiteId, VersionRange};
 
 /// What a remote said.
@@ -49,9 +52,10 @@ pub struct ParsedData {
     pub eose: bool,
     /// The message carried ranges (crsync's extension); a v1 peer's never do.
     pub ranged: bool,
-    /// Changes of a JavaScript sender that could not be decoded and were left
-    /// out, one line each (the rest of the message is still applied).
-    pub dropped: Vec<String>,
+    /// Values of a JavaScript sender that could only be approximated, and
+    /// changes that could not be decoded and were left out, one line each
+    /// (the rest of the message is still applied).
+    pub notes: Vec<String>,
 }
 
 impl Message {
@@ -109,10 +113,18 @@ impl Message {
                 };
                 parsed.batch.schema_version = data.schema_version;
                 parsed.batch.javascript = javascript;
+                let dialect = if javascript {
+                    ValueDialect::JavaScript
+                } else {
+                    ValueDialect::Crsync
+                };
                 for (index, change) in data.data.iter().enumerate() {
-                    match crate::wire::decode_change(change, index) {
-                        Ok(c) => parsed.batch.changes.push(c),
-                        Err(e) if javascript => parsed.dropped.push(e.to_string()),
+                    match decode_change_with(change, index, dialect) {
+                        Ok((c, note)) => {
+                            parsed.notes.extend(note);
+                            parsed.batch.changes.push(c);
+                        }
+                        Err(e) if javascript => parsed.notes.push(format!("left out: {e}")),
                         Err(e) => return Err(e),
                     }
                 }
@@ -178,7 +190,7 @@ mod tests {
             panic!("not data")
         };
         assert_eq!(data.batch.changes.len(), 1);
-        assert_eq!(data.dropped.len(), 1);
+        assert_eq!(data.notes.len(), 1);
         assert!(parse(&json, false).is_err());
     }
 

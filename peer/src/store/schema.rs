@@ -97,10 +97,6 @@ impl Schema {
     /// affinity of the column it is for (see [`normalize_js`]); a note says
     /// when that is only an approximation. The row marker (cid `-1`) and
     /// unknown tables or columns are left alone.
-    #[allow(
-        dead_code,
-        reason = "the merge path (writer.rs) calls it for JavaScript senders; wired up there separately"
-    )]
     pub(crate) fn normalize_js(&self, change: &mut Change) -> Option<String> {
         if change.cid == SENTINEL_CID {
             return None;

@@ -237,7 +237,13 @@ impl Writer {
             };
             for change in &batch.changes {
                 match self.schema.check(change) {
-                    Ok(()) => kept.changes.push(change.clone()),
+                    Ok(()) => {
+                        let mut change = change.clone();
+                        if let Some(note) = self.schema.normalize_js(&mut change) {
+                            tracing::warn!(table = %change.table, column = %change.cid, %note, "a v1 value could only be approximated");
+                        }
+                        kept.changes.push(change);
+                    }
                     Err(reason) => {
                         dropped += 1;
                         tracing::warn!(table = %change.table, %reason, "left out an invalid change from a v1 peer");
