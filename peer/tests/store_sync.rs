@@ -279,3 +279,61 @@ async fn raw_hex(s: &Store) -> Vec<(String, String, String, String)> {
     .await
     .expect("read raw")
 }
+
+/// Upserts that write equal values commit no rows, yet cr-sqlite counts a
+/// version for each; a cursor claiming them went back after a restart, and a
+/// receiver told the higher version skipped the next writes as "held".
+#[tokio::test]
+async fn no_op_upserts_never_claim_versions_a_restart_forgets() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    for i in 0..200i64 {
+        // 50 distinct rows, then 150 upserts of values they already have
+        let id = i % 50;
+        a.write(move |tx| {
+            tx.execute(
+                "INSERT INTO items (id, name) VALUES (?1, 'same') \
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+                [id],
+            )
+        })
+        .await
+        .unwrap();
+    }
+    let site = a.site_id();
+    let before = a.cursor().await.unwrap().get(&site);
+    let newest_row: i64 = a
+        .read(|c| {
+            c.query_row("SELECT max(db_version) FROM crsql_changes", [], |r| {
+                r.get(0)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        before.0, newest_row,
+        "the cursor claims versions without rows"
+    );
+    sync(&a, &b).await;
+    a.close().await.unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    assert_eq!(
+        a.cursor().await.unwrap().get(&site),
+        before,
+        "the cursor moved back after a restart"
+    );
+    a.write(|tx| tx.execute_batch("INSERT INTO items (id, name) VALUES (999, 'after restart')"))
+        .await
+        .unwrap();
+    sync(&a, &b).await;
+    let names: Vec<String> = b
+        .read(|c| {
+            c.prepare("SELECT name FROM items WHERE id = 999")?
+                .query_map([], |r| r.get(0))?
+                .collect()
+        })
+        .await
+        .unwrap();
+    assert_eq!(names, vec!["after restart".to_string()]);
+}

@@ -707,3 +707,6 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,286 @@
+//! The session alone: inputs in, outputs checked (the simulator drives many).
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::wire::{MessageKind, PeerChange, PeerMessage, PeerMessageKind};
+use crate::{Change, PackedPk, SqlValue};
+
+const US: SiteId = SiteId::from_bytes([1; 16]);
+const THEM: SiteId = SiteId::from_bytes([2; 16]);
+
+fn session(ordered: bool) -> (Session, Instant) {
+    let now = Instant::now();
+    let config = SessionConfig {
+        ordered,
+        ..SessionConfig::default()
+    };
+    (Session::new(config, US, Cursor::new(), 0, now), now)
+}
+
+fn outputs(s: &mut Session) -> Vec<Output> {
+    std::iter::from_fn(|| s.poll_output()).collect()
+}
+
+fn transmits(s: &mut Session, now: Instant) -> Vec<TransportMessage> {
+    std::iter::from_fn(|| s.poll_transmit(now)).collect()
+}
+
+fn received(message: TransportMessage) -> Input {
+    Input::Received {
+        message,
+        reply: None,
+    }
+}
+
+/// A v1 `data` message: no ranges, no hello, JavaScript values.
+fn v1_data(kind: PeerMessageKind, versions: &[i64]) -> TransportMessage {
+    let change = |v: &i64| PeerChange {
+        table: "t".into(),
+        pk: hex::encode(PackedPk::pack(&[SqlValue::Integer(*v)]).0),
+        cid: "x".into(),
+        val: serde_json::json!(1),
+        col_version: 1,
+        db_version: *v,
+        site_id: THEM.to_hex(),
+        cl: 1,
+        seq: 0,
+    };
+    TransportMessage {
+        kind: MessageKind::Data,
+        data: Some(PeerMessage {
+            kind,
+            data: versions.iter().map(change).collect(),
+            schema_version: Some(0),
+            ranges: None,
+        }),
+        ..TransportMessage::ping(THEM)
+    }
+}
+
+fn merge_of(outs: Vec<Output>) -> ChangeBatch {
+    outs.into_iter()
+        .find_map(|o| match o {
+            Output::Merge(b) => Some(b),
+            _ => None,
+        })
+        .expect("a merge")
+}
+
+fn merged(s: &mut Session, cursor: Cursor, now: Instant) {
+    s.handle(Input::Merged(Ok(MergeOutcome { cursor })), now);
+}
+
+#[test]
+fn a_v1_batch_with_holes_is_merged_unranged_with_javascript_values() {
+    let (mut s, now) = session(true);
+    transmits(&mut s, now); // connect, sync: the round starts
+    s.handle(received(v1_data(PeerMessageKind::Changes, &[1, 3, 7])), now);
+    let batch = merge_of(outputs(&mut s));
+    assert!(batch.ranges.is_empty(), "{:?}", batch.ranges);
+    assert!(batch.javascript);
+    assert_eq!(batch.changes.len(), 3);
+    assert!(s.is_busy());
+    merged(&mut s, Cursor::new(), now);
+    assert!(!s.is_busy());
+    // no GAP, no re-request, no ack to a v1 peer
+    assert!(transmits(&mut s, now).is_empty());
+}
+
+#[test]
+fn a_v1_eose_on_an_ordered_connection_vouches_for_the_remotes_own_versions() {
+    let (mut s, now) = session(true);
+    transmits(&mut s, now);
+    s.handle(received(v1_data(PeerMessageKind::Changes, &[1, 3])), now);
+    merge_of(outputs(&mut s));
+    merged(&mut s, Cursor::new(), now);
+    s.handle(received(v1_data(PeerMessageKind::Eose, &[])), now);
+    let eose = merge_of(outputs(&mut s));
+    assert_eq!(
+        eose.ranges.get(&THEM),
+        Some(&VersionRange {
+            after: DbVersion(0),
+            upto: DbVersion(3)
+        })
+    );
+}
+
+#[test]
+fn a_v1_eose_over_unordered_posts_vouches_for_nothing() {
+    let (mut s, now) = session(false);
+    transmits(&mut s, now);
+    s.handle(received(v1_data(PeerMessageKind::Changes, &[1, 3])), now);
+    merge_of(outputs(&mut s));
+    merged(&mut s, Cursor::new(), now);
+    // a lost POST (version 2?) cannot be told from a hole
+    s.handle(received(v1_data(PeerMessageKind::Eose, &[])), now);
+    assert!(merge_of(outputs(&mut s)).ranges.is_empty());
+}
+
+#[test]
+fn a_gap_is_answered_and_we_ask_again() {
+    let (mut s, now) = session(true);
+    transmits(&mut s, now);
+    s.handle(received(TransportMessage::connect(THEM)), now);
+    let mut batch = ChangeBatch::default();
+    batch.ranges.insert(
+        THEM,
+        VersionRange {
+            after: DbVersion(5),
+            upto: DbVersion(6),
+        },
+    );
+    s.handle(
+        Input::Received {
+            message: TransportMessage::data(THEM, &batch, false, 0, Encoding::Lossless),
+            reply: Some(7),
+        },
+        now,
+    );
+    merge_of(outputs(&mut s));
+    let gap = crate::BatchRejection::Gap {
+        site: THEM,
+        held: DbVersion(0),
+        after: DbVersion(5),
+    };
+    s.handle(Input::Merged(Err(MergeFailure::Rejected(gap))), now);
+    let outs = outputs(&mut s);
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Output::Reply { id: 7, result: Err(r) } if r.code == ErrorCode::Gap
+    )));
+    let sent = transmits(&mut s, now);
+    assert!(
+        sent.iter()
+            .any(|m| m.kind == MessageKind::Sync && m.ack.is_none()),
+        "{sent:?}"
+    );
+}
+
+fn change(v: i64) -> Change {
+    Change {
+        table: "t".into(),
+        pk: PackedPk::pack(&[SqlValue::Integer(v)]),
+        cid: "x".into(),
+        val: SqlValue::Integer(v),
+        col_version: 1,
+        db_version: DbVersion(v),
+        site_id: US,
+        cl: 1,
+        seq: 0,
+    }
+}
+
+#[test]
+fn a_live_read_starts_after_what_the_last_stream_delivered() {
+    let (mut s, now) = session(true);
+    transmits(&mut s, now);
+    s.handle(received(TransportMessage::sync(THEM, Cursor::new())), now);
+    let read = outputs(&mut s)
+        .into_iter()
+        .find(|o| matches!(o, Output::Read { .. }));
+    assert!(matches!(read, Some(Output::Read { after_local: 0, .. })));
+    assert!(s.wants_batch());
+    let batch = ChangeBatch {
+        changes: vec![change(1)],
+        ranges: [(
+            US,
+            VersionRange {
+                after: DbVersion(0),
+                upto: DbVersion(1),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..ChangeBatch::default()
+    };
+    s.handle(
+        Input::Batch {
+            batch,
+            read_upto: 4,
+        },
+        now,
+    );
+    s.handle(Input::StreamEnded, now);
+    let sent = transmits(&mut s, now);
+    let kinds: Vec<_> = sent
+        .iter()
+        .map(|m| m.data.as_ref().map(|d| d.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![Some(PeerMessageKind::Changes), Some(PeerMessageKind::Eose)]
+    );
+    // a local write: the next stream skips what was already sent
+    let cursor: Cursor = [(US, DbVersion(5))].into_iter().collect();
+    s.handle(Input::LocalChanged { cursor }, now);
+    let read = outputs(&mut s)
+        .into_iter()
+        .find(|o| matches!(o, Output::Read { .. }));
+    assert!(
+        matches!(read, Some(Output::Read { after_local: 4, .. })),
+        "{read:?}"
+    );
+}
+
+#[test]
+fn the_window_bounds_batches_in_flight_and_a_lost_ack_resends() {
+    let (mut s, now) = session(true);
+    transmits(&mut s, now);
+    let mut hello = TransportMessage::sync(THEM, Cursor::new());
+    hello.crsync = Some(Hello::current());
+    s.handle(received(hello), now);
+    outputs(&mut s);
+    let mut sent = 0;
+    for v in 1..=20 {
+        if !s.wants_batch() {
+            break;
+        }
+        let batch = ChangeBatch {
+            changes: vec![change(v)],
+            ranges: [(
+                US,
+                VersionRange {
+                    after: DbVersion(v - 1),
+                    upto: DbVersion(v),
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..ChangeBatch::default()
+        };
+        s.handle(
+            Input::Batch {
+                batch,
+                read_upto: v,
+            },
+            now,
+        );
+        sent += transmits(&mut s, now).len();
+    }
+    assert_eq!(sent, SessionConfig::default().window);
+    assert!(!s.wants_batch());
+    // no acknowledgement comes: after the timeout, the stream restarts from zero
+    let later = now + SessionConfig::default().ack_timeout + Duration::from_millis(1);
+    s.handle(Input::Timeout, later);
+    let outs = outputs(&mut s);
+    assert!(outs.iter().any(|o| matches!(o, Output::CancelRead)));
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Output::Read { from, after_local: 0 } if from.is_empty()
+    )));
+}
+
+#[test]
+fn a_dialed_session_closes_when_nothing_arrives() {
+    let (mut s, now) = session(true);
+    let limit = SessionConfig::default().liveness_timeout.expect("a limit");
+    assert!(s.poll_timeout().expect("a timer") <= now + limit);
+    s.handle(Input::Timeout, now + limit);
+    assert!(
+        outputs(&mut s)
+            .iter()
+            .any(|o| matches!(o, Output::Close(CloseReason::Timeout(_))))
+    );
+    assert_eq!(s.status().phase, SessionPhase::Closed);
+}
