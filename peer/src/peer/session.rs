@@ -74,7 +74,11 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
                 break;
             }
         }
-        let _ = sink.close().await;
+        // A sink that failed is not polled again (some adapters panic when
+        // polled after their error, e.g. `sink_map_err`).
+        if result.is_ok() {
+            let _ = sink.close().await;
+        }
         writer_done.cancel();
         result
     });
