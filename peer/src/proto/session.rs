@@ -608,10 +608,17 @@ impl Session {
             self.v1_evidence(remote, &mut data);
         }
         self.changes_received += data.batch.changes.len() as u64;
+        // The remote holds what its ranges claim, and its own changes up to
+        // the newest it sent: those are never sent back to it.
+        let mut holds = data.batch.cursor_after(&Cursor::new());
+        let own_newest = data.batch.changes.iter().filter(|c| c.site_id == remote);
+        if let Some(newest) = own_newest.map(|c| c.db_version).max() {
+            holds.advance(remote, newest);
+        }
         self.merging = Some(PendingMerge {
             reply,
             eose: data.eose,
-            holds: data.batch.cursor_after(&Cursor::new()),
+            holds,
         });
         self.outputs.push_back(Output::Merge(data.batch));
     }

@@ -284,3 +284,30 @@ fn a_dialed_session_closes_when_nothing_arrives() {
     );
     assert_eq!(s.status().phase, SessionPhase::Closed);
 }
+
+#[test]
+fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
+    let (mut s, now) = session(false);
+    transmits(&mut s, now);
+    s.handle(received(TransportMessage::sync(THEM, Cursor::new())), now);
+    outputs(&mut s);
+    s.handle(Input::StreamEnded, now);
+    transmits(&mut s, now); // eose
+    s.handle(received(v1_data(PeerMessageKind::Changes, &[4, 9])), now);
+    merge_of(outputs(&mut s));
+    merged(&mut s, Cursor::new(), now);
+    s.handle(
+        Input::LocalChanged {
+            cursor: Cursor::new(),
+        },
+        now,
+    );
+    let read = outputs(&mut s)
+        .into_iter()
+        .find_map(|o| match o {
+            Output::Read { from, .. } => Some(from),
+            _ => None,
+        })
+        .expect("a read");
+    assert_eq!(read.get(&THEM), DbVersion(9));
+}
