@@ -21,7 +21,7 @@ pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
 pub use reader::{ChangeStream, READER_POOL_CAP};
 
 use crate::proto::batch::BatchLimits;
-use crate::{ChangeBatch, Cursor, SiteId};
+use crate::{ChangeBatch, Cursor, ReadHint, SiteId};
 use writer::Command;
 
 /// Capacity of the queue of commands to the writer thread.
@@ -65,6 +65,8 @@ pub struct MergeReport {
     pub cursor: Cursor,
     /// Invalid changes of a v1 (JavaScript) sender left out (logged).
     pub dropped: usize,
+    /// The span of local versions the merged transactions were written under.
+    pub local_versions: Option<(i64, i64)>,
     /// Changes handed to cr-sqlite (each may win or lose its conflict).
     pub applied: usize,
     /// Changes skipped because they were already held.
@@ -302,24 +304,26 @@ impl Store {
         cursor: &Cursor,
         limits: BatchLimits,
     ) -> Result<ChangeStream, StoreError> {
-        self.changes_since_hinted(cursor, 0, limits).await
+        self.changes_since_hinted(cursor, &ReadHint::default(), limits)
+            .await
     }
 
     /// As [`changes_since_with_limits`](Self::changes_since_with_limits),
-    /// skipping rows at local versions up to `after_local`: the caller already
-    /// sent them to this receiver (see [`ChangeStream::read_upto`]). Ranges
-    /// still start at `cursor`; the hint only saves reading and resending.
+    /// leaving out the rows `hint` names by local version: those the caller
+    /// already sent to this receiver (see [`ChangeStream::read_upto`]) and
+    /// those merged from it. Ranges still start at `cursor`; the hint only
+    /// saves reading and resending.
     pub async fn changes_since_hinted(
         &self,
         cursor: &Cursor,
-        after_local: i64,
+        hint: &ReadHint,
         limits: BatchLimits,
     ) -> Result<ChangeStream, StoreError> {
         reader::start(
             self.readers.clone(),
             self.site_id,
             cursor.clone(),
-            after_local,
+            hint.clone(),
             limits,
         )
         .await

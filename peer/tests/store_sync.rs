@@ -190,11 +190,12 @@ async fn a_read_upto_hint_skips_only_what_was_already_read() {
     let collect = |after_local: i64| {
         let b = b.clone();
         let from = a_view_of_b.clone();
+        let hint = crsync_peer::ReadHint {
+            after_local,
+            ..Default::default()
+        };
         async move {
-            let mut s = b
-                .changes_since_hinted(&from, after_local, limits)
-                .await
-                .unwrap();
+            let mut s = b.changes_since_hinted(&from, &hint, limits).await.unwrap();
             let mut v = Vec::new();
             while let Some(x) = s.next_batch().await {
                 v.push(x.unwrap());

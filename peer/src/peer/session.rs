@@ -97,12 +97,8 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
                     let store = inner.store.clone();
                     merging = Some(Box::pin(async move { store.merge(batch).await }));
                 }
-                Output::Read { from, after_local } => {
-                    match inner
-                        .store
-                        .changes_since_hinted(&from, after_local, limits)
-                        .await
-                    {
+                Output::Read { from, hint } => {
+                    match inner.store.changes_since_hinted(&from, &hint, limits).await {
                         Ok(s) => reading = Some(s),
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read changes; will retry");
@@ -218,6 +214,7 @@ fn merge_result(result: Result<MergeReport, MergeError>) -> Result<MergeOutcome,
     match result {
         Ok(report) => Ok(MergeOutcome {
             cursor: report.cursor,
+            local_versions: report.local_versions,
         }),
         Err(MergeError::Rejected(rejection)) => Err(MergeFailure::Rejected(rejection)),
         Err(MergeError::Invalid { index, reason }) => {

@@ -57,6 +57,68 @@ impl VersionRange {
     }
 }
 
+/// What a stream for one receiver may leave out, by the sender's local versions.
+///
+/// ```
+/// use crsync_peer::ReadHint;
+/// let mut hint = ReadHint { after_local: 4, ..ReadHint::default() };
+/// hint.skip(7, 9);
+/// hint.skip(10, 12); // coalesced with 7..=9
+/// assert!(hint.skips(3) && hint.skips(8) && hint.skips(12));
+/// assert!(!hint.skips(5) && !hint.skips(13));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadHint {
+    /// Rows at local versions up to here were already sent to this receiver.
+    pub after_local: i64,
+    /// Inclusive spans of local versions whose rows came from this receiver
+    /// (its merges): it holds them, so they are never sent back. Sorted, disjoint.
+    pub skip_local: Vec<(i64, i64)>,
+}
+
+/// Spans kept in a [`ReadHint`]; older ones are forgotten (their rows may be sent once more).
+const MAX_SKIP_SPANS: usize = 64;
+
+impl ReadHint {
+    /// Whether rows at `local` may be left out.
+    pub fn skips(&self, local: i64) -> bool {
+        local <= self.after_local
+            || self
+                .skip_local
+                .binary_search_by(|(lo, hi)| {
+                    if *hi < local {
+                        std::cmp::Ordering::Less
+                    } else if *lo > local {
+                        std::cmp::Ordering::Greater
+                    } else {
+                        std::cmp::Ordering::Equal
+                    }
+                })
+                .is_ok()
+    }
+
+    /// Adds the span `first..=last` (local versions only grow, so spans arrive in order).
+    pub fn skip(&mut self, first: i64, last: i64) {
+        if last < first || last <= self.after_local {
+            return;
+        }
+        match self.skip_local.last_mut() {
+            Some((_, hi)) if *hi + 1 >= first => *hi = (*hi).max(last),
+            _ => self.skip_local.push((first, last)),
+        }
+        if self.skip_local.len() > MAX_SKIP_SPANS {
+            self.skip_local.remove(0);
+        }
+    }
+
+    /// Raises `after_local`, dropping the spans it covers.
+    pub fn delivered(&mut self, upto: i64) {
+        self.after_local = self.after_local.max(upto);
+        let after = self.after_local;
+        self.skip_local.retain(|(_, hi)| *hi > after);
+    }
+}
+
 /// Changes and the version ranges they complete.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChangeBatch {

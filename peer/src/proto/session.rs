@@ -35,7 +35,7 @@ use crate::proto::window::{OutgoingWindow, Phase, SyncOutcome};
 use crate::proto::{ErrorCode, Message, ParsedData, SenderAction, SessionPhase, SessionStatus};
 use crate::transport::Rejection;
 use crate::wire::{Encoding, Hello, TransportMessage};
-use crate::{ChangeBatch, Cursor, DbVersion, SiteId, VersionRange};
+use crate::{ChangeBatch, Cursor, DbVersion, ReadHint, SiteId, VersionRange};
 
 /// Control messages (errors, pings) kept while the connection is busy; more are dropped.
 const MAX_PENDING_CONTROL: usize = 32;
@@ -99,9 +99,10 @@ pub struct Session {
     eose_pending: bool,
     /// A read failed: read again at this time.
     retry_read: Option<Instant>,
-    /// Every row at a local version up to here was sent (or held) since the
-    /// stream last started from the remote's acknowledged point.
-    delivered_local: i64,
+    /// Rows the next stream may leave out: every row at a local version up to
+    /// `after_local` was sent (or held) since the stream last started from the
+    /// remote's acknowledged point, and rows merged from this remote.
+    hint: ReadHint,
     /// Ranges of the initial stream's change-less batches, sent with `eose`.
     eose_ranges: BTreeMap<SiteId, VersionRange>,
     // ---- incoming
@@ -151,7 +152,7 @@ impl Session {
             buffered: None,
             eose_pending: false,
             retry_read: None,
-            delivered_local: 0,
+            hint: ReadHint::default(),
             eose_ranges: BTreeMap::new(),
             merging: None,
             queued: VecDeque::new(),
@@ -250,7 +251,7 @@ impl Session {
         if let Some((batch, read_upto)) = self.buffered.take() {
             let after = batch.cursor_after(self.window.sent());
             self.window.on_sent(after, now);
-            self.delivered_local = self.delivered_local.max(read_upto);
+            self.hint.delivered(read_upto);
             self.changes_sent += batch.changes.len() as u64;
             let message = TransportMessage::data(
                 self.local,
@@ -383,7 +384,7 @@ impl Session {
         self.reading = true;
         self.outputs.push_back(Output::Read {
             from: self.window.sent().clone(),
-            after_local: self.delivered_local,
+            hint: self.hint.clone(),
         });
     }
 
@@ -397,7 +398,7 @@ impl Session {
         self.buffered = None;
         self.eose_pending = false;
         self.need_stream = true;
-        self.delivered_local = 0;
+        self.hint.after_local = 0;
     }
 
     fn on_batch(&mut self, batch: ChangeBatch, read_upto: i64) {
@@ -409,7 +410,7 @@ impl Session {
             // initial stream the ranges ride on `eose`, so the remote ends up
             // with our whole cursor; live, they are dropped (the next batch's
             // range starts where the remote's cursor is, so no gap opens).
-            self.delivered_local = self.delivered_local.max(read_upto);
+            self.hint.delivered(read_upto);
             if self.window.phase() == Phase::Initial {
                 self.eose_ranges.extend(batch.ranges);
             }
@@ -667,6 +668,9 @@ impl Session {
         match result {
             Ok(outcome) => {
                 self.cursor.join(&outcome.cursor);
+                if let Some((first, last)) = outcome.local_versions {
+                    self.hint.skip(first, last);
+                }
                 self.window.on_remote_holds(&pending.holds);
                 if pending.eose && !self.eose_received {
                     self.eose_received = true;

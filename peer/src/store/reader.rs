@@ -12,7 +12,9 @@ use super::STREAM_READ_AHEAD;
 use super::error::StoreError;
 use super::schema::load_remote_cursor;
 use super::writer::{close_connection, db_version};
-use crate::{BatchBuilder, BatchLimits, Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId};
+use crate::{
+    BatchBuilder, BatchLimits, Change, ChangeBatch, Cursor, DbVersion, PackedPk, ReadHint, SiteId,
+};
 
 /// The batches that bring a cursor up to date, read from one snapshot.
 ///
@@ -133,24 +135,17 @@ pub(super) async fn start(
     pool: Arc<ReaderPool>,
     own_site: SiteId,
     receiver: Cursor,
-    after_local: i64,
+    hint: ReadHint,
     limits: BatchLimits,
 ) -> Result<ChangeStream, StoreError> {
+    let after_local = hint.after_local;
     let (tx, rx) = mpsc::channel(STREAM_READ_AHEAD);
     let (ready_tx, ready_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("crsync-store-reader".into())
         .spawn(move || {
             let mut ready = Some(ready_tx);
-            let result = read(
-                &pool,
-                own_site,
-                receiver,
-                after_local,
-                limits,
-                &tx,
-                &mut ready,
-            );
+            let result = read(&pool, own_site, receiver, &hint, limits, &tx, &mut ready);
             if let Err(e) = result {
                 match ready.take() {
                     Some(r) => {
@@ -178,13 +173,13 @@ fn read(
     pool: &ReaderPool,
     own_site: SiteId,
     receiver: Cursor,
-    after_local: i64,
+    hint: &ReadHint,
     limits: BatchLimits,
     tx: &BatchSender,
     ready: &mut Ready,
 ) -> Result<(), StoreError> {
     let conn = pool.take()?;
-    let result = read_snapshot(&conn, own_site, receiver, after_local, limits, tx, ready);
+    let result = read_snapshot(&conn, own_site, receiver, hint, limits, tx, ready);
     // End the read transaction; a connection in a clean state goes back to the pool.
     match conn.execute_batch("ROLLBACK") {
         Ok(()) if result.is_ok() => pool.give(conn),
@@ -197,7 +192,7 @@ fn read_snapshot(
     conn: &Connection,
     own_site: SiteId,
     receiver: Cursor,
-    after_local: i64,
+    hint: &ReadHint,
     limits: BatchLimits,
     tx: &BatchSender,
     ready: &mut Ready,
@@ -206,7 +201,7 @@ fn read_snapshot(
     let snapshot = sender_cursor(conn, own_site)?;
     let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let end = db_version(conn)?;
-    let from = lowest_local_version(conn, own_site, &receiver)?.max(after_local);
+    let from = lowest_local_version(conn, own_site, &receiver)?.max(hint.after_local);
     if let Some(r) = ready.take() {
         let _ = r.send(Ok(snapshot.clone()));
     }
@@ -231,6 +226,9 @@ fn read_snapshot(
             rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Blob, Box::new(e))
         })?;
         let local: i64 = row.get(5)?;
+        if hint.skips(local) {
+            continue;
+        }
         let origin_version = if site == own_site {
             local
         } else {

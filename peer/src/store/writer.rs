@@ -318,6 +318,9 @@ impl Writer {
         }
         txn.commit()?;
         report.transactions = plan.transactions.len();
+        if !plan.transactions.is_empty() {
+            report.local_versions = Some((base + 1, base + plan.transactions.len() as i64));
+        }
         self.origin_records += plan.transactions.len() as u64;
         for (site, version) in plan.cursor.iter() {
             if site != self.site {

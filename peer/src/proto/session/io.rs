@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::proto::ErrorCode;
 use crate::transport::Rejection;
 use crate::wire::TransportMessage;
-use crate::{BatchRejection, ChangeBatch, Cursor, SiteId};
+use crate::{BatchRejection, ChangeBatch, Cursor, ReadHint, SiteId};
 
 /// Identifies a per-message reply (an HTTP `POST` waiting for its outcome).
 pub type ReplyId = u64;
@@ -99,6 +99,8 @@ pub enum Input {
 pub struct MergeOutcome {
     /// Our cursor after the merge.
     pub cursor: Cursor,
+    /// The span of local versions the merge wrote rows under, if any.
+    pub local_versions: Option<(i64, i64)>,
 }
 
 /// A merge was refused; nothing of it was applied.
@@ -125,14 +127,14 @@ pub enum MergeFailure {
 pub enum Output {
     /// Apply this batch atomically and report with [`Input::Merged`].
     Merge(ChangeBatch),
-    /// Open a stream of what a receiver at `from` lacks, skipping rows at
-    /// local versions up to `after_local` (already sent), and feed its
+    /// Open a stream of what a receiver at `from` lacks, leaving out the rows
+    /// `hint` names (already sent, or merged from this remote), and feed its
     /// batches as [`Input::Batch`] while [`Session::wants_batch`].
     Read {
         /// The receiver's cursor.
         from: Cursor,
-        /// Local versions already delivered.
-        after_local: i64,
+        /// Rows to leave out, by local version.
+        hint: ReadHint,
     },
     /// Drop the stream in progress.
     CancelRead,

@@ -68,7 +68,19 @@ fn merge_of(outs: Vec<Output>) -> ChangeBatch {
 }
 
 fn merged(s: &mut Session, cursor: Cursor, now: Instant) {
-    s.handle(Input::Merged(Ok(MergeOutcome { cursor })), now);
+    let outcome = MergeOutcome {
+        cursor,
+        local_versions: None,
+    };
+    s.handle(Input::Merged(Ok(outcome)), now);
+}
+
+/// The `after_local` of the read among `outs`, if there is one.
+fn read_after(outs: &[Output]) -> Option<i64> {
+    outs.iter().find_map(|o| match o {
+        Output::Read { hint, .. } => Some(hint.after_local),
+        _ => None,
+    })
 }
 
 #[test]
@@ -176,10 +188,7 @@ fn a_live_read_starts_after_what_the_last_stream_delivered() {
     let (mut s, now) = session(true);
     transmits(&mut s, now);
     s.handle(received(TransportMessage::sync(THEM, Cursor::new())), now);
-    let read = outputs(&mut s)
-        .into_iter()
-        .find(|o| matches!(o, Output::Read { .. }));
-    assert!(matches!(read, Some(Output::Read { after_local: 0, .. })));
+    assert_eq!(read_after(&outputs(&mut s)), Some(0));
     assert!(s.wants_batch());
     let batch = ChangeBatch {
         changes: vec![change(1)],
@@ -214,13 +223,7 @@ fn a_live_read_starts_after_what_the_last_stream_delivered() {
     // a local write: the next stream skips what was already sent
     let cursor: Cursor = [(US, DbVersion(5))].into_iter().collect();
     s.handle(Input::LocalChanged { cursor }, now);
-    let read = outputs(&mut s)
-        .into_iter()
-        .find(|o| matches!(o, Output::Read { .. }));
-    assert!(
-        matches!(read, Some(Output::Read { after_local: 4, .. })),
-        "{read:?}"
-    );
+    assert_eq!(read_after(&outputs(&mut s)), Some(4));
 }
 
 #[test]
@@ -267,7 +270,7 @@ fn the_window_bounds_batches_in_flight_and_a_lost_ack_resends() {
     assert!(outs.iter().any(|o| matches!(o, Output::CancelRead)));
     assert!(outs.iter().any(|o| matches!(
         o,
-        Output::Read { from, after_local: 0 } if from.is_empty()
+        Output::Read { from, hint } if from.is_empty() && hint.after_local == 0
     )));
 }
 
@@ -310,4 +313,35 @@ fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
         })
         .expect("a read");
     assert_eq!(read.get(&THEM), DbVersion(9));
+}
+
+#[test]
+fn rows_merged_from_a_remote_are_not_read_back_for_it() {
+    let (mut s, now) = session(true);
+    transmits(&mut s, now);
+    s.handle(received(TransportMessage::sync(THEM, Cursor::new())), now);
+    outputs(&mut s);
+    s.handle(Input::StreamEnded, now);
+    transmits(&mut s, now);
+    s.handle(received(v1_data(PeerMessageKind::Changes, &[3])), now);
+    merge_of(outputs(&mut s));
+    let outcome = MergeOutcome {
+        cursor: Cursor::new(),
+        local_versions: Some((10, 11)),
+    };
+    s.handle(Input::Merged(Ok(outcome)), now);
+    s.handle(
+        Input::LocalChanged {
+            cursor: Cursor::new(),
+        },
+        now,
+    );
+    let hint = outputs(&mut s)
+        .into_iter()
+        .find_map(|o| match o {
+            Output::Read { hint, .. } => Some(hint),
+            _ => None,
+        })
+        .expect("a read");
+    assert!(hint.skips(10) && hint.skips(11) && !hint.skips(12));
 }
