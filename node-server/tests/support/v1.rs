@@ -11,11 +11,11 @@
 //!   `db_version` for every such transaction, so the peer's own versions have holes.
 //! - **Cursor** ([`V1Db::cursor`]): `max(db_version)` per `site_id` of `crsql_changes`,
 //!   own rows included. (For other sites these are *local* versions, as in TypeScript.)
-//! - **Sending what a cursor lacks** ([`V1Db::pages_lacking`]): all of `crsql_changes`
+//! - **Sending what a cursor lacks** ([`Scan::Lacking`]): all of `crsql_changes`
 //!   `ORDER BY db_version, seq LIMIT ? OFFSET ?`, rows kept if `db_version >
 //!   cursor[site_id]`, one `changes` message per page (a large origin transaction is split
 //!   across messages), then `eose` with `data: []`. No `ranges`, `crsync`, `ack` or `code`;
-//!   `schemaVersion` is `PRAGMA user_version`.
+//!   `schemaVersion` is `PRAGMA user_version`. Each page is sent as soon as it is read.
 //! - **Live changes**: polling (TypeScript: every 5 s; here [`V1Config::poll_interval`]) for
 //!   changes above what was last sent, paged the same way.
 //! - **Values** ([`js`]): JavaScript numbers (integers beyond ±2^53 rounded, `1.0` printed
@@ -44,8 +44,8 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use crsync_peer::rusqlite::{self, Connection, types::Value};
 
-pub use client::{ClientLog, PostFate, PostInfo, PostRecord, V1Client};
-pub use db::V1Db;
+pub use client::{ClientLog, PostFate, PostInfo, PostRecord, V1Client, probe_cursor};
+pub use db::{Page, Scan, V1Db};
 pub use server::{ServerLog, V1Server};
 
 /// How long an interop test waits for anything before it fails.
@@ -102,6 +102,29 @@ pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f).await?
+}
+
+/// Reads `scan` page by page off the async threads and hands each page that kept rows to
+/// `send` as soon as it is read (the TypeScript loop sends while it pages).
+pub async fn for_each_page(
+    db: &std::sync::Arc<V1Db>,
+    scan: Scan,
+    page_size: usize,
+    mut send: impl FnMut(Vec<wire::V1Change>),
+) -> Result<()> {
+    let scan = std::sync::Arc::new(scan);
+    let mut offset = 0;
+    loop {
+        let (db, scan) = (db.clone(), scan.clone());
+        let page = blocking(move || db.read_page(&scan, page_size, offset)).await?;
+        if !page.kept.is_empty() {
+            send(page.kept);
+        }
+        if !page.more {
+            return Ok(());
+        }
+        offset += page_size;
+    }
 }
 
 /// The query every test compares replicas with.
@@ -216,5 +239,35 @@ where
             bail!("timed out after {LIMIT:?} waiting for {what}; last state: {state}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `progress` stays the same for `quiet`; fails after `limit` (the thing
+/// named `who` keeps going: a resend loop), with `summary()` in the error.
+pub async fn wait_quiet(
+    who: &str,
+    progress: impl Fn() -> usize,
+    summary: impl Fn() -> String,
+    quiet: Duration,
+    limit: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut last = progress();
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = progress();
+        if now != last {
+            last = now;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= quiet {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{who} never went quiet for {quiet:?} within {limit:?} (a resend loop?): {}",
+                summary()
+            );
+        }
     }
 }

@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use tokio::task::JoinSet;
 
 use super::wire::{V1Change, V1Kind, V1Message, V1PeerMessage};
-use super::{AbortOnDrop, V1Config, V1Db, blocking};
+use super::{AbortOnDrop, Scan, V1Config, V1Db, blocking, for_each_page};
 
 /// What happens to one POST (decided by the test's fault plan).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +65,8 @@ pub struct ClientLog {
     pub posts: Vec<PostRecord>,
     /// The server's peerId (from `connect`).
     pub server: Option<String>,
+    /// The cursor in the last `sync` the server sent: what it claims to hold.
+    pub server_cursor: Option<super::wire::V1Cursor>,
     pub syncs_received: usize,
     pub data_received: usize,
     pub changes_received: usize,
@@ -198,7 +200,10 @@ impl V1Client {
         lock(&self.shared.log).clone()
     }
 
-    /// Opens the stream (a new round); returns once the server answered 200.
+    /// Opens the stream (a new round); returns once its first message arrived. A stream
+    /// whose first message is an `error` (the server still holds our previous stream:
+    /// it notices a closed one asynchronously) is retried every 100 ms, as an EventSource
+    /// reconnects, within [`super::LIMIT`].
     pub async fn connect(&mut self) -> Result<()> {
         self.disconnect();
         let round = self.shared.round.fetch_add(1, Ordering::Relaxed) + 1;
@@ -207,21 +212,39 @@ impl V1Client {
             self.shared.base,
             self.shared.db.site_id()
         );
-        let response = self
-            .shared
-            .http
-            .get(&url)
-            .header("accept", "text/event-stream")
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        if !response.status().is_success() {
-            let status = response.status();
-            bail!("GET {url}: HTTP {status}: {}", response.text().await?);
-        }
+        let deadline = tokio::time::Instant::now() + super::LIMIT;
+        let (frames, first) = loop {
+            let response = self
+                .shared
+                .http
+                .get(&url)
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .with_context(|| format!("GET {url}"))?;
+            if !response.status().is_success() {
+                let status = response.status();
+                bail!("GET {url}: HTTP {status}: {}", response.text().await?);
+            }
+            let mut frames = SseFrames::new(response);
+            let first = frames
+                .next()
+                .await
+                .with_context(|| format!("{url}: the stream ended before its first message"))??;
+            // Any `error` first: crsync words it "a stream for peer .. is already open"
+            // (its code is in a field v1 does not read), a v1 server says ALREADY_CONNECTED.
+            let refused = matches!(V1Message::parse(&first), Ok((V1Message::Error { .. }, _)));
+            if !refused {
+                break (frames, first);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{url}: still refused after {:?}: {first}", super::LIMIT);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let shared = self.shared.clone();
         self.connection = Some(AbortOnDrop(tokio::spawn(run_connection(
-            shared, response, round,
+            shared, frames, first, round,
         ))));
         Ok(())
     }
@@ -234,36 +257,23 @@ impl V1Client {
     /// Waits until no POST was made or answered for `quiet`, within `limit`; fails if the
     /// client keeps POSTing (a resend loop).
     pub async fn wait_quiet(&self, quiet: Duration, limit: Duration) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + limit;
-        let state = || {
-            let log = lock(&self.shared.log);
-            let answered = log.posts.iter().filter(|p| p.body.is_some()).count();
-            (log.posts.len(), answered)
-        };
-        let mut last = state();
-        let mut since = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = state();
-            if now != last {
-                last = now;
-                since = tokio::time::Instant::now();
-            } else if since.elapsed() >= quiet {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "the v1 client never went quiet within {limit:?} (a resend loop?): {}",
-                    self.log().summary()
-                );
-            }
-        }
+        super::wait_quiet(
+            "the v1 client",
+            || {
+                let log = lock(&self.shared.log);
+                let answered = log.posts.iter().filter(|p| p.body.is_some()).count();
+                log.posts.len() + answered
+            },
+            || self.log().summary(),
+            quiet,
+            limit,
+        )
+        .await
     }
 }
 
 /// One connection: reads the stream and reacts, until it ends or is aborted.
-async fn run_connection(shared: Arc<Shared>, response: reqwest::Response, round: usize) {
-    let mut frames = SseFrames::new(response);
+async fn run_connection(shared: Arc<Shared>, mut frames: SseFrames, first: String, round: usize) {
     let round = Round {
         shared: shared.clone(),
         number: round,
@@ -271,7 +281,14 @@ async fn run_connection(shared: Arc<Shared>, response: reqwest::Response, round:
         sent_upto: Arc::new(Mutex::new(0)),
     };
     let mut poller: Option<AbortOnDrop> = None;
-    while let Some(frame) = frames.next().await {
+    let mut first = Some(Ok(first));
+    loop {
+        let Some(frame) = (match first.take() {
+            Some(first) => Some(first),
+            None => frames.next().await,
+        }) else {
+            break;
+        };
         let text = match frame {
             Ok(text) => text,
             Err(e) => {
@@ -307,7 +324,11 @@ async fn run_connection(shared: Arc<Shared>, response: reqwest::Response, round:
                 }
             }
             V1Message::Sync { cursor, .. } => {
-                lock(&shared.log).syncs_received += 1;
+                {
+                    let mut log = lock(&shared.log);
+                    log.syncs_received += 1;
+                    log.server_cursor = Some(cursor.clone());
+                }
                 if let Err(e) = round.send_lacking(cursor).await {
                     lock(&shared.log).errors_received.push(format!("send: {e}"));
                 }
@@ -358,23 +379,17 @@ impl Round {
     /// Everything `cursor` lacks, page by page, then `eose`.
     async fn send_lacking(&self, cursor: super::wire::V1Cursor) -> Result<()> {
         let db = self.shared.db.clone();
-        let page_size = self.shared.config.page_size;
-        let (own, schema, pages) = blocking(move || {
-            let own = db.own_max_version()?;
-            Ok((
-                own,
-                db.schema_version()?,
-                db.pages_lacking(&cursor, page_size)?,
-            ))
-        })
-        .await?;
+        let (own, schema) =
+            blocking(move || Ok((db.own_max_version()?, db.schema_version()?))).await?;
         {
             let mut sent = lock(&self.sent_upto);
             *sent = (*sent).max(own);
         }
-        for page in pages {
-            self.post_data(V1Kind::Changes, page, schema);
-        }
+        let page_size = self.shared.config.page_size;
+        for_each_page(&self.shared.db, Scan::Lacking(cursor), page_size, |page| {
+            self.post_data(V1Kind::Changes, page, schema)
+        })
+        .await?;
         self.post_data(V1Kind::Eose, Vec::new(), schema);
         Ok(())
     }
@@ -385,33 +400,36 @@ impl Round {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let after = *lock(&self.sent_upto);
-            let db = self.shared.db.clone();
-            let page_size = self.shared.config.page_size;
-            let polled = blocking(move || {
-                Ok((
-                    db.schema_version()?,
-                    db.pages_after(after, true, page_size)?,
-                ))
-            });
-            let (schema, pages) = match polled.await {
-                Ok(polled) => polled,
-                Err(e) => {
-                    lock(&self.shared.log)
-                        .errors_received
-                        .push(format!("poll: {e}"));
-                    continue;
-                }
-            };
-            let top = pages.iter().flatten().map(|c| c.db_version).max();
-            for page in pages {
-                self.post_data(V1Kind::Changes, page, schema);
-            }
-            if let Some(top) = top {
-                let mut sent = lock(&self.sent_upto);
-                *sent = (*sent).max(top);
+            if let Err(e) = self.poll_once().await {
+                lock(&self.shared.log)
+                    .errors_received
+                    .push(format!("poll: {e}"));
             }
         }
+    }
+
+    async fn poll_once(&self) -> Result<()> {
+        let after = *lock(&self.sent_upto);
+        let db = self.shared.db.clone();
+        let schema = blocking(move || db.schema_version()).await?;
+        let mut top = after;
+        let scan = Scan::After {
+            after,
+            own_only: true,
+        };
+        for_each_page(
+            &self.shared.db,
+            scan,
+            self.shared.config.page_size,
+            |page| {
+                top = page.iter().map(|c| c.db_version).fold(top, i64::max);
+                self.post_data(V1Kind::Changes, page, schema);
+            },
+        )
+        .await?;
+        let mut sent = lock(&self.sent_upto);
+        *sent = (*sent).max(top);
+        Ok(())
     }
 
     fn post_data(&self, kind: V1Kind, changes: Vec<V1Change>, schema_version: i64) {
@@ -493,6 +511,39 @@ impl Round {
             log.posts[slot].body = Some(text);
         });
     }
+}
+
+/// What a v1 server claims to hold: the cursor in the `sync` it sends a newcomer (a
+/// throwaway peerId that never posts anything).
+pub async fn probe_cursor(base: &str) -> Result<super::wire::V1Cursor> {
+    static PROBES: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let peer = format!(
+        "{:032x}",
+        nanos ^ ((PROBES.fetch_add(1, Ordering::Relaxed) as u128) << 100)
+    );
+    let url = format!("{}/stream?peerId={peer}", base.trim_end_matches('/'));
+    let response = reqwest::get(&url)
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    if !response.status().is_success() {
+        bail!("GET {url}: HTTP {}", response.status());
+    }
+    let mut frames = SseFrames::new(response);
+    let read = async {
+        while let Some(frame) = frames.next().await {
+            if let (V1Message::Sync { cursor, .. }, _) = V1Message::parse(&frame?)? {
+                return Ok(cursor);
+            }
+        }
+        bail!("{url}: the stream ended before a sync")
+    };
+    tokio::time::timeout(super::LIMIT, read)
+        .await
+        .with_context(|| format!("{url}: no sync within {:?}", super::LIMIT))?
 }
 
 type ByteStream =

@@ -13,6 +13,25 @@ use super::wire::{V1Change, V1Cursor};
 /// The columns of `crsql_changes` the TypeScript peer selects, in its order.
 const CHANGE_COLUMNS: &str = r#""table", pk, cid, val, col_version, db_version, site_id, cl, seq"#;
 
+/// Which rows of `crsql_changes` a paged read walks.
+#[derive(Debug, Clone)]
+pub enum Scan {
+    /// Everything a cursor lacks: all rows, kept if `db_version > cursor[site_id]` (0 if
+    /// absent). A transaction larger than a page is split across pages.
+    Lacking(V1Cursor),
+    /// Live changes: rows with `db_version > after`, own rows only or all (a relaying server).
+    After { after: i64, own_only: bool },
+}
+
+/// One `LIMIT/OFFSET` page, after filtering.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The rows kept (an all-filtered page keeps none and is not sent).
+    pub kept: Vec<V1Change>,
+    /// The page was full: there may be another.
+    pub more: bool,
+}
+
 /// One v1 peer's SQLite database (cr-sqlite loaded). Blocking; the client and server
 /// models call it from `spawn_blocking`, tests may call it directly.
 pub struct V1Db {
@@ -114,16 +133,32 @@ impl V1Db {
         })
     }
 
-    /// One page of `SELECT ... FROM crsql_changes [WHERE filter] ORDER BY db_version, seq
-    /// LIMIT ? OFFSET ?`, values read as better-sqlite3 reads them. `filter` may use `?1`
-    /// (bound to `after`; SQLite allows it unused).
-    fn page(&self, filter: &str, after: i64, limit: usize, offset: usize) -> Result<Vec<V1Change>> {
-        self.with(|c| {
+    /// One page of `SELECT ... FROM crsql_changes [WHERE ...] ORDER BY db_version, seq
+    /// LIMIT ? OFFSET ?`, values read as better-sqlite3 reads them, filtered as `scan`
+    /// says. The caller moves `offset` on by `page_size` while [`Page::more`].
+    pub fn read_page(&self, scan: &Scan, page_size: usize, offset: usize) -> Result<Page> {
+        let (filter, after) = match scan {
+            // No filter in SQL: the TypeScript peer filters the rows in JavaScript.
+            // (SQLite allows `?1` to go unused.)
+            Scan::Lacking(_) => ("", 0),
+            Scan::After {
+                after,
+                own_only: true,
+            } => (
+                "WHERE db_version > ?1 AND site_id = crsql_site_id()",
+                *after,
+            ),
+            Scan::After {
+                after,
+                own_only: false,
+            } => ("WHERE db_version > ?1", *after),
+        };
+        let rows = self.with(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {CHANGE_COLUMNS} FROM crsql_changes {filter} \
                  ORDER BY db_version, seq LIMIT ?2 OFFSET ?3"
             ))?;
-            let rows = stmt.query_map(params![after, limit as i64, offset as i64], |r| {
+            let rows = stmt.query_map(params![after, page_size as i64, offset as i64], |r| {
                 Ok(V1Change {
                     table: r.get(0)?,
                     pk: r.get(1)?,
@@ -136,58 +171,40 @@ impl V1Db {
                     seq: r.get(8)?,
                 })
             })?;
-            rows.collect()
-        })
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        let more = rows.len() == page_size;
+        let kept = match scan {
+            Scan::Lacking(cursor) => rows
+                .into_iter()
+                .filter(|c| {
+                    c.db_version > cursor.get(&hex::encode(&c.site_id)).copied().unwrap_or(0)
+                })
+                .collect(),
+            Scan::After { .. } => rows,
+        };
+        Ok(Page { kept, more })
     }
 
-    /// Pages through the filtered query; `keep` decides per row; returns one entry per
-    /// page that kept at least one row (an all-filtered page sends nothing).
-    fn paged(
-        &self,
-        filter: &str,
-        after: i64,
-        page_size: usize,
-        keep: impl Fn(&V1Change) -> bool,
-    ) -> Result<Vec<Vec<V1Change>>> {
+    /// Every page of `scan` that kept a row, read at once (for tests of the model).
+    pub fn pages(&self, scan: &Scan, page_size: usize) -> Result<Vec<Vec<V1Change>>> {
         let mut pages = Vec::new();
         let mut offset = 0;
         loop {
-            let page = self.page(filter, after, page_size, offset)?;
-            let full = page.len() == page_size;
-            offset += page.len();
-            let kept: Vec<V1Change> = page.into_iter().filter(|c| keep(c)).collect();
-            if !kept.is_empty() {
-                pages.push(kept);
+            let page = self.read_page(scan, page_size, offset)?;
+            if !page.kept.is_empty() {
+                pages.push(page.kept);
             }
-            if !full {
+            if !page.more {
                 return Ok(pages);
             }
+            offset += page_size;
         }
     }
 
-    /// Everything `cursor` lacks: all of `crsql_changes` paged with LIMIT/OFFSET, keeping
-    /// rows with `db_version > cursor[site_id]` (0 if absent). A transaction larger than a
-    /// page is split across pages.
+    /// Everything `cursor` lacks (see [`Scan::Lacking`]), all pages at once.
     pub fn pages_lacking(&self, cursor: &V1Cursor, page_size: usize) -> Result<Vec<Vec<V1Change>>> {
-        // No filter in SQL: the TypeScript peer filters the rows in JavaScript.
-        self.paged("", 0, page_size, |c| {
-            c.db_version > cursor.get(&hex::encode(&c.site_id)).copied().unwrap_or(0)
-        })
-    }
-
-    /// Live changes: rows with `db_version > after`, own rows only or all (a relaying server).
-    pub fn pages_after(
-        &self,
-        after: i64,
-        own_only: bool,
-        page_size: usize,
-    ) -> Result<Vec<Vec<V1Change>>> {
-        let filter = if own_only {
-            "WHERE db_version > ?1 AND site_id = crsql_site_id()"
-        } else {
-            "WHERE db_version > ?1"
-        };
-        self.paged(filter, after, page_size, |_| true)
+        self.pages(&Scan::Lacking(cursor.clone()), page_size)
     }
 
     /// The highest `db_version` of this peer's own rows in `crsql_changes` (0 if none).

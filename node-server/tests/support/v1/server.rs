@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::wire::{V1Change, V1Kind, V1Message, V1PeerMessage};
-use super::{AbortOnDrop, V1Config, V1Db, blocking};
+use super::{AbortOnDrop, Scan, V1Config, V1Db, blocking, for_each_page};
 
 /// What the server saw and did.
 #[derive(Debug, Clone, Default)]
@@ -164,6 +164,23 @@ impl V1Server {
     pub fn log(&self) -> ServerLog {
         lock(&self.shared.log).clone()
     }
+
+    /// Waits until no POST arrived for `quiet`, within `limit`; fails if its client keeps
+    /// POSTing (a resend loop).
+    pub async fn wait_quiet(
+        &self,
+        quiet: std::time::Duration,
+        limit: std::time::Duration,
+    ) -> Result<()> {
+        super::wait_quiet(
+            "the v1 server's clients",
+            || lock(&self.shared.log).posts.len(),
+            || self.log().summary(),
+            quiet,
+            limit,
+        )
+        .await
+    }
 }
 
 fn error_response(status: StatusCode, error: impl Into<String>) -> Response {
@@ -285,15 +302,21 @@ async fn handle_sync(shared: &Arc<Shared>, body: &str) -> Result<(), (StatusCode
         Some(slot) => slot.synced = true,
         None => return Err(bad("Peer not connected")),
     }
+    let internal = |e: anyhow::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     let db = shared.db.clone();
-    let page_size = shared.config.page_size;
-    let (schema, pages) =
-        blocking(move || Ok((db.schema_version()?, db.pages_lacking(&cursor, page_size)?)))
-            .await
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    for page in pages {
-        shared.push(&peer, shared.message(V1Kind::Changes, page, schema));
-    }
+    let schema = blocking(move || db.schema_version())
+        .await
+        .map_err(internal)?;
+    for_each_page(
+        &shared.db,
+        Scan::Lacking(cursor),
+        shared.config.page_size,
+        |page| {
+            shared.push(&peer, shared.message(V1Kind::Changes, page, schema));
+        },
+    )
+    .await
+    .map_err(internal)?;
     shared.push(&peer, shared.message(V1Kind::Eose, Vec::new(), schema));
     Ok(())
 }
@@ -340,33 +363,36 @@ async fn poll_live(shared: Arc<Shared>, mut after: i64) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let db = shared.db.clone();
-        let page_size = shared.config.page_size;
-        let polled = blocking(move || {
-            Ok((
-                db.schema_version()?,
-                db.pages_after(after, false, page_size)?,
-            ))
-        });
-        let Ok((schema, pages)) = polled.await else {
-            continue;
-        };
-        let Some(top) = pages.iter().flatten().map(|c| c.db_version).max() else {
-            continue;
-        };
-        let synced: Vec<String> = lock(&shared.clients)
-            .iter()
-            .filter(|(_, slot)| slot.synced)
-            .map(|(peer, _)| peer.clone())
-            .collect();
-        for page in pages {
-            let text = shared.message(V1Kind::Changes, page, schema);
-            for peer in &synced {
-                shared.push(peer, text.clone());
-            }
+        match poll_once(&shared, after).await {
+            Ok(top) => after = top,
+            Err(e) => lock(&shared.log).merge_errors.push(format!("poll: {e}")),
         }
-        after = top;
     }
+}
+
+/// One poll; returns the highest `db_version` seen.
+async fn poll_once(shared: &Arc<Shared>, after: i64) -> Result<i64> {
+    let db = shared.db.clone();
+    let schema = blocking(move || db.schema_version()).await?;
+    let synced: Vec<String> = lock(&shared.clients)
+        .iter()
+        .filter(|(_, slot)| slot.synced)
+        .map(|(peer, _)| peer.clone())
+        .collect();
+    let mut top = after;
+    let scan = Scan::After {
+        after,
+        own_only: false,
+    };
+    for_each_page(&shared.db, scan, shared.config.page_size, |page| {
+        top = page.iter().map(|c| c.db_version).fold(top, i64::max);
+        let text = shared.message(V1Kind::Changes, page, schema);
+        for peer in &synced {
+            shared.push(peer, text.clone());
+        }
+    })
+    .await?;
+    Ok(top)
 }
 
 async fn ping(shared: Arc<Shared>) {
