@@ -1,6 +1,8 @@
 //! Shared helpers for the end-to-end tests (included with `mod support;`).
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod v1;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,10 +60,18 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> Result<Self> {
+        Self::start_with_auth(tweak, auth()).await
+    }
+
+    /// As [`start_with`](Self::start_with), with other tokens.
+    pub async fn start_with_auth(
+        tweak: impl FnOnce(&mut ServerConfig),
+        auth: Auth,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut config = config(&dir);
         tweak(&mut config);
-        let server = Server::bind_with_auth(config, auth()).await?;
+        let server = Server::bind_with_auth(config, auth).await?;
         let addr = server.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
