@@ -338,3 +338,28 @@ async fn no_op_upserts_never_claim_versions_a_restart_forgets() {
         .unwrap();
     assert_eq!(names, vec!["after restart".to_string()]);
 }
+
+/// A merge that writes nothing (its change equals what is held) reports no
+/// local versions: cr-sqlite gives that version to the next transaction, and a
+/// session that skipped it for the sender would hide the next writes from it.
+#[tokio::test]
+async fn a_merge_that_writes_nothing_reports_no_local_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    a.write(|tx| tx.execute_batch("INSERT INTO items VALUES (1, 'x', 1, NULL)"))
+        .await
+        .unwrap();
+    let batches = support::batches_for(&a, &b.cursor().await.unwrap()).await;
+    let first = b.merge(batches[0].clone()).await.unwrap();
+    assert!(first.local_versions.is_some());
+    // the same changes again, unranged (as a v1 peer relays them): applied, but equal
+    let mut again = batches[0].clone();
+    again.ranges.clear();
+    for change in &mut again.changes {
+        change.db_version = crsync_peer::DbVersion(change.db_version.0 + 5);
+    }
+    let report = b.merge(again).await.unwrap();
+    assert!(report.transactions > 0);
+    assert_eq!(report.local_versions, None);
+}

@@ -19,7 +19,8 @@
 //!   split a transaction). Their own site's versions become part of our
 //!   cursor only at an `eose` that answers our request on an ordered
 //!   connection: then every change of theirs above the cursor we asked from
-//!   has passed by, in order.
+//!   has passed by, in order. Of a v1 remote's cursor only its own entry is
+//!   believed (see `v1_claims`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -566,6 +567,11 @@ impl Session {
     }
 
     fn on_sync(&mut self, cursor: Cursor, ack: bool, now: Instant) {
+        let cursor = if self.remote_is_crsync {
+            cursor
+        } else {
+            v1_claims(cursor, self.remote)
+        };
         match self.window.on_sync(cursor, ack, now) {
             SyncOutcome::StartInitial => {
                 self.rewind_stream();
@@ -717,6 +723,18 @@ impl Session {
             }
         }
     }
+}
+
+/// What a v1 remote's cursor says that can be believed: its own entry only.
+///
+/// cr-sqlite records a merged row under the receiver's local version, so a v1
+/// peer, which reads its cursor off `crsql_changes`, reports other sites at
+/// its own local versions: "site C up to 6" when it holds C's version 1.
+/// Believing that would hide C's versions 2 to 6 from it for good.
+fn v1_claims(cursor: Cursor, remote: Option<SiteId>) -> Cursor {
+    remote
+        .map(|r| [(r, cursor.get(&r))].into_iter().collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

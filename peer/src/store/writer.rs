@@ -318,9 +318,6 @@ impl Writer {
         }
         txn.commit()?;
         report.transactions = plan.transactions.len();
-        if !plan.transactions.is_empty() {
-            report.local_versions = Some((base + 1, base + plan.transactions.len() as i64));
-        }
         self.origin_records += plan.transactions.len() as u64;
         for (site, version) in plan.cursor.iter() {
             if site != self.site {
@@ -329,7 +326,10 @@ impl Writer {
         }
         // Merged rows hold local versions too: our own entry may claim them
         // (they are holes in our own versions), once they are on disk.
-        self.rows_since(base)?;
+        // Only versions that hold rows: cr-sqlite hands a version that wrote
+        // nothing (every change lost or was equal) to the next transaction.
+        let (_, newest) = self.rows_since(base)?;
+        report.local_versions = newest.map(|newest| (base + 1, newest));
         report.cursor = self.cursor()?;
         // Merged rows are reported here, as merges, not as local writes.
         self.last_reported = db_version(&self.conn)?;
@@ -383,7 +383,7 @@ impl Writer {
             if now <= self.last_reported {
                 return Ok((BTreeSet::new(), now));
             }
-            Ok((self.rows_since(self.last_reported)?, now))
+            Ok((self.rows_since(self.last_reported)?.0, now))
         })();
         match result {
             Ok((tables, now)) => {
@@ -396,19 +396,22 @@ impl Writer {
         }
     }
 
-    /// The tables with rows at local versions above `since`; raises our own
-    /// cursor entry to the highest such version (rows on disk survive a restart).
-    fn rows_since(&mut self, since: i64) -> rusqlite::Result<BTreeSet<String>> {
+    /// The tables with rows at local versions above `since`, and the highest
+    /// such version; raises our own cursor entry to it (rows on disk survive a restart).
+    fn rows_since(&mut self, since: i64) -> rusqlite::Result<(BTreeSet<String>, Option<i64>)> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT \"table\", max(db_version) FROM crsql_changes WHERE db_version > ?1 GROUP BY \"table\"",
         )?;
         let mut tables = BTreeSet::new();
+        let mut newest = None;
         let mut rows = stmt.query([since])?;
         while let Some(row) = rows.next()? {
             tables.insert(row.get::<_, String>(0)?);
-            self.own_version = self.own_version.max(row.get(1)?);
+            let version: i64 = row.get(1)?;
+            newest = newest.max(Some(version));
+            self.own_version = self.own_version.max(version);
         }
-        Ok(tables)
+        Ok((tables, newest))
     }
 
     fn close(mut self) -> Result<(), StoreError> {

@@ -292,7 +292,10 @@ fn a_dialed_session_closes_when_nothing_arrives() {
 fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
     let (mut s, now) = session(false);
     transmits(&mut s, now);
-    s.handle(received(TransportMessage::sync(THEM, Cursor::new())), now);
+    s.handle(
+        received(TransportMessage::sync(THEM, Cursor::new()).without_hello()),
+        now,
+    );
     outputs(&mut s);
     s.handle(Input::StreamEnded, now);
     transmits(&mut s, now); // eose
@@ -319,7 +322,10 @@ fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
 fn rows_merged_from_a_remote_are_not_read_back_for_it() {
     let (mut s, now) = session(true);
     transmits(&mut s, now);
-    s.handle(received(TransportMessage::sync(THEM, Cursor::new())), now);
+    s.handle(
+        received(TransportMessage::sync(THEM, Cursor::new()).without_hello()),
+        now,
+    );
     outputs(&mut s);
     s.handle(Input::StreamEnded, now);
     transmits(&mut s, now);
@@ -344,4 +350,40 @@ fn rows_merged_from_a_remote_are_not_read_back_for_it() {
         })
         .expect("a read");
     assert!(hint.skips(10) && hint.skips(11) && !hint.skips(12));
+}
+
+#[test]
+fn of_a_v1_cursor_only_the_remotes_own_entry_is_believed() {
+    let (mut s, now) = session(true);
+    transmits(&mut s, now);
+    let other = SiteId::from_bytes([3; 16]);
+    // A v1 peer reports a relayed site at its own local version.
+    let claim: Cursor = [(THEM, DbVersion(5)), (other, DbVersion(6))]
+        .into_iter()
+        .collect();
+    s.handle(
+        received(TransportMessage::sync(THEM, claim).without_hello()),
+        now,
+    );
+    let from = outputs(&mut s)
+        .into_iter()
+        .find_map(|o| match o {
+            Output::Read { from, .. } => Some(from),
+            _ => None,
+        })
+        .expect("a read");
+    assert_eq!(from.get(&THEM), DbVersion(5));
+    assert_eq!(from.get(&other), DbVersion::ZERO);
+}
+
+trait WithoutHello {
+    fn without_hello(self) -> Self;
+}
+
+impl WithoutHello for TransportMessage {
+    /// As a v1 peer sends it.
+    fn without_hello(mut self) -> Self {
+        self.crsync = None;
+        self
+    }
 }
