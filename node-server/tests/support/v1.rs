@@ -34,6 +34,7 @@
 
 mod client;
 mod db;
+pub mod harness;
 pub mod js;
 mod server;
 pub mod wire;
