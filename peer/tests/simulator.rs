@@ -34,9 +34,8 @@ use std::time::Instant;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use sim::scenario::Scenario;
-use sim::store::SnapshotOwn;
 use sim::trace::Trace;
-use sim::world::{Stats, World};
+use sim::world::{Knobs, Stats, World};
 
 const DEFAULT_SCENARIOS: u64 = 10_000;
 
@@ -53,15 +52,11 @@ struct Failure {
 fn run_seed(seed: u64, trace: Option<usize>) -> (Scenario, Result<Stats, (String, String)>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let scenario = Scenario::generate(seed, &mut rng);
-    let mut world = World::new(
-        &scenario,
-        rng,
-        trace.map(Trace::new),
-        SnapshotOwn::DbVersion,
-    );
+    let mut world = World::new(&scenario, rng, trace.map(Trace::new), knobs());
     let result = world
         .run(scenario.heal_at)
         .and_then(|()| sim::check::check(&world));
+    world.stats.cursor_lag = u64::from(!sim::check::cursor_lag(&world).is_empty());
     let rendered = world.trace.as_ref().map(Trace::render).unwrap_or_default();
     (
         scenario,
@@ -69,6 +64,14 @@ fn run_seed(seed: u64, trace: Option<usize>) -> (Scenario, Result<Stats, (String
             .map(|()| world.stats.clone())
             .map_err(|e| (e, rendered)),
     )
+}
+
+/// The modelling knobs, from the environment (see the crate docs).
+fn knobs() -> Knobs {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    Knobs {
+        v1_interleaved_paging: var("CRSYNC_SIM_V1_PAGING") == "interleaved",
+    }
 }
 
 fn describe(scenario: &Scenario) -> String {
@@ -145,11 +148,7 @@ fn simulated_networks_converge() {
                     match run_seed(seed, None).1 {
                         Ok(stats) => {
                             done += 1;
-                            sum.messages += stats.messages;
-                            sum.data_messages += stats.data_messages;
-                            sum.changes_sent += stats.changes_sent;
-                            sum.versions_written += stats.versions_written;
-                            sum.virtual_time += stats.virtual_time;
+                            sum.add(&stats);
                         }
                         Err(_) => {
                             stop.store(true, Ordering::Relaxed);
@@ -162,11 +161,7 @@ fn simulated_networks_converge() {
                 }
                 let mut t = totals.lock().unwrap();
                 t.0 += done;
-                t.1.messages += sum.messages;
-                t.1.data_messages += sum.data_messages;
-                t.1.changes_sent += sum.changes_sent;
-                t.1.versions_written += sum.versions_written;
-                t.1.virtual_time += sum.virtual_time;
+                t.1.add(&sum);
             });
         }
     });
@@ -175,14 +170,16 @@ fn simulated_networks_converge() {
     let per_ms = elapsed.as_secs_f64() * 1000.0 / done.max(1) as f64;
     eprintln!(
         "simulator: {done} scenarios in {:.1}s: {per_ms:.2} ms per scenario ({:.2} ms of one thread each, {threads} threads); \
-         {} messages, {} data messages, {} changes sent for {} versions written, {:.0} s virtual",
+         {} messages, {} data messages, {} changes sent for {} versions written, {:.0} s virtual; \
+         {} scenarios ended with unequal cursors in a crsync component (see check.rs)",
         elapsed.as_secs_f64(),
         per_ms * threads as f64,
         stats.messages,
         stats.data_messages,
         stats.changes_sent,
         stats.versions_written,
-        stats.virtual_time.as_secs_f64()
+        stats.virtual_time.as_secs_f64(),
+        stats.cursor_lag
     );
     let mut failures = failures.into_inner().unwrap();
     failures.sort_by_key(|f| f.seed);

@@ -201,11 +201,18 @@ impl Scenario {
                 }
             })
             .collect();
+        let degree = |p: usize| edges.iter().filter(|(a, b)| *a == p || *b == p).count();
         let links = edges
-            .into_iter()
-            .map(|(a, b)| {
-                // In a star the leaves dial the centre; elsewhere either end may dial.
-                let (dialer, acceptor) = if topology == Topology::Star || rng.random_bool(0.5) {
+            .iter()
+            .map(|&(a, b)| {
+                // In a star the leaves dial the centre; elsewhere either end may
+                // dial, except that a v1 peer with several links serves them all
+                // (a v1 client sends only its own rows live: it relays nothing).
+                let (dialer, acceptor) = if is_v1[a] && degree(a) > 1 {
+                    (b, a)
+                } else if is_v1[b] && degree(b) > 1 {
+                    (a, b)
+                } else if topology == Topology::Star || rng.random_bool(0.5) {
                     (a, b)
                 } else {
                     (b, a)

@@ -39,15 +39,6 @@ impl Cell {
     }
 }
 
-/// What the read path claims for our own site (`reader.rs` `sender_cursor`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotOwn {
-    /// The Store's cursor entry (`own_version`: the highest local version with rows).
-    OwnVersion,
-    /// `crsql_db_version()`, which also counts local transactions that wrote no row.
-    DbVersion,
-}
-
 /// The model store of one crsync peer.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -66,7 +57,6 @@ pub struct Store {
     pub schema_version: i64,
     /// The batch size limit of the read path.
     pub max_changes: usize,
-    pub snapshot_own: SnapshotOwn,
 }
 
 /// What a merge did, for the driver.
@@ -81,12 +71,7 @@ pub struct Merged {
 }
 
 impl Store {
-    pub fn new(
-        site: SiteId,
-        schema_version: i64,
-        max_changes: usize,
-        snapshot_own: SnapshotOwn,
-    ) -> Self {
+    pub fn new(site: SiteId, schema_version: i64, max_changes: usize) -> Self {
         Store {
             site,
             cells: BTreeMap::new(),
@@ -95,7 +80,6 @@ impl Store {
             remote: Cursor::new(),
             schema_version,
             max_changes,
-            snapshot_own,
         }
     }
 
@@ -252,20 +236,15 @@ impl Store {
     /// A restart: `crsql_db_version()` is recomputed from the clock rows, and
     /// the Store's own entry starts from it (`Writer::open`).
     pub fn restart(&mut self) {
-        self.counter = self.cells.values().map(|c| c.local).max().unwrap_or(0);
+        self.counter = self.stored_version();
         self.own_version = self.counter;
     }
 
-    /// The sender's cursor at the snapshot (`reader.rs` `sender_cursor`).
-    fn snapshot(&self) -> Cursor {
-        match self.snapshot_own {
-            SnapshotOwn::OwnVersion => self.cursor(),
-            SnapshotOwn::DbVersion => {
-                let mut cursor = self.remote.clone();
-                cursor.advance(self.site, DbVersion(self.counter));
-                cursor
-            }
-        }
+    /// `crsql_db_version()` on a read connection: cr-sqlite reads it from
+    /// storage (the highest version in the clock tables), so versions that
+    /// hold no row, which only the writer connection counts, are not in it.
+    fn stored_version(&self) -> i64 {
+        self.cells.values().map(|c| c.local).max().unwrap_or(0)
     }
 
     /// `reader.rs` `lowest_local_version`, over the origin records that clock
@@ -282,8 +261,10 @@ impl Store {
 
     /// `reader.rs` `read_snapshot`: every batch of the stream, with its `read_upto`.
     pub fn read(&self, receiver: &Cursor, hint: &ReadHint) -> VecDeque<(ChangeBatch, i64)> {
-        let snapshot = self.snapshot();
-        let end = self.counter;
+        // `sender_cursor`: the stored remote cursor and `crsql_db_version()`.
+        let end = self.stored_version();
+        let mut snapshot = self.remote.clone();
+        snapshot.advance(self.site, DbVersion(end));
         let from = self.lowest_local_version(receiver).max(hint.after_local);
         let mut rows: Vec<(&CellKey, &Cell)> = self
             .cells

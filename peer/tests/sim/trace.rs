@@ -156,7 +156,9 @@ pub enum Entry {
         conn: u64,
         from: String,
         after_local: i64,
+        skip: Vec<(i64, i64)>,
         batches: usize,
+        detail: Vec<String>,
     },
     Note(String),
 }

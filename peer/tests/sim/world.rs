@@ -15,7 +15,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use super::scenario::{Faults, LinkKind, Op, PeerSpec, Scenario};
-use super::store::{SnapshotOwn, Store};
+use super::store::Store;
 use super::trace::{Entry, Summary, Trace};
 use super::v1::V1Peer;
 use super::values::{CellKey, Version, cmp_versions};
@@ -217,10 +217,34 @@ pub struct Stats {
     pub merges: u64,
     pub reads: u64,
     pub virtual_time: Duration,
+    /// Scenarios that ended with unequal cursors inside a crsync component.
+    pub cursor_lag: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, other: &Stats) {
+        self.messages += other.messages;
+        self.data_messages += other.data_messages;
+        self.changes_sent += other.changes_sent;
+        self.versions_written += other.versions_written;
+        self.merges += other.merges;
+        self.reads += other.reads;
+        self.virtual_time += other.virtual_time;
+        self.cursor_lag += other.cursor_lag;
+    }
+}
+
+/// Modelling choices that decide whether known core issues show.
+#[derive(Debug, Clone, Copy)]
+pub struct Knobs {
+    /// A v1 peer reads each page of a `sync` answer separately, so merges
+    /// can run between pages and shift its OFFSETs.
+    pub v1_interleaved_paging: bool,
 }
 
 pub struct World {
     pub rng: StdRng,
+    pub knobs: Knobs,
     base: Instant,
     pub now: Duration,
     pub peers: Vec<Peer>,
@@ -240,12 +264,7 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(
-        scenario: &Scenario,
-        rng: StdRng,
-        trace: Option<Trace>,
-        snapshot_own: SnapshotOwn,
-    ) -> World {
+    pub fn new(scenario: &Scenario, rng: StdRng, trace: Option<Trace>, knobs: Knobs) -> World {
         let peers = scenario
             .peers
             .iter()
@@ -258,7 +277,7 @@ impl World {
                         max_changes,
                         window,
                     } => (
-                        Node::Crsync(Store::new(site, *schema, *max_changes, snapshot_own)),
+                        Node::Crsync(Store::new(site, *schema, *max_changes)),
                         *window,
                     ),
                     PeerSpec::V1 { page_size } => (Node::V1(V1Peer::new(site, *page_size, 2)), 0),
@@ -290,6 +309,7 @@ impl World {
             .collect();
         let mut world = World {
             rng,
+            knobs,
             base: Instant::now(),
             now: Duration::ZERO,
             peers,
@@ -733,7 +753,43 @@ impl World {
                     conn,
                     from: super::trace::fmt_cursor(&from),
                     after_local,
+                    skip: hint.skip_local.clone(),
                     batches: n,
+                    detail: batches
+                        .iter()
+                        .map(|(b, upto)| {
+                            let changes: Vec<String> = b
+                                .changes
+                                .iter()
+                                .map(|c| {
+                                    let key = CellKey::parse(&c.table, &c.pk, &c.cid);
+                                    format!(
+                                        "p{}@{}{:?}",
+                                        super::trace::peer_index(&c.site_id),
+                                        c.db_version.0,
+                                        key.map(|k| (k.table, k.pk, k.col))
+                                    )
+                                })
+                                .collect();
+                            let ranges: Vec<String> = b
+                                .ranges
+                                .iter()
+                                .map(|(s, r)| {
+                                    format!(
+                                        "p{}:({},{}]",
+                                        super::trace::peer_index(s),
+                                        r.after.0,
+                                        r.upto.0
+                                    )
+                                })
+                                .collect();
+                            format!(
+                                "[{}] ranges {{{}}} upto {upto}",
+                                changes.join(" "),
+                                ranges.join(" ")
+                            )
+                        })
+                        .collect(),
                 });
                 if let Some(e) = self.crsync_end(conn, end) {
                     e.stream = Some(batches);
@@ -1011,20 +1067,34 @@ impl World {
         }
     }
 
+    /// Sends the next page of a v1 `sync` answer; with
+    /// [`Knobs::v1_interleaved_paging`] one page per event (merges may run
+    /// between pages), else the whole answer at once, from one snapshot.
     fn v1_page(&mut self, conn: u64, end: usize, job: u64) {
+        loop {
+            if !self.v1_page_once(conn, end, job) || self.knobs.v1_interleaved_paging {
+                return;
+            }
+        }
+    }
+
+    /// One page; whether more follow.
+    fn v1_page_once(&mut self, conn: u64, end: usize, job: u64) -> bool {
         let Some(peer) = self.conns.get(&conn).map(|c| self.peer_of(c, end)) else {
-            return;
+            return false;
         };
         let Some(e) = self.v1_end(conn, end) else {
-            return;
+            return false;
         };
         let Some((id, cursor, offset)) = e.job.clone() else {
-            return;
+            return false;
         };
         if id != job {
-            return;
+            return false;
         }
-        let Some(v1) = self.v1(peer) else { return };
+        let Some(v1) = self.v1(peer) else {
+            return false;
+        };
         let (kept, full) = v1.page(&cursor, offset);
         let len = v1.page_size;
         let data = (!kept.is_empty()).then(|| v1.data(kept, false));
@@ -1033,16 +1103,19 @@ impl World {
             self.send(conn, end, data);
         }
         let Some(e) = self.v1_end(conn, end) else {
-            return;
+            return false;
         };
         if let Some(eose) = eose {
             e.job = None;
             self.send(conn, end, eose);
-        } else {
-            e.job = Some((id, cursor, offset + len));
+            return false;
+        }
+        e.job = Some((id, cursor, offset + len));
+        if self.knobs.v1_interleaved_paging {
             let delay = ms(1) + self.jitter(20);
             self.schedule_in(delay, Event::V1Page { conn, end, job });
         }
+        true
     }
 
     fn v1_poll(&mut self, peer: usize, inc: u64) {
