@@ -13,7 +13,11 @@
 //! - `cargo test -p crsync-peer --test simulator`: 10,000 scenarios on 2 threads.
 //! - `CRSYNC_SIM_SCENARIOS=1000000`: more (`CRSYNC_SIM_FIRST` sets the first seed).
 //! - `CRSYNC_SIM_SEED=<n>`: replays one seed and prints its trace.
+//! - `CRSYNC_SIM_KEEP_GOING=1`: runs on past failures, one line per failing seed.
 //! - `CRSYNC_SIM_THREADS`, `CRSYNC_SIM_TRACE` (trace length, default 400).
+//! - Knobs for known issues: `CRSYNC_SIM_V1_PAGING=interleaved` (merges run
+//!   between a v1 peer's pages), `CRSYNC_SIM_STRICT_CURSORS=1` (unequal
+//!   cursors in a crsync component fail).
 
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
@@ -129,6 +133,7 @@ fn simulated_networks_converge() {
     let count = env_u64("CRSYNC_SIM_SCENARIOS").unwrap_or(DEFAULT_SCENARIOS);
     let first = env_u64("CRSYNC_SIM_FIRST").unwrap_or(0);
     let threads = env_u64("CRSYNC_SIM_THREADS").unwrap_or(2).max(1);
+    let keep_going = std::env::var_os("CRSYNC_SIM_KEEP_GOING").is_some();
     let next = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let failures: Mutex<Vec<Failure>> = Mutex::new(Vec::new());
@@ -150,8 +155,23 @@ fn simulated_networks_converge() {
                             done += 1;
                             sum.add(&stats);
                         }
-                        Err(_) => {
-                            stop.store(true, Ordering::Relaxed);
+                        Err((error, _)) => {
+                            if keep_going {
+                                let (scenario, _) = run_seed(seed, None);
+                                eprintln!(
+                                    "seed {seed}: {} peers ({} v1), {} ops: {}",
+                                    scenario.peers.len(),
+                                    scenario
+                                        .peers
+                                        .iter()
+                                        .filter(|p| matches!(p, sim::scenario::PeerSpec::V1 { .. }))
+                                        .count(),
+                                    scenario.ops.len(),
+                                    error.lines().next().unwrap_or_default().trim()
+                                );
+                            } else {
+                                stop.store(true, Ordering::Relaxed);
+                            }
                             failures.lock().unwrap().push(Failure {
                                 seed,
                                 report: String::new(),

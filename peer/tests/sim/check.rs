@@ -9,10 +9,6 @@ use super::trace::{fmt_cursor, peer_index};
 use super::values::{CellKey, Version};
 use super::world::{End, Node, World};
 
-/// Changes sent per link direction after the heal, at most, per version
-/// written in the whole run (see [`check`]).
-pub const HEALED_CHANGES_PER_VERSION: u64 = 3;
-
 /// Per peer, a representative of its crsync component (crsync peers joined
 /// by crsync-to-crsync links); a v1 peer is alone.
 fn components(world: &World) -> Vec<usize> {
@@ -120,13 +116,17 @@ fn rows(world: &World, peer: usize) -> BTreeMap<CellKey, Version> {
 ///    is `Live` (it sent and received `eose`), has nothing in flight, nothing
 ///    queued, no read open and no per-message reply left unanswered.
 /// 4. **No message loop**: the run went quiet within [`HEAL_LIMIT`]
-///    (checked by the run), and after the heal each link direction carried at
-///    most [`HEALED_CHANGES_PER_VERSION`] changes per version written in the
-///    whole run. Without faults a direction sends at most one initial stream
-///    (each surviving row once: at most one change per version written),
-///    then each row that becomes new at the sender once (a version wins at a
-///    replica at most once), plus what a resend from before the heal still
-///    repeats; a loop would grow without bound.
+///    (checked by the run), and after the heal, per link direction:
+///    - changes sent <= versions written x (stream starts + 1). A stream
+///      started from the remote's cursor sends each row the sender holds at
+///      most once (at most one change per version ever written), and live
+///      streams send each row once more at most when it becomes new at the
+///      sender (a version wins at a replica at most once).
+///    - stream starts <= 2 + messages received that were sent before the
+///      heal. Without faults a stream starts when the connection is made and
+///      when the remote asks again after a schema upgrade; any other restart
+///      answers something from before the heal (a `sync` queued while the
+///      sender was paused, a stale gap). A loop would keep asking.
 ///
 /// [`HEAL_LIMIT`]: super::world::HEAL_LIMIT
 pub fn check(world: &World) -> Result<(), String> {
@@ -239,12 +239,22 @@ pub fn check(world: &World) -> Result<(), String> {
                 ));
             }
         }
-        // 4. bound
-        let bound = HEALED_CHANGES_PER_VERSION * world.stats.versions_written.max(1);
-        for (d, sent) in link.healed_changes.iter().enumerate() {
-            if *sent > bound {
+        // 4. no loop
+        let versions = world.stats.versions_written.max(1);
+        for d in 0..2 {
+            let (sent, restarts, stale) = (
+                link.healed_changes[d],
+                link.healed_restarts[d],
+                link.stale_received[d],
+            );
+            if sent > versions * (restarts + 1) {
                 problems.push(format!(
-                    "link {l} direction {d} sent {sent} changes after the heal, more than {bound} ({HEALED_CHANGES_PER_VERSION} per version written)"
+                    "link {l} direction {d} sent {sent} changes after the heal, more than {versions} versions written x ({restarts} stream starts + 1)"
+                ));
+            }
+            if restarts > 2 + stale {
+                problems.push(format!(
+                    "link {l} direction {d} restarted its stream {restarts} times after the heal, more than 2 + {stale} messages from before the heal"
                 ));
             }
         }

@@ -43,6 +43,8 @@ pub struct Peer {
     /// Bumped at each restart: events of an earlier life are void.
     pub inc: u64,
     pub paused_until: Duration,
+    /// Events held while paused, in order.
+    deferred: VecDeque<Event>,
     notify_pending: bool,
     window: usize,
 }
@@ -55,8 +57,13 @@ pub struct Link {
     pub conn: Option<u64>,
     token: u64,
     attempts: u32,
-    /// Changes sent per direction (0: from the dialer) after the heal.
+    /// Per direction (0: from the dialer), after the heal: changes sent,
     pub healed_changes: [u64; 2],
+    /// streams (re)started from the remote's cursor (a read with nothing
+    /// counted as delivered),
+    pub healed_restarts: [u64; 2],
+    /// and messages the sending end received that were sent before the heal.
+    pub stale_received: [u64; 2],
 }
 
 pub struct CrsyncEnd {
@@ -92,6 +99,8 @@ pub struct Conn {
     pub ends: [End; 2],
     /// Per direction (from end d), when its last message arrives.
     last: [Duration; 2],
+    /// Per direction: an ordered stream lost a message; nothing after it arrives.
+    broken: [bool; 2],
 }
 
 enum Event {
@@ -100,6 +109,7 @@ enum Event {
         to: usize,
         msg: TransportMessage,
         post: bool,
+        sent_at: Duration,
     },
     MergeExec {
         peer: usize,
@@ -144,6 +154,10 @@ enum Event {
     PeerUp {
         peer: usize,
         inc: u64,
+    },
+    /// A pause may have ended.
+    Resume {
+        peer: usize,
     },
     Op(Op),
     Heal,
@@ -288,6 +302,7 @@ impl World {
                     up: true,
                     inc: 0,
                     paused_until: Duration::ZERO,
+                    deferred: VecDeque::new(),
                     notify_pending: false,
                     window,
                 }
@@ -305,6 +320,8 @@ impl World {
                 token: 0,
                 attempts: 0,
                 healed_changes: [0; 2],
+                healed_restarts: [0; 2],
+                stale_received: [0; 2],
             })
             .collect();
         let mut world = World {
@@ -422,7 +439,10 @@ impl World {
                 | Op::Upgrade { peer }
                 | Op::Restart { peer, .. },
             ) => Some(*peer),
-            Event::Op(Op::Cut { .. } | Op::Pause { .. }) | Event::Cut { .. } | Event::Heal => None,
+            Event::Op(Op::Cut { .. } | Op::Pause { .. })
+            | Event::Cut { .. }
+            | Event::Resume { .. }
+            | Event::Heal => None,
         }
     }
 
@@ -465,7 +485,8 @@ impl World {
             } else {
                 event_at.unwrap_or_default()
             };
-            if self.healed.is_some() && at > self.last_activity + QUIET {
+            let all_up = self.links.iter().all(|l| l.conn.is_some());
+            if self.healed.is_some() && all_up && at > self.last_activity + QUIET {
                 self.stats.virtual_time = self.now;
                 return Ok(());
             }
@@ -487,15 +508,17 @@ impl World {
             let Some(Reverse(scheduled)) = self.queue.pop() else {
                 continue;
             };
-            let mut paused = self
-                .target(&scheduled.event)
-                .map_or(Duration::ZERO, |p| self.peers[p].paused_until);
+            // A frozen peer takes nothing now; a frozen acceptor does not
+            // answer a dial either.
+            let mut held = self.target(&scheduled.event);
             if let Event::Redial { link, .. } = &scheduled.event {
-                // A frozen acceptor does not answer either.
-                paused = paused.max(self.peers[self.links[*link].acceptor].paused_until);
+                let acceptor = self.links[*link].acceptor;
+                if self.peers[acceptor].paused_until > self.now {
+                    held = Some(acceptor);
+                }
             }
-            if paused > self.now {
-                self.schedule_at(paused, scheduled.event);
+            if let Some(peer) = held.filter(|p| self.peers[*p].paused_until > self.now) {
+                self.peers[peer].deferred.push_back(scheduled.event);
                 continue;
             }
             self.handle(scheduled.event);
@@ -533,7 +556,15 @@ impl World {
                 to,
                 msg,
                 post,
-            } => self.deliver(conn, to, msg, post),
+                sent_at,
+            } => {
+                if let (Some(healed), Some(c)) = (self.healed, self.conns.get(&conn)) {
+                    if sent_at < healed {
+                        self.links[c.link].stale_received[to] += 1;
+                    }
+                }
+                self.deliver(conn, to, msg, post)
+            }
             Event::MergeExec {
                 peer,
                 inc,
@@ -648,8 +679,21 @@ impl World {
                     self.peer_up(peer);
                 }
             }
+            Event::Resume { peer } => {
+                if self.peers[peer].paused_until <= self.now {
+                    self.resume(peer);
+                }
+            }
             Event::Op(op) => self.op(op),
             Event::Heal => self.heal(),
+        }
+    }
+
+    /// Ends a pause: what it held happens now, in order.
+    fn resume(&mut self, peer: usize) {
+        self.peers[peer].paused_until = Duration::ZERO;
+        while let Some(event) = self.peers[peer].deferred.pop_front() {
+            self.schedule_at(self.now, event);
         }
     }
 
@@ -742,6 +786,9 @@ impl World {
             Output::Read { from, hint } => {
                 self.stats.reads += 1;
                 self.last_activity = self.now;
+                if self.healed.is_some() && hint.after_local == 0 {
+                    self.links[c.link].healed_restarts[end] += 1;
+                }
                 let Some(store) = self.store(peer) else {
                     return;
                 };
@@ -904,6 +951,9 @@ impl World {
         let faults = self.faults(conn);
         let latency = self.latency(conn);
         if dir.ordered {
+            if self.conns.get(&conn).is_some_and(|c| c.broken[from]) {
+                return;
+            }
             if self.rng.random_bool(faults.cut) {
                 // Lost on a stream that must not lose: the connection breaks.
                 self.note(|| Entry::Drop {
@@ -912,6 +962,9 @@ impl World {
                     to: to_peer,
                     msg: Summary::of(&msg),
                 });
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.broken[from] = true;
+                }
                 self.schedule_in(latency, Event::Cut { conn });
                 return;
             }
@@ -931,6 +984,7 @@ impl World {
                     to: 1 - from,
                     msg,
                     post: dir.post,
+                    sent_at: self.now,
                 },
             );
         } else {
@@ -965,6 +1019,7 @@ impl World {
                         to: 1 - from,
                         msg: msg.clone(),
                         post: dir.post,
+                        sent_at: self.now,
                     },
                 );
             }
@@ -1037,6 +1092,9 @@ impl World {
             }
             // An `ack` is a `sync` to v1, which knows no acks.
             MessageKind::Sync => {
+                if let (Some(_), Some(c)) = (self.healed, self.conns.get(&conn)) {
+                    self.links[c.link].healed_restarts[end] += 1;
+                }
                 let cursor = msg.cursor.unwrap_or_default();
                 let counter = self.v1(peer).map_or(0, |v| v.counter);
                 let Some(e) = self.v1_end(conn, end) else {
@@ -1250,6 +1308,7 @@ impl World {
                 link,
                 ends: [a, b],
                 last: [self.now; 2],
+                broken: [false; 2],
             },
         );
         self.links[link].conn = Some(id);
@@ -1337,6 +1396,12 @@ impl World {
     }
 
     fn op(&mut self, op: Op) {
+        if self.healed.is_some()
+            && matches!(op, Op::Cut { .. } | Op::Restart { .. } | Op::Pause { .. })
+        {
+            // A fault held back by a pause: faults end at the heal.
+            return;
+        }
         match op {
             Op::Write { peer, cells } => {
                 if !self.peers[peer].up {
@@ -1403,6 +1468,8 @@ impl World {
                 let until = self.now + duration;
                 let p = &mut self.peers[peer];
                 p.paused_until = p.paused_until.max(until);
+                let until = p.paused_until;
+                self.schedule_at(until, Event::Resume { peer });
                 self.note(|| Entry::Note(format!("p{peer} pauses for {duration:?}")));
             }
             Op::Upgrade { peer } => self.upgrade(peer),
@@ -1432,7 +1499,7 @@ impl World {
         self.last_activity = self.now;
         self.note(|| Entry::Note("heal".into()));
         for peer in 0..self.peers.len() {
-            self.peers[peer].paused_until = Duration::ZERO;
+            self.resume(peer);
             if !self.peers[peer].up {
                 self.peer_up(peer);
             }
