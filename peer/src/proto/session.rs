@@ -703,11 +703,19 @@ impl Session {
                 );
             }
             Err(MergeFailure::Outdated { ours, theirs }) => {
-                self.event(SessionEvent::Outdated {
-                    remote_version: theirs,
-                    local_version: ours,
-                });
-                self.awaiting_schema = Some(theirs);
+                if theirs > self.schema_version {
+                    self.event(SessionEvent::Outdated {
+                        remote_version: theirs,
+                        local_version: ours,
+                    });
+                    self.awaiting_schema = Some(theirs);
+                } else {
+                    // The store refused this batch under the schema it had
+                    // when the merge ran; ours caught up since (we took
+                    // `SchemaChanged` meanwhile): ask again now, as that
+                    // upgrade will not come a second time.
+                    self.request_pending = true;
+                }
                 self.reject(
                     pending.reply,
                     Rejection::new(

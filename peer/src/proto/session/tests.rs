@@ -169,6 +169,48 @@ fn a_gap_is_answered_and_we_ask_again() {
     );
 }
 
+/// A merge refused as outdated whose answer comes after our upgrade: the
+/// session asks again instead of waiting for an upgrade that already
+/// happened (it stayed `Outdated`, and its refusal paused the remote for
+/// good). Simulator seed 8727.
+#[test]
+fn an_outdated_refusal_that_comes_after_our_upgrade_asks_again() {
+    let now = Instant::now();
+    let mut s = Session::new(SessionConfig::default(), US, Cursor::new(), 1, now);
+    transmits(&mut s, now);
+    s.handle(received(TransportMessage::connect(THEM)), now);
+    let batch = ChangeBatch {
+        changes: vec![change(1)],
+        ..ChangeBatch::default()
+    };
+    s.handle(
+        received(TransportMessage::data(
+            THEM,
+            &batch,
+            false,
+            2,
+            Encoding::Lossless,
+        )),
+        now,
+    );
+    merge_of(outputs(&mut s));
+    // The store refused it under schema 1; we upgrade before hearing so.
+    s.handle(Input::SchemaChanged(2), now);
+    s.handle(
+        Input::Merged(Err(MergeFailure::Outdated { ours: 1, theirs: 2 })),
+        now,
+    );
+    assert_ne!(s.status().phase, SessionPhase::Outdated);
+    let sent = transmits(&mut s, now);
+    let kinds: Vec<_> = sent.iter().map(|m| (m.kind, m.ack)).collect();
+    // the refusal (the batch was not applied), then a new request
+    assert_eq!(
+        kinds,
+        vec![(MessageKind::Error, None), (MessageKind::Sync, None)],
+        "{sent:?}"
+    );
+}
+
 fn change(v: i64) -> Change {
     Change {
         table: "t".into(),
