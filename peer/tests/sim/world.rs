@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crsync_peer::proto::{
-    ErrorCode, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig, Side,
+    ErrorCode, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig,
+    SessionEvent, Side,
 };
 use crsync_peer::wire::{Hello, MessageKind, TransportMessage};
 use crsync_peer::{ChangeBatch, Cursor, SiteId};
@@ -74,6 +75,8 @@ pub struct CrsyncEnd {
     pub open_replies: BTreeSet<ReplyId>,
     next_reply: ReplyId,
     timeout: Option<Instant>,
+    /// `after_local` of the last read (a drop to 0 is a rewind).
+    last_read_after: i64,
 }
 
 pub struct V1End {
@@ -786,8 +789,13 @@ impl World {
             Output::Read { from, hint } => {
                 self.stats.reads += 1;
                 self.last_activity = self.now;
-                if self.healed.is_some() && hint.after_local == 0 {
-                    self.links[c.link].healed_restarts[end] += 1;
+                let link = c.link;
+                let previous = self.crsync_end(conn, end).map_or(0, |e| {
+                    std::mem::replace(&mut e.last_read_after, hint.after_local)
+                });
+                if self.healed.is_some() && hint.after_local == 0 && previous > 0 {
+                    // a rewind (gap, ack timeout, pause); a new request counts below
+                    self.links[link].healed_restarts[end] += 1;
                 }
                 let Some(store) = self.store(peer) else {
                     return;
@@ -876,6 +884,12 @@ impl World {
                 }
             }
             Output::Event(event) => {
+                if self.healed.is_some() && event == SessionEvent::SyncRequested {
+                    self.links[c.link].healed_restarts[end] += 1;
+                    if let Some(e) = self.crsync_end(conn, end) {
+                        e.last_read_after = 0;
+                    }
+                }
                 self.note(|| Entry::Note(format!("p{peer} conn {conn}: {event:?}")));
             }
             Output::Close(reason) => {
@@ -1242,6 +1256,7 @@ impl World {
             open_replies: BTreeSet::new(),
             next_reply: 0,
             timeout: None,
+            last_read_after: 0,
         })
     }
 
