@@ -129,6 +129,40 @@ fn a_v1_eose_over_unordered_posts_vouches_for_nothing() {
     assert!(merge_of(outputs(&mut s)).ranges.is_empty());
 }
 
+/// A v1 page that was not applied (refused as outdated) must not be vouched
+/// for by a later `eose`: that `eose` may end the same answer, whose other
+/// pages arrive after our upgrade, and claiming its versions would hide the
+/// refused page's changes when they come again. Simulator seed 9511.
+#[test]
+fn a_v1_eose_vouches_for_nothing_once_a_page_was_refused() {
+    let now = Instant::now();
+    let config = SessionConfig::default();
+    let mut s = Session::new(config, US, Cursor::new(), 1, now);
+    transmits(&mut s, now); // connect, sync: a round starts
+    let newer = |kind, versions: &[i64]| {
+        let mut m = v1_data(kind, versions);
+        if let Some(d) = m.data.as_mut() {
+            d.schema_version = Some(2);
+        }
+        m
+    };
+    s.handle(received(newer(PeerMessageKind::Changes, &[1])), now);
+    merge_of(outputs(&mut s));
+    s.handle(
+        Input::Merged(Err(MergeFailure::Outdated { ours: 1, theirs: 2 })),
+        now,
+    );
+    s.handle(Input::SchemaChanged(2), now);
+    transmits(&mut s, now); // the refusal, our new request
+    // the rest of the first answer, applied now
+    s.handle(received(newer(PeerMessageKind::Changes, &[3])), now);
+    merge_of(outputs(&mut s));
+    merged(&mut s, Cursor::new(), now);
+    s.handle(received(newer(PeerMessageKind::Eose, &[])), now);
+    let eose = merge_of(outputs(&mut s));
+    assert!(eose.ranges.is_empty(), "{:?}", eose.ranges);
+}
+
 #[test]
 fn a_gap_is_answered_and_we_ask_again() {
     let (mut s, now) = session(true);
