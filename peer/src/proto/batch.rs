@@ -154,15 +154,17 @@ impl ChangeBatch {
 
 /// Builds the batches that bring a receiver from its cursor up to the sender's.
 ///
-/// Feed it the sender's changes in the order the sender committed them locally
-/// (origin versions ascend per site in that order); it drops what the receiver
-/// holds and cuts batches at transaction boundaries once a batch reaches
-/// `max_changes` changes or `max_bytes` of estimated wire size. An origin
-/// transaction larger than that becomes a batch of its own.
+/// Feed it the sender's changes in the order the sender committed them
+/// locally; it drops what the receiver holds and cuts batches at transaction
+/// boundaries once a batch reaches `max_changes` changes or `max_bytes` of
+/// estimated wire size. An origin transaction larger than that becomes a
+/// batch of its own.
 ///
 /// Ranges never claim past `sender`, the sender's own cursor: a change beyond
 /// it (one the sender holds without proof that it holds everything before it)
-/// travels unranged.
+/// travels unranged. Where a site's origin versions do not ascend in local
+/// order, batches before the last claim that site only up to its
+/// [claim limit](Self::with_claim_limits).
 ///
 /// ```
 /// use crsync_peer::{BatchBuilder, Change, Cursor, DbVersion, PackedPk, SiteId, SqlValue};
@@ -190,6 +192,8 @@ pub struct BatchBuilder {
     current_bytes: usize,
     current: ChangeBatch,
     current_txn: Option<(SiteId, DbVersion)>,
+    /// Per site, the most a batch before the last may claim.
+    limits: BTreeMap<SiteId, DbVersion>,
 }
 
 impl BatchBuilder {
@@ -203,7 +207,16 @@ impl BatchBuilder {
             current_bytes: 0,
             current: ChangeBatch::default(),
             current_txn: None,
+            limits: BTreeMap::new(),
         }
+    }
+
+    /// Limits what batches before the last claim of a site (see
+    /// [`claim_limits`]): changes of that site above its limit travel
+    /// unranged until [`finish`](Self::finish), which claims everything.
+    pub fn with_claim_limits(mut self, limits: BTreeMap<SiteId, DbVersion>) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Sets the soft limit on a batch's estimated wire size.
@@ -230,7 +243,8 @@ impl BatchBuilder {
             }
             self.current_txn = Some((site, version));
         }
-        if self.sender.holds(&site, version) {
+        let claimable = self.limits.get(&site).is_none_or(|limit| version <= *limit);
+        if claimable && self.sender.holds(&site, version) {
             let after = self.sent.get(&site);
             let range = self
                 .current
@@ -274,6 +288,84 @@ impl BatchBuilder {
             self.sent.advance(*site, range.upto);
         }
         batch
+    }
+}
+
+/// Per site, the highest version that batches before the last of a stream
+/// may claim, for a stream that reads a store's rows in local order.
+///
+/// `records` are the origin of each local transaction the stream may read,
+/// `(local version, site, origin version)` in ascending local order. Origin
+/// versions of a site usually ascend with local versions, and a batch's range
+/// up to version `v` tells the receiver it holds every change of that site up
+/// to `v`. They do not always: a change may arrive unranged ahead of older
+/// ones (relayed by a v1 peer), or one origin transaction in parts at several
+/// local versions (a v1 peer pages a transaction across messages). A range
+/// claiming such a version before the stream reached its later rows would
+/// let the receiver skip them as held. So a site whose versions come back
+/// down (or repeat at another local version) may be claimed, before the last
+/// batch, only below the lowest such version. Versions `receiver` holds are
+/// skipped anyway and do not count; sites not in the result have no limit.
+///
+/// ```
+/// use crsync_peer::{Cursor, DbVersion, SiteId, proto::batch::claim_limits};
+/// let s = SiteId::from_bytes([1; 16]);
+/// // local 1 holds s@9 (came unranged), local 2 s@8, local 3 s@10
+/// let records = [(1, s, DbVersion(9)), (2, s, DbVersion(8)), (3, s, DbVersion(10))];
+/// let limits = claim_limits(records, &Cursor::new());
+/// assert_eq!(limits[&s], DbVersion(7));
+/// ```
+pub fn claim_limits(
+    records: impl IntoIterator<Item = (i64, SiteId, DbVersion)>,
+    receiver: &Cursor,
+) -> BTreeMap<SiteId, DbVersion> {
+    let mut limits = ClaimLimits::new(receiver.clone());
+    for (local, site, version) in records {
+        limits.note(local, site, version);
+    }
+    limits.finish()
+}
+
+/// [`claim_limits`], one record at a time (a stream's reader feeds it from a query).
+#[derive(Debug, Clone)]
+pub struct ClaimLimits {
+    receiver: Cursor,
+    /// Per site, the highest version so far and the local version it is at.
+    highest: BTreeMap<SiteId, (DbVersion, i64)>,
+    limits: BTreeMap<SiteId, DbVersion>,
+}
+
+impl ClaimLimits {
+    /// For a receiver at `receiver`.
+    pub fn new(receiver: Cursor) -> Self {
+        ClaimLimits {
+            receiver,
+            highest: BTreeMap::new(),
+            limits: BTreeMap::new(),
+        }
+    }
+
+    /// The next record, in ascending local order.
+    pub fn note(&mut self, local: i64, site: SiteId, version: DbVersion) {
+        if self.receiver.holds(&site, version) {
+            return;
+        }
+        match self.highest.get(&site) {
+            Some(&(top, at)) if version < top || (version == top && local != at) => {
+                let limit = DbVersion(version.0 - 1);
+                let entry = self.limits.entry(site).or_insert(limit);
+                *entry = (*entry).min(limit);
+            }
+            Some(&(top, _)) if version == top => {}
+            _ => {
+                self.highest.insert(site, (version, local));
+            }
+        }
+    }
+
+    /// The limits, per site.
+    pub fn finish(self) -> BTreeMap<SiteId, DbVersion> {
+        self.limits
     }
 }
 
@@ -496,6 +588,64 @@ mod tests {
     }
 
     #[test]
+    fn out_of_order_versions_are_claimed_only_at_the_end() {
+        // The sender holds site 1's version 9 at local 1 (it came unranged,
+        // ahead of the rest), then 6..8 at locals 2..4: a batch claiming 9 at
+        // once would make the receiver skip 6..8 as held. Simulator seed 8146.
+        let sender: Cursor = [(site(1), DbVersion(9))].into_iter().collect();
+        let rows = [
+            change(1, 9, 0),
+            change(1, 6, 1),
+            change(1, 7, 2),
+            change(1, 8, 3),
+        ];
+        let records = rows
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as i64 + 1, c.site_id, c.db_version));
+        let limits = claim_limits(records, &Cursor::new());
+        assert_eq!(limits[&site(1)], DbVersion(5));
+        let mut b = BatchBuilder::new(Cursor::new(), sender.clone(), 1).with_claim_limits(limits);
+        let mut batches: Vec<ChangeBatch> =
+            rows.iter().cloned().filter_map(|c| b.push(c)).collect();
+        batches.extend(b.finish());
+        let mut cursor = Cursor::new();
+        let mut applied = 0;
+        for batch in &batches {
+            let plan = plan_merge(site(0), &cursor, batch).unwrap();
+            applied += plan
+                .transactions
+                .iter()
+                .map(|(_, g)| g.len())
+                .sum::<usize>();
+            cursor = plan.cursor;
+        }
+        assert_eq!(applied, 4, "{batches:?}");
+        assert_eq!(cursor, sender);
+    }
+
+    #[test]
+    fn a_transaction_in_parts_is_claimed_only_at_the_end() {
+        // One origin transaction (site 1, version 5) merged in two parts, at
+        // locals 1 and 3, with another transaction between.
+        let (a, b, c) = (change(1, 5, 0), change(2, 3, 0), change(1, 5, 1));
+        let records = [
+            (1, a.site_id, a.db_version),
+            (2, b.site_id, b.db_version),
+            (3, c.site_id, c.db_version),
+        ];
+        let limits = claim_limits(records, &Cursor::new());
+        assert_eq!(limits.get(&site(1)), Some(&DbVersion(4)));
+        assert_eq!(limits.get(&site(2)), None);
+        // the same transaction at one local version is in order
+        let together = [(1, a.site_id, a.db_version), (1, c.site_id, c.db_version)];
+        assert!(claim_limits(together, &Cursor::new()).is_empty());
+        // versions the receiver holds do not count
+        let held: Cursor = [(site(1), DbVersion(5))].into_iter().collect();
+        assert!(claim_limits(records, &held).is_empty());
+    }
+
+    #[test]
     fn ranges_never_claim_past_the_sender() {
         // The sender holds site 1 up to 4 with proof, and version 6 without.
         let sender: Cursor = [(site(1), DbVersion(4))].into_iter().collect();
@@ -546,6 +696,54 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever the local order of the sender's rows (versions out of
+        /// order, transactions in parts) and the batch size, the builder's
+        /// batches with their claim limits bring a receiver every row it
+        /// lacks and end at the sender's cursor.
+        #[test]
+        fn any_local_order_applies_everything(
+            order in proptest::collection::vec((1u8..4, 1i64..8, 0i64..3), 1..40),
+            held_v in proptest::collection::vec(0i64..6, 3),
+            max in 1usize..6,
+        ) {
+            // Local version i holds the row (site, version, seq); duplicates
+            // of one (site, version, seq) keep the first.
+            let mut seen = std::collections::BTreeSet::new();
+            let rows: Vec<(i64, Change)> = order
+                .iter()
+                .enumerate()
+                .filter(|(_, (s, v, q))| seen.insert((*s, *v, *q)))
+                .map(|(i, (s, v, q))| (i as i64 + 1, change(*s, *v, *q)))
+                .collect();
+            let sender: Cursor = (1..4u8).map(|s| (site(s), DbVersion(8))).collect();
+            let held: Cursor = (1..4u8).map(|s| (site(s), DbVersion(held_v[s as usize - 1]))).collect();
+            let records = rows.iter().map(|(l, c)| (*l, c.site_id, c.db_version));
+            let limits = claim_limits(records, &held);
+            let mut builder = BatchBuilder::new(held.clone(), sender.clone(), max).with_claim_limits(limits);
+            let mut batches: Vec<ChangeBatch> =
+                rows.iter().filter_map(|(_, c)| builder.push(c.clone())).collect();
+            batches.extend(builder.finish());
+            let mut cursor = held.clone();
+            let mut applied = std::collections::BTreeSet::new();
+            for batch in &batches {
+                let plan = plan_merge(site(0), &cursor, batch).unwrap();
+                for (_, group) in plan.transactions {
+                    applied.extend(group.into_iter().map(|c| (c.site_id, c.db_version, c.seq)));
+                }
+                cursor = plan.cursor;
+            }
+            let expected: std::collections::BTreeSet<_> = rows
+                .iter()
+                .map(|(_, c)| c)
+                .filter(|c| !held.holds(&c.site_id, c.db_version))
+                .map(|c| (c.site_id, c.db_version, c.seq))
+                .collect();
+            prop_assert_eq!(applied, expected);
+            let mut want = held.clone();
+            want.join(&sender);
+            prop_assert_eq!(cursor, want);
+        }
+
         /// Whatever the batch size, feeding the builder's batches to `plan_merge`
         /// in order applies every missing transaction exactly once, whole, and
         /// ends at the sender's cursor.
