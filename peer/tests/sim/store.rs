@@ -6,6 +6,7 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, VecDeque};
 
+use crsync_peer::proto::batch::claim_limits;
 use crsync_peer::proto::{MergeFailure, MergeOutcome};
 use crsync_peer::{
     BatchBuilder, Change, ChangeBatch, Cursor, DbVersion, ReadHint, SiteId, SqlValue, normalize_js,
@@ -272,7 +273,18 @@ impl Store {
             .filter(|(_, c)| c.local > from && !hint.skips(c.local))
             .collect();
         rows.sort_by_key(|(_, c)| (c.local, c.seq));
-        let mut builder = BatchBuilder::new(receiver.clone(), snapshot, self.max_changes);
+        // `claim_limits_after`: the origin records of merged rows above `from`.
+        let mut records: Vec<(i64, SiteId, DbVersion)> = self
+            .cells
+            .values()
+            .filter(|c| c.local > from && c.site != self.site)
+            .map(|c| (c.local, c.site, DbVersion(c.origin)))
+            .collect();
+        records.sort();
+        records.dedup();
+        let limits = claim_limits(records, receiver);
+        let mut builder = BatchBuilder::new(receiver.clone(), snapshot, self.max_changes)
+            .with_claim_limits(limits);
         let stamp = |mut batch: ChangeBatch| {
             batch.schema_version = Some(self.schema_version);
             batch
