@@ -31,6 +31,7 @@ mod sim {
     pub mod world;
 }
 
+use std::io::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -42,6 +43,13 @@ use sim::trace::Trace;
 use sim::world::{Knobs, Stats, World};
 
 const DEFAULT_SCENARIOS: u64 = 10_000;
+
+/// Straight to stderr: the test harness captures `eprintln!` of passing tests.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
@@ -122,7 +130,7 @@ fn simulated_networks_converge() {
     if let Some(seed) = env_u64("CRSYNC_SIM_SEED") {
         let (scenario, result) = run_seed(seed, Some(trace_len));
         match result {
-            Ok(stats) => eprintln!(
+            Ok(stats) => say!(
                 "seed {seed} passes\nscenario: {}\n{stats:?}",
                 describe(&scenario)
             ),
@@ -158,7 +166,7 @@ fn simulated_networks_converge() {
                         Err((error, _)) => {
                             if keep_going {
                                 let (scenario, _) = run_seed(seed, None);
-                                eprintln!(
+                                say!(
                                     "seed {seed}: {} peers ({} v1), {} ops: {}",
                                     scenario.peers.len(),
                                     scenario
@@ -188,7 +196,7 @@ fn simulated_networks_converge() {
     let elapsed = started.elapsed();
     let (done, stats) = totals.into_inner().unwrap();
     let per_ms = elapsed.as_secs_f64() * 1000.0 / done.max(1) as f64;
-    eprintln!(
+    say!(
         "simulator: {done} scenarios in {:.1}s: {per_ms:.2} ms per scenario ({:.2} ms of one thread each, {threads} threads); \
          {} messages, {} data messages, {} changes sent for {} versions written, {:.0} s virtual; \
          {} scenarios ended with unequal cursors in a crsync component (see check.rs)",
