@@ -62,6 +62,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
     };
     let schema_version = *schema.borrow_and_update();
     let mut core = Session::new(config, local, cursor, schema_version, Instant::now());
+    tracing::debug!("session started");
 
     let (outbox, mut outbox_rx) = mpsc::channel(OUTBOX_CAP);
     let writer_failed = inner.cancel.child_token();
@@ -229,6 +230,7 @@ fn merge_result(result: Result<MergeReport, MergeError>) -> Result<MergeOutcome,
 }
 
 fn on_event(inner: &Inner, label: &str, remote: &mut Option<SiteId>, event: SessionEvent) {
+    tracing::trace!(?event, "session event");
     if let SessionEvent::Identified(peer) = event {
         *remote = Some(peer);
         inner.session_opened(peer);
