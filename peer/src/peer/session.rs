@@ -90,6 +90,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
     let mut reading: Option<ChangeStream> = None;
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
+    let id = inner.session_id();
 
     let reason: String = 'session: loop {
         while let Some(output) = core.poll_output() {
@@ -117,6 +118,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
                 Output::Close(reason) => break 'session reason.to_string(),
             }
         }
+        inner.publish(id, Some(core.status()));
         let want_transmit = core.has_transmit();
         let want_batch = core.wants_batch() && reading.is_some();
         let deadline = core.poll_timeout();
@@ -201,9 +203,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
         _ => reason,
     };
     tracing::debug!(%reason, "session ended");
-    if let Some(remote) = remote {
-        inner.session_closed(remote);
-    }
+    inner.publish(id, None);
     inner.emit(PeerEvent::Disconnected {
         peer: remote,
         transport: label,
@@ -233,7 +233,6 @@ fn on_event(inner: &Inner, label: &str, remote: &mut Option<SiteId>, event: Sess
     tracing::trace!(?event, "session event");
     if let SessionEvent::Identified(peer) = event {
         *remote = Some(peer);
-        inner.session_opened(peer);
         inner.emit(PeerEvent::Connected {
             peer,
             transport: label.to_owned(),
@@ -245,10 +244,7 @@ fn on_event(inner: &Inner, label: &str, remote: &mut Option<SiteId>, event: Sess
     };
     match event {
         SessionEvent::SyncRequested => inner.emit(PeerEvent::Sync { peer }),
-        SessionEvent::Eose => {
-            inner.eose_received(peer);
-            inner.emit(PeerEvent::Eose { peer });
-        }
+        SessionEvent::Eose => inner.emit(PeerEvent::Eose { peer }),
         SessionEvent::Outdated {
             remote_version,
             local_version,
