@@ -181,6 +181,7 @@ fn link(slots: &Slots, from: usize, to: usize, faults: FaultConfig) -> MemoryCon
     let slots = slots.clone();
     tokio::spawn(async move {
         while let Some(conn) = listener.next().await {
+            tracing::debug!(label = %conn.label, to, "accepting");
             current(&slots, to).accept(conn);
         }
     });
@@ -289,6 +290,10 @@ fn fast_tempdir() -> tempfile::TempDir {
 
 #[test]
 fn peers_converge_over_faulty_links() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let name = "peers_converge_over_faulty_links";
     let cases = std::env::var("CRSYNC_PROPTEST_CASES")
         .ok()

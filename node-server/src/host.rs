@@ -202,12 +202,15 @@ impl DbHost {
         }
     }
 
-    /// The `error` message refusing a second stream for the same peer.
+    /// The `error` message refusing a second stream for the same peer. Its
+    /// text is the bare code, as wire v1 specifies it (v1 clients compare
+    /// `error` with `"ALREADY_CONNECTED"`; they read no `code`).
     pub(crate) fn already_connected(&self, client: SiteId) -> TransportMessage {
+        tracing::debug!(peer = %client, "a stream for this peer is already open");
         TransportMessage::error(
             self.peer.site_id(),
             &ErrorCode::AlreadyConnected,
-            format!("a stream for peer {client} is already open"),
+            ErrorCode::AlreadyConnected.as_str(),
         )
     }
 }

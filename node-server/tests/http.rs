@@ -246,6 +246,8 @@ async fn second_stream_is_refused_then_allowed_after_close() -> Result<()> {
     let refusal = second.next().await?.expect("error frame");
     assert_eq!(refusal.kind, MessageKind::Error);
     assert_eq!(refusal.code.as_deref(), Some("ALREADY_CONNECTED"));
+    // v1 clients read only `error`, which wire v1 gives as the bare code
+    assert_eq!(refusal.error.as_deref(), Some("ALREADY_CONNECTED"));
     assert!(refusal.error.is_some());
     assert!(
         second.next().await?.is_none(),

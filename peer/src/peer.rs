@@ -10,6 +10,7 @@ mod session;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_core::Stream;
@@ -18,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::proto::Side;
+use crate::proto::{SessionStatus, Side};
 use crate::store::ChangeSource;
 use crate::transport::{Connection, Dialer, ReconnectPolicy};
 use crate::{Cursor, SiteId, Store, StoreEvent};
@@ -160,13 +161,6 @@ impl PeerBuilder {
     }
 }
 
-/// Per-remote status, for [`Peer::wait_caught_up`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct RemoteStatus {
-    sessions: usize,
-    eose: bool,
-}
-
 pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) config: PeerConfig,
@@ -175,7 +169,9 @@ pub(crate) struct Inner {
     pub(crate) schema: watch::Receiver<i64>,
     /// Our cursor, refreshed after every commit the Store reports.
     pub(crate) cursor: watch::Receiver<Cursor>,
-    remotes: watch::Sender<BTreeMap<SiteId, RemoteStatus>>,
+    /// Every open session's status, as its state machine reports it.
+    sessions: watch::Sender<BTreeMap<u64, SessionStatus>>,
+    next_session: AtomicU64,
     tasks: TaskTracker,
 }
 
@@ -184,25 +180,21 @@ impl Inner {
         let _ = self.events.send(event);
     }
 
-    pub(crate) fn session_opened(&self, peer: SiteId) {
-        self.remotes
-            .send_modify(|m| m.entry(peer).or_default().sessions += 1);
+    /// A new session's id for [`publish`](Self::publish).
+    pub(crate) fn session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub(crate) fn session_closed(&self, peer: SiteId) {
-        self.remotes.send_modify(|m| {
-            if let Some(s) = m.get_mut(&peer) {
-                s.sessions = s.sessions.saturating_sub(1);
-                if s.sessions == 0 {
-                    m.remove(&peer);
-                }
+    /// Records a session's status (`None`: it ended).
+    pub(crate) fn publish(&self, id: u64, status: Option<SessionStatus>) {
+        self.sessions.send_if_modified(|m| match status {
+            Some(s) if m.get(&id) != Some(&s) => {
+                m.insert(id, s);
+                true
             }
+            Some(_) => false,
+            None => m.remove(&id).is_some(),
         });
-    }
-
-    pub(crate) fn eose_received(&self, peer: SiteId) {
-        self.remotes
-            .send_modify(|m| m.entry(peer).or_default().eose = true);
     }
 }
 
@@ -263,7 +255,7 @@ impl Peer {
     fn start(store: Store, config: PeerConfig) -> Peer {
         let (events, _) = broadcast::channel(PEER_EVENT_CAP);
         let (schema_tx, schema) = watch::channel(0);
-        let (remotes, _) = watch::channel(BTreeMap::new());
+        let (sessions, _) = watch::channel(BTreeMap::new());
         let (cursor_tx, cursor) = watch::channel(Cursor::new());
         let inner = Arc::new(Inner {
             store,
@@ -272,7 +264,8 @@ impl Peer {
             cancel: CancellationToken::new(),
             schema,
             cursor,
-            remotes,
+            sessions,
+            next_session: AtomicU64::new(0),
             tasks: TaskTracker::new(),
         });
         inner
@@ -318,8 +311,11 @@ impl Peer {
 
     /// Waits until `remote` has sent everything we lacked when we connected (`eose`).
     pub async fn wait_caught_up(&self, remote: SiteId, timeout: Duration) -> Result<(), WaitError> {
-        let mut rx = self.inner.remotes.subscribe();
-        let wait = rx.wait_for(|m| m.get(&remote).is_some_and(|s| s.eose));
+        let mut rx = self.inner.sessions.subscribe();
+        let wait = rx.wait_for(|m| {
+            m.values()
+                .any(|s| s.remote == Some(remote) && s.received_eose)
+        });
         tokio::select! {
             r = tokio::time::timeout(timeout, wait) => match r {
                 Ok(Ok(_)) => Ok(()),
@@ -332,13 +328,16 @@ impl Peer {
 
     /// Remotes with at least one open session.
     pub fn connected_peers(&self) -> Vec<SiteId> {
-        self.inner
-            .remotes
-            .borrow()
-            .iter()
-            .filter(|(_, s)| s.sessions > 0)
-            .map(|(k, _)| *k)
-            .collect()
+        let sessions = self.inner.sessions.borrow();
+        let remotes: BTreeSet<SiteId> = sessions.values().filter_map(|s| s.remote).collect();
+        remotes.into_iter().collect()
+    }
+
+    /// The status of every open session (one per connection), straight from
+    /// its protocol state machine: phase, what the remote acknowledged,
+    /// batches in flight, both `eose`s, counts, the last refusal.
+    pub fn sessions(&self) -> Vec<SessionStatus> {
+        self.inner.sessions.borrow().values().cloned().collect()
     }
 
     /// Stops dialing, ends every session (in-flight merges finish first) and waits for them.

@@ -154,6 +154,8 @@ impl StoreBuilder {
 #[derive(Clone, Debug)]
 pub struct Store {
     commands: flume::Sender<Command>,
+    /// Cancelled when the writer thread has ended.
+    writer_gone: tokio_util::sync::CancellationToken,
     readers: std::sync::Arc<reader::ReaderPool>,
     events: broadcast::Sender<StoreEvent>,
     site_id: SiteId,
@@ -189,15 +191,23 @@ impl Store {
             origin_gc_slack: options.origin_gc_slack,
         };
         let thread_events = events.clone();
+        let writer_gone = tokio_util::sync::CancellationToken::new();
+        let gone = writer_gone.clone();
         std::thread::Builder::new()
             .name("crsync-store-writer".into())
-            .spawn(move || writer::run(config, inbox, thread_events, ready_tx))
+            .spawn(move || {
+                // Cancelled however the thread ends, so no caller waits for a
+                // reply to a command still queued when the writer stopped.
+                let _gone = gone.drop_guard();
+                writer::run(config, inbox, thread_events, ready_tx)
+            })
             .map_err(OpenError::Thread)?;
         let site_id = ready_rx
             .await
             .map_err(|_| OpenError::Thread(std::io::Error::other("writer thread died")))??;
         Ok(Store {
             commands,
+            writer_gone,
             readers: std::sync::Arc::new(reader::ReaderPool::new(options.path.clone())),
             events,
             site_id,
@@ -230,7 +240,17 @@ impl Store {
             .send_async(make(tx))
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)
+        self.reply(rx).await
+    }
+
+    /// Waits for a command's reply, or until the writer thread has ended (a
+    /// command queued behind `Close` is never answered).
+    async fn reply<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, StoreError> {
+        tokio::select! {
+            biased;
+            reply = rx => reply.map_err(|_| StoreError::Closed),
+            _ = self.writer_gone.cancelled() => Err(StoreError::Closed),
+        }
     }
 
     /// The schema version (`PRAGMA user_version`).
@@ -271,7 +291,7 @@ impl Store {
             .send_async(Command::Write(job))
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.reply(rx).await?
     }
 
     /// Runs a read-only closure on the writer connection.
@@ -288,7 +308,7 @@ impl Store {
             .send_async(Command::Write(job))
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.reply(rx).await?
     }
 
     /// Streams every change `cursor` lacks, in batches of whole origin

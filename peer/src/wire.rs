@@ -44,7 +44,7 @@ use serde_json::Value as Json;
 
 pub use value::{DecodedValue, MAX_SAFE_INTEGER, ValueDialect, decode_value, encode_value};
 
-use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId, VersionRange};
+use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId};
 
 /// Name of the lossless value encoding.
 pub const LOSSLESS: &str = "lossless";
@@ -333,45 +333,6 @@ impl TransportMessage {
     }
 }
 
-impl PeerMessage {
-    /// Decodes the changes and ranges into a batch.
-    ///
-    /// Without `ranges` (a v1 sender), each site's range is taken to start
-    /// below its lowest version in the message, so nothing is skipped.
-    pub fn to_batch(&self) -> Result<ChangeBatch, DecodeError> {
-        let mut batch = ChangeBatch::default();
-        for (index, c) in self.data.iter().enumerate() {
-            batch.changes.push(decode_change(c, index)?);
-        }
-        match &self.ranges {
-            Some(ranges) => {
-                for (site, (after, upto)) in ranges {
-                    let site = parse_site(site, "ranges")?;
-                    batch.ranges.insert(
-                        site,
-                        VersionRange {
-                            after: DbVersion(*after),
-                            upto: DbVersion(*upto),
-                        },
-                    );
-                }
-            }
-            None => {
-                for c in &batch.changes {
-                    let v = c.db_version;
-                    let range = batch.ranges.entry(c.site_id).or_insert(VersionRange {
-                        after: DbVersion(v.0 - 1),
-                        upto: v,
-                    });
-                    range.after = range.after.min(DbVersion(v.0 - 1));
-                    range.upto = range.upto.max(v);
-                }
-            }
-        }
-        Ok(batch)
-    }
-}
-
 fn parse_site(hex_text: &str, field: &'static str) -> Result<SiteId, DecodeError> {
     let bytes = hex::decode(hex_text).map_err(|_| DecodeError::BadHex { field })?;
     SiteId::from_slice(&bytes).map_err(|e| DecodeError::BadSiteId {
@@ -427,7 +388,6 @@ pub fn decode_change_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::SqlValue;
     use proptest::prelude::*;
 
     proptest! {
@@ -435,20 +395,6 @@ mod tests {
         fn decoding_arbitrary_json_never_panics(s in ".{0,200}") {
             let _ = TransportMessage::from_json(&s);
         }
-    }
-
-    #[test]
-    fn parses_a_v1_message() {
-        let site = "0102030405060708090a0b0c0d0e0f10";
-        let text = format!(
-            r#"{{"type":"data","peerId":"{site}","data":{{"type":"changes","schemaVersion":1,"data":[
-            {{"table":"t","pk":"010901","cid":"x","val":"hi","col_version":1,"db_version":4,"site_id":"{site}","cl":1,"seq":0}}]}}}}"#
-        );
-        let msg = TransportMessage::from_json(&text).unwrap();
-        let batch = msg.data.unwrap().to_batch().unwrap();
-        assert_eq!(batch.changes[0].val, SqlValue::text("hi"));
-        let range = batch.ranges[&batch.changes[0].site_id];
-        assert_eq!((range.after, range.upto), (DbVersion(3), DbVersion(4)));
     }
 
     #[test]

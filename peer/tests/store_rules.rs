@@ -328,3 +328,26 @@ async fn schema_version_is_user_version() {
         .unwrap();
     assert_eq!(a.schema_version().await.unwrap(), 3);
 }
+
+/// A command queued behind `close` is never answered by the writer thread;
+/// its caller must get `Closed` instead of waiting forever (a session
+/// accepted during a restart once hung here, holding its connection open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_racing_close_end_with_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..10 {
+        let store = support::open_store(dir.path(), &format!("r{round}.db")).await;
+        let mut calls = Vec::new();
+        for _ in 0..40 {
+            let s = store.clone();
+            calls.push(tokio::spawn(async move { s.cursor().await.is_ok() }));
+        }
+        store.clone().close().await.unwrap();
+        for call in calls {
+            tokio::time::timeout(std::time::Duration::from_secs(5), call)
+                .await
+                .expect("a command hung after close")
+                .unwrap();
+        }
+    }
+}

@@ -253,7 +253,9 @@ async fn text_that_is_not_utf8_survives_byte_for_byte() {
         let json =
             TransportMessage::data(a.site_id(), &batch, false, 0, Encoding::Lossless).to_json();
         let back = TransportMessage::from_json(&json).unwrap();
-        let batch = back.data.unwrap().to_batch().unwrap();
+        let batch = crsync_peer::proto::ParsedData::decode(&back.data.unwrap(), false)
+            .unwrap()
+            .batch;
         c.merge(batch).await.unwrap();
     }
     let t = || "text".to_owned();

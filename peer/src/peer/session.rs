@@ -62,6 +62,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
     };
     let schema_version = *schema.borrow_and_update();
     let mut core = Session::new(config, local, cursor, schema_version, Instant::now());
+    tracing::debug!("session started");
 
     let (outbox, mut outbox_rx) = mpsc::channel(OUTBOX_CAP);
     let writer_failed = inner.cancel.child_token();
@@ -89,6 +90,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
     let mut reading: Option<ChangeStream> = None;
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
+    let id = inner.session_id();
 
     let reason: String = 'session: loop {
         while let Some(output) = core.poll_output() {
@@ -116,6 +118,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
                 Output::Close(reason) => break 'session reason.to_string(),
             }
         }
+        inner.publish(id, Some(core.status()));
         let want_transmit = core.has_transmit();
         let want_batch = core.wants_batch() && reading.is_some();
         let deadline = core.poll_timeout();
@@ -200,9 +203,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
         _ => reason,
     };
     tracing::debug!(%reason, "session ended");
-    if let Some(remote) = remote {
-        inner.session_closed(remote);
-    }
+    inner.publish(id, None);
     inner.emit(PeerEvent::Disconnected {
         peer: remote,
         transport: label,
@@ -229,9 +230,9 @@ fn merge_result(result: Result<MergeReport, MergeError>) -> Result<MergeOutcome,
 }
 
 fn on_event(inner: &Inner, label: &str, remote: &mut Option<SiteId>, event: SessionEvent) {
+    tracing::trace!(?event, "session event");
     if let SessionEvent::Identified(peer) = event {
         *remote = Some(peer);
-        inner.session_opened(peer);
         inner.emit(PeerEvent::Connected {
             peer,
             transport: label.to_owned(),
@@ -243,10 +244,7 @@ fn on_event(inner: &Inner, label: &str, remote: &mut Option<SiteId>, event: Sess
     };
     match event {
         SessionEvent::SyncRequested => inner.emit(PeerEvent::Sync { peer }),
-        SessionEvent::Eose => {
-            inner.eose_received(peer);
-            inner.emit(PeerEvent::Eose { peer });
-        }
+        SessionEvent::Eose => inner.emit(PeerEvent::Eose { peer }),
         SessionEvent::Outdated {
             remote_version,
             local_version,

@@ -2,7 +2,7 @@
 
 use crate::proto::ErrorCode;
 use crate::wire::{
-    DecodeError, Hello, MessageKind, PeerMessageKind, TransportMessage, ValueDialect,
+    DecodeError, Hello, MessageKind, PeerMessage, PeerMessageKind, TransportMessage, ValueDialect,
     decode_change_with,
 };
 use crate::{ChangeBatch, Cursor, DbVersion, SiteId, VersionRange};
@@ -58,6 +58,60 @@ pub struct ParsedData {
     pub notes: Vec<String>,
 }
 
+impl ParsedData {
+    /// Decodes a `data` payload. `javascript`: the sender is a v1 peer (see
+    /// [`Message::parse`]); a payload with `ranges` is always crsync's.
+    ///
+    /// ```
+    /// use crsync_peer::proto::ParsedData;
+    /// use crsync_peer::wire::PeerMessage;
+    /// let v1: PeerMessage = serde_json::from_str(r#"{"type":"changes","data":[]}"#).unwrap();
+    /// let data = ParsedData::decode(&v1, true).unwrap();
+    /// assert!(!data.ranged && data.batch.ranges.is_empty()); // v1 batches are unranged
+    /// ```
+    pub fn decode(data: &PeerMessage, javascript: bool) -> Result<Self, DecodeError> {
+        let javascript = javascript && data.ranges.is_none();
+        let mut parsed = ParsedData {
+            eose: data.kind == PeerMessageKind::Eose,
+            ranged: data.ranges.is_some(),
+            ..ParsedData::default()
+        };
+        parsed.batch.schema_version = data.schema_version;
+        parsed.batch.javascript = javascript;
+        let dialect = if javascript {
+            ValueDialect::JavaScript
+        } else {
+            ValueDialect::Crsync
+        };
+        for (index, change) in data.data.iter().enumerate() {
+            match decode_change_with(change, index, dialect) {
+                Ok((c, note)) => {
+                    parsed.notes.extend(note);
+                    parsed.batch.changes.push(c);
+                }
+                Err(e) if javascript => parsed.notes.push(format!("left out: {e}")),
+                Err(e) => return Err(e),
+            }
+        }
+        for (site, (after, upto)) in data.ranges.iter().flatten() {
+            let site: SiteId =
+                site.parse()
+                    .map_err(|e: crate::InvalidSiteId| DecodeError::BadSiteId {
+                        field: "ranges",
+                        reason: e.reason,
+                    })?;
+            parsed.batch.ranges.insert(
+                site,
+                VersionRange {
+                    after: DbVersion(*after),
+                    upto: DbVersion(*upto),
+                },
+            );
+        }
+        Ok(parsed)
+    }
+}
+
 impl Message {
     /// Parses a transport message. `javascript`: the sender is a v1
     /// (TypeScript) peer, so values follow JavaScript and one undecodable
@@ -105,45 +159,7 @@ impl Message {
                     kind: MessageKind::Data,
                     field: "data",
                 })?;
-                let javascript = javascript && data.ranges.is_none();
-                let mut parsed = ParsedData {
-                    eose: data.kind == PeerMessageKind::Eose,
-                    ranged: data.ranges.is_some(),
-                    ..ParsedData::default()
-                };
-                parsed.batch.schema_version = data.schema_version;
-                parsed.batch.javascript = javascript;
-                let dialect = if javascript {
-                    ValueDialect::JavaScript
-                } else {
-                    ValueDialect::Crsync
-                };
-                for (index, change) in data.data.iter().enumerate() {
-                    match decode_change_with(change, index, dialect) {
-                        Ok((c, note)) => {
-                            parsed.notes.extend(note);
-                            parsed.batch.changes.push(c);
-                        }
-                        Err(e) if javascript => parsed.notes.push(format!("left out: {e}")),
-                        Err(e) => return Err(e),
-                    }
-                }
-                for (site, (after, upto)) in data.ranges.iter().flatten() {
-                    let site: SiteId =
-                        site.parse()
-                            .map_err(|e: crate::InvalidSiteId| DecodeError::BadSiteId {
-                                field: "ranges",
-                                reason: e.reason,
-                            })?;
-                    parsed.batch.ranges.insert(
-                        site,
-                        VersionRange {
-                            after: DbVersion(*after),
-                            upto: DbVersion(*upto),
-                        },
-                    );
-                }
-                Message::Data(parsed)
+                Message::Data(ParsedData::decode(&data, javascript)?)
             }
         };
         Ok((sender, parsed))

@@ -231,8 +231,8 @@ impl V1Client {
                 .next()
                 .await
                 .with_context(|| format!("{url}: the stream ended before its first message"))??;
-            // Any `error` first: crsync words it "a stream for peer .. is already open"
-            // (its code is in a field v1 does not read), a v1 server says ALREADY_CONNECTED.
+            // An `error` first (`"error":"ALREADY_CONNECTED"`, from crsync and v1
+            // servers alike): the old stream is not closed yet, so try again.
             let refused = matches!(V1Message::parse(&first), Ok((V1Message::Error { .. }, _)));
             if !refused {
                 break (frames, first);

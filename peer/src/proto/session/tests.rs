@@ -75,12 +75,17 @@ fn merged(s: &mut Session, cursor: Cursor, now: Instant) {
     s.handle(Input::Merged(Ok(outcome)), now);
 }
 
-/// The `after_local` of the read among `outs`, if there is one.
-fn read_after(outs: &[Output]) -> Option<i64> {
-    outs.iter().find_map(|o| match o {
-        Output::Read { hint, .. } => Some(hint.after_local),
+/// The read the session asks for among `outs`, if any: from where, and its hint.
+fn read_of(outs: Vec<Output>) -> Option<(Cursor, ReadHint)> {
+    outs.into_iter().find_map(|o| match o {
+        Output::Read { from, hint } => Some((from, hint)),
         _ => None,
     })
+}
+
+/// The `after_local` of the read among `outs`, if there is one.
+fn read_after(outs: Vec<Output>) -> Option<i64> {
+    read_of(outs).map(|(_, hint)| hint.after_local)
 }
 
 #[test]
@@ -264,7 +269,7 @@ fn a_live_read_starts_after_what_the_last_stream_delivered() {
     let (mut s, now) = session(true);
     transmits(&mut s, now);
     s.handle(received(TransportMessage::sync(THEM, Cursor::new())), now);
-    assert_eq!(read_after(&outputs(&mut s)), Some(0));
+    assert_eq!(read_after(outputs(&mut s)), Some(0));
     assert!(s.wants_batch());
     let batch = ChangeBatch {
         changes: vec![change(1)],
@@ -299,7 +304,7 @@ fn a_live_read_starts_after_what_the_last_stream_delivered() {
     // a local write: the next stream skips what was already sent
     let cursor: Cursor = [(US, DbVersion(5))].into_iter().collect();
     s.handle(Input::LocalChanged { cursor }, now);
-    assert_eq!(read_after(&outputs(&mut s)), Some(4));
+    assert_eq!(read_after(outputs(&mut s)), Some(4));
 }
 
 #[test]
@@ -384,13 +389,7 @@ fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
         },
         now,
     );
-    let read = outputs(&mut s)
-        .into_iter()
-        .find_map(|o| match o {
-            Output::Read { from, .. } => Some(from),
-            _ => None,
-        })
-        .expect("a read");
+    let (read, _) = read_of(outputs(&mut s)).expect("a read");
     assert_eq!(read.get(&THEM), DbVersion(9));
 }
 
@@ -418,13 +417,7 @@ fn rows_merged_from_a_remote_are_not_read_back_for_it() {
         },
         now,
     );
-    let hint = outputs(&mut s)
-        .into_iter()
-        .find_map(|o| match o {
-            Output::Read { hint, .. } => Some(hint),
-            _ => None,
-        })
-        .expect("a read");
+    let (_, hint) = read_of(outputs(&mut s)).expect("a read");
     assert!(hint.skips(10) && hint.skips(11) && !hint.skips(12));
 }
 
@@ -441,13 +434,7 @@ fn of_a_v1_cursor_only_the_remotes_own_entry_is_believed() {
         received(TransportMessage::sync(THEM, claim).without_hello()),
         now,
     );
-    let from = outputs(&mut s)
-        .into_iter()
-        .find_map(|o| match o {
-            Output::Read { from, .. } => Some(from),
-            _ => None,
-        })
-        .expect("a read");
+    let (from, _) = read_of(outputs(&mut s)).expect("a read");
     assert_eq!(from.get(&THEM), DbVersion(5));
     assert_eq!(from.get(&other), DbVersion::ZERO);
 }
