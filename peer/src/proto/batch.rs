@@ -14,7 +14,7 @@
 //! from a v1 peer (which sends no ranges, and whose batches may split a
 //! transaction), and changes a sender holds beyond its own cursor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{Change, Cursor, DbVersion, SiteId};
 
@@ -194,6 +194,9 @@ pub struct BatchBuilder {
     current_txn: Option<(SiteId, DbVersion)>,
     /// Per site, the most a batch before the last may claim.
     limits: BTreeMap<SiteId, DbVersion>,
+    /// Sites with changes above their limit, unranged, in the batch in
+    /// progress, and in batches already sealed.
+    unclaimed: (BTreeSet<SiteId>, BTreeSet<SiteId>),
 }
 
 impl BatchBuilder {
@@ -208,12 +211,18 @@ impl BatchBuilder {
             current: ChangeBatch::default(),
             current_txn: None,
             limits: BTreeMap::new(),
+            unclaimed: (BTreeSet::new(), BTreeSet::new()),
         }
     }
 
-    /// Limits what batches before the last claim of a site (see
-    /// [`claim_limits`]): changes of that site above its limit travel
-    /// unranged until [`finish`](Self::finish), which claims everything.
+    /// Limits what batches claim of a site (see [`claim_limits`]): changes of
+    /// that site above its limit travel unranged, and only the last batch
+    /// ([`finish`](Self::finish)) claims past the limit, and only if every
+    /// such change is in it. A claim past the limit in the last batch would
+    /// otherwise cover changes of an earlier batch that the receiver may have
+    /// refused (no range ties them to the chain of ranges that makes a
+    /// refused batch a gap for every later one); the receiver then gets them
+    /// again, unclaimed, from its next stream.
     pub fn with_claim_limits(mut self, limits: BTreeMap<SiteId, DbVersion>) -> Self {
         self.limits = limits;
         self
@@ -244,6 +253,9 @@ impl BatchBuilder {
             self.current_txn = Some((site, version));
         }
         let claimable = self.limits.get(&site).is_none_or(|limit| version <= *limit);
+        if !claimable && self.sender.holds(&site, version) {
+            self.unclaimed.0.insert(site);
+        }
         if claimable && self.sender.holds(&site, version) {
             let after = self.sent.get(&site);
             let range = self
@@ -267,7 +279,12 @@ impl BatchBuilder {
     /// sender holds, or `None` if there is nothing left to say.
     pub fn finish(mut self) -> Option<ChangeBatch> {
         let mut batch = std::mem::take(&mut self.current);
-        for (site, upto) in self.sender.iter() {
+        for (site, mut upto) in self.sender.iter() {
+            if self.unclaimed.1.contains(&site) {
+                if let Some(limit) = self.limits.get(&site) {
+                    upto = upto.min(*limit);
+                }
+            }
             let after = self.sent.get(&site);
             let range = batch
                 .ranges
@@ -284,6 +301,8 @@ impl BatchBuilder {
 
     /// Records the batch's ranges as sent.
     fn seal(&mut self, batch: ChangeBatch) -> ChangeBatch {
+        let pending = std::mem::take(&mut self.unclaimed.0);
+        self.unclaimed.1.extend(pending);
         for (site, range) in &batch.ranges {
             self.sent.advance(*site, range.upto);
         }
@@ -587,8 +606,32 @@ mod tests {
         assert_eq!(plan.skipped, 0);
     }
 
+    /// Applies `batches` in order, skipping those `refuse` names and those
+    /// `plan_merge` rejects; returns what was applied and the final cursor.
+    fn apply(
+        batches: &[ChangeBatch],
+        held: &Cursor,
+        refuse: Option<usize>,
+    ) -> (std::collections::BTreeSet<(SiteId, DbVersion, i64)>, Cursor) {
+        let mut cursor = held.clone();
+        let mut applied = std::collections::BTreeSet::new();
+        for (i, batch) in batches.iter().enumerate() {
+            if Some(i) == refuse {
+                continue;
+            }
+            let Ok(plan) = plan_merge(site(0), &cursor, batch) else {
+                continue;
+            };
+            for (_, group) in plan.transactions {
+                applied.extend(group.into_iter().map(|c| (c.site_id, c.db_version, c.seq)));
+            }
+            cursor = plan.cursor;
+        }
+        (applied, cursor)
+    }
+
     #[test]
-    fn out_of_order_versions_are_claimed_only_at_the_end() {
+    fn out_of_order_versions_are_claimed_only_with_their_changes() {
         // The sender holds site 1's version 9 at local 1 (it came unranged,
         // ahead of the rest), then 6..8 at locals 2..4: a batch claiming 9 at
         // once would make the receiver skip 6..8 as held. Simulator seed 8146.
@@ -605,23 +648,28 @@ mod tests {
             .map(|(i, c)| (i as i64 + 1, c.site_id, c.db_version));
         let limits = claim_limits(records, &Cursor::new());
         assert_eq!(limits[&site(1)], DbVersion(5));
-        let mut b = BatchBuilder::new(Cursor::new(), sender.clone(), 1).with_claim_limits(limits);
-        let mut batches: Vec<ChangeBatch> =
-            rows.iter().cloned().filter_map(|c| b.push(c)).collect();
-        batches.extend(b.finish());
-        let mut cursor = Cursor::new();
-        let mut applied = 0;
-        for batch in &batches {
-            let plan = plan_merge(site(0), &cursor, batch).unwrap();
-            applied += plan
-                .transactions
-                .iter()
-                .map(|(_, g)| g.len())
-                .sum::<usize>();
-            cursor = plan.cursor;
+        let stream = |max| {
+            let mut b = BatchBuilder::new(Cursor::new(), sender.clone(), max)
+                .with_claim_limits(limits.clone());
+            let mut batches: Vec<ChangeBatch> =
+                rows.iter().cloned().filter_map(|c| b.push(c)).collect();
+            batches.extend(b.finish());
+            batches
+        };
+        // One batch per change: the changes above the limit travel unranged,
+        // so no batch may claim them: a receiver that refused one of them
+        // would skip it for good. The claim stops at the limit.
+        let batches = stream(1);
+        let (applied, cursor) = apply(&batches, &Cursor::new(), None);
+        assert_eq!(applied.len(), 4, "{batches:?}");
+        assert_eq!(cursor.get(&site(1)), DbVersion(5));
+        for refused in 0..batches.len() {
+            let (applied, cursor) = apply(&batches, &Cursor::new(), Some(refused));
+            assert!(applied.len() == 3 && cursor.get(&site(1)) <= DbVersion(5));
         }
-        assert_eq!(applied, 4, "{batches:?}");
-        assert_eq!(cursor, sender);
+        // All in one batch: the claim travels with the changes.
+        let (applied, cursor) = apply(&stream(10), &Cursor::new(), None);
+        assert_eq!((applied.len(), cursor), (4, sender.clone()));
     }
 
     #[test]
@@ -699,12 +747,14 @@ mod tests {
         /// Whatever the local order of the sender's rows (versions out of
         /// order, transactions in parts) and the batch size, the builder's
         /// batches with their claim limits bring a receiver every row it
-        /// lacks and end at the sender's cursor.
+        /// lacks and never claim past the sender; and if the receiver refuses
+        /// any one batch, no claim covers a change it did not apply.
         #[test]
-        fn any_local_order_applies_everything(
+        fn any_local_order_applies_everything_and_claims_only_what_it_sent(
             order in proptest::collection::vec((1u8..4, 1i64..8, 0i64..3), 1..40),
             held_v in proptest::collection::vec(0i64..6, 3),
             max in 1usize..6,
+            refused in 0usize..12,
         ) {
             // Local version i holds the row (site, version, seq); duplicates
             // of one (site, version, seq) keep the first.
@@ -723,25 +773,24 @@ mod tests {
             let mut batches: Vec<ChangeBatch> =
                 rows.iter().filter_map(|(_, c)| builder.push(c.clone())).collect();
             batches.extend(builder.finish());
-            let mut cursor = held.clone();
-            let mut applied = std::collections::BTreeSet::new();
-            for batch in &batches {
-                let plan = plan_merge(site(0), &cursor, batch).unwrap();
-                for (_, group) in plan.transactions {
-                    applied.extend(group.into_iter().map(|c| (c.site_id, c.db_version, c.seq)));
-                }
-                cursor = plan.cursor;
-            }
-            let expected: std::collections::BTreeSet<_> = rows
+            let lacking: std::collections::BTreeSet<_> = rows
                 .iter()
                 .map(|(_, c)| c)
                 .filter(|c| !held.holds(&c.site_id, c.db_version))
                 .map(|c| (c.site_id, c.db_version, c.seq))
                 .collect();
-            prop_assert_eq!(applied, expected);
-            let mut want = held.clone();
-            want.join(&sender);
-            prop_assert_eq!(cursor, want);
+            let mut most = held.clone();
+            most.join(&sender);
+            let (applied, cursor) = apply(&batches, &held, None);
+            prop_assert_eq!(&applied, &lacking);
+            prop_assert!(cursor.covers(&held) && most.covers(&cursor));
+            let refused = refused % batches.len().max(1);
+            let (applied, cursor) = apply(&batches, &held, Some(refused));
+            for change in &lacking {
+                if cursor.holds(&change.0, change.1) {
+                    prop_assert!(applied.contains(change), "claimed {change:?} without it");
+                }
+            }
         }
 
         /// Whatever the batch size, feeding the builder's batches to `plan_merge`
