@@ -17,7 +17,9 @@
 //! - `CRSYNC_SIM_THREADS`, `CRSYNC_SIM_TRACE` (trace length, default 400).
 //! - Knobs for known issues: `CRSYNC_SIM_V1_PAGING=interleaved` (merges run
 //!   between a v1 peer's pages), `CRSYNC_SIM_STRICT_CURSORS=1` (unequal
-//!   cursors in a crsync component fail).
+//!   cursors in a crsync component fail), `CRSYNC_SIM_V1_BIG_INTS=1` (v1
+//!   peers write integers like 2^60, which JavaScript prints with rounded
+//!   digits).
 
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
@@ -63,7 +65,8 @@ struct Failure {
 /// Runs one seed; with a trace of `trace` entries when given.
 fn run_seed(seed: u64, trace: Option<usize>) -> (Scenario, Result<Stats, (String, String)>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let scenario = Scenario::generate(seed, &mut rng);
+    let v1_big_ints = std::env::var_os("CRSYNC_SIM_V1_BIG_INTS").is_some();
+    let scenario = Scenario::generate(seed, &mut rng, v1_big_ints);
     let mut world = World::new(&scenario, rng, trace.map(Trace::new), knobs());
     let result = world
         .run(scenario.heal_at)
