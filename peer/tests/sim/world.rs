@@ -47,7 +47,7 @@ pub struct Peer {
     /// Events held while paused, in order.
     deferred: VecDeque<Event>,
     notify_pending: bool,
-    window: usize,
+    pub window: usize,
 }
 
 pub struct Link {
@@ -1512,6 +1512,28 @@ impl World {
     fn heal(&mut self) {
         self.healed = Some(self.now);
         self.last_activity = self.now;
+        // What waits at an end from before the heal counts as stale too:
+        // messages queued behind a merge, and the merge itself.
+        let backlog: Vec<(usize, usize, u64)> = self
+            .conns
+            .values()
+            .flat_map(|c| {
+                c.ends
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(e, end)| match end {
+                        End::Crsync(x) => Some((
+                            c.link,
+                            e,
+                            x.inbox.len() as u64 + u64::from(x.session.is_busy()),
+                        )),
+                        End::V1(_) => None,
+                    })
+            })
+            .collect();
+        for (link, end, n) in backlog {
+            self.links[link].stale_received[end] += n;
+        }
         self.note(|| Entry::Note("heal".into()));
         for peer in 0..self.peers.len() {
             self.resume(peer);
