@@ -169,7 +169,11 @@ impl Scenario {
                             !is_v1[0]
                         }
                     }
-                    Topology::Chain => !(i > 0 && is_v1[i - 1]) && !(i + 1 < n && is_v1[i + 1]),
+                    Topology::Chain => {
+                        let left = i > 0 && is_v1[i - 1];
+                        let right = i + 1 < n && is_v1[i + 1];
+                        !(left || right)
+                    }
                     Topology::Mesh => true,
                 };
                 if ok && (0..n).filter(|j| !is_v1[*j]).count() > 1 {
@@ -211,9 +215,10 @@ impl Scenario {
                 // (a v1 client sends only its own rows live: it relays nothing).
                 let (dialer, acceptor) = if is_v1[a] && degree(a) > 1 {
                     (b, a)
-                } else if is_v1[b] && degree(b) > 1 {
-                    (a, b)
-                } else if topology == Topology::Star || rng.random_bool(0.5) {
+                } else if (is_v1[b] && degree(b) > 1)
+                    || topology == Topology::Star
+                    || rng.random_bool(0.5)
+                {
                     (a, b)
                 } else {
                     (b, a)
