@@ -100,6 +100,9 @@ pub struct Session {
     eose_pending: bool,
     /// A read failed: read again at this time.
     retry_read: Option<Instant>,
+    /// A merge of a v1 remote's data failed: ask it again at this time (it
+    /// neither retries nor reads our refusal).
+    retry_request: Option<Instant>,
     /// Rows the next stream may leave out: every row at a local version up to
     /// `after_local` was sent (or held) since the stream last started from the
     /// remote's acknowledged point, and rows merged from this remote.
@@ -158,6 +161,7 @@ impl Session {
             buffered: None,
             eose_pending: false,
             retry_read: None,
+            retry_request: None,
             hint: ReadHint::default(),
             eose_ranges: BTreeMap::new(),
             merging: None,
@@ -226,6 +230,9 @@ impl Session {
             next = next.min(at);
         }
         if let Some(at) = self.retry_read {
+            next = next.min(at);
+        }
+        if let Some(at) = self.retry_request {
             next = next.min(at);
         }
         if let (Side::Dialed, Some(limit)) = (c.side, c.liveness_timeout) {
@@ -431,6 +438,10 @@ impl Session {
         if self.retry_read.is_some_and(|at| now >= at) {
             self.retry_read = None;
             self.need_stream = true;
+        }
+        if self.retry_request.is_some_and(|at| now >= at) {
+            self.retry_request = None;
+            self.request_pending = true;
         }
         if now.duration_since(self.last_ping) >= c.ping_interval {
             self.last_ping = now;
@@ -738,6 +749,11 @@ impl Session {
                 );
             }
             Err(MergeFailure::Failed(reason)) => {
+                // A crsync remote closes on INTERNAL and syncs again; a v1
+                // remote sent these changes once and ignores refusals.
+                if !self.remote_is_crsync {
+                    self.retry_request = Some(now + READ_RETRY);
+                }
                 self.reject(pending.reply, Rejection::new(ErrorCode::Internal, reason));
             }
         }

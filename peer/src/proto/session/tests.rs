@@ -168,6 +168,31 @@ fn a_v1_eose_vouches_for_nothing_once_a_page_was_refused() {
     assert!(eose.ranges.is_empty(), "{:?}", eose.ranges);
 }
 
+/// A v1 remote's changes that the store failed to merge are asked for again
+/// (after a pause): a v1 peer sends a change once and reads no refusal, so
+/// they were lost on that connection. Simulator seed 2418.
+#[test]
+fn a_failed_merge_of_v1_changes_asks_again_later() {
+    let (mut s, now) = session(true);
+    transmits(&mut s, now); // connect, sync
+    s.handle(received(v1_data(PeerMessageKind::Changes, &[1])), now);
+    merge_of(outputs(&mut s));
+    s.handle(
+        Input::Merged(Err(MergeFailure::Failed("disk full".into()))),
+        now,
+    );
+    let requests = |sent: Vec<TransportMessage>| {
+        sent.iter()
+            .filter(|m| m.kind == MessageKind::Sync && m.ack.is_none())
+            .count()
+    };
+    assert_eq!(requests(transmits(&mut s, now)), 0);
+    let at = s.poll_timeout().unwrap();
+    assert!(at <= now + READ_RETRY);
+    s.handle(Input::Timeout, at);
+    assert_eq!(requests(transmits(&mut s, at)), 1);
+}
+
 #[test]
 fn a_gap_is_answered_and_we_ask_again() {
     let (mut s, now) = session(true);
