@@ -100,8 +100,7 @@ pub struct Session {
     eose_pending: bool,
     /// A read failed: read again at this time.
     retry_read: Option<Instant>,
-    /// A merge of a v1 remote's data failed: ask it again at this time (it
-    /// neither retries nor reads our refusal).
+    /// A merge failed in the store: ask the remote again at this time.
     retry_request: Option<Instant>,
     /// Rows the next stream may leave out: every row at a local version up to
     /// `after_local` was sent (or held) since the stream last started from the
@@ -749,11 +748,12 @@ impl Session {
                 );
             }
             Err(MergeFailure::Failed(reason)) => {
-                // A crsync remote closes on INTERNAL and syncs again; a v1
-                // remote sent these changes once and ignores refusals.
-                if !self.remote_is_crsync {
-                    self.retry_request = Some(now + READ_RETRY);
-                }
+                // Our refusal may never reach the remote (a v1 peer ignores
+                // it, an SSE client cannot POST it), and the remote's stream
+                // goes on counting the batch as delivered: ask again, after
+                // a pause. (A crsync remote that reads INTERNAL closes, and
+                // the next connection syncs anyway.)
+                self.retry_request = Some(now + READ_RETRY);
                 self.reject(pending.reply, Rejection::new(ErrorCode::Internal, reason));
             }
         }

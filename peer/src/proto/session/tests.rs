@@ -168,9 +168,10 @@ fn a_v1_eose_vouches_for_nothing_once_a_page_was_refused() {
     assert!(eose.ranges.is_empty(), "{:?}", eose.ranges);
 }
 
-/// A v1 remote's changes that the store failed to merge are asked for again
-/// (after a pause): a v1 peer sends a change once and reads no refusal, so
-/// they were lost on that connection. Simulator seed 2418.
+/// Changes the store failed to merge are asked for again (after a pause):
+/// a v1 peer sends a change once and reads no refusal, and a crsync server
+/// never hears the refusal of its SSE client, whose POSTs carry no errors:
+/// the changes were lost on that connection. Simulator seeds 2418, 9447.
 #[test]
 fn a_failed_merge_of_v1_changes_asks_again_later() {
     let (mut s, now) = session(true);
