@@ -365,3 +365,63 @@ async fn a_merge_that_writes_nothing_reports_no_local_versions() {
     assert!(report.transactions > 0);
     assert_eq!(report.local_versions, None);
 }
+
+/// A store can hold one site's versions out of their local order: here a's
+/// version 2 arrived unranged (as a v1 peer relays it) before its version 1.
+/// A stream read from b in small batches must still bring c both, and never
+/// claim a's versions in a batch without their changes (it claimed 2 with
+/// the first batch, and c then skipped version 1 as held). Simulator seeds
+/// 8146 and 47601.
+#[tokio::test]
+async fn versions_out_of_local_order_are_all_sent_before_they_are_claimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    let c = open_store(dir.path(), "c.db").await;
+    for sql in [
+        "INSERT INTO items (id, name) VALUES (1, 'first')",
+        "INSERT INTO items (id, name) VALUES (2, 'second')",
+    ] {
+        a.write(move |tx| tx.execute_batch(sql)).await.unwrap();
+    }
+    let site = a.site_id();
+    let all = support::batches_for(&a, &Cursor::new()).await;
+    let second: Vec<_> = all
+        .iter()
+        .flat_map(|batch| batch.changes.iter())
+        .filter(|change| change.db_version == DbVersion(2))
+        .cloned()
+        .collect();
+    assert!(!second.is_empty());
+    // b gets version 2 alone, unranged; then everything, ranged
+    b.merge(crsync_peer::ChangeBatch {
+        changes: second,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(b.cursor().await.unwrap().get(&site), DbVersion(0));
+    sync(&a, &b).await;
+    assert_eq!(b.cursor().await.unwrap().get(&site), DbVersion(2));
+    // c reads from b one change per batch
+    let limits = crsync_peer::BatchLimits {
+        max_changes: 1,
+        ..Default::default()
+    };
+    let mut stream = b
+        .changes_since_with_limits(&c.cursor().await.unwrap(), limits)
+        .await
+        .unwrap();
+    while let Some(batch) = stream.next_batch().await {
+        c.merge(batch.unwrap()).await.unwrap();
+    }
+    assert_eq!(dump(&c).await, dump(&a).await);
+    // Version 2 went unranged in an earlier batch, so b's stream leaves it
+    // unclaimed (c could have refused that batch); a's own stream claims it.
+    assert!(c.cursor().await.unwrap().get(&site) <= DbVersion(2));
+    sync(&a, &c).await;
+    assert_eq!(c.cursor().await.unwrap().get(&site), DbVersion(2));
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
+}

@@ -14,7 +14,7 @@
 //! from a v1 peer (which sends no ranges, and whose batches may split a
 //! transaction), and changes a sender holds beyond its own cursor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{Change, Cursor, DbVersion, SiteId};
 
@@ -154,15 +154,17 @@ impl ChangeBatch {
 
 /// Builds the batches that bring a receiver from its cursor up to the sender's.
 ///
-/// Feed it the sender's changes in the order the sender committed them locally
-/// (origin versions ascend per site in that order); it drops what the receiver
-/// holds and cuts batches at transaction boundaries once a batch reaches
-/// `max_changes` changes or `max_bytes` of estimated wire size. An origin
-/// transaction larger than that becomes a batch of its own.
+/// Feed it the sender's changes in the order the sender committed them
+/// locally; it drops what the receiver holds and cuts batches at transaction
+/// boundaries once a batch reaches `max_changes` changes or `max_bytes` of
+/// estimated wire size. An origin transaction larger than that becomes a
+/// batch of its own.
 ///
 /// Ranges never claim past `sender`, the sender's own cursor: a change beyond
 /// it (one the sender holds without proof that it holds everything before it)
-/// travels unranged.
+/// travels unranged. Where a site's origin versions do not ascend in local
+/// order, batches before the last claim that site only up to its
+/// [claim limit](Self::with_claim_limits).
 ///
 /// ```
 /// use crsync_peer::{BatchBuilder, Change, Cursor, DbVersion, PackedPk, SiteId, SqlValue};
@@ -190,6 +192,11 @@ pub struct BatchBuilder {
     current_bytes: usize,
     current: ChangeBatch,
     current_txn: Option<(SiteId, DbVersion)>,
+    /// Per site, the most a batch before the last may claim.
+    limits: BTreeMap<SiteId, DbVersion>,
+    /// Sites with changes above their limit, unranged, in the batch in
+    /// progress, and in batches already sealed.
+    unclaimed: (BTreeSet<SiteId>, BTreeSet<SiteId>),
 }
 
 impl BatchBuilder {
@@ -203,7 +210,22 @@ impl BatchBuilder {
             current_bytes: 0,
             current: ChangeBatch::default(),
             current_txn: None,
+            limits: BTreeMap::new(),
+            unclaimed: (BTreeSet::new(), BTreeSet::new()),
         }
+    }
+
+    /// Limits what batches claim of a site (see [`claim_limits`]): changes of
+    /// that site above its limit travel unranged, and only the last batch
+    /// ([`finish`](Self::finish)) claims past the limit, and only if every
+    /// such change is in it. A claim past the limit in the last batch would
+    /// otherwise cover changes of an earlier batch that the receiver may have
+    /// refused (no range ties them to the chain of ranges that makes a
+    /// refused batch a gap for every later one); the receiver then gets them
+    /// again, unclaimed, from its next stream.
+    pub fn with_claim_limits(mut self, limits: BTreeMap<SiteId, DbVersion>) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Sets the soft limit on a batch's estimated wire size.
@@ -230,7 +252,11 @@ impl BatchBuilder {
             }
             self.current_txn = Some((site, version));
         }
-        if self.sender.holds(&site, version) {
+        let claimable = self.limits.get(&site).is_none_or(|limit| version <= *limit);
+        if !claimable && self.sender.holds(&site, version) {
+            self.unclaimed.0.insert(site);
+        }
+        if claimable && self.sender.holds(&site, version) {
             let after = self.sent.get(&site);
             let range = self
                 .current
@@ -253,7 +279,12 @@ impl BatchBuilder {
     /// sender holds, or `None` if there is nothing left to say.
     pub fn finish(mut self) -> Option<ChangeBatch> {
         let mut batch = std::mem::take(&mut self.current);
-        for (site, upto) in self.sender.iter() {
+        for (site, mut upto) in self.sender.iter() {
+            if self.unclaimed.1.contains(&site) {
+                if let Some(limit) = self.limits.get(&site) {
+                    upto = upto.min(*limit);
+                }
+            }
             let after = self.sent.get(&site);
             let range = batch
                 .ranges
@@ -270,10 +301,90 @@ impl BatchBuilder {
 
     /// Records the batch's ranges as sent.
     fn seal(&mut self, batch: ChangeBatch) -> ChangeBatch {
+        let pending = std::mem::take(&mut self.unclaimed.0);
+        self.unclaimed.1.extend(pending);
         for (site, range) in &batch.ranges {
             self.sent.advance(*site, range.upto);
         }
         batch
+    }
+}
+
+/// Per site, the highest version that batches before the last of a stream
+/// may claim, for a stream that reads a store's rows in local order.
+///
+/// `records` are the origin of each local transaction the stream may read,
+/// `(local version, site, origin version)` in ascending local order. Origin
+/// versions of a site usually ascend with local versions, and a batch's range
+/// up to version `v` tells the receiver it holds every change of that site up
+/// to `v`. They do not always: a change may arrive unranged ahead of older
+/// ones (relayed by a v1 peer), or one origin transaction in parts at several
+/// local versions (a v1 peer pages a transaction across messages). A range
+/// claiming such a version before the stream reached its later rows would
+/// let the receiver skip them as held. So a site whose versions come back
+/// down (or repeat at another local version) may be claimed, before the last
+/// batch, only below the lowest such version. Versions `receiver` holds are
+/// skipped anyway and do not count; sites not in the result have no limit.
+///
+/// ```
+/// use crsync_peer::{Cursor, DbVersion, SiteId, proto::batch::claim_limits};
+/// let s = SiteId::from_bytes([1; 16]);
+/// // local 1 holds s@9 (came unranged), local 2 s@8, local 3 s@10
+/// let records = [(1, s, DbVersion(9)), (2, s, DbVersion(8)), (3, s, DbVersion(10))];
+/// let limits = claim_limits(records, &Cursor::new());
+/// assert_eq!(limits[&s], DbVersion(7));
+/// ```
+pub fn claim_limits(
+    records: impl IntoIterator<Item = (i64, SiteId, DbVersion)>,
+    receiver: &Cursor,
+) -> BTreeMap<SiteId, DbVersion> {
+    let mut limits = ClaimLimits::new(receiver.clone());
+    for (local, site, version) in records {
+        limits.note(local, site, version);
+    }
+    limits.finish()
+}
+
+/// [`claim_limits`], one record at a time (a stream's reader feeds it from a query).
+#[derive(Debug, Clone)]
+pub struct ClaimLimits {
+    receiver: Cursor,
+    /// Per site, the highest version so far and the local version it is at.
+    highest: BTreeMap<SiteId, (DbVersion, i64)>,
+    limits: BTreeMap<SiteId, DbVersion>,
+}
+
+impl ClaimLimits {
+    /// For a receiver at `receiver`.
+    pub fn new(receiver: Cursor) -> Self {
+        ClaimLimits {
+            receiver,
+            highest: BTreeMap::new(),
+            limits: BTreeMap::new(),
+        }
+    }
+
+    /// The next record, in ascending local order.
+    pub fn note(&mut self, local: i64, site: SiteId, version: DbVersion) {
+        if self.receiver.holds(&site, version) {
+            return;
+        }
+        match self.highest.get(&site) {
+            Some(&(top, at)) if version < top || (version == top && local != at) => {
+                let limit = DbVersion(version.0 - 1);
+                let entry = self.limits.entry(site).or_insert(limit);
+                *entry = (*entry).min(limit);
+            }
+            Some(&(top, _)) if version == top => {}
+            _ => {
+                self.highest.insert(site, (version, local));
+            }
+        }
+    }
+
+    /// The limits, per site.
+    pub fn finish(self) -> BTreeMap<SiteId, DbVersion> {
+        self.limits
     }
 }
 
@@ -495,6 +606,93 @@ mod tests {
         assert_eq!(plan.skipped, 0);
     }
 
+    /// Applies `batches` in order, skipping those `refuse` names and those
+    /// `plan_merge` rejects; returns what was applied and the final cursor.
+    fn apply(
+        batches: &[ChangeBatch],
+        held: &Cursor,
+        refuse: Option<usize>,
+    ) -> (std::collections::BTreeSet<(SiteId, DbVersion, i64)>, Cursor) {
+        let mut cursor = held.clone();
+        let mut applied = std::collections::BTreeSet::new();
+        for (i, batch) in batches.iter().enumerate() {
+            if Some(i) == refuse {
+                continue;
+            }
+            let Ok(plan) = plan_merge(site(0), &cursor, batch) else {
+                continue;
+            };
+            for (_, group) in plan.transactions {
+                applied.extend(group.into_iter().map(|c| (c.site_id, c.db_version, c.seq)));
+            }
+            cursor = plan.cursor;
+        }
+        (applied, cursor)
+    }
+
+    #[test]
+    fn out_of_order_versions_are_claimed_only_with_their_changes() {
+        // The sender holds site 1's version 9 at local 1 (it came unranged,
+        // ahead of the rest), then 6..8 at locals 2..4: a batch claiming 9 at
+        // once would make the receiver skip 6..8 as held. Simulator seed 8146.
+        let sender: Cursor = [(site(1), DbVersion(9))].into_iter().collect();
+        let rows = [
+            change(1, 9, 0),
+            change(1, 6, 1),
+            change(1, 7, 2),
+            change(1, 8, 3),
+        ];
+        let records = rows
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as i64 + 1, c.site_id, c.db_version));
+        let limits = claim_limits(records, &Cursor::new());
+        assert_eq!(limits[&site(1)], DbVersion(5));
+        let stream = |max| {
+            let mut b = BatchBuilder::new(Cursor::new(), sender.clone(), max)
+                .with_claim_limits(limits.clone());
+            let mut batches: Vec<ChangeBatch> =
+                rows.iter().cloned().filter_map(|c| b.push(c)).collect();
+            batches.extend(b.finish());
+            batches
+        };
+        // One batch per change: the changes above the limit travel unranged,
+        // so no batch may claim them: a receiver that refused one of them
+        // would skip it for good. The claim stops at the limit.
+        let batches = stream(1);
+        let (applied, cursor) = apply(&batches, &Cursor::new(), None);
+        assert_eq!(applied.len(), 4, "{batches:?}");
+        assert_eq!(cursor.get(&site(1)), DbVersion(5));
+        for refused in 0..batches.len() {
+            let (applied, cursor) = apply(&batches, &Cursor::new(), Some(refused));
+            assert!(applied.len() == 3 && cursor.get(&site(1)) <= DbVersion(5));
+        }
+        // All in one batch: the claim travels with the changes.
+        let (applied, cursor) = apply(&stream(10), &Cursor::new(), None);
+        assert_eq!((applied.len(), cursor), (4, sender.clone()));
+    }
+
+    #[test]
+    fn a_transaction_in_parts_is_claimed_only_at_the_end() {
+        // One origin transaction (site 1, version 5) merged in two parts, at
+        // locals 1 and 3, with another transaction between.
+        let (a, b, c) = (change(1, 5, 0), change(2, 3, 0), change(1, 5, 1));
+        let records = [
+            (1, a.site_id, a.db_version),
+            (2, b.site_id, b.db_version),
+            (3, c.site_id, c.db_version),
+        ];
+        let limits = claim_limits(records, &Cursor::new());
+        assert_eq!(limits.get(&site(1)), Some(&DbVersion(4)));
+        assert_eq!(limits.get(&site(2)), None);
+        // the same transaction at one local version is in order
+        let together = [(1, a.site_id, a.db_version), (1, c.site_id, c.db_version)];
+        assert!(claim_limits(together, &Cursor::new()).is_empty());
+        // versions the receiver holds do not count
+        let held: Cursor = [(site(1), DbVersion(5))].into_iter().collect();
+        assert!(claim_limits(records, &held).is_empty());
+    }
+
     #[test]
     fn ranges_never_claim_past_the_sender() {
         // The sender holds site 1 up to 4 with proof, and version 6 without.
@@ -546,6 +744,55 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever the local order of the sender's rows (versions out of
+        /// order, transactions in parts) and the batch size, the builder's
+        /// batches with their claim limits bring a receiver every row it
+        /// lacks and never claim past the sender; and if the receiver refuses
+        /// any one batch, no claim covers a change it did not apply.
+        #[test]
+        fn any_local_order_applies_everything_and_claims_only_what_it_sent(
+            order in proptest::collection::vec((1u8..4, 1i64..8, 0i64..3), 1..40),
+            held_v in proptest::collection::vec(0i64..6, 3),
+            max in 1usize..6,
+            refused in 0usize..12,
+        ) {
+            // Local version i holds the row (site, version, seq); duplicates
+            // of one (site, version, seq) keep the first.
+            let mut seen = std::collections::BTreeSet::new();
+            let rows: Vec<(i64, Change)> = order
+                .iter()
+                .enumerate()
+                .filter(|(_, (s, v, q))| seen.insert((*s, *v, *q)))
+                .map(|(i, (s, v, q))| (i as i64 + 1, change(*s, *v, *q)))
+                .collect();
+            let sender: Cursor = (1..4u8).map(|s| (site(s), DbVersion(8))).collect();
+            let held: Cursor = (1..4u8).map(|s| (site(s), DbVersion(held_v[s as usize - 1]))).collect();
+            let records = rows.iter().map(|(l, c)| (*l, c.site_id, c.db_version));
+            let limits = claim_limits(records, &held);
+            let mut builder = BatchBuilder::new(held.clone(), sender.clone(), max).with_claim_limits(limits);
+            let mut batches: Vec<ChangeBatch> =
+                rows.iter().filter_map(|(_, c)| builder.push(c.clone())).collect();
+            batches.extend(builder.finish());
+            let lacking: std::collections::BTreeSet<_> = rows
+                .iter()
+                .map(|(_, c)| c)
+                .filter(|c| !held.holds(&c.site_id, c.db_version))
+                .map(|c| (c.site_id, c.db_version, c.seq))
+                .collect();
+            let mut most = held.clone();
+            most.join(&sender);
+            let (applied, cursor) = apply(&batches, &held, None);
+            prop_assert_eq!(&applied, &lacking);
+            prop_assert!(cursor.covers(&held) && most.covers(&cursor));
+            let refused = refused % batches.len().max(1);
+            let (applied, cursor) = apply(&batches, &held, Some(refused));
+            for change in &lacking {
+                if cursor.holds(&change.0, change.1) {
+                    prop_assert!(applied.contains(change), "claimed {change:?} without it");
+                }
+            }
+        }
+
         /// Whatever the batch size, feeding the builder's batches to `plan_merge`
         /// in order applies every missing transaction exactly once, whole, and
         /// ends at the sender's cursor.

@@ -110,6 +110,11 @@ pub struct Session {
     merging: Option<PendingMerge>,
     queued: VecDeque<(TransportMessage, Option<ReplyId>)>,
     v1_round: Option<V1Round>,
+    /// A merge of the v1 remote's data failed on this connection: a later
+    /// `eose` may close a round whose answer carried changes we did not
+    /// apply (an `eose` cannot be matched to its request), so no round
+    /// vouches for anything any more.
+    v1_unproven: bool,
     eose_received: bool,
     awaiting_schema: Option<i64>,
     // ---- control
@@ -158,6 +163,7 @@ impl Session {
             merging: None,
             queued: VecDeque::new(),
             v1_round: None,
+            v1_unproven: false,
             eose_received: false,
             awaiting_schema: None,
             control: VecDeque::new(),
@@ -658,7 +664,7 @@ impl Session {
 
     /// Our request to a v1 remote opens a round (the first outstanding one counts).
     fn start_v1_round(&mut self) {
-        if !self.remote_is_crsync && self.v1_round.is_none() {
+        if !self.remote_is_crsync && !self.v1_unproven && self.v1_round.is_none() {
             self.v1_round = Some(V1Round {
                 from: self.cursor.clone(),
                 seen: DbVersion::ZERO,
@@ -671,6 +677,11 @@ impl Session {
             return;
         };
         self.last_progress_in = now;
+        if result.is_err() && !self.remote_is_crsync {
+            // The versions of this message passed by but were not applied.
+            self.v1_round = None;
+            self.v1_unproven = true;
+        }
         match result {
             Ok(outcome) => {
                 self.cursor.join(&outcome.cursor);
@@ -703,11 +714,19 @@ impl Session {
                 );
             }
             Err(MergeFailure::Outdated { ours, theirs }) => {
-                self.event(SessionEvent::Outdated {
-                    remote_version: theirs,
-                    local_version: ours,
-                });
-                self.awaiting_schema = Some(theirs);
+                if theirs > self.schema_version {
+                    self.event(SessionEvent::Outdated {
+                        remote_version: theirs,
+                        local_version: ours,
+                    });
+                    self.awaiting_schema = Some(theirs);
+                } else {
+                    // The store refused this batch under the schema it had
+                    // when the merge ran; ours caught up since (we took
+                    // `SchemaChanged` meanwhile): ask again now, as that
+                    // upgrade will not come a second time.
+                    self.request_pending = true;
+                }
                 self.reject(
                     pending.reply,
                     Rejection::new(

@@ -156,9 +156,10 @@ impl OutgoingWindow {
     }
 
     /// Resets to the acknowledged point if batches have waited for an
-    /// acknowledgement longer than `timeout`. Returns whether it did.
+    /// acknowledgement for `timeout` or longer (from the
+    /// [deadline](Self::ack_deadline) on). Returns whether it did.
     pub fn check_ack_timeout(&mut self, now: Instant, timeout: Duration) -> bool {
-        if !self.unacked.is_empty() && now.duration_since(self.last_progress) > timeout {
+        if !self.unacked.is_empty() && now.duration_since(self.last_progress) >= timeout {
             self.on_gap(now);
             return true;
         }
@@ -239,6 +240,21 @@ mod tests {
         assert!(w.check_ack_timeout(t0 + Duration::from_secs(6), Duration::from_secs(5)));
         assert_eq!(w.sent(), &cur(1));
         assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_ack_deadline_is_when_the_timeout_fires() {
+        // A driver that sleeps until `ack_deadline` must find the timeout due
+        // then, or it wakes at the same instant forever (seen in the simulator).
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut w = OutgoingWindow::new(4, true, t0);
+        w.on_sync(cur(0), ACK, t0);
+        w.on_sent(cur(1), t0);
+        let deadline = w.ack_deadline(timeout).unwrap();
+        assert!(!w.check_ack_timeout(deadline - Duration::from_millis(1), timeout));
+        assert!(w.check_ack_timeout(deadline, timeout));
+        assert_eq!(w.ack_deadline(timeout), None);
     }
 
     #[test]

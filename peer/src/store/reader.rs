@@ -1,5 +1,6 @@
 //! Reading "everything a cursor lacks" on a thread and connection of its own.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use super::STREAM_READ_AHEAD;
 use super::error::StoreError;
 use super::schema::load_remote_cursor;
 use super::writer::{close_connection, db_version};
+use crate::proto::batch::ClaimLimits;
 use crate::{
     BatchBuilder, BatchLimits, Change, ChangeBatch, Cursor, DbVersion, PackedPk, ReadHint, SiteId,
 };
@@ -202,11 +204,13 @@ fn read_snapshot(
     let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let end = db_version(conn)?;
     let from = lowest_local_version(conn, own_site, &receiver)?.max(hint.after_local);
+    let claim_limits = claim_limits_after(conn, &receiver, from)?;
     if let Some(r) = ready.take() {
         let _ = r.send(Ok(snapshot.clone()));
     }
-    let mut builder =
-        BatchBuilder::new(receiver, snapshot, limits.max_changes).with_max_bytes(limits.max_bytes);
+    let mut builder = BatchBuilder::new(receiver, snapshot, limits.max_changes)
+        .with_max_bytes(limits.max_bytes)
+        .with_claim_limits(claim_limits);
     let mut stmt = conn.prepare(
         "SELECT c.\"table\", c.pk, c.cid, c.val, c.col_version, c.db_version, c.site_id, c.cl, c.seq, o.origin_version \
          FROM crsql_changes AS c LEFT JOIN crsync_origin AS o ON o.local_version = c.db_version \
@@ -267,6 +271,30 @@ fn read_snapshot(
         let _ = tx.blocking_send(Ok((stamp(batch), end.max(last_local))));
     }
     Ok(())
+}
+
+/// Per site, what batches before the last may claim of a stream reading
+/// rows above local version `from` ([`ClaimLimits`]): merged rows of one site
+/// are not always in their origin order (a change relayed by a v1 peer comes
+/// unranged ahead of older ones; a v1 peer's transaction comes in parts).
+fn claim_limits_after(
+    conn: &Connection,
+    receiver: &Cursor,
+    from: i64,
+) -> rusqlite::Result<BTreeMap<SiteId, DbVersion>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT local_version, site_id, origin_version FROM crsync_origin \
+         WHERE local_version > ?1 ORDER BY local_version",
+    )?;
+    let mut rows = stmt.query([from])?;
+    let mut limits = ClaimLimits::new(receiver.clone());
+    while let Some(row) = rows.next()? {
+        let site: Vec<u8> = row.get(1)?;
+        if let Ok(site) = SiteId::from_slice(&site) {
+            limits.note(row.get(0)?, site, DbVersion(row.get(2)?));
+        }
+    }
+    Ok(limits.finish())
 }
 
 /// What the sender holds: its own version and its stored remote cursor.

@@ -134,6 +134,40 @@ fn a_v1_eose_over_unordered_posts_vouches_for_nothing() {
     assert!(merge_of(outputs(&mut s)).ranges.is_empty());
 }
 
+/// A v1 page that was not applied (refused as outdated) must not be vouched
+/// for by a later `eose`: that `eose` may end the same answer, whose other
+/// pages arrive after our upgrade, and claiming its versions would hide the
+/// refused page's changes when they come again. Simulator seed 9511.
+#[test]
+fn a_v1_eose_vouches_for_nothing_once_a_page_was_refused() {
+    let now = Instant::now();
+    let config = SessionConfig::default();
+    let mut s = Session::new(config, US, Cursor::new(), 1, now);
+    transmits(&mut s, now); // connect, sync: a round starts
+    let newer = |kind, versions: &[i64]| {
+        let mut m = v1_data(kind, versions);
+        if let Some(d) = m.data.as_mut() {
+            d.schema_version = Some(2);
+        }
+        m
+    };
+    s.handle(received(newer(PeerMessageKind::Changes, &[1])), now);
+    merge_of(outputs(&mut s));
+    s.handle(
+        Input::Merged(Err(MergeFailure::Outdated { ours: 1, theirs: 2 })),
+        now,
+    );
+    s.handle(Input::SchemaChanged(2), now);
+    transmits(&mut s, now); // the refusal, our new request
+    // the rest of the first answer, applied now
+    s.handle(received(newer(PeerMessageKind::Changes, &[3])), now);
+    merge_of(outputs(&mut s));
+    merged(&mut s, Cursor::new(), now);
+    s.handle(received(newer(PeerMessageKind::Eose, &[])), now);
+    let eose = merge_of(outputs(&mut s));
+    assert!(eose.ranges.is_empty(), "{:?}", eose.ranges);
+}
+
 #[test]
 fn a_gap_is_answered_and_we_ask_again() {
     let (mut s, now) = session(true);
@@ -170,6 +204,48 @@ fn a_gap_is_answered_and_we_ask_again() {
     assert!(
         sent.iter()
             .any(|m| m.kind == MessageKind::Sync && m.ack.is_none()),
+        "{sent:?}"
+    );
+}
+
+/// A merge refused as outdated whose answer comes after our upgrade: the
+/// session asks again instead of waiting for an upgrade that already
+/// happened (it stayed `Outdated`, and its refusal paused the remote for
+/// good). Simulator seed 8727.
+#[test]
+fn an_outdated_refusal_that_comes_after_our_upgrade_asks_again() {
+    let now = Instant::now();
+    let mut s = Session::new(SessionConfig::default(), US, Cursor::new(), 1, now);
+    transmits(&mut s, now);
+    s.handle(received(TransportMessage::connect(THEM)), now);
+    let batch = ChangeBatch {
+        changes: vec![change(1)],
+        ..ChangeBatch::default()
+    };
+    s.handle(
+        received(TransportMessage::data(
+            THEM,
+            &batch,
+            false,
+            2,
+            Encoding::Lossless,
+        )),
+        now,
+    );
+    merge_of(outputs(&mut s));
+    // The store refused it under schema 1; we upgrade before hearing so.
+    s.handle(Input::SchemaChanged(2), now);
+    s.handle(
+        Input::Merged(Err(MergeFailure::Outdated { ours: 1, theirs: 2 })),
+        now,
+    );
+    assert_ne!(s.status().phase, SessionPhase::Outdated);
+    let sent = transmits(&mut s, now);
+    let kinds: Vec<_> = sent.iter().map(|m| (m.kind, m.ack)).collect();
+    // the refusal (the batch was not applied), then a new request
+    assert_eq!(
+        kinds,
+        vec![(MessageKind::Error, None), (MessageKind::Sync, None)],
         "{sent:?}"
     );
 }
