@@ -310,20 +310,25 @@ fn two_files_converge_through_serve_with_sync_once() {
     // The server's replica holds the same rows.
     assert_eq!(rows(&fx.path("server/notes.db")), rows_a);
 
-    // Each cursor holds the other's writes.
+    // Each cursor holds the other's writes: the cursors are equal (the merges
+    // used up versions of their own, holes that the ranges vouch for too).
     let (sa, sb) = (status_json(&a), status_json(&b));
     let (site_a, site_b) = (
         sa["site_id"].as_str().unwrap(),
         sb["site_id"].as_str().unwrap(),
     );
-    assert_eq!(sa["cursor"]["peers"][site_b], 1, "{sa:#}");
-    assert_eq!(sb["cursor"]["peers"][site_a], 1, "{sb:#}");
+    assert!(sa["cursor"]["peers"][site_b].as_i64() >= Some(1), "{sa:#}");
+    assert!(sb["cursor"]["peers"][site_a].as_i64() >= Some(1), "{sb:#}");
 
     // A second round moves nothing.
     let out = sync_once(&b, &url, Some(TOKEN), &["--ws"]);
     out.assert_success();
     assert!(out.stdout.contains("received 0 changes"), "{out:#?}");
     assert!(out.stdout.contains("sent     0 changes"), "{out:#?}");
+    // and leaves both cursors equal: a's merge of b's rows used up a version
+    // of a's own, a hole that the server vouched for to b.
+    let (sa, sb) = (status_json(&a), status_json(&b));
+    assert_eq!(sa["cursor"], sb["cursor"], "{sa:#} {sb:#}");
 
     let (status, rest) = server.running.terminate();
     assert!(status.success(), "serve exited with {status:?}");

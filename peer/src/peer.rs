@@ -370,6 +370,7 @@ async fn watch_store(
             event = store_events.recv() => {
                 match event {
                     Ok(StoreEvent::Changed { tables, source }) => inner.emit(PeerEvent::Change { tables, source }),
+                    Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => inner.emit(PeerEvent::Lagged { missed }),
                     Err(broadcast::error::RecvError::Closed) => return,
                 }

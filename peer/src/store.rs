@@ -48,6 +48,7 @@ pub enum ChangeSource {
 
 /// Something the Store noticed.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StoreEvent {
     /// Committed changes to these CRR tables.
     Changed {
@@ -56,6 +57,10 @@ pub enum StoreEvent {
         /// Who made them.
         source: ChangeSource,
     },
+    /// A merge moved the cursor without changing any row: a remote vouched
+    /// for versions whose rows we hold or that were overwritten. Sessions pass
+    /// the claim on to the other remotes.
+    CursorAdvanced,
 }
 
 /// What a merge did.

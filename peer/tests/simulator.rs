@@ -16,8 +16,7 @@
 //! - `CRSYNC_SIM_KEEP_GOING=1`: runs on past failures, one line per failing seed.
 //! - `CRSYNC_SIM_THREADS`, `CRSYNC_SIM_TRACE` (trace length, default 400).
 //! - Knobs for known issues: `CRSYNC_SIM_V1_PAGING=interleaved` (merges run
-//!   between a v1 peer's pages), `CRSYNC_SIM_STRICT_CURSORS=1` (unequal
-//!   cursors in a crsync component fail), `CRSYNC_SIM_V1_BIG_INTS=1` (v1
+//!   between a v1 peer's pages), `CRSYNC_SIM_V1_BIG_INTS=1` (v1
 //!   peers write integers like 2^60, which JavaScript prints with rounded
 //!   digits).
 
@@ -71,7 +70,6 @@ fn run_seed(seed: u64, trace: Option<usize>) -> (Scenario, Result<Stats, (String
     let result = world
         .run(scenario.heal_at)
         .and_then(|()| sim::check::check(&world));
-    world.stats.cursor_lag = u64::from(!sim::check::cursor_lag(&world).is_empty());
     let rendered = world.trace.as_ref().map(Trace::render).unwrap_or_default();
     (
         scenario,
@@ -201,8 +199,7 @@ fn simulated_networks_converge() {
     let per_ms = elapsed.as_secs_f64() * 1000.0 / done.max(1) as f64;
     say!(
         "simulator: {done} scenarios in {:.1}s: {per_ms:.2} ms per scenario ({:.2} ms of one thread each, {threads} threads); \
-         {} messages, {} data messages, {} changes sent for {} versions written, {:.0} s virtual; \
-         {} scenarios ended with unequal cursors in a crsync component (see check.rs)",
+         {} messages, {} data messages, {} changes sent for {} versions written, {:.0} s virtual",
         elapsed.as_secs_f64(),
         per_ms * threads as f64,
         stats.messages,
@@ -210,7 +207,6 @@ fn simulated_networks_converge() {
         stats.changes_sent,
         stats.versions_written,
         stats.virtual_time.as_secs_f64(),
-        stats.cursor_lag
     );
     let mut failures = failures.into_inner().unwrap();
     failures.sort_by_key(|f| f.seed);

@@ -419,15 +419,21 @@ impl Session {
             return; // from a stream already cancelled
         }
         if batch.changes.is_empty() {
-            // Only version bumps: not worth a message of its own. In the
-            // initial stream the ranges ride on `eose`, so the remote ends up
-            // with our whole cursor; live, they are dropped (the next batch's
-            // range starts where the remote's cursor is, so no gap opens).
-            self.hint.delivered(read_upto);
-            if self.window.phase() == Phase::Initial {
-                self.eose_ranges.extend(batch.ranges);
+            // Only version bumps (versions whose rows the remote has or that
+            // were overwritten). In the initial stream they ride on `eose`.
+            // Live, they go to a crsync remote on their own, so that its
+            // cursor ends equal to ours (merging them writes no rows, so they
+            // start nothing in return); a v1 remote reads no ranges.
+            let live_claim = self.window.phase() == Phase::Live
+                && self.remote_is_crsync
+                && !batch.ranges.is_empty();
+            if !live_claim {
+                self.hint.delivered(read_upto);
+                if self.window.phase() == Phase::Initial {
+                    self.eose_ranges.extend(batch.ranges);
+                }
+                return;
             }
-            return;
         }
         self.buffered = Some((batch, read_upto));
     }

@@ -338,6 +338,8 @@ impl Writer {
                 tables: report.tables.clone(),
                 source: ChangeSource::Merge,
             });
+        } else if report.cursor != held {
+            let _ = self.events.send(StoreEvent::CursorAdvanced);
         }
         self.maybe_collect_origins()?;
         Ok(report)

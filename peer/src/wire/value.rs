@@ -105,8 +105,10 @@ impl DecodedValue {
 ///   `9223372036854776000`) becomes the nearest `i64`, noted. Other numbers are
 ///   read as they are, and the receiving column's affinity sorts them out
 ///   ([`normalize_js`](crate::normalize_js)): a REAL `1.0` arrives as `1`
-///   and is read as an integer; `i64::MIN` arrives as `-9223372036854776000`
-///   and is read as the REAL −2^63. NaN and infinities arrive as `null`. Any
+///   and is read as an integer. An integer literal beyond ±(2^53 − 1) is
+///   read as the double JavaScript held (2^60 arrives as
+///   `1152921504606847000` and is read as 2^60); `i64::MIN` arrives as
+///   `-9223372036854776000` and is read as −2^63 exactly. NaN and infinities arrive as `null`. Any
 ///   other array or object becomes the text of its JSON, noted. (A REAL in
 ///   `[2^63, 2^64)` is printed by JavaScript as an integer beyond `i64`, so it
 ///   is read as `i64::MAX`, noted, even when it is meant for a REAL column.)
@@ -122,14 +124,47 @@ impl DecodedValue {
 /// let max = decode_value(&serde_json::from_str("9223372036854776000").unwrap(), js).unwrap();
 /// assert_eq!(max.value, SqlValue::Integer(i64::MAX));
 /// assert!(max.approximated.is_some());
+/// let two_60 = decode_value(&serde_json::from_str("1152921504606847000").unwrap(), js).unwrap();
+/// assert_eq!(two_60.value, SqlValue::Integer(1 << 60));
 /// assert!(decode_value(&json!([1]), ValueDialect::Crsync).is_err());
 /// ```
 pub fn decode_value(v: &Json, dialect: ValueDialect) -> Result<DecodedValue, String> {
+    if let (Json::Number(n), ValueDialect::JavaScript) = (v, dialect) {
+        if let Some(decoded) = js_big_integer(n) {
+            return Ok(decoded);
+        }
+    }
     match (decode_exact(v), dialect) {
         (Ok(value), _) => Ok(DecodedValue::exact(value)),
         (Err(reason), ValueDialect::Crsync) => Err(reason),
         (Err(reason), ValueDialect::JavaScript) => Ok(approximate_js(v, reason)),
     }
+}
+
+/// An integer literal beyond ±(2^53 − 1) from JavaScript names a double: JavaScript
+/// prints the shortest digits that round back to it (2^60 is printed as
+/// `1152921504606847000`), so the value the sender holds is that double,
+/// not the literal. Read as the integer the double is exactly; past `i64`
+/// (2^63, which `i64::MAX` became) it saturates, noted. `None` for literals
+/// JavaScript prints exactly.
+fn js_big_integer(n: &serde_json::Number) -> Option<DecodedValue> {
+    let double = match (n.as_i64(), n.as_u64()) {
+        (Some(i), _) if i.unsigned_abs() <= MAX_SAFE_INTEGER as u64 => return None,
+        (Some(i), _) => i as f64,
+        (None, Some(u)) => u as f64,
+        (None, None) => return None, // a real, or beyond u64: read as a REAL
+    };
+    // 2^63 as a double: the first value past i64::MAX
+    const I64_END: f64 = 9_223_372_036_854_775_808.0;
+    Some(if double >= I64_END {
+        DecodedValue::approximated(
+            SqlValue::Integer(i64::MAX),
+            format!("integer {n} is beyond i64, taken as {}", i64::MAX),
+        )
+    } else {
+        // exact: a double of this size is an integer, and -2^63 <= it < 2^63
+        DecodedValue::exact(SqlValue::Integer(double as i64))
+    })
 }
 
 /// What a JavaScript sender meant by a value no exact shape matches.
@@ -310,10 +345,23 @@ mod tests {
         fn javascript_decoding_never_fails(v in arbitrary_json()) {
             let decoded = decode_value(&v, ValueDialect::JavaScript);
             prop_assert!(decoded.is_ok(), "{v} -> {decoded:?}");
-            // and where the strict decoding succeeds, both agree exactly
-            if let Ok(exact) = crsync(&v) {
+            // and where the strict decoding succeeds, both agree exactly, but
+            // for integer literals beyond 2^53: JavaScript held the double
+            let big = v.as_i64().is_some_and(|i| i.unsigned_abs() > MAX_SAFE_INTEGER as u64);
+            if let (Ok(exact), false) = (crsync(&v), big) {
                 prop_assert_eq!(decoded.unwrap(), DecodedValue::exact(exact));
             }
+        }
+
+        #[test]
+        fn a_big_javascript_integer_is_the_double_it_names(i in any::<i64>().prop_filter(
+            "beyond 2^53", |i| i.unsigned_abs() > MAX_SAFE_INTEGER as u64,
+        )) {
+            // JavaScript held `i as f64` and printed its shortest digits
+            let double = i as f64;
+            let json = serde_json::from_str(&js_number(double)).unwrap();
+            let want = if double >= 9_223_372_036_854_775_808.0 { i64::MAX } else { double as i64 };
+            prop_assert_eq!(js(&json).value, SqlValue::Integer(want), "{}", json);
         }
 
         #[test]

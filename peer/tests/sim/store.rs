@@ -218,18 +218,24 @@ impl Store {
         // `rows_since(base)`: our own entry may claim the versions merged rows
         // hold, and the session learns which local versions came from this remote.
         let local_versions = (pending > base).then_some((base + 1, pending));
-        self.own_version = self.own_version.max(pending);
+        if pending > base {
+            self.own_version = self.own_version.max(pending);
+        }
         for (site, version) in plan.cursor.iter() {
             if site != self.site {
                 self.remote.advance(site, version);
             }
         }
+        let cursor = self.cursor();
+        // As the Store: an event for applied changes, and for a cursor that
+        // moved without them (claims to pass on to the other remotes).
+        let notify = !plan.transactions.is_empty() || cursor != held;
         Merged {
             result: Ok(MergeOutcome {
-                cursor: self.cursor(),
+                cursor,
                 local_versions,
             }),
-            notify: !plan.transactions.is_empty(),
+            notify,
             won,
         }
     }

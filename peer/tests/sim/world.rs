@@ -236,8 +236,6 @@ pub struct Stats {
     pub merges: u64,
     pub reads: u64,
     pub virtual_time: Duration,
-    /// Scenarios that ended with unequal cursors inside a crsync component.
-    pub cursor_lag: u64,
 }
 
 impl Stats {
@@ -249,7 +247,6 @@ impl Stats {
         self.merges += other.merges;
         self.reads += other.reads;
         self.virtual_time += other.virtual_time;
-        self.cursor_lag += other.cursor_lag;
     }
 }
 
