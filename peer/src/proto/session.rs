@@ -100,8 +100,6 @@ pub struct Session {
     eose_pending: bool,
     /// A read failed: read again at this time.
     retry_read: Option<Instant>,
-    /// A merge failed in the store: ask the remote again at this time.
-    retry_request: Option<Instant>,
     /// Rows the next stream may leave out: every row at a local version up to
     /// `after_local` was sent (or held) since the stream last started from the
     /// remote's acknowledged point, and rows merged from this remote.
@@ -160,7 +158,6 @@ impl Session {
             buffered: None,
             eose_pending: false,
             retry_read: None,
-            retry_request: None,
             hint: ReadHint::default(),
             eose_ranges: BTreeMap::new(),
             merging: None,
@@ -229,9 +226,6 @@ impl Session {
             next = next.min(at);
         }
         if let Some(at) = self.retry_read {
-            next = next.min(at);
-        }
-        if let Some(at) = self.retry_request {
             next = next.min(at);
         }
         if let (Side::Dialed, Some(limit)) = (c.side, c.liveness_timeout) {
@@ -443,10 +437,6 @@ impl Session {
         if self.retry_read.is_some_and(|at| now >= at) {
             self.retry_read = None;
             self.need_stream = true;
-        }
-        if self.retry_request.is_some_and(|at| now >= at) {
-            self.retry_request = None;
-            self.request_pending = true;
         }
         if now.duration_since(self.last_ping) >= c.ping_interval {
             self.last_ping = now;
@@ -755,12 +745,17 @@ impl Session {
             }
             Err(MergeFailure::Failed(reason)) => {
                 // Our refusal may never reach the remote (a v1 peer ignores
-                // it, an SSE client cannot POST it), and the remote's stream
-                // goes on counting the batch as delivered: ask again, after
-                // a pause. (A crsync remote that reads INTERNAL closes, and
-                // the next connection syncs anyway.)
-                self.retry_request = Some(now + READ_RETRY);
-                self.reject(pending.reply, Rejection::new(ErrorCode::Internal, reason));
+                // it, an SSE client cannot POST it), its stream goes on
+                // counting the batch as delivered, and a later batch may
+                // claim the refused changes; asking again on this
+                // connection cannot tell those batches from the answer. A
+                // new connection syncs from our cursor (a crsync remote that
+                // reads INTERNAL closes too).
+                self.reject(
+                    pending.reply,
+                    Rejection::new(ErrorCode::Internal, reason.clone()),
+                );
+                self.close(CloseReason::MergeFailed(reason));
             }
         }
     }
