@@ -112,7 +112,11 @@ fn rows(world: &World, peer: usize) -> BTreeMap<CellKey, Version> {
 ///    And inside a component, crsync replicas on the same schema end with
 ///    **identical cursors** ([`cursor_lag`]): version-only advances (holes,
 ///    overwritten versions) travel as change-less batches live, and a merge
-///    that only moves the cursor passes the claim on.
+///    that only moves the cursor passes the claim on. (Known exception, about
+///    1 in 100,000 scenarios: a sender holding a site's versions out of local
+///    order withholds the claim past them in that stream (`claim_limits`),
+///    and if nothing changes at the sender afterwards no later stream passes
+///    it on; seed 52036.)
 /// 3. **Sessions settled**: every link is connected, and every crsync session
 ///    is `Live` (it sent and received `eose`), has nothing in flight, nothing
 ///    queued, no read open and no per-message reply left unanswered.
