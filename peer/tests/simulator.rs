@@ -15,10 +15,8 @@
 //! - `CRSYNC_SIM_SEED=<n>`: replays one seed and prints its trace.
 //! - `CRSYNC_SIM_KEEP_GOING=1`: runs on past failures, one line per failing seed.
 //! - `CRSYNC_SIM_THREADS`, `CRSYNC_SIM_TRACE` (trace length, default 400).
-//! - Knobs for known issues: `CRSYNC_SIM_V1_PAGING=interleaved` (merges run
-//!   between a v1 peer's pages), `CRSYNC_SIM_V1_BIG_INTS=1` (v1
-//!   peers write integers like 2^60, which JavaScript prints with rounded
-//!   digits).
+//! - Knob for a known issue: `CRSYNC_SIM_V1_PAGING=interleaved` (merges run
+//!   between a v1 peer's pages, shifting its OFFSETs).
 
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
@@ -64,8 +62,7 @@ struct Failure {
 /// Runs one seed; with a trace of `trace` entries when given.
 fn run_seed(seed: u64, trace: Option<usize>) -> (Scenario, Result<Stats, (String, String)>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let v1_big_ints = std::env::var_os("CRSYNC_SIM_V1_BIG_INTS").is_some();
-    let scenario = Scenario::generate(seed, &mut rng, v1_big_ints);
+    let scenario = Scenario::generate(seed, &mut rng);
     let mut world = World::new(&scenario, rng, trace.map(Trace::new), knobs());
     let result = world
         .run(scenario.heal_at)

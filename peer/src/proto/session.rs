@@ -681,7 +681,18 @@ impl Session {
                 );
             }
             Err(MergeFailure::Failed(reason)) => {
-                self.reject(pending.reply, Rejection::new(ErrorCode::Internal, reason));
+                // Our refusal may never reach the remote (a v1 peer ignores
+                // it, an SSE client cannot POST it), its stream goes on
+                // counting the batch as delivered, and a later batch may
+                // claim the refused changes; asking again on this
+                // connection cannot tell those batches from the answer. A
+                // new connection syncs from our cursor (a crsync remote that
+                // reads INTERNAL closes too).
+                self.reject(
+                    pending.reply,
+                    Rejection::new(ErrorCode::Internal, reason.clone()),
+                );
+                self.close(CloseReason::MergeFailed(reason));
             }
         }
     }

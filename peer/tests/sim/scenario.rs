@@ -143,8 +143,7 @@ fn random_key(rng: &mut StdRng, keys: i64) -> CellKey {
 }
 
 impl Scenario {
-    /// `v1_big_ints`: see [`gen_value`](super::values::gen_value).
-    pub fn generate(seed: u64, rng: &mut StdRng, v1_big_ints: bool) -> Scenario {
+    pub fn generate(seed: u64, rng: &mut StdRng) -> Scenario {
         let n = rng.random_range(2..=5usize);
         let topology = match rng.random_range(0..3) {
             0 => Topology::Star,
@@ -238,7 +237,6 @@ impl Scenario {
             })
             .collect::<Vec<_>>();
         let lossy_values = v1_count == 0;
-        let big = lossy_values || v1_big_ints;
         let active = Duration::from_millis(rng.random_range(2_000..90_000));
         let keys = rng.random_range(1..=6i64);
         let op_count = rng.random_range(2..=24usize);
@@ -252,23 +250,20 @@ impl Scenario {
                 let cells = (0..k)
                     .map(|_| {
                         let key = random_key(rng, keys);
-                        (
-                            key,
-                            super::values::gen_value(rng, key.col, lossy_values, big),
-                        )
+                        (key, super::values::gen_value(rng, key.col, lossy_values))
                     })
                     .collect();
                 Op::Write { peer, cells }
             } else if roll < 58 {
                 // The same cell on several peers at once (equal values now and then).
                 let key = random_key(rng, keys);
-                let val = super::values::gen_value(rng, key.col, lossy_values, big);
+                let val = super::values::gen_value(rng, key.col, lossy_values);
                 for p in 0..n {
                     if p == peer || rng.random_bool(0.5) {
                         let val = if rng.random_bool(0.3) {
                             val.clone()
                         } else {
-                            super::values::gen_value(rng, key.col, lossy_values, big)
+                            super::values::gen_value(rng, key.col, lossy_values)
                         };
                         ops.push((
                             at,
@@ -290,10 +285,7 @@ impl Scenario {
                             pk: 100 + i / 4,
                             col: (i % 4) as u8,
                         };
-                        (
-                            key,
-                            super::values::gen_value(rng, key.col, lossy_values, big),
-                        )
+                        (key, super::values::gen_value(rng, key.col, lossy_values))
                     })
                     .collect();
                 Op::Write { peer, cells }

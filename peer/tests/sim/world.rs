@@ -25,6 +25,8 @@ use super::values::{CellKey, Version, cmp_versions};
 pub const QUIET: Duration = Duration::from_secs(120);
 /// The heal must reach quiescence within this much virtual time.
 pub const HEAL_LIMIT: Duration = Duration::from_secs(1800);
+/// Before the heal, how often a store read or merge fails.
+const STORE_FAILURE: f64 = 0.01;
 /// Timeouts handled at one instant without the deadline moving: a spin.
 const SPIN_LIMIT: u32 = 1000;
 
@@ -575,10 +577,20 @@ impl World {
                 if self.peers[peer].inc != inc || !self.peers[peer].up {
                     return; // the process died before the merge committed
                 }
+                // Now and then the store fails (busy, disk): nothing applied.
+                let fails = self.healed.is_none() && self.rng.random_bool(STORE_FAILURE);
                 let Some(store) = self.store(peer) else {
                     return;
                 };
-                let merged = store.merge(&batch);
+                let merged = if fails {
+                    super::store::Merged {
+                        result: Err(MergeFailure::Failed("injected store failure".into())),
+                        notify: false,
+                        won: 0,
+                    }
+                } else {
+                    store.merge(&batch)
+                };
                 self.stats.merges += 1;
                 let (n, won) = (batch.changes.len(), merged.won);
                 self.note(|| Entry::Merge {
@@ -793,6 +805,15 @@ impl World {
                 if self.healed.is_some() && hint.after_local == 0 && previous > 0 {
                     // a rewind (gap, ack timeout, pause); a new request counts below
                     self.links[link].healed_restarts[end] += 1;
+                }
+                if self.healed.is_none() && self.rng.random_bool(STORE_FAILURE) {
+                    self.note(|| Entry::Note(format!("p{peer} conn {conn}: read fails")));
+                    let now = self.instant();
+                    if let Some(e) = self.crsync_end(conn, end) {
+                        e.session
+                            .handle(Input::StreamFailed("injected read failure".into()), now);
+                    }
+                    return;
                 }
                 let Some(store) = self.store(peer) else {
                     return;

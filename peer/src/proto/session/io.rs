@@ -195,4 +195,10 @@ pub enum CloseReason {
     /// The remote has our own site id.
     #[error("connected to ourselves")]
     ConnectedToSelf,
+    /// Our store failed to merge what the remote sent. The remote's stream
+    /// goes on as if it had been applied (the refusal may never reach it),
+    /// and a later batch could claim the refused changes: only a new
+    /// connection, which syncs from our cursor, is safe.
+    #[error("the store failed a merge: {0}")]
+    MergeFailed(String),
 }

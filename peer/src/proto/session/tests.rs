@@ -116,6 +116,30 @@ fn a_v1_eose_vouches_for_nothing() {
     assert!(s.status().received_eose || s.is_busy());
 }
 
+/// A merge the store failed ends the connection: the remote's stream goes
+/// on counting the batch as delivered (a v1 peer sends a change once and
+/// reads no refusal; a crsync server never hears its SSE client's refusal,
+/// as the client POSTs no errors), and a later batch of it claimed the
+/// refused changes. Simulator seeds 2418, 9447, 50692.
+#[test]
+fn a_failed_merge_ends_the_connection() {
+    let (mut s, now) = session(true);
+    transmits(&mut s, now); // connect, sync
+    s.handle(received(v1_data(PeerMessageKind::Changes, &[1])), now);
+    merge_of(outputs(&mut s));
+    s.handle(
+        Input::Merged(Err(MergeFailure::Failed("disk full".into()))),
+        now,
+    );
+    let outs = outputs(&mut s);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Close(CloseReason::MergeFailed(_)))),
+        "{outs:?}"
+    );
+    assert_eq!(s.status().phase, SessionPhase::Closed);
+}
+
 #[test]
 fn a_gap_is_answered_and_we_ask_again() {
     let (mut s, now) = session();
