@@ -123,7 +123,7 @@ fn a_v1_eose_vouches_for_nothing() {
 /// refused changes. Simulator seeds 2418, 9447, 50692.
 #[test]
 fn a_failed_merge_ends_the_connection() {
-    let (mut s, now) = session(true);
+    let (mut s, now) = session();
     transmits(&mut s, now); // connect, sync
     s.handle(received(v1_data(PeerMessageKind::Changes, &[1])), now);
     merge_of(outputs(&mut s));
