@@ -319,11 +319,12 @@ impl BatchBuilder {
 /// up to version `v` tells the receiver it holds every change of that site up
 /// to `v`. They do not always: a change may arrive unranged ahead of older
 /// ones (relayed by a v1 peer), or one origin transaction in parts at several
-/// local versions (a v1 peer pages a transaction across messages). A range
-/// claiming such a version before the stream reached its later rows would
-/// let the receiver skip them as held. So a site whose versions come back
-/// down (or repeat at another local version) may be claimed, before the last
-/// batch, only below the lowest such version. Versions `receiver` holds are
+/// local versions (a v1 peer pages a transaction across messages) with other
+/// transactions between. A range claiming such a version before the stream
+/// reached its later rows would let the receiver skip them as held. So a
+/// site whose versions come back down (or repeat after another transaction)
+/// may be claimed, before the last batch, only below the lowest such version.
+/// Parts of one transaction at consecutive local versions are in order. Versions `receiver` holds are
 /// skipped anyway and do not count; sites not in the result have no limit.
 ///
 /// ```
@@ -349,7 +350,7 @@ pub fn claim_limits(
 #[derive(Debug, Clone)]
 pub struct ClaimLimits {
     receiver: Cursor,
-    /// Per site, the highest version so far and the local version it is at.
+    /// Per site, the highest version so far and the last local version it is at.
     highest: BTreeMap<SiteId, (DbVersion, i64)>,
     limits: BTreeMap<SiteId, DbVersion>,
 }
@@ -370,12 +371,16 @@ impl ClaimLimits {
             return;
         }
         match self.highest.get(&site) {
-            Some(&(top, at)) if version < top || (version == top && local != at) => {
+            // The next part of the same transaction, at the next local
+            // version: nothing can come between them in the stream.
+            Some(&(top, at)) if version == top && (local == at || local == at + 1) => {
+                self.highest.insert(site, (version, local));
+            }
+            Some(&(top, _)) if version <= top => {
                 let limit = DbVersion(version.0 - 1);
                 let entry = self.limits.entry(site).or_insert(limit);
                 *entry = (*entry).min(limit);
             }
-            Some(&(top, _)) if version == top => {}
             _ => {
                 self.highest.insert(site, (version, local));
             }
@@ -685,9 +690,12 @@ mod tests {
         let limits = claim_limits(records, &Cursor::new());
         assert_eq!(limits.get(&site(1)), Some(&DbVersion(4)));
         assert_eq!(limits.get(&site(2)), None);
-        // the same transaction at one local version is in order
+        // the same transaction at one local version, or at consecutive ones
+        // (a v1 peer's pages merged one after the other), is in order
         let together = [(1, a.site_id, a.db_version), (1, c.site_id, c.db_version)];
         assert!(claim_limits(together, &Cursor::new()).is_empty());
+        let paged = [(1, a.site_id, a.db_version), (2, c.site_id, c.db_version)];
+        assert!(claim_limits(paged, &Cursor::new()).is_empty());
         // versions the receiver holds do not count
         let held: Cursor = [(site(1), DbVersion(5))].into_iter().collect();
         assert!(claim_limits(records, &held).is_empty());

@@ -204,7 +204,7 @@ fn read_snapshot(
     let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let end = db_version(conn)?;
     let from = lowest_local_version(conn, own_site, &receiver)?.max(hint.after_local);
-    let claim_limits = claim_limits_after(conn, &receiver, from)?;
+    let claim_limits = claim_limits_after(conn, &receiver, from, hint)?;
     if let Some(r) = ready.take() {
         let _ = r.send(Ok(snapshot.clone()));
     }
@@ -277,10 +277,12 @@ fn read_snapshot(
 /// rows above local version `from` ([`ClaimLimits`]): merged rows of one site
 /// are not always in their origin order (a change relayed by a v1 peer comes
 /// unranged ahead of older ones; a v1 peer's transaction comes in parts).
+/// Rows the hint leaves out are not in the stream (the receiver sent them).
 fn claim_limits_after(
     conn: &Connection,
     receiver: &Cursor,
     from: i64,
+    hint: &ReadHint,
 ) -> rusqlite::Result<BTreeMap<SiteId, DbVersion>> {
     let mut stmt = conn.prepare_cached(
         "SELECT local_version, site_id, origin_version FROM crsync_origin \
@@ -289,9 +291,10 @@ fn claim_limits_after(
     let mut rows = stmt.query([from])?;
     let mut limits = ClaimLimits::new(receiver.clone());
     while let Some(row) = rows.next()? {
+        let local: i64 = row.get(0)?;
         let site: Vec<u8> = row.get(1)?;
-        if let Ok(site) = SiteId::from_slice(&site) {
-            limits.note(row.get(0)?, site, DbVersion(row.get(2)?));
+        if let (false, Ok(site)) = (hint.skips(local), SiteId::from_slice(&site)) {
+            limits.note(local, site, DbVersion(row.get(2)?));
         }
     }
     Ok(limits.finish())

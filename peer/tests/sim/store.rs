@@ -283,7 +283,7 @@ impl Store {
         let mut records: Vec<(i64, SiteId, DbVersion)> = self
             .cells
             .values()
-            .filter(|c| c.local > from && c.site != self.site)
+            .filter(|c| c.local > from && c.site != self.site && !hint.skips(c.local))
             .map(|c| (c.local, c.site, DbVersion(c.origin)))
             .collect();
         records.sort();

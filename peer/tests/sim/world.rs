@@ -758,7 +758,13 @@ impl World {
             }
             if !e.session.is_busy() {
                 if let Some((message, reply)) = e.inbox.pop_front() {
-                    e.session.handle(Input::Received { message, reply }, now);
+                    let summary = self.trace.is_some().then(|| Summary::of(&message));
+                    if let Some(e) = self.crsync_end(conn, end) {
+                        e.session.handle(Input::Received { message, reply }, now);
+                    }
+                    if let Some(msg) = summary {
+                        self.note(|| Entry::Note(format!("conn {conn} end {end} takes {msg:?}")));
+                    }
                     continue;
                 }
             }
