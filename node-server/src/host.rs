@@ -146,8 +146,6 @@ impl DbHost {
             sink: channel_sink(out_tx),
             stream: Box::pin(ReceiverStream::new(in_rx)),
             label: format!("sse {}/{}", self.name, client),
-            // Separate POSTs: they may arrive out of order, or not at all.
-            ordered: false,
         };
         // Detached: the session ends when the SSE body is dropped or the Peer stops.
         drop(self.accept(conn, span));

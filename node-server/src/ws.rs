@@ -51,7 +51,6 @@ async fn serve_socket(socket: WebSocket, host: Arc<DbHost>, access: Access, span
         sink: channel_sink(out_tx.clone()),
         stream: Box::pin(ReceiverStream::new(in_rx)),
         label: format!("ws {}", host.name()),
-        ordered: true,
     };
     let mut session = host.accept(conn, &span);
 

@@ -140,11 +140,6 @@ pub struct Connection {
     pub stream: MessageStream,
     /// What this is, for events and logs (e.g. `"sse http://127.0.0.1:8080/db/notes"`).
     pub label: String,
-    /// Whether messages from the remote arrive in the order it sent them and
-    /// none is lost without the connection ending (an SSE stream or a
-    /// WebSocket: yes; separate HTTP `POST`s: no). A `v1` peer's end of
-    /// stream is taken as evidence of completeness only on an ordered connection.
-    pub ordered: bool,
 }
 
 impl fmt::Debug for Connection {

@@ -42,7 +42,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-pub use value::{DecodedValue, MAX_SAFE_INTEGER, ValueDialect, decode_value, encode_value};
+pub use value::{
+    DecodedValue, MAX_SAFE_INTEGER, ValueDialect, decode_value, encode_value, js_number_text,
+};
 
 use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId};
 

@@ -327,7 +327,6 @@ fn watch(connection: Connection, url: &str, problems: &mpsc::Sender<Problem>) ->
         sink,
         stream,
         label,
-        ordered,
     } = connection;
     let (send_url, send_problems) = (url.to_owned(), problems.clone());
     let sink = sink.sink_map_err(move |e| {
@@ -359,7 +358,6 @@ fn watch(connection: Connection, url: &str, problems: &mpsc::Sender<Problem>) ->
         sink: Box::pin(sink),
         stream: Box::pin(stream),
         label,
-        ordered,
     }
 }
 

@@ -242,19 +242,16 @@ pub(crate) fn labeled_pair(
     let config = Arc::new(config);
     let sent = Arc::default();
     let (a_sink, b_stream) = link::direction(config.clone(), 0, &cut, Arc::clone(&sent));
-    let ordered = config.drop == 0.0 && config.reorder == 0.0;
     let (b_sink, a_stream) = link::direction(config, 1, &cut, sent);
     let a = Connection {
         sink: a_sink,
         stream: a_stream,
         label: label_a,
-        ordered,
     };
     let b = Connection {
         sink: b_sink,
         stream: b_stream,
         label: label_b,
-        ordered,
     };
     (a, b, cut)
 }

@@ -214,7 +214,6 @@ impl SseDialer {
             sink: Box::pin(SerialSink::new(poster)),
             stream: messages,
             label: self.label(),
-            ordered: true,
         })
     }
 }

@@ -184,7 +184,6 @@ where
         }),
         stream: messages(stream),
         label: label.into(),
-        ordered: true,
     }
 }
 

@@ -43,7 +43,6 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
         mut sink,
         mut stream,
         label,
-        ordered,
     } = connection;
     let local = inner.store.site_id();
     let config = SessionConfig {
@@ -52,7 +51,6 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
         ping_interval: inner.config.ping_interval,
         liveness_timeout: inner.config.liveness_timeout,
         side,
-        ordered,
     };
     let mut cursor_rx = inner.cursor.clone();
     let mut schema = inner.schema.clone();

@@ -16,11 +16,11 @@
 //!   request it starts again from what the remote acknowledged.
 //! - **v1 remotes** (no crsync hello, no ranges): their changes are unranged
 //!   (applied, cursor unmoved: their versions have holes and their batches may
-//!   split a transaction). Their own site's versions become part of our
-//!   cursor only at an `eose` that answers our request on an ordered
-//!   connection: then every change of theirs above the cursor we asked from
-//!   has passed by, in order. Of a v1 remote's cursor only its own entry is
-//!   believed (see `v1_claims`).
+//!   split a transaction), and no v1 message is evidence for a cursor: a v1
+//!   sender pages with LIMIT/OFFSET and no snapshot, so a row overwritten
+//!   while it pages shifts the offsets and another row is skipped in that
+//!   round, unseen. Its versions are asked for again at every connect. Of a
+//!   v1 remote's cursor only its own entry is believed (see `v1_claims`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ use crate::proto::window::{OutgoingWindow, Phase, SyncOutcome};
 use crate::proto::{ErrorCode, Message, ParsedData, SenderAction, SessionPhase, SessionStatus};
 use crate::transport::Rejection;
 use crate::wire::{Encoding, Hello, TransportMessage};
-use crate::{ChangeBatch, Cursor, DbVersion, ReadHint, SiteId, VersionRange};
+use crate::{ChangeBatch, Cursor, ReadHint, SiteId, VersionRange};
 
 /// Control messages (errors, pings) kept while the connection is busy; more are dropped.
 const MAX_PENDING_CONTROL: usize = 32;
@@ -44,15 +44,6 @@ const MAX_PENDING_CONTROL: usize = 32;
 const MAX_QUEUED_MESSAGES: usize = 64;
 /// How long to wait before reading again after a read failed.
 const READ_RETRY: Duration = Duration::from_secs(1);
-
-/// A v1 remote's answer to our request: what passed by since we asked.
-#[derive(Debug, Clone)]
-struct V1Round {
-    /// The cursor we asked from.
-    from: Cursor,
-    /// The highest version of the remote's own site seen since.
-    seen: DbVersion,
-}
 
 /// A merge in progress.
 #[derive(Debug)]
@@ -109,12 +100,6 @@ pub struct Session {
     // ---- incoming
     merging: Option<PendingMerge>,
     queued: VecDeque<(TransportMessage, Option<ReplyId>)>,
-    v1_round: Option<V1Round>,
-    /// A merge of the v1 remote's data failed on this connection: a later
-    /// `eose` may close a round whose answer carried changes we did not
-    /// apply (an `eose` cannot be matched to its request), so no round
-    /// vouches for anything any more.
-    v1_unproven: bool,
     eose_received: bool,
     awaiting_schema: Option<i64>,
     // ---- control
@@ -162,8 +147,6 @@ impl Session {
             eose_ranges: BTreeMap::new(),
             merging: None,
             queued: VecDeque::new(),
-            v1_round: None,
-            v1_unproven: false,
             eose_received: false,
             awaiting_schema: None,
             control: VecDeque::new(),
@@ -246,7 +229,6 @@ impl Session {
         if std::mem::take(&mut self.request_pending) {
             self.ack_pending = false;
             self.last_request = now;
-            self.start_v1_round();
             return Some(TransportMessage::sync(self.local, self.cursor.clone()));
         }
         if std::mem::take(&mut self.ack_pending) {
@@ -574,7 +556,6 @@ impl Session {
             self.encoding = Hello::encoding(hello);
             self.remote_is_crsync = true;
             self.window.set_acks_expected(true);
-            self.v1_round = None;
         }
     }
 
@@ -623,9 +604,6 @@ impl Session {
             self.event(SessionEvent::Approximated(std::mem::take(&mut data.notes)));
         }
         let remote = self.remote.unwrap_or(self.local);
-        if !self.remote_is_crsync {
-            self.v1_evidence(remote, &mut data);
-        }
         self.changes_received += data.batch.changes.len() as u64;
         // The remote holds what its ranges claim, and its own changes up to
         // the newest it sent: those are never sent back to it.
@@ -642,52 +620,11 @@ impl Session {
         self.outputs.push_back(Output::Merge(data.batch));
     }
 
-    /// Notes the v1 remote's own versions passing by; at an `eose` on an
-    /// ordered connection, claims them (see the module docs).
-    fn v1_evidence(&mut self, remote: SiteId, data: &mut ParsedData) {
-        let Some(round) = self.v1_round.as_mut() else {
-            return;
-        };
-        for change in &data.batch.changes {
-            if change.site_id == remote {
-                round.seen = round.seen.max(change.db_version);
-            }
-        }
-        if data.eose && self.config.ordered {
-            let after = round.from.get(&remote);
-            if round.seen > after {
-                data.batch.ranges.insert(
-                    remote,
-                    VersionRange {
-                        after,
-                        upto: round.seen,
-                    },
-                );
-            }
-            self.v1_round = None;
-        }
-    }
-
-    /// Our request to a v1 remote opens a round (the first outstanding one counts).
-    fn start_v1_round(&mut self) {
-        if !self.remote_is_crsync && !self.v1_unproven && self.v1_round.is_none() {
-            self.v1_round = Some(V1Round {
-                from: self.cursor.clone(),
-                seen: DbVersion::ZERO,
-            });
-        }
-    }
-
     fn merged(&mut self, result: Result<MergeOutcome, MergeFailure>, now: Instant) {
         let Some(pending) = self.merging.take() else {
             return;
         };
         self.last_progress_in = now;
-        if result.is_err() && !self.remote_is_crsync {
-            // The versions of this message passed by but were not applied.
-            self.v1_round = None;
-            self.v1_unproven = true;
-        }
         match result {
             Ok(outcome) => {
                 self.cursor.join(&outcome.cursor);

@@ -262,6 +262,55 @@ fn decode_buffer(map: &serde_json::Map<String, Json>) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// A number as a JavaScript (v1) peer writes it: `JSON.stringify`, that is
+/// ECMAScript's `Number::toString` (the shortest digits that read back, plain
+/// notation below 1e21 and above 1e-7, an exponent otherwise), `null` for NaN
+/// and infinities, `0` for −0. What [`ValueDialect::JavaScript`] reads; for
+/// tests and simulators that play a v1 peer.
+///
+/// ```
+/// use crsync_peer::wire::js_number_text;
+/// assert_eq!(js_number_text(1.0), "1");
+/// assert_eq!(js_number_text(i64::MAX as f64), "9223372036854776000");
+/// assert_eq!(js_number_text(2f64.powi(60)), "1152921504606847000");
+/// assert_eq!(js_number_text(1e21), "1e+21");
+/// assert_eq!(js_number_text(1.5e-7), "1.5e-7");
+/// assert_eq!(js_number_text(f64::NAN), "null");
+/// ```
+pub fn js_number_text(d: f64) -> String {
+    if !d.is_finite() {
+        return "null".into();
+    }
+    if d == 0.0 {
+        return "0".into();
+    }
+    // Rust's `{:e}` prints the shortest digits that round-trip, as ECMAScript requires.
+    let sci = format!("{:e}", d.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let k = digits.len() as i32;
+    // the decimal point sits after `n` digits
+    let n = exp.parse::<i32>().unwrap_or(0) + 1;
+    let body = if k <= n && n <= 21 {
+        format!("{digits}{}", "0".repeat((n - k) as usize))
+    } else if 0 < n && n <= 21 {
+        format!("{}.{}", &digits[..n as usize], &digits[n as usize..])
+    } else if -6 < n && n <= 0 {
+        format!("0.{}{digits}", "0".repeat((-n) as usize))
+    } else {
+        let e = n - 1;
+        let sign = if e < 0 { '-' } else { '+' };
+        let (first, rest) = digits.split_at(1);
+        let rest = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        format!("{first}{rest}e{sign}{}", e.abs())
+    };
+    if d < 0.0 { format!("-{body}") } else { body }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,41 +323,6 @@ mod tests {
 
     fn js(v: &Json) -> DecodedValue {
         decode_value(v, ValueDialect::JavaScript).expect("JavaScript decoding never fails")
-    }
-
-    /// JSON as JavaScript's `JSON.stringify` writes a number (ECMAScript
-    /// `Number::toString`: the shortest digits that read back, plain up to
-    /// 1e21, else with an exponent; NaN and infinities as `null`).
-    fn js_number(d: f64) -> String {
-        if !d.is_finite() {
-            return "null".into();
-        }
-        if d == 0.0 {
-            return "0".into();
-        }
-        let sci = format!("{:e}", d.abs());
-        let (mantissa, exp) = sci.split_once('e').expect("exponent");
-        let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-        let k = digits.len() as i32;
-        let n = exp.parse::<i32>().expect("exponent") + 1;
-        let body = if k <= n && n <= 21 {
-            format!("{digits}{}", "0".repeat((n - k) as usize))
-        } else if 0 < n && n <= 21 {
-            format!("{}.{}", &digits[..n as usize], &digits[n as usize..])
-        } else if -6 < n && n <= 0 {
-            format!("0.{}{digits}", "0".repeat((-n) as usize))
-        } else {
-            let e = n - 1;
-            let sign = if e < 0 { '-' } else { '+' };
-            let (first, rest) = digits.split_at(1);
-            let rest = if rest.is_empty() {
-                String::new()
-            } else {
-                format!(".{rest}")
-            };
-            format!("{first}{rest}e{sign}{}", e.abs())
-        };
-        if d < 0.0 { format!("-{body}") } else { body }
     }
 
     /// Any JSON value, nested a little.
@@ -359,7 +373,7 @@ mod tests {
         )) {
             // JavaScript held `i as f64` and printed its shortest digits
             let double = i as f64;
-            let json = serde_json::from_str(&js_number(double)).unwrap();
+            let json = serde_json::from_str(&js_number_text(double)).unwrap();
             let want = if double >= 9_223_372_036_854_775_808.0 { i64::MAX } else { double as i64 };
             prop_assert_eq!(js(&json).value, SqlValue::Integer(want), "{}", json);
         }
@@ -373,7 +387,7 @@ mod tests {
         ]) {
             // every i64 a JavaScript number holds exactly, and the two ends,
             // which JavaScript prints beyond i64
-            let json = serde_json::from_str(&js_number(i as f64)).unwrap();
+            let json = serde_json::from_str(&js_number_text(i as f64)).unwrap();
             for affinity in [Affinity::Integer, Affinity::Numeric] {
                 let (back, _) = normalize_js(js(&json).value, affinity);
                 prop_assert_eq!(&back, &SqlValue::Integer(i), "{}", json);
@@ -387,7 +401,7 @@ mod tests {
             "not representable",
             |f| f.is_finite() && !(9_223_372_036_854_775_808.0..18_446_744_073_709_551_616.0).contains(f),
         )) {
-            let json = serde_json::from_str(&js_number(f)).unwrap();
+            let json = serde_json::from_str(&js_number_text(f)).unwrap();
             let (back, note) = normalize_js(js(&json).value, Affinity::Real);
             // -0.0 is printed as 0, which compares equal
             prop_assert_eq!(back, SqlValue::Real(f), "{}", json);
@@ -408,7 +422,7 @@ mod tests {
             (123.456, "123.456"),
             (f64::NAN, "null"),
         ] {
-            assert_eq!(js_number(d), text);
+            assert_eq!(js_number_text(d), text);
         }
     }
 

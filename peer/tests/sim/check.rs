@@ -107,8 +107,9 @@ fn rows(world: &World, peer: usize) -> BTreeMap<CellKey, Version> {
 ///    receivers skip that site's next writes. And a claim needs evidence: a
 ///    crsync site is claimed only inside its crsync component (peers joined
 ///    by crsync-to-crsync links: only crsync sends ranges, and v1 peers relay
-///    changes but no claims), a v1 site only in a component where some crsync
-///    peer is that v1 server's client (an `eose` on an ordered connection).
+///    changes but no claims), and a v1 site never (a v1 sender pages without
+///    a snapshot and may skip a row unseen, so nothing it sends proves its
+///    versions).
 ///    And inside a component, crsync replicas on the same schema end with
 ///    **identical cursors** ([`cursor_lag`]): version-only advances (holes,
 ///    overwritten versions) travel as change-less batches live, and a merge
@@ -196,14 +197,8 @@ pub fn check(world: &World) -> Result<(), String> {
             let s = peer_index(&site);
             let (most, evidence) = match world.peers.get(s).map(|p| &p.node) {
                 Some(Node::Crsync(other)) => (other.own_version, components[s] == components[a]),
-                Some(Node::V1(v1)) => (
-                    v1.max_own,
-                    world.links.iter().any(|l| {
-                        l.kind == LinkKind::V1Server
-                            && l.acceptor == s
-                            && components[l.dialer] == components[a]
-                    }),
-                ),
+                // no v1 message is evidence: a v1 site is never claimed
+                Some(Node::V1(v1)) => (v1.max_own, false),
                 None => {
                     problems.push(format!("p{a}'s cursor names an unknown site {site}"));
                     continue;

@@ -188,42 +188,8 @@ pub fn gen_value(rng: &mut StdRng, col: u8, lossy: bool) -> SqlValue {
 
 // ---- JavaScript
 
-/// JSON as JavaScript's `JSON.stringify` writes a number (ECMAScript
-/// `Number::toString`: the shortest digits that read back, plain up to 1e21,
-/// else with an exponent; NaN and infinities as `null`).
-pub fn js_number(d: f64) -> String {
-    if !d.is_finite() {
-        return "null".into();
-    }
-    if d == 0.0 {
-        return "0".into();
-    }
-    let sci = format!("{:e}", d.abs());
-    let Some((mantissa, exp)) = sci.split_once('e') else {
-        return "null".into();
-    };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    let k = digits.len() as i32;
-    let n = exp.parse::<i32>().unwrap_or(0) + 1;
-    let body = if k <= n && n <= 21 {
-        format!("{digits}{}", "0".repeat((n - k) as usize))
-    } else if 0 < n && n <= 21 {
-        format!("{}.{}", &digits[..n as usize], &digits[n as usize..])
-    } else if -6 < n && n <= 0 {
-        format!("0.{}{digits}", "0".repeat((-n) as usize))
-    } else {
-        let e = n - 1;
-        let sign = if e < 0 { '-' } else { '+' };
-        let (first, rest) = digits.split_at(1);
-        let rest = if rest.is_empty() {
-            String::new()
-        } else {
-            format!(".{rest}")
-        };
-        format!("{first}{rest}e{sign}{}", e.abs())
-    };
-    if d < 0.0 { format!("-{body}") } else { body }
-}
+/// JSON as JavaScript's `JSON.stringify` writes a number.
+pub use crsync_peer::wire::js_number_text as js_number;
 
 /// A JavaScript number as it arrives in JSON (parsed from its text, so
 /// `9223372036854776000` is a u64 and `1` an integer).

@@ -1253,7 +1253,7 @@ impl World {
 
     // ---- connections
 
-    fn crsync_session(&self, peer: usize, side: Side, ordered: bool) -> Option<CrsyncEnd> {
+    fn crsync_session(&self, peer: usize, side: Side) -> Option<CrsyncEnd> {
         let Node::Crsync(store) = &self.peers[peer].node else {
             return None;
         };
@@ -1263,7 +1263,6 @@ impl World {
             ping_interval: Duration::from_secs(30),
             liveness_timeout: Some(Duration::from_secs(75)),
             side,
-            ordered,
         };
         let session = Session::new(
             config,
@@ -1312,24 +1311,24 @@ impl World {
         }
         let ends = match kind {
             LinkKind::Stream => (
-                self.crsync_session(dialer, Side::Dialed, true)
+                self.crsync_session(dialer, Side::Dialed)
                     .map(|e| End::Crsync(Box::new(e))),
-                self.crsync_session(acceptor, Side::Accepted, true)
+                self.crsync_session(acceptor, Side::Accepted)
                     .map(|e| End::Crsync(Box::new(e))),
             ),
             LinkKind::SseCrsync => (
-                self.crsync_session(dialer, Side::Dialed, true)
+                self.crsync_session(dialer, Side::Dialed)
                     .map(|e| End::Crsync(Box::new(e))),
-                self.crsync_session(acceptor, Side::Accepted, false)
+                self.crsync_session(acceptor, Side::Accepted)
                     .map(|e| End::Crsync(Box::new(e))),
             ),
             LinkKind::V1Client => (
                 self.v1_conn_end(dialer, false).map(End::V1),
-                self.crsync_session(acceptor, Side::Accepted, false)
+                self.crsync_session(acceptor, Side::Accepted)
                     .map(|e| End::Crsync(Box::new(e))),
             ),
             LinkKind::V1Server => (
-                self.crsync_session(dialer, Side::Dialed, true)
+                self.crsync_session(dialer, Side::Dialed)
                     .map(|e| End::Crsync(Box::new(e))),
                 self.v1_conn_end(acceptor, true).map(End::V1),
             ),

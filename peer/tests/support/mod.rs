@@ -109,7 +109,6 @@ pub fn memory_pair() -> (crsync_peer::Connection, crsync_peer::Connection) {
             ),
             stream: Box::pin(ReceiverStream::new(rx).map(|m| Ok(crsync_peer::Received::new(m)))),
             label: label.into(),
-            ordered: true,
         }
     }
     let (a_tx, b_rx) = tokio::sync::mpsc::channel(64);

@@ -128,37 +128,5 @@ pub fn json_string(s: &str) -> String {
     Json::String(s.to_owned()).to_string()
 }
 
-/// `JSON.stringify` of a JS number: JavaScript's `Number::toString` (shortest round-trip
-/// digits, plain notation for exponents in [-7, 21), `e+`/`e-` otherwise), `null` for NaN
-/// and ±Infinity, `0` for -0.
-pub fn js_number(f: f64) -> String {
-    if !f.is_finite() {
-        return "null".into();
-    }
-    if f == 0.0 {
-        return "0".into();
-    }
-    // Rust's `{:e}` prints the shortest digits that round-trip, as ECMAScript requires.
-    let sci = format!("{:e}", f.abs());
-    let (mantissa, exponent) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    let exponent: i32 = exponent.parse().unwrap_or(0);
-    let k = digits.len() as i32;
-    let n = exponent + 1; // the decimal point sits after `n` digits
-    let body = if k <= n && n <= 21 {
-        format!("{digits}{}", "0".repeat((n - k) as usize))
-    } else if 0 < n && n <= 21 {
-        format!("{}.{}", &digits[..n as usize], &digits[n as usize..])
-    } else if -6 < n && n <= 0 {
-        format!("0.{}{digits}", "0".repeat((-n) as usize))
-    } else {
-        let e = n - 1;
-        let mantissa = if k == 1 {
-            digits
-        } else {
-            format!("{}.{}", &digits[..1], &digits[1..])
-        };
-        format!("{mantissa}e{}{}", if e >= 0 { "+" } else { "-" }, e.abs())
-    };
-    if f < 0.0 { format!("-{body}") } else { body }
-}
+/// `JSON.stringify` of a JS number (ECMAScript `Number::toString`).
+pub use crsync_peer::wire::js_number_text as js_number;

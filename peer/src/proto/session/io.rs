@@ -34,9 +34,6 @@ pub struct SessionConfig {
     pub liveness_timeout: Option<Duration>,
     /// Which end opened the connection.
     pub side: Side,
-    /// Messages from the remote arrive in order and none is lost silently
-    /// ([`Connection::ordered`](crate::Connection::ordered)).
-    pub ordered: bool,
 }
 
 impl Default for SessionConfig {
@@ -47,7 +44,6 @@ impl Default for SessionConfig {
             ping_interval: Duration::from_secs(30),
             liveness_timeout: Some(Duration::from_secs(75)),
             side: Side::Dialed,
-            ordered: true,
         }
     }
 }

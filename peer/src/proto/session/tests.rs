@@ -4,17 +4,14 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::wire::{MessageKind, PeerChange, PeerMessage, PeerMessageKind};
-use crate::{Change, PackedPk, SqlValue};
+use crate::{Change, DbVersion, PackedPk, SqlValue};
 
 const US: SiteId = SiteId::from_bytes([1; 16]);
 const THEM: SiteId = SiteId::from_bytes([2; 16]);
 
-fn session(ordered: bool) -> (Session, Instant) {
+fn session() -> (Session, Instant) {
     let now = Instant::now();
-    let config = SessionConfig {
-        ordered,
-        ..SessionConfig::default()
-    };
+    let config = SessionConfig::default();
     (Session::new(config, US, Cursor::new(), 0, now), now)
 }
 
@@ -90,7 +87,7 @@ fn read_after(outs: Vec<Output>) -> Option<i64> {
 
 #[test]
 fn a_v1_batch_with_holes_is_merged_unranged_with_javascript_values() {
-    let (mut s, now) = session(true);
+    let (mut s, now) = session();
     transmits(&mut s, now); // connect, sync: the round starts
     s.handle(received(v1_data(PeerMessageKind::Changes, &[1, 3, 7])), now);
     let batch = merge_of(outputs(&mut s));
@@ -105,67 +102,18 @@ fn a_v1_batch_with_holes_is_merged_unranged_with_javascript_values() {
 }
 
 #[test]
-fn a_v1_eose_on_an_ordered_connection_vouches_for_the_remotes_own_versions() {
-    let (mut s, now) = session(true);
+fn a_v1_eose_vouches_for_nothing() {
+    // A v1 sender pages without a snapshot: a row overwritten while it pages
+    // shifts the offsets and another is skipped, unseen (simulator seed 2 with
+    // CRSYNC_SIM_V1_PAGING=interleaved). So no round proves its versions.
+    let (mut s, now) = session();
     transmits(&mut s, now);
     s.handle(received(v1_data(PeerMessageKind::Changes, &[1, 3])), now);
     merge_of(outputs(&mut s));
     merged(&mut s, Cursor::new(), now);
-    s.handle(received(v1_data(PeerMessageKind::Eose, &[])), now);
-    let eose = merge_of(outputs(&mut s));
-    assert_eq!(
-        eose.ranges.get(&THEM),
-        Some(&VersionRange {
-            after: DbVersion(0),
-            upto: DbVersion(3)
-        })
-    );
-}
-
-#[test]
-fn a_v1_eose_over_unordered_posts_vouches_for_nothing() {
-    let (mut s, now) = session(false);
-    transmits(&mut s, now);
-    s.handle(received(v1_data(PeerMessageKind::Changes, &[1, 3])), now);
-    merge_of(outputs(&mut s));
-    merged(&mut s, Cursor::new(), now);
-    // a lost POST (version 2?) cannot be told from a hole
     s.handle(received(v1_data(PeerMessageKind::Eose, &[])), now);
     assert!(merge_of(outputs(&mut s)).ranges.is_empty());
-}
-
-/// A v1 page that was not applied (refused as outdated) must not be vouched
-/// for by a later `eose`: that `eose` may end the same answer, whose other
-/// pages arrive after our upgrade, and claiming its versions would hide the
-/// refused page's changes when they come again. Simulator seed 9511.
-#[test]
-fn a_v1_eose_vouches_for_nothing_once_a_page_was_refused() {
-    let now = Instant::now();
-    let config = SessionConfig::default();
-    let mut s = Session::new(config, US, Cursor::new(), 1, now);
-    transmits(&mut s, now); // connect, sync: a round starts
-    let newer = |kind, versions: &[i64]| {
-        let mut m = v1_data(kind, versions);
-        if let Some(d) = m.data.as_mut() {
-            d.schema_version = Some(2);
-        }
-        m
-    };
-    s.handle(received(newer(PeerMessageKind::Changes, &[1])), now);
-    merge_of(outputs(&mut s));
-    s.handle(
-        Input::Merged(Err(MergeFailure::Outdated { ours: 1, theirs: 2 })),
-        now,
-    );
-    s.handle(Input::SchemaChanged(2), now);
-    transmits(&mut s, now); // the refusal, our new request
-    // the rest of the first answer, applied now
-    s.handle(received(newer(PeerMessageKind::Changes, &[3])), now);
-    merge_of(outputs(&mut s));
-    merged(&mut s, Cursor::new(), now);
-    s.handle(received(newer(PeerMessageKind::Eose, &[])), now);
-    let eose = merge_of(outputs(&mut s));
-    assert!(eose.ranges.is_empty(), "{:?}", eose.ranges);
+    assert!(s.status().received_eose || s.is_busy());
 }
 
 /// A merge the store failed ends the connection: the remote's stream goes
@@ -175,7 +123,7 @@ fn a_v1_eose_vouches_for_nothing_once_a_page_was_refused() {
 /// refused changes. Simulator seeds 2418, 9447, 50692.
 #[test]
 fn a_failed_merge_ends_the_connection() {
-    let (mut s, now) = session(true);
+    let (mut s, now) = session();
     transmits(&mut s, now); // connect, sync
     s.handle(received(v1_data(PeerMessageKind::Changes, &[1])), now);
     merge_of(outputs(&mut s));
@@ -194,7 +142,7 @@ fn a_failed_merge_ends_the_connection() {
 
 #[test]
 fn a_gap_is_answered_and_we_ask_again() {
-    let (mut s, now) = session(true);
+    let (mut s, now) = session();
     transmits(&mut s, now);
     s.handle(received(TransportMessage::connect(THEM)), now);
     let mut batch = ChangeBatch::default();
@@ -290,7 +238,7 @@ fn change(v: i64) -> Change {
 
 #[test]
 fn a_live_read_starts_after_what_the_last_stream_delivered() {
-    let (mut s, now) = session(true);
+    let (mut s, now) = session();
     transmits(&mut s, now);
     s.handle(received(TransportMessage::sync(THEM, Cursor::new())), now);
     assert_eq!(read_after(outputs(&mut s)), Some(0));
@@ -333,7 +281,7 @@ fn a_live_read_starts_after_what_the_last_stream_delivered() {
 
 #[test]
 fn the_window_bounds_batches_in_flight_and_a_lost_ack_resends() {
-    let (mut s, now) = session(true);
+    let (mut s, now) = session();
     transmits(&mut s, now);
     let mut hello = TransportMessage::sync(THEM, Cursor::new());
     hello.crsync = Some(Hello::current());
@@ -381,7 +329,7 @@ fn the_window_bounds_batches_in_flight_and_a_lost_ack_resends() {
 
 #[test]
 fn a_dialed_session_closes_when_nothing_arrives() {
-    let (mut s, now) = session(true);
+    let (mut s, now) = session();
     let limit = SessionConfig::default().liveness_timeout.expect("a limit");
     assert!(s.poll_timeout().expect("a timer") <= now + limit);
     s.handle(Input::Timeout, now + limit);
@@ -395,7 +343,7 @@ fn a_dialed_session_closes_when_nothing_arrives() {
 
 #[test]
 fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
-    let (mut s, now) = session(false);
+    let (mut s, now) = session();
     transmits(&mut s, now);
     s.handle(
         received(TransportMessage::sync(THEM, Cursor::new()).without_hello()),
@@ -419,7 +367,7 @@ fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
 
 #[test]
 fn rows_merged_from_a_remote_are_not_read_back_for_it() {
-    let (mut s, now) = session(true);
+    let (mut s, now) = session();
     transmits(&mut s, now);
     s.handle(
         received(TransportMessage::sync(THEM, Cursor::new()).without_hello()),
@@ -447,7 +395,7 @@ fn rows_merged_from_a_remote_are_not_read_back_for_it() {
 
 #[test]
 fn of_a_v1_cursor_only_the_remotes_own_entry_is_believed() {
-    let (mut s, now) = session(true);
+    let (mut s, now) = session();
     transmits(&mut s, now);
     let other = SiteId::from_bytes([3; 16]);
     // A v1 peer reports a relayed site at its own local version.
