@@ -341,8 +341,8 @@ fn a_dialed_session_closes_when_nothing_arrives() {
     assert_eq!(s.status().phase, SessionPhase::Closed);
 }
 
-#[test]
-fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
+/// A session whose v1 remote asked for everything and got our (empty) initial stream.
+fn live_with_v1_remote() -> (Session, Instant) {
     let (mut s, now) = session();
     transmits(&mut s, now);
     s.handle(
@@ -352,6 +352,12 @@ fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
     outputs(&mut s);
     s.handle(Input::StreamEnded, now);
     transmits(&mut s, now); // eose
+    (s, now)
+}
+
+#[test]
+fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
+    let (mut s, now) = live_with_v1_remote();
     s.handle(received(v1_data(PeerMessageKind::Changes, &[4, 9])), now);
     merge_of(outputs(&mut s));
     merged(&mut s, Cursor::new(), now);
@@ -367,15 +373,7 @@ fn a_v1_remotes_own_changes_are_not_echoed_back_to_it() {
 
 #[test]
 fn rows_merged_from_a_remote_are_not_read_back_for_it() {
-    let (mut s, now) = session();
-    transmits(&mut s, now);
-    s.handle(
-        received(TransportMessage::sync(THEM, Cursor::new()).without_hello()),
-        now,
-    );
-    outputs(&mut s);
-    s.handle(Input::StreamEnded, now);
-    transmits(&mut s, now);
+    let (mut s, now) = live_with_v1_remote();
     s.handle(received(v1_data(PeerMessageKind::Changes, &[3])), now);
     merge_of(outputs(&mut s));
     let outcome = MergeOutcome {
