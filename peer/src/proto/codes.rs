@@ -65,6 +65,19 @@ pub enum ErrorCode {
     NotFound,
     /// The method is not allowed on the route (HTTP 405).
     MethodNotAllowed,
+    /// Another replica uses this site id (a copied or restored database file):
+    /// syncing it would lose one side's writes. Fix: `crsync fork --db FILE`.
+    SiteIdConflict,
+    /// The message's peerId belongs to a session opened with other credentials
+    /// (or another session secret).
+    SessionMismatch,
+    /// Too many connections for this token, or for the server.
+    TooManyConnections,
+    /// Too many requests; retry after the `Retry-After` the receiver gave.
+    RateLimited,
+    /// A message exceeds a size limit other than the body size (sites in a
+    /// cursor or in ranges, for example).
+    LimitExceeded,
     /// A code this build does not know.
     Other(String),
 }
@@ -86,6 +99,11 @@ const KNOWN: &[(ErrorCode, &str)] = &[
     (ErrorCode::ShuttingDown, "SHUTTING_DOWN"),
     (ErrorCode::NotFound, "NOT_FOUND"),
     (ErrorCode::MethodNotAllowed, "METHOD_NOT_ALLOWED"),
+    (ErrorCode::SiteIdConflict, "SITE_ID_CONFLICT"),
+    (ErrorCode::SessionMismatch, "SESSION_MISMATCH"),
+    (ErrorCode::TooManyConnections, "TOO_MANY_CONNECTIONS"),
+    (ErrorCode::RateLimited, "RATE_LIMITED"),
+    (ErrorCode::LimitExceeded, "LIMIT_EXCEEDED"),
 ];
 
 impl ErrorCode {
@@ -130,9 +148,12 @@ impl ErrorCode {
         match self {
             ErrorCode::Gap => SenderAction::Resend,
             ErrorCode::SchemaOutdated | ErrorCode::InvalidChange => SenderAction::Pause,
-            ErrorCode::Internal | ErrorCode::ShuttingDown | ErrorCode::NotConnected => {
-                SenderAction::Retry
-            }
+            ErrorCode::Internal
+            | ErrorCode::ShuttingDown
+            | ErrorCode::NotConnected
+            | ErrorCode::SessionMismatch
+            | ErrorCode::TooManyConnections
+            | ErrorCode::RateLimited => SenderAction::Retry,
             ErrorCode::Malformed | ErrorCode::PeerMismatch => SenderAction::Ignore,
             ErrorCode::AlreadyConnected
             | ErrorCode::Unauthorized
@@ -141,6 +162,8 @@ impl ErrorCode {
             | ErrorCode::UnknownDatabase
             | ErrorCode::NotFound
             | ErrorCode::MethodNotAllowed
+            | ErrorCode::SiteIdConflict
+            | ErrorCode::LimitExceeded
             | ErrorCode::Other(_) => SenderAction::GiveUp,
         }
     }
@@ -157,10 +180,12 @@ impl ErrorCode {
     pub fn http_status(&self) -> u16 {
         match self {
             ErrorCode::Unauthorized => 401,
-            ErrorCode::Forbidden => 403,
+            ErrorCode::Forbidden | ErrorCode::SessionMismatch => 403,
             ErrorCode::UnknownDatabase | ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
-            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::SiteIdConflict => 409,
+            ErrorCode::PayloadTooLarge | ErrorCode::LimitExceeded => 413,
+            ErrorCode::TooManyConnections | ErrorCode::RateLimited => 429,
             ErrorCode::ShuttingDown => 503,
             ErrorCode::Internal | ErrorCode::Other(_) => 500,
             _ => 400,
