@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::proto::{SessionStatus, Side};
+use crate::proto::{SessionStatus, Side, Trust};
 use crate::store::ChangeSource;
 use crate::transport::{Connection, Dialer, ReconnectPolicy};
 use crate::{Cursor, SiteId, Store, StoreEvent};
@@ -116,6 +116,8 @@ pub(crate) struct PeerConfig {
     pub(crate) window: usize,
     pub(crate) reconnect: ReconnectPolicy,
     pub(crate) schema_poll: Duration,
+    pub(crate) accepted_trust: Trust,
+    pub(crate) max_claim_sites: usize,
 }
 
 impl PeerBuilder {
@@ -152,6 +154,21 @@ impl PeerBuilder {
     /// How often to check our schema version (default 1 s).
     pub fn schema_poll(mut self, d: Duration) -> Self {
         self.config.schema_poll = d;
+        self
+    }
+
+    /// How far claims of remotes that connected to us are believed (default
+    /// [`Trust::OwnSite`]: only about their own site, as far as their
+    /// changes prove). Remotes we dial are believed fully.
+    pub fn accepted_trust(mut self, trust: Trust) -> Self {
+        self.config.accepted_trust = trust;
+        self
+    }
+
+    /// Sites in one cursor or batch of a remote at most (default 65,536);
+    /// larger claims are refused with `LIMIT_EXCEEDED`.
+    pub fn max_claim_sites(mut self, sites: usize) -> Self {
+        self.config.max_claim_sites = sites;
         self
     }
 
@@ -248,6 +265,8 @@ impl Peer {
                 window: DEFAULT_WINDOW,
                 reconnect: ReconnectPolicy::default(),
                 schema_poll: Duration::from_secs(1),
+                accepted_trust: Trust::OwnSite,
+                max_claim_sites: crate::proto::DEFAULT_MAX_CLAIM_SITES,
             },
         }
     }

@@ -22,6 +22,7 @@ mod codes;
 mod message;
 mod session;
 mod status;
+mod trust;
 pub mod window;
 
 pub use codes::{ErrorCode, SenderAction};
@@ -31,3 +32,4 @@ pub use session::{
     SessionEvent, Side,
 };
 pub use status::{SessionPhase, SessionStatus};
+pub use trust::{DEFAULT_MAX_CLAIM_SITES, SiteConflict, Trust};

@@ -86,6 +86,11 @@ pub struct Hello {
     pub version: u32,
     /// Value encoding the sender can read.
     pub encoding: String,
+    /// `"own-site"`: the sender believes our ranges only about our own site
+    /// (see [`Trust`](crate::proto::Trust)), so we send it no others.
+    /// Absent: it believes them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub believes: Option<String>,
 }
 
 impl Hello {
@@ -94,6 +99,7 @@ impl Hello {
         Hello {
             version: CRSYNC_PROTOCOL_VERSION,
             encoding: LOSSLESS.into(),
+            believes: None,
         }
     }
 

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use super::{Inner, PeerEvent};
 use crate::proto::{
     Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig, SessionEvent, Side,
+    Trust,
 };
 use crate::store::MergeError;
 use crate::transport::{Connection, Received, Rejection, TransportError};
@@ -51,6 +52,11 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
         ping_interval: inner.config.ping_interval,
         liveness_timeout: inner.config.liveness_timeout,
         side,
+        trust: match side {
+            Side::Dialed => Trust::Full,
+            Side::Accepted => inner.config.accepted_trust,
+        },
+        max_claim_sites: inner.config.max_claim_sites,
     };
     let mut cursor_rx = inner.cursor.clone();
     let mut schema = inner.schema.clone();
@@ -113,7 +119,13 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
                     }
                 }
                 Output::Event(event) => on_event(&inner, &label, &mut remote, event),
-                Output::Close(reason) => break 'session reason.to_string(),
+                Output::Close(reason) => {
+                    // Send the error that explains the close, if there is room.
+                    while let Some(message) = core.poll_transmit(Instant::now()) {
+                        let _ = outbox.try_send(message);
+                    }
+                    break 'session reason.to_string();
+                }
             }
         }
         inner.publish(id, Some(core.status()));

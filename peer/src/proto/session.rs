@@ -32,10 +32,11 @@ pub use io::{
     Side,
 };
 
+use crate::proto::trust::{OWN_SITE, Trust, believe_ranges, known_sites, own_version_conflict};
 use crate::proto::window::{OutgoingWindow, Phase, SyncOutcome};
 use crate::proto::{ErrorCode, Message, ParsedData, SenderAction, SessionPhase, SessionStatus};
 use crate::transport::Rejection;
-use crate::wire::{Encoding, Hello, TransportMessage};
+use crate::wire::{Encoding, Hello, MessageKind, TransportMessage};
 use crate::{ChangeBatch, Cursor, ReadHint, SiteId, VersionRange};
 
 /// Control messages (errors, pings) kept while the connection is busy; more are dropped.
@@ -79,6 +80,8 @@ pub struct Session {
     remote: Option<SiteId>,
     /// The remote said it is a crsync peer: it reads our acknowledgements.
     remote_is_crsync: bool,
+    /// The remote believes our ranges only about our own site.
+    remote_believes_own_site: bool,
     encoding: Encoding,
     window: OutgoingWindow,
     /// Our cursor, as the driver last told us.
@@ -116,6 +119,8 @@ pub struct Session {
     closed: bool,
     changes_received: u64,
     changes_sent: u64,
+    /// Ranges of the remote not believed (dropped or cut short).
+    claims_refused: u64,
     last_error: Option<(ErrorCode, String)>,
 }
 
@@ -134,6 +139,7 @@ impl Session {
             local,
             remote: None,
             remote_is_crsync: false,
+            remote_believes_own_site: false,
             encoding: Encoding::V1,
             window,
             cursor,
@@ -160,10 +166,21 @@ impl Session {
             closed: false,
             changes_received: 0,
             changes_sent: 0,
+            claims_refused: 0,
             last_error: None,
         };
-        session.control.push_back(TransportMessage::connect(local));
+        let connect = session.announce(TransportMessage::connect(local));
+        session.control.push_back(connect);
         session
+    }
+
+    /// Adds what we believe to the hello of `message`, for the remote to
+    /// send us only claims we take.
+    fn announce(&self, mut message: TransportMessage) -> TransportMessage {
+        if let (Some(hello), Trust::OwnSite) = (message.crsync.as_mut(), self.config.trust) {
+            hello.believes = Some(OWN_SITE.into());
+        }
+        message
     }
 
     /// The remote, once it said who it is.
@@ -221,7 +238,8 @@ impl Session {
     /// messages first, then our request or acknowledgement, then data.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<TransportMessage> {
         if self.closed {
-            return None;
+            // Only the errors that explain the close are still sent.
+            return self.control.pop_front();
         }
         if let Some(message) = self.control.pop_front() {
             return Some(message);
@@ -229,10 +247,12 @@ impl Session {
         if std::mem::take(&mut self.request_pending) {
             self.ack_pending = false;
             self.last_request = now;
-            return Some(TransportMessage::sync(self.local, self.cursor.clone()));
+            let sync = TransportMessage::sync(self.local, self.cursor.clone());
+            return Some(self.announce(sync));
         }
         if std::mem::take(&mut self.ack_pending) {
-            return Some(TransportMessage::ack(self.local, self.cursor.clone()));
+            let ack = TransportMessage::ack(self.local, self.cursor.clone());
+            return Some(self.announce(ack));
         }
         if !self.window.can_send() {
             return None;
@@ -295,6 +315,7 @@ impl Session {
             sent_eose: self.window.phase() == Phase::Live,
             changes_received: self.changes_received,
             changes_sent: self.changes_sent,
+            claims_refused: self.claims_refused,
             last_error: self.last_error.clone(),
         }
     }
@@ -390,9 +411,20 @@ impl Session {
         self.hint.after_local = 0;
     }
 
-    fn on_batch(&mut self, batch: ChangeBatch, read_upto: i64) {
+    fn on_batch(&mut self, mut batch: ChangeBatch, read_upto: i64) {
         if !self.reading {
             return; // from a stream already cancelled
+        }
+        if self.remote_believes_own_site {
+            // Claims it would drop would never be acknowledged: the other
+            // sites' changes go unranged (applied, re-sent after a reconnect).
+            batch.ranges.retain(|site, _| *site == self.local);
+        }
+        // Our store holds what it read, even before its change event reaches
+        // us: our own entry must never lag what a remote may learn from us.
+        let own = batch.changes.iter().filter(|c| c.site_id == self.local);
+        if let Some(newest) = own.map(|c| c.db_version).max() {
+            self.cursor.advance(self.local, newest);
         }
         if batch.changes.is_empty() {
             // Only version bumps (versions whose rows the remote has or that
@@ -449,8 +481,15 @@ impl Session {
     fn close(&mut self, reason: CloseReason) {
         if !self.closed {
             self.outputs.push_back(Output::Close(reason));
+            self.control.retain(|m| m.kind == MessageKind::Error);
         }
         self.closed = true;
+    }
+
+    /// Whether messages explaining the close are left to send (drain them
+    /// with [`poll_transmit`](Self::poll_transmit) after [`Output::Close`]).
+    pub fn has_farewell(&self) -> bool {
+        self.closed && !self.control.is_empty()
     }
 
     fn event(&mut self, event: SessionEvent) {
@@ -505,6 +544,9 @@ impl Session {
         if self.closed {
             return;
         }
+        if let Err(rejection) = self.check_claim_size(&message) {
+            return self.reject(reply, rejection);
+        }
         match message {
             Message::Connect { hello } => {
                 self.hello(hello.as_ref());
@@ -552,6 +594,9 @@ impl Session {
     }
 
     fn hello(&mut self, hello: Option<&Hello>) {
+        if let Some(h) = hello {
+            self.remote_believes_own_site = h.believes.as_deref() == Some(OWN_SITE);
+        }
         if hello.is_some() && !self.remote_is_crsync {
             self.encoding = Hello::encoding(hello);
             self.remote_is_crsync = true;
@@ -559,9 +604,52 @@ impl Session {
         }
     }
 
+    /// Refuses a cursor or a range map with more sites than we accept.
+    fn check_claim_size(&self, message: &Message) -> Result<(), Rejection> {
+        let (what, sites) = match message {
+            Message::SyncRequest { cursor, .. } | Message::Ack { cursor, .. } => {
+                ("cursor", cursor.len())
+            }
+            Message::Data(data) => ("ranges", data.batch.ranges.len()),
+            _ => return Ok(()),
+        };
+        let limit = self.config.max_claim_sites;
+        if sites > limit {
+            return Err(Rejection::new(
+                ErrorCode::LimitExceeded,
+                format!("{what} names {sites} sites; at most {limit} are accepted"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses the remote when its cursor shows that one of us is a copy of
+    /// a replica that went on writing under the same site id.
+    fn check_site_conflict(&mut self, theirs: &Cursor) -> bool {
+        let Some(remote) = self.remote else {
+            return false;
+        };
+        let our_own = self.cursor.get(&self.local);
+        let Some(conflict) =
+            own_version_conflict(theirs, self.local, our_own, remote, &self.cursor)
+        else {
+            return false;
+        };
+        let message = conflict.message(self.local, remote);
+        self.reject(
+            None,
+            Rejection::new(ErrorCode::SiteIdConflict, message.clone()),
+        );
+        self.close(CloseReason::SiteIdConflict(message));
+        true
+    }
+
     fn on_sync(&mut self, cursor: Cursor, ack: bool, now: Instant) {
+        if self.remote_is_crsync && self.check_site_conflict(&cursor) {
+            return;
+        }
         let cursor = if self.remote_is_crsync {
-            cursor
+            known_sites(cursor, &self.cursor, self.remote)
         } else {
             v1_claims(cursor, self.remote)
         };
@@ -605,6 +693,7 @@ impl Session {
         }
         let remote = self.remote.unwrap_or(self.local);
         self.changes_received += data.batch.changes.len() as u64;
+        self.claims_refused += believe_ranges(&mut data.batch, remote, self.config.trust) as u64;
         // The remote holds what its ranges claim, and its own changes up to
         // the newest it sent: those are never sent back to it.
         let mut holds = data.batch.cursor_after(&Cursor::new());

@@ -43,6 +43,9 @@ pub struct SessionStatus {
     pub changes_received: u64,
     /// Changes sent to the remote.
     pub changes_sent: u64,
+    /// The remote's version ranges not believed (dropped or cut short; see
+    /// [`Trust`](crate::proto::Trust)).
+    pub claims_refused: u64,
     /// The last refusal, by either side.
     pub last_error: Option<(ErrorCode, String)>,
 }

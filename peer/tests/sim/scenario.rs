@@ -111,6 +111,11 @@ pub struct Scenario {
     pub lossy_values: bool,
     pub ops: Vec<(Duration, Op)>,
     pub heal_at: Duration,
+    /// Accepting sessions believe only their remote's claims about itself
+    /// (the default `Trust` of an accepted connection); otherwise every
+    /// session believes every claim. Odd seeds (no draw, so the other
+    /// choices of a seed do not move).
+    pub own_site_trust: bool,
 }
 
 fn faults(rng: &mut StdRng) -> Faults {
@@ -326,6 +331,7 @@ impl Scenario {
             lossy_values,
             ops,
             heal_at,
+            own_site_trust: seed % 2 == 1,
         }
     }
 }

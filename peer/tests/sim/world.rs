@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crsync_peer::proto::{
     ErrorCode, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig,
-    SessionEvent, Side,
+    SessionEvent, Side, Trust,
 };
 use crsync_peer::wire::{Hello, MessageKind, TransportMessage};
 use crsync_peer::{ChangeBatch, Cursor, SiteId};
@@ -260,6 +260,8 @@ pub struct Knobs {
 
 pub struct World {
     pub rng: StdRng,
+    /// See [`Scenario::own_site_trust`].
+    pub own_site_trust: bool,
     pub knobs: Knobs,
     base: Instant,
     pub now: Duration,
@@ -328,6 +330,7 @@ impl World {
             .collect();
         let mut world = World {
             rng,
+            own_site_trust: scenario.own_site_trust,
             knobs,
             base: Instant::now(),
             now: Duration::ZERO,
@@ -1263,6 +1266,12 @@ impl World {
             ping_interval: Duration::from_secs(30),
             liveness_timeout: Some(Duration::from_secs(75)),
             side,
+            trust: if self.own_site_trust {
+                Trust::default_for(side)
+            } else {
+                Trust::Full
+            },
+            ..SessionConfig::default()
         };
         let session = Session::new(
             config,

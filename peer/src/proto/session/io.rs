@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::proto::ErrorCode;
+use crate::proto::trust::{DEFAULT_MAX_CLAIM_SITES, Trust};
 use crate::transport::Rejection;
 use crate::wire::TransportMessage;
 use crate::{BatchRejection, ChangeBatch, Cursor, ReadHint, SiteId};
@@ -34,6 +35,11 @@ pub struct SessionConfig {
     pub liveness_timeout: Option<Duration>,
     /// Which end opened the connection.
     pub side: Side,
+    /// How far the remote's claims about sites are believed.
+    pub trust: Trust,
+    /// Sites in one cursor or one batch's ranges at most; a larger claim is
+    /// refused with `LIMIT_EXCEEDED`.
+    pub max_claim_sites: usize,
 }
 
 impl Default for SessionConfig {
@@ -44,6 +50,8 @@ impl Default for SessionConfig {
             ping_interval: Duration::from_secs(30),
             liveness_timeout: Some(Duration::from_secs(75)),
             side: Side::Dialed,
+            trust: Trust::Full,
+            max_claim_sites: DEFAULT_MAX_CLAIM_SITES,
         }
     }
 }
@@ -201,4 +209,7 @@ pub enum CloseReason {
     /// connection, which syncs from our cursor, is safe.
     #[error("the store failed a merge: {0}")]
     MergeFailed(String),
+    /// This replica and the remote's share a site id (one is a copied file).
+    #[error("{0}")]
+    SiteIdConflict(String),
 }
