@@ -420,3 +420,210 @@ impl WithoutHello for TransportMessage {
         self
     }
 }
+
+// ---- trust (DESIGN §5)
+
+const OTHER: SiteId = SiteId::from_bytes([3; 16]);
+
+fn range(after: i64, upto: i64) -> VersionRange {
+    VersionRange {
+        after: DbVersion(after),
+        upto: DbVersion(upto),
+    }
+}
+
+/// A session on the accepting side, with its trust default, after the
+/// remote's hello.
+fn accepted(cursor: Cursor, max_claim_sites: usize) -> (Session, Instant) {
+    let now = Instant::now();
+    let config = SessionConfig {
+        side: Side::Accepted,
+        trust: Trust::default_for(Side::Accepted),
+        max_claim_sites,
+        ..SessionConfig::default()
+    };
+    let mut s = Session::new(config, US, cursor, 0, now);
+    transmits(&mut s, now);
+    s.handle(received(TransportMessage::connect(THEM)), now);
+    (s, now)
+}
+
+#[test]
+fn an_accepted_remote_cannot_claim_another_site() {
+    let (mut s, now) = accepted(Cursor::new(), 16);
+    let forged = ChangeBatch {
+        changes: vec![Change {
+            site_id: OTHER,
+            db_version: DbVersion(1_000_000_000_000_000),
+            ..change(1)
+        }],
+        ranges: [
+            (OTHER, range(0, 1_000_000_000_000_000)),
+            (THEM, range(0, 4)),
+        ]
+        .into_iter()
+        .collect(),
+        ..ChangeBatch::default()
+    };
+    let message = TransportMessage::data(THEM, &forged, false, 0, Encoding::Lossless);
+    s.handle(received(message), now);
+    let batch = merge_of(outputs(&mut s));
+    assert_eq!(batch.ranges, [(THEM, range(0, 4))].into_iter().collect());
+    assert_eq!(batch.changes.len(), 1, "the change is applied, unranged");
+    assert_eq!(s.status().claims_refused, 1);
+}
+
+#[test]
+fn a_dialer_believes_the_server_it_chose() {
+    let (mut s, now) = session();
+    transmits(&mut s, now);
+    s.handle(received(TransportMessage::connect(THEM)), now);
+    let relayed = ChangeBatch {
+        changes: vec![Change {
+            site_id: OTHER,
+            ..change(3)
+        }],
+        ranges: [(OTHER, range(0, 3))].into_iter().collect(),
+        ..ChangeBatch::default()
+    };
+    let message = TransportMessage::data(THEM, &relayed, false, 0, Encoding::Lossless);
+    s.handle(received(message), now);
+    assert_eq!(merge_of(outputs(&mut s)).ranges.len(), 1);
+}
+
+#[test]
+fn an_own_site_receiver_says_so_and_is_sent_no_other_claims() {
+    let now = Instant::now();
+    let config = SessionConfig {
+        side: Side::Accepted,
+        trust: Trust::OwnSite,
+        ..SessionConfig::default()
+    };
+    let mut server = Session::new(config, US, Cursor::new(), 0, now);
+    let hellos: Vec<_> = transmits(&mut server, now)
+        .into_iter()
+        .filter_map(|m| m.crsync)
+        .collect();
+    assert!(!hellos.is_empty());
+    assert!(
+        hellos
+            .iter()
+            .all(|h| h.believes.as_deref() == Some("own-site"))
+    );
+
+    // A client that heard it sends only its own ranges.
+    let mut ours: Cursor = [(US, DbVersion(2))].into_iter().collect();
+    ours.advance(OTHER, DbVersion(3));
+    let mut client = Session::new(SessionConfig::default(), US, ours, 0, now);
+    transmits(&mut client, now);
+    let own_site = |mut m: TransportMessage| {
+        if let Some(h) = m.crsync.as_mut() {
+            h.believes = Some("own-site".into());
+        }
+        m
+    };
+    client.handle(received(own_site(TransportMessage::connect(THEM))), now);
+    let sync = own_site(TransportMessage::sync(THEM, Cursor::new()));
+    client.handle(received(sync), now);
+    assert!(read_of(outputs(&mut client)).is_some());
+    let batch = ChangeBatch {
+        changes: vec![
+            change(2),
+            Change {
+                site_id: OTHER,
+                ..change(3)
+            },
+        ],
+        ranges: [(US, range(0, 2)), (OTHER, range(0, 3))]
+            .into_iter()
+            .collect(),
+        ..ChangeBatch::default()
+    };
+    client.handle(
+        Input::Batch {
+            batch,
+            read_upto: 3,
+        },
+        now,
+    );
+    let data = transmits(&mut client, now)
+        .into_iter()
+        .find(|m| m.kind == MessageKind::Data)
+        .expect("the batch goes out");
+    let ranges = data.data.and_then(|d| d.ranges).expect("ranges");
+    assert_eq!(ranges.len(), 1, "{ranges:?}");
+}
+
+#[test]
+fn a_claim_naming_too_many_sites_is_refused() {
+    let (mut s, now) = accepted(Cursor::new(), 3);
+    let huge: Cursor = (10..20u8)
+        .map(|i| (SiteId::from_bytes([i; 16]), DbVersion(1)))
+        .collect();
+    s.handle(
+        Input::Received {
+            message: TransportMessage::sync(THEM, huge),
+            reply: Some(1),
+        },
+        now,
+    );
+    let outs = outputs(&mut s);
+    assert!(
+        outs.iter().any(|o| matches!(
+            o,
+            Output::Reply { id: 1, result: Err(r) } if r.code == ErrorCode::LimitExceeded
+        )),
+        "{outs:?}"
+    );
+    assert!(read_of(outs).is_none(), "no stream started");
+}
+
+#[test]
+fn a_cursor_holding_more_of_us_than_we_wrote_means_we_are_a_copy() {
+    let ours: Cursor = [(US, DbVersion(5))].into_iter().collect();
+    let (mut s, now) = {
+        let now = Instant::now();
+        let mut s = Session::new(SessionConfig::default(), US, ours, 0, now);
+        transmits(&mut s, now);
+        s.handle(received(TransportMessage::connect(THEM)), now);
+        (s, now)
+    };
+    let theirs: Cursor = [(US, DbVersion(7))].into_iter().collect();
+    s.handle(received(TransportMessage::sync(THEM, theirs)), now);
+    let outs = outputs(&mut s);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Close(CloseReason::SiteIdConflict(m)) if m.contains("crsync fork"))),
+        "{outs:?}"
+    );
+    let farewell = transmits(&mut s, now);
+    assert!(
+        farewell
+            .iter()
+            .any(|m| m.code.as_deref() == Some("SITE_ID_CONFLICT")),
+        "the remote is told why: {farewell:?}"
+    );
+}
+
+#[test]
+fn a_remote_below_what_we_hold_of_it_is_a_copy() {
+    let held: Cursor = [(THEM, DbVersion(9))].into_iter().collect();
+    let (mut s, now) = accepted(held, 16);
+    let theirs: Cursor = [(THEM, DbVersion(4))].into_iter().collect();
+    s.handle(received(TransportMessage::sync(THEM, theirs)), now);
+    assert!(
+        outputs(&mut s)
+            .iter()
+            .any(|o| matches!(o, Output::Close(CloseReason::SiteIdConflict(_))))
+    );
+    // Equal or ahead is fine.
+    let held: Cursor = [(THEM, DbVersion(9))].into_iter().collect();
+    let (mut s, now) = accepted(held, 16);
+    let theirs: Cursor = [(THEM, DbVersion(9))].into_iter().collect();
+    s.handle(received(TransportMessage::sync(THEM, theirs)), now);
+    assert!(
+        !outputs(&mut s)
+            .iter()
+            .any(|o| matches!(o, Output::Close(_)))
+    );
+}
