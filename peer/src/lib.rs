@@ -38,9 +38,10 @@ pub use proto::batch::{
     DEFAULT_MAX_BATCH_CHANGES, MergePlan, ReadHint, VersionRange, plan_merge,
 };
 pub use store::{
-    BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, DEFAULT_ORIGIN_GC_SLACK,
-    DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, InvalidChange, MergeError, MergeReport,
-    OpenError, READER_POOL_CAP, STREAM_READ_AHEAD, Store, StoreBuilder, StoreError, StoreEvent,
+    BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, CopiedFile,
+    DEFAULT_ORIGIN_GC_SLACK, DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, ForkError,
+    ForkReport, InvalidChange, MergeError, MergeReport, OpenError, READER_POOL_CAP,
+    STREAM_READ_AHEAD, Store, StoreBuilder, StoreError, StoreEvent,
 };
 pub use value::{Affinity, SqlValue, normalize_js};
 

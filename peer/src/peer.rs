@@ -94,6 +94,16 @@ pub enum PeerEvent {
         /// Why.
         reason: String,
     },
+    /// This replica and another share a site id: one of them is a copied
+    /// database file (`cp`, a restored backup, a VM image), and syncing both
+    /// would lose writes. Sync stops (dialers stop redialing) until the copy
+    /// is forked (`crsync fork --db FILE`, [`Store::fork`]).
+    SiteIdConflict {
+        /// The remote that showed it, if the conflict was seen over a connection.
+        peer: Option<SiteId>,
+        /// What happened and how to fix it.
+        message: String,
+    },
     /// This receiver fell behind and missed events.
     Lagged {
         /// How many.
@@ -317,9 +327,9 @@ impl Peer {
     /// Runs a session over an incoming connection until it ends.
     pub fn accept(&self, connection: Connection) -> JoinHandle<()> {
         let inner = self.inner.clone();
-        self.inner
-            .tasks
-            .spawn(session::run(inner, connection, Side::Accepted))
+        self.inner.tasks.spawn(async move {
+            session::run(inner, connection, Side::Accepted).await;
+        })
     }
 
     /// Dials `dialer` now and again whenever its connection ends, with backoff.
@@ -419,7 +429,11 @@ async fn dial_loop(inner: Arc<Inner>, mut dialer: Box<dyn Dialer>) {
         match attempt {
             Ok(connection) => {
                 backoff.reset();
-                session::run(inner.clone(), connection, Side::Dialed).await;
+                let end = session::run(inner.clone(), connection, Side::Dialed).await;
+                if end == session::End::SiteIdConflict {
+                    tracing::warn!(transport = %dialer.label(), "site id conflict: no longer dialing");
+                    return;
+                }
             }
             Err(e) => {
                 tracing::debug!(transport = %dialer.label(), error = %e, "dial failed");

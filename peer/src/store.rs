@@ -7,6 +7,8 @@
 //! bounded channel, so memory stays flat however many changes there are.
 
 mod error;
+mod fork;
+mod identity;
 mod reader;
 mod schema;
 mod writer;
@@ -18,6 +20,8 @@ use std::time::Duration;
 use tokio::sync::{broadcast, oneshot};
 
 pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
+pub use fork::{ForkError, ForkReport};
+pub use identity::CopiedFile;
 pub use reader::{ChangeStream, READER_POOL_CAP};
 
 use crate::proto::batch::BatchLimits;
@@ -166,6 +170,7 @@ pub struct Store {
     site_id: SiteId,
     path: PathBuf,
     limits: BatchLimits,
+    copied: Option<std::sync::Arc<CopiedFile>>,
 }
 
 impl Store {
@@ -207,7 +212,7 @@ impl Store {
                 writer::run(config, inbox, thread_events, ready_tx)
             })
             .map_err(OpenError::Thread)?;
-        let site_id = ready_rx
+        let (site_id, copied) = ready_rx
             .await
             .map_err(|_| OpenError::Thread(std::io::Error::other("writer thread died")))??;
         Ok(Store {
@@ -218,6 +223,7 @@ impl Store {
             site_id,
             path: options.path,
             limits: options.limits,
+            copied: copied.map(std::sync::Arc::new),
         })
     }
 
@@ -229,6 +235,38 @@ impl Store {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Gives the database file at `path` a new site id: the fix for a copied
+    /// file ([`copied`](Self::copied), or a `SITE_ID_CONFLICT` from a remote).
+    /// Its writes that predate the copy keep the old site id; its later
+    /// writes become the new site's and sync as new; the original's writes
+    /// under the old id come in from the other replicas. Nothing is lost.
+    /// No Store may have the file open (close it first).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use crsync_peer::Store;
+    /// let report = Store::fork("copy.db", None).await?;
+    /// println!("{} is now {}", report.old_site, report.new_site);
+    /// # Ok(()) }
+    /// ```
+    pub async fn fork(
+        path: impl AsRef<Path>,
+        extension_path: Option<&Path>,
+    ) -> Result<ForkReport, ForkError> {
+        let path = path.as_ref().to_path_buf();
+        let extension = extension_path.map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || fork::fork(&path, extension.as_deref()))
+            .await
+            .map_err(|e| ForkError::Store(StoreError::Thread(std::io::Error::other(e))))?
+    }
+
+    /// Set when this file is a copy of another replica's (`cp`, a restored
+    /// backup): it shares that replica's site id, so the Peer refuses to sync
+    /// it until it is forked. Reading and writing locally still work.
+    pub fn copied(&self) -> Option<&CopiedFile> {
+        self.copied.as_deref()
     }
 
     /// Notifications of committed changes. Slow receivers see `Lagged`.

@@ -20,8 +20,8 @@ use tracing::Instrument;
 
 use super::{Inner, PeerEvent};
 use crate::proto::{
-    Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig, SessionEvent, Side,
-    Trust,
+    CloseReason, ErrorCode, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session,
+    SessionConfig, SessionEvent, Side, Trust,
 };
 use crate::store::MergeError;
 use crate::transport::{Connection, Received, Rejection, TransportError};
@@ -32,14 +32,37 @@ pub(crate) const OUTBOX_CAP: usize = 16;
 /// How long the writer may take to flush what is queued when the session ends.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) async fn run(inner: Arc<Inner>, connection: Connection, side: Side) {
+/// How a session ended, for the dialer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Redial as usual.
+    Closed,
+    /// One of the two replicas is a copy: redialing cannot help.
+    SiteIdConflict,
+}
+
+pub(crate) async fn run(inner: Arc<Inner>, connection: Connection, side: Side) -> End {
     let span = tracing::info_span!("session", local = %inner.store.site_id(), transport = %connection.label);
+    if let Some(copy) = inner.store.copied() {
+        let _entered = span.enter();
+        tracing::warn!(%copy, "not syncing a copied database file");
+        inner.emit(PeerEvent::SiteIdConflict {
+            peer: None,
+            message: copy.to_string(),
+        });
+        inner.emit(PeerEvent::Disconnected {
+            peer: None,
+            transport: connection.label,
+            reason: copy.to_string(),
+        });
+        return End::SiteIdConflict;
+    }
     run_inner(inner, connection, side).instrument(span).await
 }
 
 type MergeFuture = BoxFuture<'static, Result<MergeReport, MergeError>>;
 
-async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
+async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End {
     let Connection {
         mut sink,
         mut stream,
@@ -95,6 +118,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
     let id = inner.session_id();
+    let mut end = End::Closed;
 
     let reason: String = 'session: loop {
         while let Some(output) = core.poll_output() {
@@ -120,6 +144,22 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
                 }
                 Output::Event(event) => on_event(&inner, &label, &mut remote, event),
                 Output::Close(reason) => {
+                    let conflict = match &reason {
+                        CloseReason::SiteIdConflict(message) => Some(message.clone()),
+                        CloseReason::Refused {
+                            code: ErrorCode::SiteIdConflict,
+                            message,
+                        } => Some(message.clone()),
+                        _ => None,
+                    };
+                    if let Some(message) = conflict {
+                        tracing::warn!(%message, "site id conflict");
+                        inner.emit(PeerEvent::SiteIdConflict {
+                            peer: remote,
+                            message,
+                        });
+                        end = End::SiteIdConflict;
+                    }
                     // Send the error that explains the close, if there is room.
                     while let Some(message) = core.poll_transmit(Instant::now()) {
                         let _ = outbox.try_send(message);
@@ -219,6 +259,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
         transport: label,
         reason,
     });
+    end
 }
 
 fn merge_result(result: Result<MergeReport, MergeError>) -> Result<MergeOutcome, MergeFailure> {

@@ -8,6 +8,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{broadcast, oneshot};
 
 use super::error::{EnableError, MergeError, OpenError, StoreError};
+use super::identity::{self, CopiedFile};
 use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
 use crate::proto::batch::plan_merge;
@@ -55,13 +56,15 @@ struct Writer {
     origin_records: u64,
     origin_live_after_gc: u64,
     config: WriterConfig,
+    /// The file is a copy of another replica's (see [`identity`](super::identity)).
+    copied: Option<CopiedFile>,
 }
 
 pub(super) fn run(
     config: WriterConfig,
     inbox: flume::Receiver<Command>,
     events: broadcast::Sender<StoreEvent>,
-    ready: oneshot::Sender<Result<SiteId, OpenError>>,
+    ready: oneshot::Sender<Result<(SiteId, Option<CopiedFile>), OpenError>>,
 ) {
     let path = config.path.clone();
     let mut writer = match Writer::open(config, events) {
@@ -71,7 +74,7 @@ pub(super) fn run(
             return;
         }
     };
-    let _ = ready.send(Ok(writer.site));
+    let _ = ready.send(Ok((writer.site, writer.copied.clone())));
     let mut next_poll = Instant::now() + writer.config.poll_interval;
     loop {
         let timeout = next_poll.saturating_duration_since(Instant::now());
@@ -125,6 +128,8 @@ impl Writer {
         let last_data_version = data_version(&conn)?;
         let last_reported = db_version(&conn)?;
         let own_version = last_reported;
+        conn.execute_batch(identity::META_SQL)?;
+        let copied = identity::check(&conn, &config.path, &site.to_hex(), own_version)?;
         let mut schema = Schema::default();
         schema.refresh(&conn)?;
         Ok(Writer {
@@ -139,6 +144,7 @@ impl Writer {
             origin_records: origin_records as u64,
             origin_live_after_gc: origin_records as u64,
             config,
+            copied,
         })
     }
 
@@ -421,6 +427,10 @@ impl Writer {
 
     fn close(mut self) -> Result<(), StoreError> {
         self.notice_external();
+        if self.copied.is_none() {
+            // A copy made after this point is caught with exactly these writes verified.
+            identity::record(&self.conn, &self.config.path, self.own_version)?;
+        }
         close_connection(self.conn)
     }
 }
