@@ -25,7 +25,7 @@ pub use identity::CopiedFile;
 pub use reader::{ChangeStream, READER_POOL_CAP};
 
 use crate::proto::batch::BatchLimits;
-use crate::{ChangeBatch, Cursor, ReadHint, SiteId};
+use crate::{ChangeBatch, Cursor, DbVersion, ReadHint, SiteId};
 use writer::Command;
 
 /// Capacity of the queue of commands to the writer thread.
@@ -267,6 +267,14 @@ impl Store {
     /// it until it is forked. Reading and writing locally still work.
     pub fn copied(&self) -> Option<&CopiedFile> {
         self.copied.as_deref()
+    }
+
+    /// A remote holds our own writes up to `version` (its acknowledgement).
+    /// Writes up to there are known to predate any copy of this file, so
+    /// [`fork`](Self::fork) keeps their site id. Never waits; may be dropped
+    /// when the writer is busy (a later acknowledgement says as much).
+    pub fn note_acknowledged(&self, version: DbVersion) {
+        let _ = self.commands.try_send(Command::Acknowledged(version.0));
     }
 
     /// Notifications of committed changes. Slow receivers see `Lagged`.

@@ -119,6 +119,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
     let mut remote: Option<SiteId> = None;
     let id = inner.session_id();
     let mut end = End::Closed;
+    let mut noted_own = crate::DbVersion(0);
 
     let reason: String = 'session: loop {
         while let Some(output) = core.poll_output() {
@@ -168,7 +169,13 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
                 }
             }
         }
-        inner.publish(id, Some(core.status()));
+        let status = core.status();
+        let acked_own = status.acknowledged.get(&local);
+        if acked_own > noted_own {
+            noted_own = acked_own;
+            inner.store.note_acknowledged(acked_own);
+        }
+        inner.publish(id, Some(status));
         let want_transmit = core.has_transmit();
         let want_batch = core.wants_batch() && reading.is_some();
         let deadline = core.poll_timeout();

@@ -125,8 +125,8 @@ fn fork_on(conn: &mut Connection, path: &Path) -> Result<ForkReport, ForkError> 
             params![old, kept_upto],
         )?;
     }
-    let now: i64 = tx.query_row("SELECT crsql_db_version()", [], |r| r.get(0))?;
-    identity::record(&tx, path, now)?;
+    // The new site id has no acknowledged writes yet.
+    identity::record(&tx, path, 0)?;
     tx.commit()?;
     Ok(ForkReport {
         old_site,

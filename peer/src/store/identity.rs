@@ -9,10 +9,12 @@
 //! (its rows are readable and writable), but the Peer refuses to sync it
 //! until it is forked (a new site id; see `crsync fork`).
 //!
-//! Also recorded: the newest version this site wrote at the last open in its
-//! own file (`verified_version`). A copy was made after that point, so its
-//! own writes above it may differ from the original's: forking re-attributes
-//! those to the new site id, and keeps the older ones under the old one.
+//! Also recorded: the newest own version a remote acknowledged holding
+//! (`verified_version`; saved within a poll interval and at close). A copy
+//! holds at most what the file held when copied, so its own writes above
+//! that may differ from the original's: forking re-attributes those to the
+//! new site id, and keeps the older ones under the old one. (Writes that no
+//! remote had yet may be re-sent under the new id: equal values, no loss.)
 
 use std::path::Path;
 
@@ -80,8 +82,8 @@ fn set(conn: &Connection, key: &str, value: impl rusqlite::ToSql) -> rusqlite::R
 }
 
 /// Checks the file's identity at open. Records it on first use (and after a
-/// fork); otherwise a mismatch means a copy. `own_version`: the newest
-/// version this site wrote, recorded as verified when the file is its own.
+/// fork), with `own_version` (our newest version) as verified; otherwise a
+/// mismatch means a copy.
 pub(crate) fn check(
     conn: &Connection,
     path: &Path,
@@ -99,12 +101,7 @@ pub(crate) fn check(
             actual,
             verified_version: get::<i64>(conn, VERIFIED)?.unwrap_or(0),
         })),
-        Some(_) => {
-            if get::<i64>(conn, VERIFIED)? != Some(own_version) {
-                set(conn, VERIFIED, own_version)?;
-            }
-            Ok(None)
-        }
+        Some(_) => Ok(None),
         None => {
             record(conn, path, own_version)?;
             Ok(None)
@@ -121,6 +118,11 @@ pub(crate) fn record(conn: &Connection, path: &Path, own_version: i64) -> rusqli
         set(conn, FILE_ID, id)?;
     }
     Ok(())
+}
+
+/// Saves the newest own version a remote acknowledged.
+pub(crate) fn save_verified(conn: &Connection, version: i64) -> rusqlite::Result<()> {
+    set(conn, VERIFIED, version)
 }
 
 /// The newest own version known to predate any copy of this file.

@@ -29,6 +29,8 @@ pub(super) enum Command {
     ),
     Write(WriteJob),
     Stats(Reply<BookkeepingStats>),
+    /// A remote acknowledged our own writes up to this version.
+    Acknowledged(i64),
     Close(Reply<()>),
 }
 
@@ -58,6 +60,9 @@ struct Writer {
     config: WriterConfig,
     /// The file is a copy of another replica's (see [`identity`](super::identity)).
     copied: Option<CopiedFile>,
+    /// Our newest own version a remote acknowledged, and what is saved of it.
+    verified: i64,
+    verified_saved: i64,
 }
 
 pub(super) fn run(
@@ -90,6 +95,7 @@ pub(super) fn run(
             }
             Err(flume::RecvTimeoutError::Timeout) => {
                 writer.notice_external();
+                writer.save_verified();
                 next_poll = Instant::now() + writer.config.poll_interval;
             }
             Err(flume::RecvTimeoutError::Disconnected) => {
@@ -130,6 +136,7 @@ impl Writer {
         let own_version = last_reported;
         conn.execute_batch(identity::META_SQL)?;
         let copied = identity::check(&conn, &config.path, &site.to_hex(), own_version)?;
+        let verified = identity::verified_version(&conn)?;
         let mut schema = Schema::default();
         schema.refresh(&conn)?;
         Ok(Writer {
@@ -145,6 +152,8 @@ impl Writer {
             origin_live_after_gc: origin_records as u64,
             config,
             copied,
+            verified,
+            verified_saved: verified,
         })
     }
 
@@ -165,6 +174,9 @@ impl Writer {
                 let _ = reply.send(result);
             }
             Command::Write(job) => job(&mut self.conn),
+            Command::Acknowledged(version) => {
+                self.verified = self.verified.max(version.min(self.own_version));
+            }
             Command::Stats(reply) => {
                 let _ = reply.send(self.stats().map_err(StoreError::from));
             }
@@ -425,12 +437,21 @@ impl Writer {
         Ok((tables, newest))
     }
 
+    /// Saves the acknowledged own version, if it moved (a copy of the file
+    /// made later keeps exactly these writes under the old site id).
+    fn save_verified(&mut self) {
+        if self.verified == self.verified_saved || self.copied.is_some() {
+            return;
+        }
+        match identity::save_verified(&self.conn, self.verified) {
+            Ok(()) => self.verified_saved = self.verified,
+            Err(e) => tracing::warn!(error = %e, "saving the acknowledged version failed"),
+        }
+    }
+
     fn close(mut self) -> Result<(), StoreError> {
         self.notice_external();
-        if self.copied.is_none() {
-            // A copy made after this point is caught with exactly these writes verified.
-            identity::record(&self.conn, &self.config.path, self.own_version)?;
-        }
+        self.save_verified();
         close_connection(self.conn)
     }
 }
