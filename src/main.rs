@@ -4,6 +4,7 @@
 //! - `crsync enable`: turns tables of a database file into CRRs.
 //! - `crsync status`: site id, schema version, CRR tables, cursor, bookkeeping.
 //! - `crsync sync`: replicates a database file with a server, once or live.
+//! - `crsync fork`: gives a copied database file a new site id.
 //!
 //! Exit codes: 0 success, 1 failure (the message says why), 2 bad usage,
 //! 130 interrupted (Ctrl-C or SIGTERM) before `sync --once` finished.
@@ -18,6 +19,7 @@ mod cli {
     //! The subcommands, one module each, and what they share.
     pub(crate) mod db;
     pub(crate) mod enable;
+    pub(crate) mod fork;
     pub(crate) mod remote;
     pub(crate) mod serve;
     pub(crate) mod signal;
@@ -64,6 +66,9 @@ enum Command {
     Status(cli::status::StatusArgs),
     /// Replicate a database file with a server, once (--once) or live (--watch).
     Sync(cli::sync::SyncArgs),
+    /// Give a copied database file (cp, a restored backup, a VM image) a new
+    /// site id, so that it and the original both sync without losing writes.
+    Fork(cli::fork::ForkArgs),
 }
 
 impl Command {
@@ -95,6 +100,7 @@ async fn main() -> ExitCode {
         Command::Enable(args) => cli::enable::run(args).await,
         Command::Status(args) => cli::status::run(args).await,
         Command::Sync(args) => cli::sync::run(args).await,
+        Command::Fork(args) => cli::fork::run(args).await,
     };
     match result {
         Ok(cli::Outcome::Done) => ExitCode::SUCCESS,

@@ -30,6 +30,8 @@ struct Status {
     tables: Vec<TableInfo>,
     cursor: Cursor,
     bookkeeping: BookkeepingStats,
+    /// Why this file may not sync (a copy of another replica's file).
+    copied: Option<String>,
 }
 
 /// Runs `crsync status`.
@@ -55,6 +57,7 @@ async fn read(store: &Store, path: PathBuf) -> anyhow::Result<Status> {
         tables: db::crr_tables(store).await?,
         cursor: store.cursor().await?,
         bookkeeping: store.bookkeeping_stats().await?,
+        copied: store.copied().map(ToString::to_string),
     })
 }
 
@@ -75,6 +78,7 @@ fn to_json(s: &Status) -> serde_json::Value {
             "origin_records": s.bookkeeping.origin_records,
             "cursor_sites": s.bookkeeping.cursor_sites,
         },
+        "copied": s.copied,
     })
 }
 
@@ -83,6 +87,9 @@ fn to_text(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "database:      {}", s.path.display());
     let _ = writeln!(out, "site id:       {}", s.site_id);
+    if let Some(copied) = &s.copied {
+        let _ = writeln!(out, "NOT SYNCING:   {copied}");
+    }
     let _ = writeln!(out, "schema:        user_version {}", s.schema_version);
     let _ = writeln!(out, "db version:    {}", s.db_version);
     if s.tables.is_empty() {

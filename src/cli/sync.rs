@@ -65,6 +65,10 @@ pub(crate) async fn run(args: SyncArgs) -> anyhow::Result<Outcome> {
         .ok_or_else(|| anyhow::anyhow!("--timeout must be a positive number of seconds"))?;
     let endpoint = Endpoint::new(&args.url, args.ws, args.token.as_deref())?;
     let store = db::open_existing(&args.db).await?;
+    if let Some(copy) = store.copied().cloned() {
+        db::close(store).await;
+        return Err(copy.into());
+    }
     let tables = db::crr_tables(&store).await;
     match &tables {
         Ok(t) if t.is_empty() => eprintln!(
@@ -121,6 +125,9 @@ async fn watch(store: &Store, endpoint: &Endpoint, args: &SyncArgs) -> anyhow::R
             () = &mut interrupted => break Ok(Outcome::Done),
             Some(event) = session.events.next() => {
                 println!("[{:>8.2}s] {}", began.elapsed().as_secs_f64(), describe(&event));
+                if let PeerEvent::SiteIdConflict { message, .. } = event {
+                    break Err(anyhow::anyhow!("{message}"));
+                }
             }
             Some(problem) = session.problems.recv() => {
                 if problem.is_refusal() {
@@ -184,6 +191,7 @@ fn describe(event: &PeerEvent) -> String {
             format!("dial failed {transport}: {reason} (retrying)")
         }
         PeerEvent::Lagged { missed } => format!("lagged     {missed} events not shown"),
+        PeerEvent::SiteIdConflict { message, .. } => format!("refused    {message}"),
         other => format!("{other:?}"),
     }
 }
@@ -368,6 +376,9 @@ async fn once_session(
 /// Fails on events that mean `--once` cannot finish.
 fn check_event(event: &PeerEvent) -> anyhow::Result<()> {
     tracing::debug!("{}", describe(event));
+    if let PeerEvent::SiteIdConflict { message, .. } = event {
+        anyhow::bail!("{message}");
+    }
     if let PeerEvent::Outdated {
         peer,
         remote_version,
