@@ -32,7 +32,7 @@ pub use io::{
     Side,
 };
 
-use crate::proto::trust::{OWN_SITE, Trust, believe_ranges, known_sites, own_version_conflict};
+use crate::proto::trust::{OWN_SITE, Trust, believe, known_sites, own_version_conflict};
 use crate::proto::window::{OutgoingWindow, Phase, SyncOutcome};
 use crate::proto::{ErrorCode, Message, ParsedData, SenderAction, SessionPhase, SessionStatus};
 use crate::transport::Rejection;
@@ -555,11 +555,17 @@ impl Session {
             Message::Ping => self.accept(reply),
             Message::SyncRequest { cursor, hello } => {
                 self.hello(hello.as_ref());
+                if self.check_site_conflict(&cursor, reply) {
+                    return;
+                }
                 self.on_sync(cursor, false, now);
                 self.accept(reply);
             }
             Message::Ack { cursor, hello } => {
                 self.hello(hello.as_ref());
+                if self.check_site_conflict(&cursor, reply) {
+                    return;
+                }
                 self.on_sync(cursor, true, now);
                 self.accept(reply);
             }
@@ -625,8 +631,8 @@ impl Session {
 
     /// Refuses the remote when its cursor shows that one of us is a copy of
     /// a replica that went on writing under the same site id.
-    fn check_site_conflict(&mut self, theirs: &Cursor) -> bool {
-        let Some(remote) = self.remote else {
+    fn check_site_conflict(&mut self, theirs: &Cursor, reply: Option<ReplyId>) -> bool {
+        let Some(remote) = self.remote.filter(|_| self.remote_is_crsync) else {
             return false;
         };
         let our_own = self.cursor.get(&self.local);
@@ -636,18 +642,18 @@ impl Session {
             return false;
         };
         let message = conflict.message(self.local, remote);
-        self.reject(
-            None,
-            Rejection::new(ErrorCode::SiteIdConflict, message.clone()),
-        );
+        let code = ErrorCode::SiteIdConflict;
+        self.reject(reply, Rejection::new(code.clone(), message.clone()));
+        if reply.is_some() {
+            // Also in-band: an SSE client reads its stream, not only the answer.
+            let error = TransportMessage::error(self.local, &code, message.clone());
+            self.push_control(error);
+        }
         self.close(CloseReason::SiteIdConflict(message));
         true
     }
 
     fn on_sync(&mut self, cursor: Cursor, ack: bool, now: Instant) {
-        if self.remote_is_crsync && self.check_site_conflict(&cursor) {
-            return;
-        }
         let cursor = if self.remote_is_crsync {
             known_sites(cursor, &self.cursor, self.remote)
         } else {
@@ -693,7 +699,8 @@ impl Session {
         }
         let remote = self.remote.unwrap_or(self.local);
         self.changes_received += data.batch.changes.len() as u64;
-        self.claims_refused += believe_ranges(&mut data.batch, remote, self.config.trust) as u64;
+        let trust = self.config.trust;
+        self.claims_refused += believe(&mut data.batch, remote, trust, &self.cursor) as u64;
         // The remote holds what its ranges claim, and its own changes up to
         // the newest it sent: those are never sent back to it.
         let mut holds = data.batch.cursor_after(&Cursor::new());

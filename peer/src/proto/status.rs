@@ -43,7 +43,7 @@ pub struct SessionStatus {
     pub changes_received: u64,
     /// Changes sent to the remote.
     pub changes_sent: u64,
-    /// The remote's version ranges not believed (dropped or cut short; see
+    /// The remote's version ranges and changes not believed (see
     /// [`Trust`](crate::proto::Trust)).
     pub claims_refused: u64,
     /// The last refusal, by either side.

@@ -53,21 +53,37 @@ pub(crate) const OWN_SITE: &str = "own-site";
 /// Sites in one claim (a cursor or a batch's ranges) at most, by default.
 pub const DEFAULT_MAX_CLAIM_SITES: usize = 65_536;
 
-/// Drops what `trust` does not let us believe of `batch`'s ranges, sent by
-/// `remote`. Returns how many ranges were dropped.
+/// Drops what `trust` does not let us believe of `batch`, sent by `remote`
+/// while we hold `held`. Returns how many ranges and changes were dropped.
 ///
-/// Under [`Trust::OwnSite`] only the remote's range about its own site is
-/// kept: a site speaks for itself (its own entry counts local versions its
-/// merges used, which no change in hand can prove). A remote that lies about
-/// itself harms only its own site id, and is caught as a copy when the real
-/// owner comes back ([`own_version_conflict`]).
-pub(crate) fn believe_ranges(batch: &mut ChangeBatch, remote: SiteId, trust: Trust) -> usize {
+/// Under [`Trust::OwnSite`]:
+/// - only the remote's range about its own site is kept: a site speaks for
+///   itself (its own entry counts local versions its merges used, which no
+///   change in hand can prove). A remote that lies about itself harms only
+///   its own site id, and is caught as a copy when the real owner comes back
+///   ([`own_version_conflict`]);
+/// - changes of another site that has spoken for itself (we hold some of
+///   it) and that are newer than anything that site told us are dropped: a
+///   forger would otherwise plant rows under its name that the site itself
+///   never accepts (nobody receives its own writes), so replicas could never
+///   agree. The site sends its real writes itself. Changes of sites we hold
+///   nothing of are relayed data and are kept (unranged).
+pub(crate) fn believe(
+    batch: &mut ChangeBatch,
+    remote: SiteId,
+    trust: Trust,
+    held: &Cursor,
+) -> usize {
     if trust == Trust::Full {
         return 0;
     }
-    let before = batch.ranges.len();
+    let before = batch.ranges.len() + batch.changes.len();
     batch.ranges.retain(|site, _| *site == remote);
-    before - batch.ranges.len()
+    batch.changes.retain(|c| {
+        let known = held.get(&c.site_id);
+        c.site_id == remote || known == DbVersion(0) || c.db_version <= known
+    });
+    before - batch.ranges.len() - batch.changes.len()
 }
 
 /// The entries of a remote's cursor worth keeping: sites we have heard of
@@ -201,7 +217,7 @@ mod tests {
                 .collect(),
             ..ChangeBatch::default()
         };
-        assert_eq!(believe_ranges(&mut batch, A, Trust::OwnSite), 2);
+        assert_eq!(believe(&mut batch, A, Trust::OwnSite, &Cursor::new()), 2);
         assert_eq!(batch.ranges, [(A, range(2, 8))].into_iter().collect());
         assert_eq!(batch.changes.len(), 2, "changes are still applied");
     }
@@ -213,11 +229,18 @@ mod tests {
             ranges: [(B, range(0, 1_000_000_000_000_000))].into_iter().collect(),
             ..ChangeBatch::default()
         };
+        // B never spoke for itself: its change is relayed data, kept unranged.
         let mut batch = forged.clone();
-        believe_ranges(&mut batch, A, Trust::OwnSite);
+        believe(&mut batch, A, Trust::OwnSite, &Cursor::new());
         assert!(batch.ranges.is_empty());
+        assert_eq!(batch.changes.len(), 1);
+        // B did: a change newer than anything B told us is a forgery.
+        let held: Cursor = [(B, DbVersion(7))].into_iter().collect();
+        let mut batch = forged.clone();
+        assert_eq!(believe(&mut batch, A, Trust::OwnSite, &held), 2);
+        assert!(batch.is_empty());
         let mut full = forged.clone();
-        assert_eq!(believe_ranges(&mut full, A, Trust::Full), 0);
+        assert_eq!(believe(&mut full, A, Trust::Full, &held), 0);
         assert_eq!(full, forged);
     }
 

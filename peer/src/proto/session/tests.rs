@@ -610,11 +610,30 @@ fn a_remote_below_what_we_hold_of_it_is_a_copy() {
     let held: Cursor = [(THEM, DbVersion(9))].into_iter().collect();
     let (mut s, now) = accepted(held, 16);
     let theirs: Cursor = [(THEM, DbVersion(4))].into_iter().collect();
-    s.handle(received(TransportMessage::sync(THEM, theirs)), now);
+    let message = TransportMessage::sync(THEM, theirs);
+    s.handle(
+        Input::Received {
+            message,
+            reply: Some(5),
+        },
+        now,
+    );
+    let outs = outputs(&mut s);
+    let reply = outs.iter().position(|o| {
+        matches!(o, Output::Reply { id: 5, result: Err(r) } if r.code == ErrorCode::SiteIdConflict)
+    });
+    let close = outs
+        .iter()
+        .position(|o| matches!(o, Output::Close(CloseReason::SiteIdConflict(_))));
     assert!(
-        outputs(&mut s)
+        reply.is_some() && close.is_some() && reply < close,
+        "{outs:?}"
+    );
+    assert!(
+        transmits(&mut s, now)
             .iter()
-            .any(|o| matches!(o, Output::Close(CloseReason::SiteIdConflict(_))))
+            .any(|m| m.code.as_deref() == Some("SITE_ID_CONFLICT")),
+        "and in-band"
     );
     // Equal or ahead is fine.
     let held: Cursor = [(THEM, DbVersion(9))].into_iter().collect();
