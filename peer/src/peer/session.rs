@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::{Inner, PeerEvent};
 use crate::proto::{
     CloseReason, ErrorCode, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session,
-    SessionConfig, SessionEvent, Side, Trust,
+    SessionConfig, SessionEvent, Side, SiteConflict, Trust,
 };
 use crate::store::MergeError;
 use crate::transport::{Connection, Received, Rejection, TransportError};
@@ -145,12 +145,23 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
                 }
                 Output::Event(event) => on_event(&inner, &label, &mut remote, event),
                 Output::Close(reason) => {
+                    // Ours to fix: name our file in the message.
+                    let ours = |m: &str| {
+                        m.replace(
+                            "--db FILE",
+                            &format!("--db {}", inner.store.path().display()),
+                        )
+                    };
                     let conflict = match &reason {
-                        CloseReason::SiteIdConflict(message) => Some(message.clone()),
-                        CloseReason::Refused {
+                        CloseReason::SiteIdConflict {
+                            conflict: SiteConflict::WeAreACopy { .. },
+                            message,
+                        }
+                        | CloseReason::Refused {
                             code: ErrorCode::SiteIdConflict,
                             message,
-                        } => Some(message.clone()),
+                        } => Some(ours(message)),
+                        CloseReason::SiteIdConflict { message, .. } => Some(message.clone()),
                         _ => None,
                     };
                     if let Some(message) = conflict {

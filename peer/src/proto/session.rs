@@ -649,7 +649,7 @@ impl Session {
             let error = TransportMessage::error(self.local, &code, message.clone());
             self.push_control(error);
         }
-        self.close(CloseReason::SiteIdConflict(message));
+        self.close(CloseReason::SiteIdConflict { conflict, message });
         true
     }
 

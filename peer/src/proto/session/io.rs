@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::proto::ErrorCode;
-use crate::proto::trust::{DEFAULT_MAX_CLAIM_SITES, Trust};
+use crate::proto::trust::{DEFAULT_MAX_CLAIM_SITES, SiteConflict, Trust};
 use crate::transport::Rejection;
 use crate::wire::TransportMessage;
 use crate::{BatchRejection, ChangeBatch, Cursor, ReadHint, SiteId};
@@ -210,6 +210,11 @@ pub enum CloseReason {
     #[error("the store failed a merge: {0}")]
     MergeFailed(String),
     /// This replica and the remote's share a site id (one is a copied file).
-    #[error("{0}")]
-    SiteIdConflict(String),
+    #[error("{message}")]
+    SiteIdConflict {
+        /// Which of the two is the copy.
+        conflict: SiteConflict,
+        /// The explanation, naming the fix.
+        message: String,
+    },
 }

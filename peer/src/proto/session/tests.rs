@@ -593,7 +593,7 @@ fn a_cursor_holding_more_of_us_than_we_wrote_means_we_are_a_copy() {
     let outs = outputs(&mut s);
     assert!(
         outs.iter()
-            .any(|o| matches!(o, Output::Close(CloseReason::SiteIdConflict(m)) if m.contains("crsync fork"))),
+            .any(|o| matches!(o, Output::Close(CloseReason::SiteIdConflict { message: m, .. }) if m.contains("crsync fork"))),
         "{outs:?}"
     );
     let farewell = transmits(&mut s, now);
@@ -624,7 +624,7 @@ fn a_remote_below_what_we_hold_of_it_is_a_copy() {
     });
     let close = outs
         .iter()
-        .position(|o| matches!(o, Output::Close(CloseReason::SiteIdConflict(_))));
+        .position(|o| matches!(o, Output::Close(CloseReason::SiteIdConflict { .. })));
     assert!(
         reply.is_some() && close.is_some() && reply < close,
         "{outs:?}"
