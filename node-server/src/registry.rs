@@ -109,11 +109,28 @@ impl Registry {
                 ApiError::internal(format!("cannot create database {name:?}: {e}"))
             })?;
         }
-        let store = self
+        let cannot_open = |e: &dyn std::fmt::Display| {
+            ApiError::internal(format!("cannot open database {name:?}: {e}"))
+        };
+        let mut store = self
             .store_builder(&path)
             .open()
             .await
-            .map_err(|e| ApiError::internal(format!("cannot open database {name:?}: {e}")))?;
+            .map_err(|e| cannot_open(&e))?;
+        if let Some(copy) = store.copied().cloned() {
+            // A moved data directory or a cloned server: a replica the server
+            // owns alone, so forking it is always right (nothing is lost).
+            tracing::warn!(db = name, %copy, "database file is a copy; forking it");
+            store.close().await.map_err(|e| cannot_open(&e))?;
+            let ext = self.options.extension_path.as_deref();
+            let report = Store::fork(&path, ext).await.map_err(|e| cannot_open(&e))?;
+            tracing::warn!(db = name, old = %report.old_site, new = %report.new_site, "database forked");
+            store = self
+                .store_builder(&path)
+                .open()
+                .await
+                .map_err(|e| cannot_open(&e))?;
+        }
         tracing::info!(db = name, site = %store.site_id(), "database opened");
         let peer = Peer::builder(store)
             .ping_interval(self.options.ping_interval)

@@ -147,3 +147,58 @@ async fn device_to_device_through_a_peer_router() -> Result<()> {
     server.abort();
     Ok(())
 }
+
+/// A server's replica copied to another server (a moved data directory, a
+/// cloned server) is forked when it opens: it serves under a new site id and
+/// nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_server_replica_is_forked_and_keeps_serving() -> Result<()> {
+    let mut first = TestServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let a = peer(client_store(&dir.path().join("a.db")).await?);
+    a.add_dialer(SseDialer::new(first.url("/db/todo")).with_token(RW));
+    insert(a.store(), 1, "before the move").await?;
+    let first_site = wait_for_server_site(&a).await?;
+    wait_until(&a, "the server holds our row", || {
+        let path = first.replica("todo");
+        async move {
+            Ok(replica_counts(&path)
+                .map(|(rows, _)| rows == 1)
+                .unwrap_or(false))
+        }
+    })
+    .await?;
+    a.shutdown().await;
+    first.shutdown().await?;
+
+    let second = TestServer::start().await?;
+    std::fs::copy(first.replica("todo"), second.replica("todo"))?;
+    let b = peer(client_store(&dir.path().join("b.db")).await?);
+    b.add_dialer(SseDialer::new(second.url("/db/todo")).with_token(RW));
+    let second_site = wait_for_server_site(&b).await?;
+    assert_ne!(second_site, first_site, "the copy was forked");
+    let rows = converge(&[&b], 1).await?;
+    assert_eq!(rows.len(), 1);
+    b.shutdown().await;
+    Ok(())
+}
+
+/// The site id of the first remote the peer connects to.
+async fn wait_for_server_site(p: &Peer) -> Result<crsync_peer::SiteId> {
+    use futures_util::StreamExt;
+    let mut events = p.events();
+    if let Some(site) = p.connected_peers().first() {
+        return Ok(*site);
+    }
+    let connected = async {
+        while let Some(event) = events.next().await {
+            if let crsync_peer::PeerEvent::Connected { peer, .. } = event {
+                return Some(peer);
+            }
+        }
+        None
+    };
+    tokio::time::timeout(Duration::from_secs(10), connected)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no connection"))
+}
