@@ -426,6 +426,9 @@ impl Session {
         if let Some(newest) = own.map(|c| c.db_version).max() {
             self.cursor.advance(self.local, newest);
         }
+        if let Some(range) = batch.ranges.get(&self.local) {
+            self.cursor.advance(self.local, range.upto);
+        }
         if batch.changes.is_empty() {
             // Only version bumps (versions whose rows the remote has or that
             // were overwritten). In the initial stream they ride on `eose`.
