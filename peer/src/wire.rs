@@ -16,6 +16,10 @@
 //! - `error.code`: a stable machine-readable code next to the message.
 //! - `sync.ack = true`: an acknowledgement between crsync peers (what the
 //!   sender now holds); it does not restart the stream the way a `sync` does.
+//! - `connect.crsync.session`: over HTTP + SSE, a crsync server's `connect`
+//!   (the stream's first message) carries a session secret, which the client
+//!   presents on every `POST` in the [`SESSION_HEADER`] header (and on a new
+//!   `GET stream`, to replace a stream of its own the server still holds).
 //!
 //! Values (codec in [`value`]): NULL, UTF-8 text, finite reals and integers
 //! within ±(2^53 − 1) are plain JSON in both encodings. With `lossless`, other
@@ -52,6 +56,9 @@ use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId};
 pub const LOSSLESS: &str = "lossless";
 /// crsync's protocol extension version.
 pub const CRSYNC_PROTOCOL_VERSION: u32 = 1;
+/// The HTTP header in which a crsync client presents its SSE session secret
+/// (`connect.crsync.session`) on `POST sync` / `POST data`.
+pub const SESSION_HEADER: &str = "x-crsync-session";
 
 /// How values are written to one remote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,6 +93,10 @@ pub struct Hello {
     pub version: u32,
     /// Value encoding the sender can read.
     pub encoding: String,
+    /// The session secret a crsync server hands out on an SSE stream's
+    /// `connect` (see [`SESSION_HEADER`]); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 impl Hello {
@@ -94,6 +105,7 @@ impl Hello {
         Hello {
             version: CRSYNC_PROTOCOL_VERSION,
             encoding: LOSSLESS.into(),
+            session: None,
         }
     }
 
