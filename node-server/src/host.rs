@@ -237,6 +237,8 @@ impl DbHost {
             let streams = self.lock_streams();
             let slots = streams.get(&site).map(Vec::as_slice).unwrap_or_default();
             match admit_post(slots.iter().map(Slot::binding), principal, presented) {
+                // Streams are gone once shutdown began: say so, not "no stream".
+                None if self.is_closing() => return Err(ApiError::shutting_down()),
                 None => return Err(ApiError::not_connected(client)),
                 Some(Err(refusal)) => {
                     tracing::info!(db = %self.name, peer = %site, "refused a POST: {}", refusal.message());

@@ -298,12 +298,15 @@ impl Peer {
     /// Runs a session over an incoming connection until it ends.
     pub fn accept(&self, connection: Connection) -> JoinHandle<()> {
         let inner = self.inner.clone();
-        self.inner
-            .tasks
-            .spawn(session::run(inner, connection, Side::Accepted))
+        self.inner.tasks.spawn(async move {
+            session::run(inner, connection, Side::Accepted).await;
+        })
     }
 
-    /// Dials `dialer` now and again whenever its connection ends, with backoff.
+    /// Dials `dialer` now and again whenever its connection ends, with backoff
+    /// ([`ReconnectPolicy`]). A connection resets the backoff when it ends,
+    /// unless the remote refused what we sent on it (an HTTP 413, say): that
+    /// would be refused again at once, so the delays keep growing.
     pub fn add_dialer(&self, dialer: impl Dialer) -> JoinHandle<()> {
         let inner = self.inner.clone();
         self.inner.tasks.spawn(dial_loop(inner, Box::new(dialer)))
@@ -399,8 +402,14 @@ async fn dial_loop(inner: Arc<Inner>, mut dialer: Box<dyn Dialer>) {
         };
         match attempt {
             Ok(connection) => {
-                backoff.reset();
-                session::run(inner.clone(), connection, Side::Dialed).await;
+                let ended = session::run(inner.clone(), connection, Side::Dialed).await;
+                // After a refusal (a 413, say) the next attempt would be
+                // refused the same way: back off further instead of hammering.
+                if ended.refused {
+                    tracing::info!(transport = %dialer.label(), "the remote refused what we sent; backing off");
+                } else {
+                    backoff.reset();
+                }
             }
             Err(e) => {
                 tracing::debug!(transport = %dialer.label(), error = %e, "dial failed");

@@ -20,7 +20,8 @@ use tracing::Instrument;
 
 use super::{Inner, PeerEvent};
 use crate::proto::{
-    Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig, SessionEvent, Side,
+    ErrorCode, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig,
+    SessionEvent, Side,
 };
 use crate::store::MergeError;
 use crate::transport::{Connection, Received, Rejection, TransportError};
@@ -31,14 +32,34 @@ pub(crate) const OUTBOX_CAP: usize = 16;
 /// How long the writer may take to flush what is queued when the session ends.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) async fn run(inner: Arc<Inner>, connection: Connection, side: Side) {
+/// How a session ended, for the dialer's backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ended {
+    /// The remote refused something we sent (an HTTP 4xx such as 413, or a
+    /// typed refusal other than "your stream is gone"): sending it again at
+    /// once would be refused again, so the redial backoff keeps growing.
+    pub(crate) refused: bool,
+}
+
+pub(crate) async fn run(inner: Arc<Inner>, connection: Connection, side: Side) -> Ended {
     let span = tracing::info_span!("session", local = %inner.store.site_id(), transport = %connection.label);
     run_inner(inner, connection, side).instrument(span).await
 }
 
+/// Whether a send failure is the remote refusing what we sent (see [`Ended`]).
+fn is_refusal(e: &TransportError) -> bool {
+    match e {
+        TransportError::Http { status, .. } => (400..500).contains(status),
+        TransportError::Remote { code, .. } => {
+            !matches!(code, ErrorCode::NotConnected | ErrorCode::SessionMismatch)
+        }
+        _ => false,
+    }
+}
+
 type MergeFuture = BoxFuture<'static, Result<MergeReport, MergeError>>;
 
-async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
+async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> Ended {
     let Connection {
         mut sink,
         mut stream,
@@ -195,6 +216,9 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
         Ok(Ok(Err(e))) => Some(e),
         _ => None,
     };
+    let ended = Ended {
+        refused: write_error.as_ref().is_some_and(is_refusal),
+    };
     let reason = match write_error {
         // The sink's own error says more than "closed while sending".
         Some(e) if reason.starts_with("connection closed") => format!("send failed: {e}"),
@@ -207,6 +231,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) {
         transport: label,
         reason,
     });
+    ended
 }
 
 fn merge_result(result: Result<MergeReport, MergeError>) -> Result<MergeOutcome, MergeFailure> {
