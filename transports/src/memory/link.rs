@@ -18,7 +18,7 @@ use crate::serial_sink::{SendResult, SerialSend, SerialSink};
 
 /// What travels through the queue.
 enum Payload {
-    Message(TransportMessage),
+    Message(Box<TransportMessage>),
     Json(String),
 }
 
@@ -121,7 +121,7 @@ impl Writer {
         let payload = if self.config.json {
             Payload::Json(message.to_json())
         } else {
-            Payload::Message(message)
+            Payload::Message(Box::new(message))
         };
         let envelope = Envelope { payload, due };
         tokio::select! {
@@ -189,7 +189,7 @@ impl Reader {
             tokio::time::sleep_until(due).await;
         }
         Some(match envelope.payload {
-            Payload::Message(message) => Ok(Received::new(message)),
+            Payload::Message(message) => Ok(Received::new(*message)),
             Payload::Json(text) => TransportMessage::from_json(&text)
                 .map(Received::new)
                 .map_err(TransportError::from),
