@@ -241,7 +241,7 @@ impl DbHost {
                 None if self.is_closing() => return Err(ApiError::shutting_down()),
                 None => return Err(ApiError::not_connected(client)),
                 Some(Err(refusal)) => {
-                    tracing::info!(db = %self.name, peer = %site, "refused a POST: {}", refusal.message());
+                    tracing::debug!(db = %self.name, peer = %site, "refused a POST: {}", refusal.message());
                     return Err(refusal);
                 }
                 Some(Ok(index)) => slots[index].inbound.clone(),
