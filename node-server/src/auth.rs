@@ -17,6 +17,17 @@ pub enum Access {
     ReadWrite,
 }
 
+/// Who made a request: which configured token it presented (by position,
+/// so the token itself is never kept or compared again), or none. SSE
+/// sessions are bound to the principal that opened them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Principal(Option<usize>);
+
+impl Principal {
+    /// A request without a token.
+    pub(crate) const ANONYMOUS: Principal = Principal(None);
+}
+
 #[derive(Debug, Clone)]
 struct Grant {
     token: String,
@@ -140,9 +151,18 @@ impl Auth {
     /// What `token` may do on `database`: 401 `UNAUTHORIZED` for a missing or
     /// unknown token, 403 `FORBIDDEN` for a token of other databases.
     pub fn check(&self, token: Option<&str>, database: &str) -> Result<Access, ApiError> {
+        self.authorize(token, database).map(|(access, _)| access)
+    }
+
+    /// As [`check`](Self::check), also saying who the caller is.
+    pub(crate) fn authorize(
+        &self,
+        token: Option<&str>,
+        database: &str,
+    ) -> Result<(Access, Principal), ApiError> {
         let Some(token) = token else {
             return if self.anonymous {
-                Ok(Access::ReadWrite)
+                Ok((Access::ReadWrite, Principal::ANONYMOUS))
             } else {
                 Err(ApiError::unauthorized(
                     "a bearer token is required (Authorization header or token query parameter)",
@@ -152,26 +172,28 @@ impl Auth {
         // Compare against every token in constant time per token, so timing
         // does not reveal how much of a guess was right.
         let mut best: Option<Access> = None;
-        let mut known = false;
-        for grant in &self.grants {
+        // The first grant of this token names it (one token may have several).
+        let mut known: Option<usize> = None;
+        for (index, grant) in self.grants.iter().enumerate() {
             if constant_time_eq(grant.token.as_bytes(), token.as_bytes()) {
-                known = true;
+                known = known.or(Some(index));
                 if grant.serves(database) {
                     best = best.max(Some(grant.access));
                 }
             }
         }
         match (known, best) {
-            (_, Some(access)) => Ok(access),
-            (true, None) => Err(ApiError::forbidden(format!(
+            (Some(index), Some(access)) => Ok((access, Principal(Some(index)))),
+            (Some(_), None) => Err(ApiError::forbidden(format!(
                 "this token does not serve database {database:?}"
             ))),
-            (false, _) => Err(ApiError::unauthorized("unknown token")),
+            (None, _) => Err(ApiError::unauthorized("unknown token")),
         }
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Whether `a == b`, in time that depends only on their lengths.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -208,6 +230,25 @@ mod tests {
         assert_eq!(
             auth.check(None, "a").expect_err("must fail").code(),
             "UNAUTHORIZED"
+        );
+    }
+
+    #[test]
+    fn principals_tell_tokens_apart() {
+        let auth = Auth::new()
+            .allow_anonymous(true)
+            .with_token("a", ["x"], Access::ReadOnly)
+            .with_token("b", ["x"], Access::ReadWrite)
+            .with_token("a", ["y"], Access::ReadWrite);
+        let who = |token| auth.authorize(token, "x").expect("must succeed").1;
+        assert_eq!(who(Some("a")), who(Some("a")));
+        assert_ne!(who(Some("a")), who(Some("b")));
+        assert_ne!(who(Some("a")), who(None));
+        assert_eq!(who(None), Principal::ANONYMOUS);
+        // One token with grants on two databases is one principal.
+        assert_eq!(
+            auth.authorize(Some("a"), "y").expect("must succeed").1,
+            who(Some("a"))
         );
     }
 

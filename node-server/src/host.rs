@@ -14,7 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::PollSender;
 
 use crate::Peer;
+use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::session::{Binding, SessionSecret, admit_post, may_replace};
 
 /// Messages queued from the Peer to one client before the Peer waits.
 pub const OUTBOUND_QUEUE_CAP: usize = 16;
@@ -24,16 +26,31 @@ pub const INBOUND_QUEUE_CAP: usize = 16;
 
 type Inbound = mpsc::Sender<Result<Received, TransportError>>;
 
+/// One open SSE stream.
 struct Slot {
     id: u64,
     inbound: Inbound,
+    /// Who opened it.
+    principal: Principal,
+    /// The secret a crsync client presents on its POSTs (`None`: v1).
+    secret: Option<SessionSecret>,
 }
 
-/// One database served over HTTP: its Peer and the open SSE streams by peer id.
+impl Slot {
+    fn binding(&self) -> Binding<'_> {
+        Binding {
+            principal: self.principal,
+            secret: self.secret.as_ref(),
+        }
+    }
+}
+
+/// One database served over HTTP: its Peer and the open SSE streams by peer
+/// id (one per principal at most, see [`crate::session`]).
 pub(crate) struct DbHost {
     name: String,
     peer: Peer,
-    streams: Mutex<HashMap<SiteId, Slot>>,
+    streams: Mutex<HashMap<SiteId, Vec<Slot>>>,
     next_id: AtomicU64,
     closing: watch::Sender<bool>,
 }
@@ -42,11 +59,28 @@ pub(crate) struct DbHost {
 #[derive(Debug)]
 pub(crate) struct AlreadyConnected;
 
-/// An open SSE session: what the Peer sends, and a guard that unregisters the
-/// stream when dropped (when the HTTP response body is dropped).
+/// An open SSE session: what the Peer sends, a guard that unregisters the
+/// stream when dropped (when the HTTP response body is dropped), and the
+/// session secret to hand a crsync client in the stream's `connect`.
 pub(crate) struct SseSession {
     pub(crate) outbound: mpsc::Receiver<TransportMessage>,
     pub(crate) guard: StreamGuard,
+    pub(crate) secret: Option<SessionSecret>,
+}
+
+/// What a `GET stream` asks for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamRequest<'a> {
+    /// Who asks.
+    pub(crate) principal: Principal,
+    /// For which peer id.
+    pub(crate) client: SiteId,
+    /// A crsync client (the `crsync` query parameter): its stream gets a secret.
+    pub(crate) crsync: bool,
+    /// It reads the lossless value encoding.
+    pub(crate) lossless: bool,
+    /// The secret of its previous stream, to replace that one.
+    pub(crate) presented: Option<&'a str>,
 }
 
 /// Unregisters an SSE stream when dropped.
@@ -59,8 +93,11 @@ pub(crate) struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         let mut streams = self.host.lock_streams();
-        if streams.get(&self.client).is_some_and(|s| s.id == self.id) {
-            streams.remove(&self.client);
+        if let Some(slots) = streams.get_mut(&self.client) {
+            slots.retain(|s| s.id != self.id);
+            if slots.is_empty() {
+                streams.remove(&self.client);
+            }
         }
         drop(streams);
         tracing::info!(db = %self.host.name, peer = %self.client, "stream closed");
@@ -92,7 +129,7 @@ impl DbHost {
         &self.peer
     }
 
-    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<SiteId, Slot>> {
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<SiteId, Vec<Slot>>> {
         self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -117,22 +154,38 @@ impl DbHost {
         self.peer.accept(conn)
     }
 
-    /// Opens an SSE session for `client`: registers it, synthesizes the
-    /// client's `connect` (with crsync's capabilities if `lossless`), and
-    /// hands the connection to the Peer.
+    /// Opens an SSE session: registers it (refused if the same principal
+    /// holds a stream for this peer id, unless the request presents that
+    /// stream's secret: then it replaces it), synthesizes the client's
+    /// `connect` (with crsync's capabilities if `lossless`), and hands the
+    /// connection to the Peer.
     pub(crate) fn open_sse(
         self: &Arc<Self>,
-        client: SiteId,
-        lossless: bool,
+        request: StreamRequest<'_>,
         span: &tracing::Span,
     ) -> Result<SseSession, AlreadyConnected> {
+        let StreamRequest {
+            principal,
+            client,
+            crsync,
+            lossless,
+            presented,
+        } = request;
         let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE_CAP);
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE_CAP);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let secret = crsync.then(SessionSecret::random);
         {
             let mut streams = self.lock_streams();
-            if streams.contains_key(&client) {
-                return Err(AlreadyConnected);
+            let slots = streams.entry(client).or_default();
+            if let Some(open) = slots.iter().position(|s| s.principal == principal) {
+                if !may_replace(slots[open].binding(), presented) {
+                    return Err(AlreadyConnected);
+                }
+                // Dropping its inbound sender ends the old session.
+                slots.remove(open);
+                let _entered = span.enter();
+                tracing::info!("the client replaced its previous stream (it presented its secret)");
             }
             let connect = TransportMessage {
                 crsync: lossless.then(Hello::current),
@@ -140,7 +193,12 @@ impl DbHost {
             };
             // The channel is new and empty: this cannot fail.
             let _ = in_tx.try_send(Ok(Received::new(connect)));
-            streams.insert(client, Slot { id, inbound: in_tx });
+            slots.push(Slot {
+                id,
+                inbound: in_tx,
+                principal,
+                secret: secret.clone(),
+            });
         }
         let conn = Connection {
             sink: channel_sink(out_tx),
@@ -156,24 +214,39 @@ impl DbHost {
                 client,
                 id,
             },
+            secret,
         })
     }
 
-    /// Delivers a message `POST`ed by `client` into its stream's connection
-    /// and waits until the Peer has processed it.
+    /// Delivers a message `POST`ed by `principal` (presenting the session
+    /// secret `presented`) for peer `client` into its stream's connection
+    /// and waits until the Peer has processed it. Refused, touching no
+    /// session, unless the stream is the principal's own and, for a crsync
+    /// stream, the secret is its secret (see [`crate::session`]).
     pub(crate) async fn deliver(
         &self,
+        principal: Principal,
+        presented: Option<&str>,
         client: &str,
         message: TransportMessage,
     ) -> Result<(), ApiError> {
         let site: SiteId = client
             .parse()
             .map_err(|e| ApiError::malformed(format!("peerId: {e}")))?;
-        let inbound = self
-            .lock_streams()
-            .get(&site)
-            .map(|slot| slot.inbound.clone())
-            .ok_or_else(|| ApiError::not_connected(client))?;
+        let inbound = {
+            let streams = self.lock_streams();
+            let slots = streams.get(&site).map(Vec::as_slice).unwrap_or_default();
+            match admit_post(slots.iter().map(Slot::binding), principal, presented) {
+                // Streams are gone once shutdown began: say so, not "no stream".
+                None if self.is_closing() => return Err(ApiError::shutting_down()),
+                None => return Err(ApiError::not_connected(client)),
+                Some(Err(refusal)) => {
+                    tracing::debug!(db = %self.name, peer = %site, "refused a POST: {}", refusal.message());
+                    return Err(refusal);
+                }
+                Some(Ok(index)) => slots[index].inbound.clone(),
+            }
+        };
         let (received, reply) = Received::with_reply(message);
         inbound
             .send(Ok(received))

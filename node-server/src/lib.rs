@@ -8,6 +8,7 @@ mod peer_router;
 mod registry;
 mod routes;
 mod server;
+mod session;
 mod ws;
 
 pub use auth::{Access, Auth, NoTokens};

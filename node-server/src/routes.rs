@@ -12,20 +12,20 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crsync_peer::SiteId;
 use crsync_peer::proto::ErrorCode;
-use crsync_peer::wire::{LOSSLESS, MessageKind, TransportMessage};
+use crsync_peer::wire::{Hello, LOSSLESS, MessageKind, SESSION_HEADER, TransportMessage};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::auth::{Access, Auth};
+use crate::auth::{Access, Auth, Principal};
 use crate::error::ApiError;
-use crate::host::{DbHost, SseSession, admit};
+use crate::host::{DbHost, SseSession, StreamRequest, admit};
 
 /// Where the handlers find the database a request addresses.
 pub(crate) trait Databases: Clone + Send + Sync + 'static {
@@ -47,6 +47,7 @@ pub(crate) struct Target<S> {
     state: S,
     name: String,
     access: Access,
+    principal: Principal,
 }
 
 impl<S: Databases> Target<S> {
@@ -104,11 +105,12 @@ impl<S: Databases> FromRequestParts<S> for Target<S> {
             }
         };
         let token = bearer(parts)?;
-        let access = state.auth().check(token.as_deref(), &name)?;
+        let (access, principal) = state.auth().authorize(token.as_deref(), &name)?;
         Ok(Target {
             state: state.clone(),
             name,
             access,
+            principal,
         })
     }
 }
@@ -149,7 +151,19 @@ struct StreamQuery {
     crsync: Option<String>,
 }
 
-async fn stream<S: Databases>(target: Target<S>, uri: Uri) -> Result<Response, ApiError> {
+/// The session secret a request presents ([`SESSION_HEADER`]); a value that
+/// is not text presents a secret nothing matches.
+fn presented_secret(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(SESSION_HEADER)
+        .map(|v| v.to_str().unwrap_or_default())
+}
+
+async fn stream<S: Databases>(
+    target: Target<S>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let Query(query) = Query::<StreamQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError::malformed(format!("query string: {e}")))?;
     let peer_id = query
@@ -160,15 +174,32 @@ async fn stream<S: Databases>(target: Target<S>, uri: Uri) -> Result<Response, A
         .map_err(|e| ApiError::malformed(format!("peerId: {e}")))?;
     let lossless = query
         .crsync
+        .as_ref()
         .is_some_and(|c| c.split(',').any(|e| e.trim() == LOSSLESS));
     let host = target.host().await?;
     let span = tracing::info_span!("sse", db = host.name(), peer = %client);
-    let mut response = match host.open_sse(client, lossless, &span) {
-        Ok(SseSession { outbound, guard }) => {
+    let request = StreamRequest {
+        principal: target.principal,
+        client,
+        crsync: query.crsync.is_some(),
+        lossless,
+        presented: presented_secret(&headers),
+    };
+    let mut response = match host.open_sse(request, &span) {
+        Ok(SseSession {
+            outbound,
+            guard,
+            secret,
+        }) => {
             let events = ReceiverStream::new(outbound)
-                .map(move |msg| {
+                .map(move |mut msg| {
                     // The guard unregisters the stream when the body is dropped.
                     let _ = &guard;
+                    // A crsync client learns its session secret from our `connect`.
+                    if let (MessageKind::Connect, Some(secret)) = (msg.kind, &secret) {
+                        msg.crsync.get_or_insert_with(Hello::current).session =
+                            Some(secret.as_str().to_owned());
+                    }
                     Ok::<_, Infallible>(Event::default().data(msg.to_json()))
                 })
                 .take_until(host.closed());
@@ -193,22 +224,25 @@ async fn stream<S: Databases>(target: Target<S>, uri: Uri) -> Result<Response, A
 async fn post_sync<S: Databases>(
     target: Target<S>,
     State(state): State<S>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    post_message(target, &state, body, MessageKind::Sync).await
+    post_message(target, &state, &headers, body, MessageKind::Sync).await
 }
 
 async fn post_data<S: Databases>(
     target: Target<S>,
     State(state): State<S>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    post_message(target, &state, body, MessageKind::Data).await
+    post_message(target, &state, &headers, body, MessageKind::Data).await
 }
 
 async fn post_message<S: Databases>(
     target: Target<S>,
     state: &S,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     expected: MessageKind,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -236,7 +270,13 @@ async fn post_message<S: Databases>(
     }
     let host = target.host().await?;
     let peer_id = message.peer_id.clone();
-    host.deliver(&peer_id, message).await?;
+    host.deliver(
+        target.principal,
+        presented_secret(headers),
+        &peer_id,
+        message,
+    )
+    .await?;
     Ok(Json(serde_json::json!({"success": true})))
 }
 

@@ -304,6 +304,7 @@ pub(crate) fn cors_layer(config: &CorsConfig) -> Result<Option<CorsLayer>, Serve
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 HeaderName::from_static("last-event-id"),
+                HeaderName::from_static(crsync_peer::wire::SESSION_HEADER),
             ]),
     ))
 }

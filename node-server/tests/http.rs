@@ -496,7 +496,18 @@ async fn value_encoding_follows_the_crsync_parameter() -> Result<()> {
             reader.next().await?.map(|m| m.kind),
             Some(MessageKind::Connect)
         );
-        let (status, _) = server.post("notes", "sync", RW, sync_body(peer)).await?;
+        // A crsync client (the `crsync` parameter) presents its session secret.
+        let session = reader.session().map(str::to_owned);
+        assert_eq!(session.is_some(), !param.is_empty());
+        let (status, _) = server
+            .post_with(
+                "notes",
+                "sync",
+                Some(RW),
+                session.as_deref(),
+                sync_body(peer),
+            )
+            .await?;
         assert_eq!(status, 200);
         let changes = next_changes(&mut reader).await?;
         let val = changes

@@ -5,10 +5,25 @@
 //! then on every connection this process opens has cr-sqlite. SQL's
 //! `load_extension()` stays disabled. Registration is process-wide and happens
 //! once; later calls return the library already loaded.
+//!
+//! cr-sqlite initialises inside `sqlite3_open`, before the caller can set a
+//! busy timeout, so a file another process is writing could fail to open
+//! (`automatic extension loading failed`). What is registered is therefore a
+//! small wrapper that first gives the connection a busy timeout of
+//! 5 s (the same 5 s rusqlite sets right after `open`) and
+//! then runs cr-sqlite's entry point.
 #![allow(unsafe_code)]
 
+use std::ffi::{c_char, c_int};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use rusqlite::auto_extension::RawAutoExtension;
+use rusqlite::ffi;
+
+/// Busy timeout every connection gets before cr-sqlite initialises on it.
+pub(crate) const INIT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Environment variable naming the extension file.
 pub const CRSQLITE_PATH_ENV: &str = "CRSQLITE_PATH";
@@ -83,6 +98,29 @@ impl std::fmt::Display for PathSource {
 /// The library, kept loaded for the life of the process.
 static LOADED: OnceLock<(PathBuf, libloading::Library)> = OnceLock::new();
 static LOADING: Mutex<()> = Mutex::new(());
+/// cr-sqlite's entry point, called by [`init_with_busy_timeout`].
+static CRSQLITE_INIT: Mutex<Option<RawAutoExtension>> = Mutex::new(None);
+
+/// The auto extension: a busy timeout first, then cr-sqlite's own init.
+///
+/// # Safety
+/// Called by SQLite with the connection being opened, as for any auto extension.
+unsafe extern "C" fn init_with_busy_timeout(
+    db: *mut ffi::sqlite3,
+    err: *mut *mut c_char,
+    api: *const ffi::sqlite3_api_routines,
+) -> c_int {
+    let init = *CRSQLITE_INIT.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(init) = init else {
+        return ffi::SQLITE_ERROR;
+    };
+    let ms = c_int::try_from(INIT_BUSY_TIMEOUT.as_millis()).unwrap_or(c_int::MAX);
+    // SAFETY: `db` is the open connection SQLite hands every auto extension.
+    unsafe {
+        ffi::sqlite3_busy_timeout(db, ms);
+        init(db, err, api)
+    }
+}
 
 /// Resolves the extension path: `explicit`, then `CRSQLITE_PATH`, then the install dir.
 pub fn resolve_path(explicit: Option<&Path>) -> (PathBuf, PathSource) {
@@ -134,22 +172,26 @@ pub fn load_extension(explicit: Option<&Path>) -> Result<PathBuf, ExtensionError
     // file the user or install script named as cr-sqlite.
     let library = unsafe { libloading::Library::new(&path) }.map_err(not_cr)?;
     // SAFETY: the symbol has the SQLite extension entry-point signature.
-    let init: rusqlite::auto_extension::RawAutoExtension = *unsafe {
-        library.get::<rusqlite::auto_extension::RawAutoExtension>(b"sqlite3_crsqlite_init\0")
+    let init: RawAutoExtension = *unsafe {
+        library.get::<RawAutoExtension>(b"sqlite3_crsqlite_init\0")
     }
     .map_err(|e| ExtensionError::NotCrSqlite {
         path: path.clone(),
         reason: format!("it has no sqlite3_crsqlite_init entry point ({e})"),
     })?;
-    // SAFETY: `init` stays valid: the library is stored in `LOADED` for the life of the process.
-    unsafe { rusqlite::auto_extension::register_auto_extension(init) }.map_err(|e| {
-        ExtensionError::InitFailed {
+    // `init` stays valid: the library is stored in `LOADED` for the life of
+    // the process (and the wrapper is unregistered if that does not happen).
+    *CRSQLITE_INIT.lock().unwrap_or_else(PoisonError::into_inner) = Some(init);
+    // SAFETY: the wrapper only calls `init`, with the arguments SQLite gives it.
+    unsafe { rusqlite::auto_extension::register_auto_extension(init_with_busy_timeout) }.map_err(
+        |e| ExtensionError::InitFailed {
             path: path.clone(),
             reason: e.to_string(),
-        }
-    })?;
+        },
+    )?;
     if let Err(reason) = check_connection() {
         rusqlite::auto_extension::reset_auto_extension();
+        *CRSQLITE_INIT.lock().unwrap_or_else(PoisonError::into_inner) = None;
         return Err(ExtensionError::InitFailed { path, reason });
     }
     tracing::debug!(path = %path.display(), "cr-sqlite extension loaded");

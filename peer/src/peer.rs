@@ -332,7 +332,10 @@ impl Peer {
         })
     }
 
-    /// Dials `dialer` now and again whenever its connection ends, with backoff.
+    /// Dials `dialer` now and again whenever its connection ends, with backoff
+    /// ([`ReconnectPolicy`]). A connection resets the backoff when it ends,
+    /// unless the remote refused what we sent on it (an HTTP 413, say): that
+    /// would be refused again at once, so the delays keep growing.
     pub fn add_dialer(&self, dialer: impl Dialer) -> JoinHandle<()> {
         let inner = self.inner.clone();
         self.inner.tasks.spawn(dial_loop(inner, Box::new(dialer)))
@@ -428,11 +431,17 @@ async fn dial_loop(inner: Arc<Inner>, mut dialer: Box<dyn Dialer>) {
         };
         match attempt {
             Ok(connection) => {
-                backoff.reset();
-                let end = session::run(inner.clone(), connection, Side::Dialed).await;
-                if end == session::End::SiteIdConflict {
+                let ended = session::run(inner.clone(), connection, Side::Dialed).await;
+                if ended.site_id_conflict {
                     tracing::warn!(transport = %dialer.label(), "site id conflict: no longer dialing");
                     return;
+                }
+                // After a refusal (a 413, say) the next attempt would be
+                // refused the same way: back off further instead of hammering.
+                if ended.refused {
+                    tracing::info!(transport = %dialer.label(), "the remote refused what we sent; backing off");
+                } else {
+                    backoff.reset();
                 }
             }
             Err(e) => {

@@ -16,6 +16,10 @@
 //! - `error.code`: a stable machine-readable code next to the message.
 //! - `sync.ack = true`: an acknowledgement between crsync peers (what the
 //!   sender now holds); it does not restart the stream the way a `sync` does.
+//! - `connect.crsync.session`: over HTTP + SSE, a crsync server's `connect`
+//!   (the stream's first message) carries a session secret, which the client
+//!   presents on every `POST` in the [`SESSION_HEADER`] header (and on a new
+//!   `GET stream`, to replace a stream of its own the server still holds).
 //!
 //! Values (codec in [`value`]): NULL, UTF-8 text, finite reals and integers
 //! within ±(2^53 − 1) are plain JSON in both encodings. With `lossless`, other
@@ -52,6 +56,9 @@ use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId};
 pub const LOSSLESS: &str = "lossless";
 /// crsync's protocol extension version.
 pub const CRSYNC_PROTOCOL_VERSION: u32 = 1;
+/// The HTTP header in which a crsync client presents its SSE session secret
+/// (`connect.crsync.session`) on `POST sync` / `POST data`.
+pub const SESSION_HEADER: &str = "x-crsync-session";
 
 /// How values are written to one remote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,6 +98,10 @@ pub struct Hello {
     /// Absent: it believes them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub believes: Option<String>,
+    /// The session secret a crsync server hands out on an SSE stream's
+    /// `connect` (see [`SESSION_HEADER`]); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 impl Hello {
@@ -100,6 +111,7 @@ impl Hello {
             version: CRSYNC_PROTOCOL_VERSION,
             encoding: LOSSLESS.into(),
             believes: None,
+            session: None,
         }
     }
 
@@ -226,6 +238,17 @@ pub enum DecodeError {
         /// Why.
         reason: String,
     },
+    /// A version no database has: a negative cursor entry or range bound, or
+    /// a range whose upper bound is below its lower one.
+    #[error("invalid version in {field} for site {site}: {reason}")]
+    BadVersion {
+        /// Which field (`cursor` or `ranges`).
+        field: &'static str,
+        /// The site the entry is for, as sent.
+        site: String,
+        /// Why.
+        reason: String,
+    },
     /// A message kind without the field it needs.
     #[error("{kind:?} message lacks {field}")]
     Missing {
@@ -237,9 +260,52 @@ pub enum DecodeError {
 }
 
 impl TransportMessage {
-    /// Parses a message from JSON text.
+    /// Parses a message from JSON text, then [`validate`](Self::validate)s it.
     pub fn from_json(text: &str) -> Result<Self, DecodeError> {
-        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))
+        let message: Self =
+            serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        message.validate()?;
+        Ok(message)
+    }
+
+    /// Checks what the JSON shape alone does not: cursor versions are never
+    /// negative, and each range `[after, upto]` has `0 <= after <= upto`.
+    ///
+    /// ```
+    /// use crsync_peer::wire::{DecodeError, TransportMessage};
+    /// let site = "0a".repeat(16);
+    /// let sync = format!(r#"{{"type":"sync","peerId":"{site}","cursor":{{"peers":{{"{site}":-1}}}}}}"#);
+    /// assert!(matches!(TransportMessage::from_json(&sync), Err(DecodeError::BadVersion { .. })));
+    /// ```
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        let bad = |field, site: &dyn std::fmt::Display, reason: String| DecodeError::BadVersion {
+            field,
+            site: site.to_string(),
+            reason,
+        };
+        for (site, version) in self.cursor.iter().flat_map(Cursor::iter) {
+            if version.0 < 0 {
+                return Err(bad("cursor", &site, format!("{version} is negative")));
+            }
+        }
+        let ranges = self.data.as_ref().and_then(|d| d.ranges.as_ref());
+        for (site, &(after, upto)) in ranges.into_iter().flatten() {
+            if after < 0 || upto < 0 {
+                return Err(bad(
+                    "ranges",
+                    site,
+                    format!("[{after}, {upto}] is negative"),
+                ));
+            }
+            if upto < after {
+                return Err(bad(
+                    "ranges",
+                    site,
+                    format!("[{after}, {upto}] is reversed"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Serializes to JSON text.
@@ -402,6 +468,51 @@ mod tests {
         #[test]
         fn decoding_arbitrary_json_never_panics(s in ".{0,200}") {
             let _ = TransportMessage::from_json(&s);
+        }
+    }
+
+    #[test]
+    fn refuses_negative_versions_and_reversed_ranges() {
+        let site = "0a".repeat(16);
+        let sync = |version: i64| {
+            format!(
+                r#"{{"type":"sync","peerId":"{site}","ack":true,"cursor":{{"peers":{{"{site}":{version}}}}}}}"#
+            )
+        };
+        assert!(TransportMessage::from_json(&sync(0)).is_ok());
+        assert!(TransportMessage::from_json(&sync(7)).is_ok());
+        for version in [-1, i64::MIN] {
+            let e = TransportMessage::from_json(&sync(version)).expect_err("negative cursor");
+            assert!(
+                matches!(
+                    &e,
+                    DecodeError::BadVersion {
+                        field: "cursor",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+        let data = |after: i64, upto: i64| {
+            format!(
+                r#"{{"type":"data","peerId":"{site}","data":{{"type":"eose","data":[],"ranges":{{"{site}":[{after},{upto}]}}}}}}"#
+            )
+        };
+        assert!(TransportMessage::from_json(&data(0, 0)).is_ok());
+        assert!(TransportMessage::from_json(&data(3, 9)).is_ok());
+        for (after, upto) in [(-1, 5), (-5, -1), (0, -1), (9, 3)] {
+            let e = TransportMessage::from_json(&data(after, upto)).expect_err("bad range");
+            assert!(
+                matches!(
+                    &e,
+                    DecodeError::BadVersion {
+                        field: "ranges",
+                        ..
+                    }
+                ),
+                "[{after}, {upto}]: {e}"
+            );
         }
     }
 

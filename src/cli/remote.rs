@@ -113,6 +113,12 @@ pub(crate) enum Problem {
         /// What to tell the user.
         message: String,
     },
+    /// The server refused a batch as too large (HTTP 413): the Peer retries
+    /// with growing backoff; it goes through once the server's limit is raised.
+    TooLarge {
+        /// What to tell the user, with the setting to raise.
+        message: String,
+    },
 }
 
 impl Problem {
@@ -144,6 +150,17 @@ impl Problem {
                     Problem::Unreachable { message }
                 }
             }
+            TransportError::Http {
+                status: 413,
+                message,
+                ..
+            } => Problem::TooLarge {
+                message: format!(
+                    "the server at {url} refused a batch as too large ({message}); \
+                     raise max_body_bytes in the server's config (crsync serve --config FILE, \
+                     default 16 MiB) or write smaller transactions; retrying with backoff"
+                ),
+            },
             TransportError::Http {
                 status, message, ..
             } if (400..500).contains(status) && !matches!(status, 408 | 429) => {
@@ -182,7 +199,9 @@ impl Problem {
     /// The message for the user.
     pub(crate) fn message(&self) -> &str {
         match self {
-            Problem::Refused { message, .. } | Problem::Unreachable { message } => message,
+            Problem::Refused { message, .. }
+            | Problem::Unreachable { message }
+            | Problem::TooLarge { message } => message,
         }
     }
 }
@@ -404,6 +423,24 @@ mod tests {
         };
         assert!(!Problem::from_error(&busy, "u").is_refusal());
         assert!(!Problem::from_error(&TransportError::Closed, "u").is_refusal());
+        // A POST that reached a restarted server before our stream, or a
+        // stale session secret: transient.
+        for code in [ErrorCode::NotConnected, ErrorCode::SessionMismatch] {
+            let gone = TransportError::Remote {
+                code,
+                message: "no stream".into(),
+            };
+            assert!(!Problem::from_error(&gone, "u").is_refusal());
+        }
+        // Too large: retried, with the setting to raise.
+        let too_large = TransportError::Http {
+            status: 413,
+            target: "t".into(),
+            message: "payload too large: body exceeds 1024 bytes".into(),
+        };
+        let p = Problem::from_error(&too_large, "u");
+        assert!(!p.is_refusal());
+        assert!(p.message().contains("max_body_bytes"), "{p}");
     }
 
     #[test]

@@ -130,12 +130,15 @@ async fn watch(store: &Store, endpoint: &Endpoint, args: &SyncArgs) -> anyhow::R
                 }
             }
             Some(problem) = session.problems.recv() => {
-                if problem.is_refusal() {
-                    break Err(anyhow::anyhow!("{problem}"));
+                match problem {
+                    Problem::Refused { .. } => break Err(anyhow::anyhow!("{problem}")),
+                    // Only the server's operator can fix it: say so each time.
+                    Problem::TooLarge { .. } => eprintln!("warning: {problem}"),
+                    // Network trouble (a restarted server, say): the Peer
+                    // redials with backoff and a `dial failed` or
+                    // `disconnect` event says so.
+                    Problem::Unreachable { .. } => tracing::debug!("{problem}"),
                 }
-                // Network trouble: the Peer redials with backoff and a
-                // `dial failed` or `disconnect` event says so.
-                tracing::debug!("{problem}");
             }
             else => break Err(anyhow::anyhow!("the peer stopped")),
         }

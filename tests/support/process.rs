@@ -159,6 +159,14 @@ impl Running {
         }
     }
 
+    /// As [`terminate`](Self::terminate), also returning all of stderr.
+    pub(crate) fn terminate_with_stderr(mut self) -> (ExitStatus, Vec<String>, String) {
+        let stderr = self.stderr.take();
+        let (status, rest) = self.terminate();
+        let stderr = stderr.map(|h| h.join().unwrap_or_default());
+        (status, rest, stderr.unwrap_or_default())
+    }
+
     /// Sends SIGTERM and waits for the exit; returns its status and the rest of stdout.
     pub(crate) fn terminate(mut self) -> (ExitStatus, Vec<String>) {
         let pid = self.child.id().to_string();
@@ -212,9 +220,21 @@ impl TestServer {
         token: Option<&str>,
         extra: &[&str],
     ) -> TestServer {
+        Self::start_on("127.0.0.1:0", dir, schema, token, extra)
+    }
+
+    /// As [`start`](Self::start), listening on `bind` (to restart a server
+    /// on the port it had).
+    pub(crate) fn start_on(
+        bind: &str,
+        dir: &Path,
+        schema: &Path,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> TestServer {
         let mut cmd = crsync();
         cmd.arg("serve")
-            .args(["--bind", "127.0.0.1:0", "--allow-create", "--data-dir"])
+            .args(["--bind", bind, "--allow-create", "--data-dir"])
             .arg(dir.join("server"))
             .arg("--schema")
             .arg(schema)
@@ -235,5 +255,10 @@ impl TestServer {
     /// The URL of database `name`.
     pub(crate) fn db_url(&self, name: &str) -> String {
         format!("{}/db/{name}", self.base)
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub(crate) fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
     }
 }

@@ -2,7 +2,7 @@
 //! to [`TransportError`]s.
 
 use crsync_peer::TransportError;
-use crsync_peer::proto::ErrorCode;
+use crsync_peer::proto::{ErrorCode, SenderAction};
 
 /// Longest body text quoted in an error.
 const MAX_QUOTED_BODY: usize = 512;
@@ -45,10 +45,22 @@ fn quote(body: &str) -> String {
 
 /// The error for a request to `target` refused with `status` and `body`:
 /// 401 and 403 are typed remote refusals (code from the body, else
-/// `UNAUTHORIZED` / `FORBIDDEN`); everything else is
-/// [`TransportError::Http`], 413 with a message that says so.
+/// `UNAUTHORIZED` / `FORBIDDEN`), and so is any other 4xx but 413 and 429
+/// whose code tells the sender to retry (`NOT_CONNECTED`); everything else
+/// is [`TransportError::Http`], 413 with a message that says so.
 pub(crate) fn refused(status: u16, target: &str, body: &str) -> TransportError {
     let parsed = ErrorBody::parse(body);
+    let code = parsed.code.as_deref().map(ErrorCode::parse);
+    if let Some(code) = code.filter(|c| {
+        (400..500).contains(&status)
+            && !matches!(status, 413 | 429)
+            && c.sender_action() == SenderAction::Retry
+    }) {
+        return TransportError::Remote {
+            code,
+            message: parsed.message,
+        };
+    }
     match status {
         401 | 403 => TransportError::Remote {
             code: match parsed.code {
@@ -97,6 +109,14 @@ mod tests {
         let e = refused(413, "x", "length limit exceeded");
         assert!(
             matches!(e, TransportError::Http { status: 413, ref message, .. } if message.contains("length limit exceeded"))
+        );
+        let e = refused(
+            400,
+            "x",
+            r#"{"type":"error","error":"no stream","code":"NOT_CONNECTED"}"#,
+        );
+        assert!(
+            matches!(e, TransportError::Remote { ref code, ref message } if *code == ErrorCode::NotConnected && message == "no stream")
         );
         let e = refused(
             404,

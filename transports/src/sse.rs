@@ -8,6 +8,12 @@
 //!   `Err(TransportError::Decode)` and the stream goes on). The
 //!   `crsync=lossless` parameter tells a crsync server that we read the
 //!   lossless value encoding, since our `connect` message is never POSTed.
+//!   A crsync server answers with a session secret in its `connect`
+//!   (`crsync.session`); every POST of the connection presents it in the
+//!   [`SESSION_HEADER`] header, so no other client can act in our session.
+//!   The next dial presents it on the `GET` too: if the server still holds
+//!   our previous stream (half-open), the new one replaces it instead of
+//!   being refused with `ALREADY_CONNECTED`.
 //! - **outgoing**: `sync` is POSTed to `{base}/sync` and `data` to
 //!   `{base}/data` as JSON; `connect` and `ping` are not sent (v1 has no
 //!   endpoint for them; the stream itself tells the server we are there), nor
@@ -21,7 +27,11 @@
 //!   `INVALID_CHANGE`, `SCHEMA_OUTDATED` or `MALFORMED`: logged at warn level
 //!   and treated as delivered (the protocol recovers through `sync`);
 //! - 401 / 403: [`TransportError::Remote`] with the body's code (default
-//!   `UNAUTHORIZED` / `FORBIDDEN`);
+//!   `UNAUTHORIZED` / `FORBIDDEN`; `SESSION_MISMATCH` when the server no
+//!   longer knows our session secret);
+//! - another 4xx whose code says retry (`NOT_CONNECTED`: a POST that reached
+//!   a restarted server before our stream did): [`TransportError::Remote`]
+//!   with that code;
 //! - 413: [`TransportError::Http`] with status 413 (the batch must be split);
 //! - any other status, a timeout or a network error: an error.
 //!
@@ -43,7 +53,7 @@
 use std::time::Duration;
 
 use crsync_peer::proto::{ErrorCode, SenderAction};
-use crsync_peer::wire::{LOSSLESS, MessageKind, TransportMessage};
+use crsync_peer::wire::{LOSSLESS, MessageKind, SESSION_HEADER, TransportMessage};
 use crsync_peer::{Connection, Dialer, MessageStream, Received, SiteId, TransportError};
 use es::Client as _;
 use eventsource_client as es;
@@ -77,6 +87,8 @@ pub struct SseDialer {
     dial_timeout: Duration,
     post_timeout: Duration,
     http: Option<reqwest::Client>,
+    /// The session secret of the last stream (presented on the next dial).
+    session: Option<String>,
 }
 
 impl std::fmt::Debug for SseDialer {
@@ -86,6 +98,7 @@ impl std::fmt::Debug for SseDialer {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("dial_timeout", &self.dial_timeout)
             .field("post_timeout", &self.post_timeout)
+            .field("session", &self.session.as_ref().map(|_| "<redacted>"))
             .finish_non_exhaustive()
     }
 }
@@ -103,6 +116,7 @@ impl SseDialer {
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
             post_timeout: DEFAULT_POST_TIMEOUT,
             http: None,
+            session: None,
         }
     }
 
@@ -177,6 +191,11 @@ impl SseDialer {
                 .header("Authorization", &format!("Bearer {token}"))
                 .map_err(connect_error)?;
         }
+        if let Some(session) = &self.session {
+            builder = builder
+                .header(SESSION_HEADER, session)
+                .map_err(connect_error)?;
+        }
         #[cfg(feature = "rustls")]
         if url.starts_with("https:") {
             return Ok(builder.build().stream());
@@ -203,12 +222,15 @@ impl SseDialer {
             });
         }
         tracing::debug!(base = %self.base, first = ?first.kind, "sse stream open");
+        // A v1 server hands out no secret: POSTs then go without one.
+        self.session = first.crsync.as_ref().and_then(|h| h.session.clone());
         let messages: MessageStream =
             Box::pin(stream::once(async { Ok(Received::new(first)) }).chain(messages(events)));
         let poster = Poster {
             http,
             base: self.base.clone(),
             token: self.token.clone(),
+            session: self.session.clone(),
         };
         Ok(Connection {
             sink: Box::pin(SerialSink::new(poster)),
@@ -323,6 +345,8 @@ struct Poster {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// The stream's session secret, presented on every POST.
+    session: Option<String>,
 }
 
 impl Poster {
@@ -344,6 +368,9 @@ impl Poster {
             .body(message.to_json());
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
+        }
+        if let Some(session) = &self.session {
+            request = request.header(SESSION_HEADER, session);
         }
         let response = request
             .send()

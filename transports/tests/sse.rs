@@ -15,6 +15,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use crsync_peer::proto::ErrorCode;
 use crsync_peer::wire::{MessageKind, PeerChange, PeerMessage, PeerMessageKind, TransportMessage};
 use crsync_peer::{Cursor, DbVersion, Dialer, SiteId, TransportError};
 use crsync_transports::sse::SseDialer;
@@ -458,7 +459,7 @@ async fn recoverable_refusals_count_as_delivered_others_fail() {
     }
     let failed = conn.sink.send(data_message(me, 4, 1)).await;
     assert!(
-        matches!(failed, Err(TransportError::Http { status: 400, ref message, .. }) if message.contains("NOT_CONNECTED")),
+        matches!(failed, Err(TransportError::Remote { code: ErrorCode::NotConnected, ref message }) if message == "no stream"),
         "{failed:?}"
     );
     // Nothing more goes out on this connection.

@@ -3,8 +3,10 @@
 
 pub mod v1;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -25,10 +27,15 @@ pub const RO: &str = "ro-token";
 pub const OTHER: &str = "other-db-token";
 pub const ENV: &str = "env-token";
 
+/// Session secrets of the streams opened with [`TestServer::open_stream`],
+/// by (database, peer id), as their `connect` handed them out.
+type Sessions = Arc<Mutex<HashMap<(String, String), String>>>;
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
+    sessions: Sessions,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), crsync_node_server::ServeError>>>,
 }
@@ -81,6 +88,7 @@ impl TestServer {
             addr,
             dir,
             client: reqwest::Client::new(),
+            sessions: Sessions::default(),
             stop: Some(stop),
             task: Some(task),
         })
@@ -107,6 +115,9 @@ impl TestServer {
         Ok(())
     }
 
+    /// Opens a crsync client's stream (`crsync=lossless`). Its session
+    /// secret, once the reader has read the `connect`, is presented by
+    /// [`post`](Self::post) for this database and peer, as a crsync client does.
     pub async fn open_stream(&self, db: &str, peer: &str, token: &str) -> Result<SseReader> {
         let response = self
             .client
@@ -121,9 +132,13 @@ impl TestServer {
                 response.text().await?
             );
         }
-        Ok(SseReader::new(response))
+        let mut reader = SseReader::new(response);
+        reader.record = Some((self.sessions.clone(), (db.to_owned(), peer.to_owned())));
+        Ok(reader)
     }
 
+    /// POSTs `body`, presenting the session secret of the stream
+    /// [`open_stream`](Self::open_stream) opened for its peer id, if any.
     pub async fn post(
         &self,
         db: &str,
@@ -131,14 +146,38 @@ impl TestServer {
         token: &str,
         body: String,
     ) -> Result<(u16, serde_json::Value)> {
-        let response = self
+        let peer = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|b| b["peerId"].as_str().map(str::to_owned));
+        let session = peer.and_then(|peer| {
+            let sessions = self.sessions.lock().expect("sessions");
+            sessions.get(&(db.to_owned(), peer)).cloned()
+        });
+        self.post_with(db, route, Some(token), session.as_deref(), body)
+            .await
+    }
+
+    /// POSTs `body` with exactly this token and session secret (either may be absent).
+    pub async fn post_with(
+        &self,
+        db: &str,
+        route: &str,
+        token: Option<&str>,
+        session: Option<&str>,
+        body: String,
+    ) -> Result<(u16, serde_json::Value)> {
+        let mut request = self
             .client
             .post(self.url(&format!("/db/{db}/{route}")))
-            .bearer_auth(token)
             .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(session) = session {
+            request = request.header(crsync_peer::wire::SESSION_HEADER, session);
+        }
+        let response = request.send().await?;
         let status = response.status().as_u16();
         let json =
             serde_json::from_str(&response.text().await?).context("response body is not JSON")?;
@@ -161,6 +200,10 @@ type ByteStream =
 pub struct SseReader {
     body: ByteStream,
     buf: String,
+    /// The session secret of the stream's `connect`, once read.
+    session: Option<String>,
+    /// Where to record it for [`TestServer::post`].
+    record: Option<(Sessions, (String, String))>,
 }
 
 impl SseReader {
@@ -168,7 +211,14 @@ impl SseReader {
         SseReader {
             body: Box::pin(response.bytes_stream()),
             buf: String::new(),
+            session: None,
+            record: None,
         }
+    }
+
+    /// The session secret the server handed out in this stream's `connect`.
+    pub fn session(&self) -> Option<&str> {
+        self.session.as_deref()
     }
 
     /// The next frame's message, `None` when the stream ends.
@@ -190,7 +240,18 @@ impl SseReader {
                 if data.is_empty() {
                     continue; // a comment or keep-alive
                 }
-                return Ok(Some(TransportMessage::from_json(&data.join("\n"))?));
+                let message = TransportMessage::from_json(&data.join("\n"))?;
+                let secret = message.crsync.as_ref().and_then(|h| h.session.clone());
+                if let (crsync_peer::wire::MessageKind::Connect, Some(secret)) =
+                    (message.kind, secret)
+                {
+                    if let Some((sessions, key)) = &self.record {
+                        let mut sessions = sessions.lock().expect("sessions");
+                        sessions.insert(key.clone(), secret.clone());
+                    }
+                    self.session = Some(secret);
+                }
+                return Ok(Some(message));
             }
             match self.body.next().await {
                 Some(chunk) => self.buf.push_str(std::str::from_utf8(&chunk?)?),

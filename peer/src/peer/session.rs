@@ -32,16 +32,18 @@ pub(crate) const OUTBOX_CAP: usize = 16;
 /// How long the writer may take to flush what is queued when the session ends.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How a session ended, for the dialer.
+/// How a session ended, for the dialer's backoff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum End {
-    /// Redial as usual.
-    Closed,
+pub(crate) struct Ended {
+    /// The remote refused something we sent (an HTTP 4xx such as 413, or a
+    /// typed refusal other than "your stream is gone"): sending it again at
+    /// once would be refused again, so the redial backoff keeps growing.
+    pub(crate) refused: bool,
     /// One of the two replicas is a copy: redialing cannot help.
-    SiteIdConflict,
+    pub(crate) site_id_conflict: bool,
 }
 
-pub(crate) async fn run(inner: Arc<Inner>, connection: Connection, side: Side) -> End {
+pub(crate) async fn run(inner: Arc<Inner>, connection: Connection, side: Side) -> Ended {
     let span = tracing::info_span!("session", local = %inner.store.site_id(), transport = %connection.label);
     if let Some(copy) = inner.store.copied() {
         let _entered = span.enter();
@@ -55,14 +57,28 @@ pub(crate) async fn run(inner: Arc<Inner>, connection: Connection, side: Side) -
             transport: connection.label,
             reason: copy.to_string(),
         });
-        return End::SiteIdConflict;
+        return Ended {
+            refused: true,
+            site_id_conflict: true,
+        };
     }
     run_inner(inner, connection, side).instrument(span).await
 }
 
+/// Whether a send failure is the remote refusing what we sent (see [`Ended`]).
+fn is_refusal(e: &TransportError) -> bool {
+    match e {
+        TransportError::Http { status, .. } => (400..500).contains(status),
+        TransportError::Remote { code, .. } => {
+            !matches!(code, ErrorCode::NotConnected | ErrorCode::SessionMismatch)
+        }
+        _ => false,
+    }
+}
+
 type MergeFuture = BoxFuture<'static, Result<MergeReport, MergeError>>;
 
-async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End {
+async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> Ended {
     let Connection {
         mut sink,
         mut stream,
@@ -118,7 +134,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
     let id = inner.session_id();
-    let mut end = End::Closed;
+    let mut site_id_conflict = false;
     let mut noted_own = crate::DbVersion(0);
 
     let reason: String = 'session: loop {
@@ -170,7 +186,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
                             peer: remote,
                             message,
                         });
-                        end = End::SiteIdConflict;
+                        site_id_conflict = true;
                     }
                     // Send the error that explains the close, if there is room.
                     while let Some(message) = core.poll_transmit(Instant::now()) {
@@ -265,6 +281,10 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
         Ok(Ok(Err(e))) => Some(e),
         _ => None,
     };
+    let ended = Ended {
+        refused: write_error.as_ref().is_some_and(is_refusal),
+        site_id_conflict,
+    };
     let reason = match write_error {
         // The sink's own error says more than "closed while sending".
         Some(e) if reason.starts_with("connection closed") => format!("send failed: {e}"),
@@ -277,7 +297,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
         transport: label,
         reason,
     });
-    end
+    ended
 }
 
 fn merge_result(result: Result<MergeReport, MergeError>) -> Result<MergeOutcome, MergeFailure> {

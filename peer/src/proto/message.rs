@@ -120,6 +120,7 @@ impl Message {
         message: TransportMessage,
         javascript: bool,
     ) -> Result<(SiteId, Message), DecodeError> {
+        message.validate()?;
         let sender = message.sender()?;
         let parsed = match message.kind {
             MessageKind::Connect => Message::Connect {

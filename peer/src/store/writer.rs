@@ -108,22 +108,46 @@ pub(super) fn run(
     }
 }
 
+/// Creates our bookkeeping tables and sets cr-sqlite's config, once per file.
+/// A file that has them is not written to, so opening it for reading needs no
+/// write lock; otherwise the write lock is taken first (`BEGIN IMMEDIATE`
+/// waits within the busy timeout, where a read upgraded to a write would fail
+/// at once if another process committed meanwhile).
+fn bootstrap(conn: &Connection) -> rusqlite::Result<()> {
+    const READY: &str = "SELECT (SELECT count(*) FROM sqlite_master
+            WHERE name IN ('crsync_cursor', 'crsync_origin', 'crsync_origin_by_site')) = 3
+        AND crsql_config_get('merge-equal-values') = 1";
+    if conn.query_row(READY, [], |r| r.get::<_, bool>(0))? {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let done = conn.execute_batch(BOOTSTRAP_SQL).and_then(|()| {
+        // Equal values written concurrently tie-break by site id, so clocks converge too.
+        conn.query_row(
+            "SELECT crsql_config_set('merge-equal-values', 1)",
+            [],
+            |_| Ok(()),
+        )
+    });
+    match done {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 impl Writer {
     fn open(
         config: WriterConfig,
         events: broadcast::Sender<StoreEvent>,
     ) -> rusqlite::Result<Writer> {
         let conn = Connection::open(&config.path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.busy_timeout(crate::extension::INIT_BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(BOOTSTRAP_SQL)?;
-        // Equal values written concurrently tie-break by site id, so clocks converge too.
-        conn.query_row(
-            "SELECT crsql_config_set('merge-equal-values', 1)",
-            [],
-            |_| Ok(()),
-        )?;
+        bootstrap(&conn)?;
         let site_bytes: Vec<u8> = conn.query_row("SELECT crsql_site_id()", [], |r| r.get(0))?;
         let site = SiteId::from_slice(&site_bytes).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
