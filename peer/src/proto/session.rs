@@ -86,6 +86,9 @@ pub struct Session {
     window: OutgoingWindow,
     /// Our cursor, as the driver last told us.
     cursor: Cursor,
+    /// Our cursor when the session began, until the remote's first cursor
+    /// is checked against it (see `check_site_conflict`).
+    held_at_start: Option<Cursor>,
     schema_version: i64,
     // ---- outgoing stream
     reading: bool,
@@ -142,6 +145,7 @@ impl Session {
             remote_believes_own_site: false,
             encoding: Encoding::V1,
             window,
+            held_at_start: Some(cursor.clone()),
             cursor,
             schema_version,
             reading: false,
@@ -639,9 +643,14 @@ impl Session {
             return false;
         };
         let our_own = self.cursor.get(&self.local);
-        let Some(conflict) =
-            own_version_conflict(theirs, self.local, our_own, remote, &self.cursor)
-        else {
+        // What the remote says of itself is compared with what we held when
+        // the session began, in its first cursor only: by then the remote
+        // had sent us all of that (on earlier connections), while a later or
+        // duplicated message may be older than what it sent since.
+        let held = self.held_at_start.take().unwrap_or_default();
+        let conflict = own_version_conflict(theirs, self.local, our_own, remote, &held)
+            .or_else(|| own_version_conflict(theirs, self.local, our_own, remote, &Cursor::new()));
+        let Some(conflict) = conflict else {
             return false;
         };
         let message = conflict.message(self.local, remote);
