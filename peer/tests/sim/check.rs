@@ -38,8 +38,8 @@ pub fn cursor_lag(world: &World) -> Vec<String> {
         .peers
         .iter()
         .map(|p| match &p.node {
-            Node::Crsync(store) => Some((store.schema_version, store.cursor())),
-            Node::V1(_) => None,
+            Node::Crsync(store) if !p.hostile => Some((store.schema_version, store.cursor())),
+            _ => None,
         })
         .collect();
     let mut out = Vec::new();
@@ -96,12 +96,28 @@ fn rows(world: &World, peer: usize) -> BTreeMap<CellKey, Version> {
     }
 }
 
+/// Whether `got` is a version the hostile peer forged for `key` that beats
+/// the honest winner (`None`: no honest write): what a replica holds when a
+/// forged change was applied as data.
+fn forged_wins(world: &World, key: &CellKey, got: &Version, honest: Option<&Version>) -> bool {
+    world.forged.get(key).is_some_and(|forged| {
+        forged.contains(got)
+            && honest
+                .is_none_or(|h| super::values::cmp_versions(got, h) == std::cmp::Ordering::Greater)
+    })
+}
+
 /// Checks, in order:
 ///
 /// 1. **Nothing lost, all identical**: every replica (v1 ones included) holds,
 ///    for every cell, exactly the LWW winner of all versions ever written to
-///    it (column version, value and site), and no other cell.
-/// 2. **Cursors claim only what is proven.** No crsync replica's entry for a
+///    it (column version, value and site), and no other cell. With a
+///    hostile peer ([`super::hostile`]): its replica is not checked, and a
+///    version it forged under another site's id may win a cell, if it does
+///    so at every honest replica (honest replicas end identical).
+/// 2. **Cursors claim only what is proven** (checked for honest replicas;
+///    the hostile peer's claims about other sites, its cursors and forged
+///    ranges, must be believed by nobody). No crsync replica's entry for a
 ///    site exceeds what that site itself holds (a crsync site's
 ///    `own_version`, a v1 site's highest own version): an over-claim makes
 ///    receivers skip that site's next writes. And a claim needs evidence: a
@@ -145,18 +161,23 @@ fn rows(world: &World, peer: usize) -> BTreeMap<CellKey, Version> {
 /// [`HEAL_LIMIT`]: super::world::HEAL_LIMIT
 pub fn check(world: &World) -> Result<(), String> {
     let mut problems = Vec::new();
-    // 1. rows
-    for peer in 0..world.peers.len() {
+    // 1. rows (of the honest replicas; the hostile peer's are its own business)
+    let honest: Vec<usize> = (0..world.peers.len())
+        .filter(|p| !world.peers[*p].hostile)
+        .collect();
+    for &peer in &honest {
         let have = rows(world, peer);
         let mut diffs = Vec::new();
         for (key, want) in &world.expected {
             match have.get(key) {
-                Some(got) if got == want => {}
+                Some(got) if got == want || forged_wins(world, key, got, Some(want)) => {}
                 got => diffs.push(format!("{key:?}: has {got:?}, expected {want:?}")),
             }
         }
         for key in have.keys().filter(|k| !world.expected.contains_key(k)) {
-            diffs.push(format!("{key:?}: has {:?}, never written", have[key]));
+            if !forged_wins(world, key, &have[key], None) {
+                diffs.push(format!("{key:?}: has {:?}, never written", have[key]));
+            }
         }
         if !diffs.is_empty() {
             let first = world
@@ -184,10 +205,30 @@ pub fn check(world: &World) -> Result<(), String> {
             ));
         }
     }
+    // Forged rows (a hostile peer's changes under another site's id) land
+    // everywhere or nowhere: honest replicas end identical.
+    if let Some((&first, rest)) = honest.split_first() {
+        let want = rows(world, first);
+        for &peer in rest {
+            let have = rows(world, peer);
+            if have != want {
+                let key = want
+                    .keys()
+                    .chain(have.keys())
+                    .find(|k| have.get(k) != want.get(k));
+                problems.push(format!(
+                    "p{peer} and p{first} hold different rows; first: {key:?}: {}",
+                    key.map(|k| holders(world, k)).unwrap_or_default()
+                ));
+            }
+        }
+    }
     // 2. cursors
     let components = components(world);
+    // The hostile peer's own cursor is not checked; what others believe of
+    // its site is (it holds its own rows only up to its `own_version`).
     let crsync: Vec<usize> = (0..world.peers.len())
-        .filter(|p| matches!(world.peers[*p].node, Node::Crsync(_)))
+        .filter(|p| matches!(world.peers[*p].node, Node::Crsync(_)) && !world.peers[*p].hostile)
         .collect();
     for &a in &crsync {
         let Node::Crsync(store) = &world.peers[a].node else {

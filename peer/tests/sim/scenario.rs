@@ -111,9 +111,12 @@ pub struct Scenario {
     pub lossy_values: bool,
     pub ops: Vec<(Duration, Op)>,
     pub heal_at: Duration,
+    /// A hostile peer (the last peer, on the last link), if any: added by
+    /// [`super::hostile::add`] from a generator of its own.
+    pub hostile: Option<super::hostile::Hostile>,
 }
 
-fn faults(rng: &mut StdRng) -> Faults {
+pub fn faults(rng: &mut StdRng) -> Faults {
     if rng.random_bool(0.25) {
         return Faults {
             latency_ms: rng.random_range(1..50),
@@ -326,6 +329,7 @@ impl Scenario {
             lossy_values,
             ops,
             heal_at,
+            hostile: None,
         }
     }
 }

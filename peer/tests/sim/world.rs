@@ -15,6 +15,7 @@ use crsync_peer::{ChangeBatch, Cursor, SiteId};
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use super::hostile::{self, Hostile};
 use super::scenario::{Faults, LinkKind, Op, PeerSpec, Scenario};
 use super::store::Store;
 use super::trace::{Entry, Summary, Trace};
@@ -50,6 +51,8 @@ pub struct Peer {
     deferred: VecDeque<Event>,
     notify_pending: bool,
     pub window: usize,
+    /// The hostile peer ([`super::hostile`]): not an honest replica.
+    pub hostile: bool,
 }
 
 pub struct Link {
@@ -166,6 +169,8 @@ enum Event {
     },
     Op(Op),
     Heal,
+    /// The hostile peer sends its `n`th forged message.
+    Attack(usize),
 }
 
 struct Scheduled {
@@ -275,6 +280,10 @@ pub struct World {
     pub stats: Stats,
     /// Per cell, the LWW winner of every version ever written.
     pub expected: BTreeMap<CellKey, Version>,
+    /// The hostile peer of the scenario, if any.
+    pub hostile: Option<Hostile>,
+    /// Per cell, the versions the hostile peer forged under other sites' ids.
+    pub forged: BTreeMap<CellKey, Vec<Version>>,
     error: Option<String>,
     spin: (Duration, u32),
 }
@@ -307,6 +316,7 @@ impl World {
                     deferred: VecDeque::new(),
                     notify_pending: false,
                     window,
+                    hostile: scenario.hostile.as_ref().is_some_and(|h| h.peer == i),
                 }
             })
             .collect();
@@ -342,6 +352,8 @@ impl World {
             last_activity: Duration::ZERO,
             stats: Stats::default(),
             expected: BTreeMap::new(),
+            hostile: scenario.hostile.clone(),
+            forged: BTreeMap::new(),
             error: None,
             spin: (Duration::ZERO, 0),
         };
@@ -349,6 +361,11 @@ impl World {
             world.schedule_at(*at, Event::Op(op.clone()));
         }
         world.schedule_at(scenario.heal_at, Event::Heal);
+        if let Some(h) = &scenario.hostile {
+            for (i, (at, _)) in h.attacks.iter().enumerate() {
+                world.schedule_at(*at, Event::Attack(i));
+            }
+        }
         for i in 0..world.peers.len() {
             if matches!(world.peers[i].node, Node::V1(_)) {
                 let at = ms(world.rng.random_range(0..5_000));
@@ -441,6 +458,7 @@ impl World {
                 | Op::Upgrade { peer }
                 | Op::Restart { peer, .. },
             ) => Some(*peer),
+            Event::Attack(_) => self.hostile.as_ref().map(|h| h.peer),
             Event::Op(Op::Cut { .. } | Op::Pause { .. })
             | Event::Cut { .. }
             | Event::Resume { .. }
@@ -698,7 +716,32 @@ impl World {
             }
             Event::Op(op) => self.op(op),
             Event::Heal => self.heal(),
+            Event::Attack(n) => self.attack(n),
         }
+    }
+
+    /// The hostile peer sends a forged message on its connection, if it is up
+    /// and connected (only before the heal: attacks are scheduled before it).
+    fn attack(&mut self, n: usize) {
+        let Some(h) = &self.hostile else { return };
+        let (peer, link) = (h.peer, h.link);
+        let Some((_, attack)) = h.attacks.get(n).cloned() else {
+            return;
+        };
+        if !self.peers[peer].up || self.healed.is_some() {
+            return;
+        }
+        let Some(conn) = self.links[link].conn else {
+            return;
+        };
+        let (message, forged) = hostile::message(&attack, peer, self.peers.len());
+        self.note(|| Entry::Note(format!("p{peer} (hostile) sends {}", attack.describe())));
+        self.last_activity = self.now;
+        for (key, version) in forged {
+            self.stats.versions_written += 1;
+            self.forged.entry(key).or_default().push(version);
+        }
+        self.send(conn, 0, message);
     }
 
     /// Ends a pause: what it held happens now, in order.
