@@ -17,11 +17,17 @@
 //! - `CRSYNC_SIM_THREADS`, `CRSYNC_SIM_TRACE` (trace length, default 400).
 //! - Knob for a known issue: `CRSYNC_SIM_V1_PAGING=interleaved` (merges run
 //!   between a v1 peer's pages, shifting its OFFSETs).
+//! - A hostile peer ([`sim::hostile`]) joins `CRSYNC_SIM_HOSTILE_SHARE`
+//!   percent of the scenarios (default 12; 100 for all, 0 for none), making
+//!   the attacks `CRSYNC_SIM_HOSTILE` lists (default
+//!   `ranges,own-range,changes,cursors`; add `many` for a message naming
+//!   12,000 sites in 2.5% of them; `off` for none).
 
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
 mod sim {
     pub mod check;
+    pub mod hostile;
     pub mod scenario;
     pub mod store;
     pub mod trace;
@@ -42,6 +48,8 @@ use sim::trace::Trace;
 use sim::world::{Knobs, Stats, World};
 
 const DEFAULT_SCENARIOS: u64 = 10_000;
+/// Percent of the scenarios with a hostile peer.
+const DEFAULT_HOSTILE_SHARE: u64 = 12;
 
 /// Straight to stderr: the test harness captures `eprintln!` of passing tests.
 macro_rules! say {
@@ -62,7 +70,11 @@ struct Failure {
 /// Runs one seed; with a trace of `trace` entries when given.
 fn run_seed(seed: u64, trace: Option<usize>) -> (Scenario, Result<Stats, (String, String)>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let scenario = Scenario::generate(seed, &mut rng);
+    let mut scenario = Scenario::generate(seed, &mut rng);
+    let (share, kinds) = hostile_knobs();
+    scenario.hostile = sim::hostile::add(&mut scenario, share, &kinds);
+    // Against a hostile peer only the default trust of accepted connections holds.
+    scenario.own_site_trust |= scenario.hostile.is_some();
     let mut world = World::new(&scenario, rng, trace.map(Trace::new), knobs());
     let result = world
         .run(scenario.heal_at)
@@ -84,6 +96,13 @@ fn knobs() -> Knobs {
     }
 }
 
+/// `CRSYNC_SIM_HOSTILE_SHARE` and `CRSYNC_SIM_HOSTILE` (see the crate docs).
+fn hostile_knobs() -> (u64, Vec<sim::hostile::Kind>) {
+    let share = env_u64("CRSYNC_SIM_HOSTILE_SHARE").unwrap_or(DEFAULT_HOSTILE_SHARE);
+    let kinds = std::env::var("CRSYNC_SIM_HOSTILE").unwrap_or_default();
+    (share, sim::hostile::Kind::parse_list(&kinds))
+}
+
 fn describe(scenario: &Scenario) -> String {
     let mut out = format!(
         "seed {}: {:?}, heal at {:.3}s, lossy values {}\n  peers:\n",
@@ -101,6 +120,19 @@ fn describe(scenario: &Scenario) -> String {
             "    link {i}: p{} -> p{} {:?} {:?}\n",
             l.dialer, l.acceptor, l.kind, l.faults
         ));
+    }
+    if let Some(h) = &scenario.hostile {
+        out.push_str(&format!(
+            "  hostile: p{} on link {}, attacks:\n",
+            h.peer, h.link
+        ));
+        for (at, attack) in &h.attacks {
+            out.push_str(&format!(
+                "    {:>8.3}s {}\n",
+                at.as_secs_f64(),
+                attack.describe()
+            ));
+        }
     }
     out.push_str("  ops:\n");
     for (at, op) in &scenario.ops {

@@ -38,8 +38,8 @@ pub fn cursor_lag(world: &World) -> Vec<String> {
         .peers
         .iter()
         .map(|p| match &p.node {
-            Node::Crsync(store) => Some((store.schema_version, store.cursor())),
-            Node::V1(_) => None,
+            Node::Crsync(store) if !p.hostile => Some((store.schema_version, store.cursor())),
+            _ => None,
         })
         .collect();
     let mut out = Vec::new();
@@ -116,12 +116,28 @@ fn rows(world: &World, peer: usize) -> BTreeMap<CellKey, Version> {
     }
 }
 
+/// Whether `got` is a version the hostile peer forged for `key` that beats
+/// the honest winner (`None`: no honest write): what a replica holds when a
+/// forged change was applied as data.
+fn forged_wins(world: &World, key: &CellKey, got: &Version, honest: Option<&Version>) -> bool {
+    world.forged.get(key).is_some_and(|forged| {
+        forged.contains(got)
+            && honest
+                .is_none_or(|h| super::values::cmp_versions(got, h) == std::cmp::Ordering::Greater)
+    })
+}
+
 /// Checks, in order:
 ///
 /// 1. **Nothing lost, all identical**: every replica (v1 ones included) holds,
 ///    for every cell, exactly the LWW winner of all versions ever written to
-///    it (column version, value and site), and no other cell.
-/// 2. **Cursors claim only what is proven.** No crsync replica's entry for a
+///    it (column version, value and site), and no other cell. With a
+///    hostile peer ([`super::hostile`]): its replica is not checked, and a
+///    version it forged under another site's id may win a cell, if it does
+///    so at every honest replica (honest replicas end identical).
+/// 2. **Cursors claim only what is proven** (checked for honest replicas;
+///    the hostile peer's claims about other sites, its cursors and forged
+///    ranges, must be believed by nobody). No crsync replica's entry for a
 ///    site exceeds what that site itself holds (a crsync site's
 ///    `own_version`, a v1 site's highest own version): an over-claim makes
 ///    receivers skip that site's next writes. And a claim needs evidence: a
@@ -165,18 +181,23 @@ fn rows(world: &World, peer: usize) -> BTreeMap<CellKey, Version> {
 /// [`HEAL_LIMIT`]: super::world::HEAL_LIMIT
 pub fn check(world: &World) -> Result<(), String> {
     let mut problems = Vec::new();
-    // 1. rows
-    for peer in 0..world.peers.len() {
+    // 1. rows (of the honest replicas; the hostile peer's are its own business)
+    let honest: Vec<usize> = (0..world.peers.len())
+        .filter(|p| !world.peers[*p].hostile)
+        .collect();
+    for &peer in &honest {
         let have = rows(world, peer);
         let mut diffs = Vec::new();
         for (key, want) in &world.expected {
             match have.get(key) {
-                Some(got) if got == want => {}
+                Some(got) if got == want || forged_wins(world, key, got, Some(want)) => {}
                 got => diffs.push(format!("{key:?}: has {got:?}, expected {want:?}")),
             }
         }
         for key in have.keys().filter(|k| !world.expected.contains_key(k)) {
-            diffs.push(format!("{key:?}: has {:?}, never written", have[key]));
+            if !forged_wins(world, key, &have[key], None) {
+                diffs.push(format!("{key:?}: has {:?}, never written", have[key]));
+            }
         }
         if !diffs.is_empty() {
             let first = world
@@ -204,10 +225,37 @@ pub fn check(world: &World) -> Result<(), String> {
             ));
         }
     }
+    // Honest rows end identical everywhere. Forged rows (a hostile peer's
+    // changes under another site's id) may not: the site whose id was forged
+    // never takes changes under its own id (nobody receives its own writes),
+    // so it, and replicas that hear only through it, lack them. (Part 1
+    // checked that each replica holds every honest winner or a forged one.)
+    let forged_under = |key: &CellKey, v: Option<&Version>| {
+        v.is_some_and(|v| world.forged.get(key).is_some_and(|f| f.contains(v)))
+    };
+    if let Some((&first, rest)) = honest.split_first() {
+        let want = rows(world, first);
+        for &peer in rest {
+            let have = rows(world, peer);
+            let differs = |k: &&CellKey| {
+                let (w, h) = (want.get(*k), have.get(*k));
+                w != h && !forged_under(k, w) && !forged_under(k, h)
+            };
+            if let Some(key) = want.keys().chain(have.keys()).find(differs) {
+                let key = Some(key);
+                problems.push(format!(
+                    "p{peer} and p{first} hold different rows; first: {key:?}: {}",
+                    key.map(|k| holders(world, k)).unwrap_or_default()
+                ));
+            }
+        }
+    }
     // 2. cursors
     let components = components(world);
+    // The hostile peer's own cursor is not checked; what others believe of
+    // its site is (it holds its own rows only up to its `own_version`).
     let crsync: Vec<usize> = (0..world.peers.len())
-        .filter(|p| matches!(world.peers[*p].node, Node::Crsync(_)))
+        .filter(|p| matches!(world.peers[*p].node, Node::Crsync(_)) && !world.peers[*p].hostile)
         .collect();
     for &a in &crsync {
         let Node::Crsync(store) = &world.peers[a].node else {
@@ -215,6 +263,12 @@ pub fn check(world: &World) -> Result<(), String> {
         };
         for (site, version) in store.cursor().iter() {
             let s = peer_index(&site);
+            if world.peers.get(s).is_some_and(|p| p.hostile) {
+                // A site speaks for itself: a lie about its own versions is
+                // believed and harms only that site (its own sessions are
+                // then refused as a copy).
+                continue;
+            }
             let (most, evidence) = match world.peers.get(s).map(|p| &p.node) {
                 Some(Node::Crsync(other)) => (other.own_version, components[s] == components[a]),
                 // no v1 message is evidence: a v1 site is never claimed
@@ -242,7 +296,15 @@ pub fn check(world: &World) -> Result<(), String> {
     // 3. sessions
     for (l, link) in world.links.iter().enumerate() {
         let Some(conn) = link.conn.and_then(|c| world.conns.get(&c).map(|x| (c, x))) else {
-            problems.push(format!("link {l} is not connected"));
+            let hostile = world.peers[link.dialer].hostile || world.peers[link.acceptor].hostile;
+            if !(link.given_up && hostile) {
+                let why = if link.given_up {
+                    " (given up: site id conflict)"
+                } else {
+                    ""
+                };
+                problems.push(format!("link {l} is not connected{why}"));
+            }
             continue;
         };
         let (id, conn) = conn;

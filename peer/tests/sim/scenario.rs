@@ -116,9 +116,12 @@ pub struct Scenario {
     /// session believes every claim. Odd seeds (no draw, so the other
     /// choices of a seed do not move).
     pub own_site_trust: bool,
+    /// A hostile peer (the last peer, on the last link), if any: added by
+    /// [`super::hostile::add`] from a generator of its own.
+    pub hostile: Option<super::hostile::Hostile>,
 }
 
-fn faults(rng: &mut StdRng) -> Faults {
+pub fn faults(rng: &mut StdRng) -> Faults {
     if rng.random_bool(0.25) {
         return Faults {
             latency_ms: rng.random_range(1..50),
@@ -332,6 +335,7 @@ impl Scenario {
             ops,
             heal_at,
             own_site_trust: seed % 2 == 1,
+            hostile: None,
         }
     }
 }

@@ -7,14 +7,15 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crsync_peer::proto::{
-    ErrorCode, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig,
-    SessionEvent, Side, Trust,
+    CloseReason, ErrorCode, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session,
+    SessionConfig, SessionEvent, Side, Trust,
 };
 use crsync_peer::wire::{Hello, MessageKind, TransportMessage};
 use crsync_peer::{ChangeBatch, Cursor, SiteId};
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use super::hostile::{self, Hostile};
 use super::scenario::{Faults, LinkKind, Op, PeerSpec, Scenario};
 use super::store::Store;
 use super::trace::{Entry, Summary, Trace};
@@ -50,6 +51,8 @@ pub struct Peer {
     deferred: VecDeque<Event>,
     notify_pending: bool,
     pub window: usize,
+    /// The hostile peer ([`super::hostile`]): not an honest replica.
+    pub hostile: bool,
 }
 
 pub struct Link {
@@ -60,6 +63,9 @@ pub struct Link {
     pub conn: Option<u64>,
     token: u64,
     attempts: u32,
+    /// A session on it ended with a site id conflict: its dialer stopped for
+    /// good, as a Peer's does.
+    pub given_up: bool,
     /// Per direction (0: from the dialer), after the heal: changes sent,
     pub healed_changes: [u64; 2],
     /// streams (re)started from the remote's cursor (a read with nothing
@@ -166,6 +172,8 @@ enum Event {
     },
     Op(Op),
     Heal,
+    /// The hostile peer sends its `n`th forged message.
+    Attack(usize),
 }
 
 struct Scheduled {
@@ -277,6 +285,10 @@ pub struct World {
     pub stats: Stats,
     /// Per cell, the LWW winner of every version ever written.
     pub expected: BTreeMap<CellKey, Version>,
+    /// The hostile peer of the scenario, if any.
+    pub hostile: Option<Hostile>,
+    /// Per cell, the versions the hostile peer forged under other sites' ids.
+    pub forged: BTreeMap<CellKey, Vec<Version>>,
     error: Option<String>,
     spin: (Duration, u32),
 }
@@ -309,6 +321,7 @@ impl World {
                     deferred: VecDeque::new(),
                     notify_pending: false,
                     window,
+                    hostile: scenario.hostile.as_ref().is_some_and(|h| h.peer == i),
                 }
             })
             .collect();
@@ -323,6 +336,7 @@ impl World {
                 conn: None,
                 token: 0,
                 attempts: 0,
+                given_up: false,
                 healed_changes: [0; 2],
                 healed_restarts: [0; 2],
                 stale_received: [0; 2],
@@ -345,6 +359,8 @@ impl World {
             last_activity: Duration::ZERO,
             stats: Stats::default(),
             expected: BTreeMap::new(),
+            hostile: scenario.hostile.clone(),
+            forged: BTreeMap::new(),
             error: None,
             spin: (Duration::ZERO, 0),
         };
@@ -352,6 +368,11 @@ impl World {
             world.schedule_at(*at, Event::Op(op.clone()));
         }
         world.schedule_at(scenario.heal_at, Event::Heal);
+        if let Some(h) = &scenario.hostile {
+            for (i, (at, _)) in h.attacks.iter().enumerate() {
+                world.schedule_at(*at, Event::Attack(i));
+            }
+        }
         for i in 0..world.peers.len() {
             if matches!(world.peers[i].node, Node::V1(_)) {
                 let at = ms(world.rng.random_range(0..5_000));
@@ -444,6 +465,7 @@ impl World {
                 | Op::Upgrade { peer }
                 | Op::Restart { peer, .. },
             ) => Some(*peer),
+            Event::Attack(_) => self.hostile.as_ref().map(|h| h.peer),
             Event::Op(Op::Cut { .. } | Op::Pause { .. })
             | Event::Cut { .. }
             | Event::Resume { .. }
@@ -490,7 +512,7 @@ impl World {
             } else {
                 event_at.unwrap_or_default()
             };
-            let all_up = self.links.iter().all(|l| l.conn.is_some());
+            let all_up = self.links.iter().all(|l| l.conn.is_some() || l.given_up);
             if self.healed.is_some() && all_up && at > self.last_activity + QUIET {
                 self.stats.virtual_time = self.now;
                 return Ok(());
@@ -701,7 +723,32 @@ impl World {
             }
             Event::Op(op) => self.op(op),
             Event::Heal => self.heal(),
+            Event::Attack(n) => self.attack(n),
         }
+    }
+
+    /// The hostile peer sends a forged message on its connection, if it is up
+    /// and connected (only before the heal: attacks are scheduled before it).
+    fn attack(&mut self, n: usize) {
+        let Some(h) = &self.hostile else { return };
+        let (peer, link) = (h.peer, h.link);
+        let Some((_, attack)) = h.attacks.get(n).cloned() else {
+            return;
+        };
+        if !self.peers[peer].up || self.healed.is_some() {
+            return;
+        }
+        let Some(conn) = self.links[link].conn else {
+            return;
+        };
+        let (message, forged) = hostile::message(&attack, peer, self.peers.len());
+        self.note(|| Entry::Note(format!("p{peer} (hostile) sends {}", attack.describe())));
+        self.last_activity = self.now;
+        for (key, version) in forged {
+            self.stats.versions_written += 1;
+            self.forged.entry(key).or_default().push(version);
+        }
+        self.send(conn, 0, message);
     }
 
     /// Ends a pause: what it held happens now, in order.
@@ -921,6 +968,18 @@ impl World {
             }
             Output::Close(reason) => {
                 self.note(|| Entry::Note(format!("p{peer} conn {conn}: close: {reason}")));
+                let conflict = matches!(
+                    &reason,
+                    CloseReason::SiteIdConflict { .. }
+                        | CloseReason::Refused {
+                            code: ErrorCode::SiteIdConflict,
+                            ..
+                        }
+                );
+                if let (true, Some(c)) = (conflict, self.conns.get(&conn)) {
+                    let link = c.link;
+                    self.links[link].given_up = true;
+                }
                 self.close_conn(conn, "closed by a session");
             }
         }
@@ -1394,6 +1453,9 @@ impl World {
 
     fn redial_later(&mut self, link: usize) {
         let l = &mut self.links[link];
+        if l.given_up {
+            return;
+        }
         l.token += 1;
         let token = l.token;
         let cap = 500u64 << l.attempts.min(6);
@@ -1421,7 +1483,10 @@ impl World {
             self.schedule_in(delay, Event::V1Poll { peer, inc });
         }
         for link in 0..self.links.len() {
-            if self.links[link].dialer == peer && self.links[link].conn.is_none() {
+            if self.links[link].dialer == peer
+                && self.links[link].conn.is_none()
+                && !self.links[link].given_up
+            {
                 self.links[link].token += 1;
                 let token = self.links[link].token;
                 let delay = self.jitter(500);
