@@ -116,6 +116,7 @@ pub(crate) struct PeerConfig {
     pub(crate) window: usize,
     pub(crate) reconnect: ReconnectPolicy,
     pub(crate) schema_poll: Duration,
+    pub(crate) outbox: usize,
 }
 
 impl PeerBuilder {
@@ -152,6 +153,14 @@ impl PeerBuilder {
     /// How often to check our schema version (default 1 s).
     pub fn schema_poll(mut self, d: Duration) -> Self {
         self.config.schema_poll = d;
+        self
+    }
+
+    /// Messages each session queues for its connection's sink before it
+    /// waits (default 16). A server with many remotes keeps this small: every
+    /// queued message may be a whole batch.
+    pub fn outbox(mut self, messages: usize) -> Self {
+        self.config.outbox = messages.max(1);
         self
     }
 
@@ -248,6 +257,7 @@ impl Peer {
                 window: DEFAULT_WINDOW,
                 reconnect: ReconnectPolicy::default(),
                 schema_poll: Duration::from_secs(1),
+                outbox: session::OUTBOX_CAP,
             },
         }
     }
@@ -392,6 +402,7 @@ async fn watch_store(
 async fn dial_loop(inner: Arc<Inner>, mut dialer: Box<dyn Dialer>) {
     let mut backoff = inner.config.reconnect.backoff();
     let local = inner.store.site_id();
+    let mut wait_at_least: Option<Duration> = None;
     loop {
         let attempt = tokio::select! {
             _ = inner.cancel.cancelled() => return,
@@ -408,9 +419,13 @@ async fn dial_loop(inner: Arc<Inner>, mut dialer: Box<dyn Dialer>) {
                     transport: dialer.label(),
                     reason: e.to_string(),
                 });
+                // A busy remote (HTTP 429) said how long to wait: never sooner.
+                wait_at_least = e.retry_after();
             }
         }
-        let delay = backoff.next_delay(rand::random::<f64>());
+        let delay = backoff
+            .next_delay(rand::random::<f64>())
+            .max(wait_at_least.take().unwrap_or_default());
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
