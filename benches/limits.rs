@@ -11,7 +11,9 @@
 //!
 //! Environment: `CRSYNC_LIMITS_BENCH_MB` (database size, default 16; the
 //! README quotes 60), `CRSYNC_LIMITS_BENCH_CLIENTS` (default 50),
-//! `CRSYNC_LIMITS_BENCH_ONLY` (`sse` or `ws`). Without `--bench` (as under
+//! `CRSYNC_LIMITS_BENCH_ONLY` (`sse` or `ws`), `CRSYNC_LIMITS_BENCH_ROWS_PER_TXN`
+//! (rows per source transaction, default 1000 as in the sync benchmark: a
+//! batch never splits a transaction, so this sets the smallest batch). Without `--bench` (as under
 //! `cargo test --all-targets`) it runs a smoke size in a few seconds.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -55,7 +57,9 @@ impl ServerProcess {
             &config,
             format!(
                 "bind = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntoken_env = \"\"\n\
-                 [[tokens]]\ntoken = \"{TOKEN}\"\ndatabases = [\"*\"]\n"
+                 [[tokens]]\ntoken = \"{TOKEN}\"\ndatabases = [\"*\"]\n\
+                 [limits]\nmax_connections = 10000\nmax_connections_per_token = 10000\n\
+                 stall_timeout_secs = 3600\nrate_per_token = 0\nrate_per_database = 0\n"
             ),
         )?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_crsync"))
@@ -128,14 +132,20 @@ fn read_head(s: &mut TcpStream) -> anyhow::Result<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        ensure!(s.read(&mut byte)? == 1, "connection closed in the response head");
+        ensure!(
+            s.read(&mut byte)? == 1,
+            "connection closed in the response head"
+        );
         head.push(byte[0]);
     }
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
 fn peer_id(i: usize) -> String {
-    format!("{:032x}", 0xbe00_0000_0000_0000_0000_0000_0000_0000u128 + i as u128)
+    format!(
+        "{:032x}",
+        0xbe00_0000_0000_0000_0000_0000_0000_0000u128 + i as u128
+    )
 }
 
 fn sync_json(peer: &str) -> String {
@@ -223,9 +233,9 @@ fn warm_up(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The source database: `items` rows in transactions of [`ROWS_PER_TXN`],
+/// The source database: `items` rows in transactions of `per_txn` rows,
 /// until the file reaches `mb` MiB.
-fn write_database(path: &Path, mb: u64) -> anyhow::Result<u64> {
+fn write_database(path: &Path, mb: u64, per_txn: usize) -> anyhow::Result<u64> {
     let c = open_raw(path)?;
     create_schema(&c)?;
     let mut id: i64 = 0;
@@ -233,13 +243,18 @@ fn write_database(path: &Path, mb: u64) -> anyhow::Result<u64> {
         let tx = c.unchecked_transaction()?;
         {
             let mut st = tx.prepare_cached("INSERT INTO items VALUES (?1, ?2, ?3, ?4)")?;
-            for _ in 0..ROWS_PER_TXN {
-                st.execute((id, format!("item-{id}"), id * 7, "a note of moderate length"))?;
+            for _ in 0..per_txn {
+                st.execute((
+                    id,
+                    format!("item-{id}"),
+                    id * 7,
+                    "a note of moderate length",
+                ))?;
                 id += 1;
             }
         }
         tx.commit()?;
-        if id % 20_000 == 0 {
+        if id % 20_000 < per_txn as i64 {
             c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
             if std::fs::metadata(path)?.len() >= mb << 20 {
                 break;
@@ -258,11 +273,14 @@ struct Row {
     open_secs: f64,
 }
 
+/// Opens one stalled client.
+type Opener = fn(SocketAddr, usize) -> anyhow::Result<TcpStream>;
+
 fn measure(
     dir: &Path,
     transport: &'static str,
     clients: usize,
-    open: fn(SocketAddr, usize) -> anyhow::Result<TcpStream>,
+    open: Opener,
 ) -> anyhow::Result<Row> {
     let server = ServerProcess::start(dir)?;
     warm_up(server.addr)?;
@@ -311,20 +329,21 @@ fn main() -> anyhow::Result<()> {
     let data = work.path().join("data");
     std::fs::create_dir_all(&data)?;
     let db = data.join(format!("{DB_NAME}.db"));
-    let rows = write_database(&db, mb)?;
+    let per_txn = env_or("CRSYNC_LIMITS_BENCH_ROWS_PER_TXN", ROWS_PER_TXN).max(1);
+    let rows = write_database(&db, mb, per_txn)?;
     let size = std::fs::metadata(&db)?.len() as f64 / f64::from(1 << 20);
     println!(
-        "crsync server memory with stalled clients ({rows} rows x 3 cols, {:.1} MiB database, {clients} clients)",
+        "crsync server memory with stalled clients ({rows} rows x 3 cols in transactions of {per_txn} rows, {:.1} MiB database, {clients} clients)",
         size
     );
     println!(
         "| transport | database | clients | server idle RSS | RSS with stalled clients | per stalled client | server peak (VmHWM) | opening all |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let transports: [(&'static str, fn(SocketAddr, usize) -> anyhow::Result<TcpStream>); 2] =
-        [("SSE", stalled_sse), ("WebSocket", stalled_ws)];
-    for (name, open) in transports {
-        if !only.is_empty() && !name.eq_ignore_ascii_case(&only) && !(only == "ws" && name == "WebSocket") {
+    let transports: [(&'static str, &'static str, Opener); 2] =
+        [("SSE", "sse", stalled_sse), ("WebSocket", "ws", stalled_ws)];
+    for (name, short, open) in transports {
+        if !only.is_empty() && only != short {
             continue;
         }
         let row = measure(work.path(), name, clients, open)?;

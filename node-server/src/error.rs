@@ -50,7 +50,10 @@ impl ApiError {
         Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::RateLimited,
-            format!("{who} is over its request rate; retry after {} ms", wait.as_millis().max(1)),
+            format!(
+                "{who} is over its request rate; retry after {} ms",
+                wait.as_millis().max(1)
+            ),
         )
         .with_retry_after(wait)
     }

@@ -144,11 +144,12 @@ impl DbHost {
         self: &Arc<Self>,
         client: SiteId,
         lossless: bool,
+        io: Option<Arc<crate::limits::IoProgress>>,
         span: &tracing::Span,
     ) -> Result<SseSession, AlreadyConnected> {
         let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE_CAP);
         let config = self.limits.config();
-        let (out_tx, out_rx) = outbound(config.outbound_queue_bytes, config.stall_timeout);
+        let (out_tx, out_rx) = outbound(config.outbound_queue_bytes, config.stall_timeout, io);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut streams = self.lock_streams();

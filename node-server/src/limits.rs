@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub(crate) use connections::{ConnectionPermit, Connections};
-pub(crate) use listener::{ConnKill, KillableListener};
+pub(crate) use listener::{ConnKill, IoProgress, KillableListener};
 pub(crate) use outbound::{OutboundRx, outbound};
 pub(crate) use rate::RateLimiter;
 
@@ -28,6 +28,8 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 128 << 10;
 /// Default soft limit on the estimated wire size of a batch the server sends.
 pub const DEFAULT_SERVER_BATCH_BYTES: usize = 32 << 10;
+/// Default kernel send buffer of each accepted socket.
+pub const DEFAULT_SOCKET_SEND_BUFFER_BYTES: usize = 256 << 10;
 /// Default requests per second per token (and burst).
 pub const DEFAULT_RATE_PER_TOKEN: (u32, u32) = (200, 400);
 /// Default requests per second per database (and burst).
@@ -59,10 +61,18 @@ pub struct LimitsConfig {
     pub max_connections_per_token: usize,
     /// A connection whose outbound queue holds data and has not been drained
     /// for this long is dropped (`stall_timeout_secs`, default 60).
-    #[serde(rename = "stall_timeout_secs", deserialize_with = "crate::config::secs")]
+    #[serde(
+        rename = "stall_timeout_secs",
+        deserialize_with = "crate::config::secs"
+    )]
     pub stall_timeout: Duration,
     /// Bytes of encoded messages queued toward one client (default 128 KiB).
     pub outbound_queue_bytes: usize,
+    /// Kernel send buffer (`SO_SNDBUF`) of each accepted socket (default
+    /// 256 KiB; 0: the kernel's autotuning, up to a few MiB per socket, which
+    /// hides a client that stopped reading until that much is queued). Served
+    /// through [`Server`](crate::Server) only.
+    pub socket_send_buffer_bytes: usize,
     /// Soft limit on the estimated wire size of one batch the server sends
     /// (default 32 KiB; an origin transaction is never split, so a larger
     /// one travels whole).
@@ -86,6 +96,7 @@ impl Default for LimitsConfig {
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             outbound_queue_bytes: DEFAULT_OUTBOUND_QUEUE_BYTES,
             batch_bytes: DEFAULT_SERVER_BATCH_BYTES,
+            socket_send_buffer_bytes: DEFAULT_SOCKET_SEND_BUFFER_BYTES,
             rate_per_token: DEFAULT_RATE_PER_TOKEN.0,
             burst_per_token: DEFAULT_RATE_PER_TOKEN.1,
             rate_per_database: DEFAULT_RATE_PER_DATABASE.0,
@@ -143,7 +154,10 @@ impl Limits {
 
     /// A new limiter for one database (`None` when that limit is off).
     pub(crate) fn database_limiter(&self) -> Option<RateLimiter<()>> {
-        RateLimiter::direct(self.config.rate_per_database, self.config.burst_per_database)
+        RateLimiter::direct(
+            self.config.rate_per_database,
+            self.config.burst_per_database,
+        )
     }
 
     /// Counts one request of `key`: `429 RATE_LIMITED` when over its rate.

@@ -179,7 +179,7 @@ async fn stream<S: Databases>(target: Target<S>, uri: Uri) -> Result<Response, A
     // Refused before any stream starts.
     let permit = host.limits().connect(target.key)?;
     let span = tracing::info_span!("sse", db = host.name(), peer = %client);
-    let mut response = match host.open_sse(client, lossless, &span) {
+    let mut response = match host.open_sse(client, lossless, target.kill.progress(), &span) {
         Ok(SseSession { outbound, guard }) => {
             let stall = outbound.stall();
             let kill = target.kill.clone();
@@ -191,7 +191,9 @@ async fn stream<S: Databases>(target: Target<S>, uri: Uri) -> Result<Response, A
                         "dropping a stalled stream: its client read nothing in time"
                     );
                     if !kill.kill() {
-                        tracing::debug!("no handle on the connection: it ends when the client leaves");
+                        tracing::debug!(
+                            "no handle on the connection: it ends when the client leaves"
+                        );
                     }
                 }
                 .instrument(span.clone()),
@@ -286,11 +288,12 @@ async fn websocket<S: Databases>(
     let permit = host.limits().connect(target.key)?;
     let access = target.access;
     let key = target.key;
+    let kill = target.kill.clone();
     let id = NEXT_WS.fetch_add(1, Ordering::Relaxed);
     Ok(upgrade
         .max_message_size(state.max_body_bytes())
         // Frames go to the socket as they come: what waits is counted in our
         // byte-bounded queue, not in tungstenite's buffer.
         .write_buffer_size(0)
-        .on_upgrade(move |socket| crate::ws::run(socket, host, access, key, id, permit)))
+        .on_upgrade(move |socket| crate::ws::run(socket, host, access, key, kill, id, permit)))
 }

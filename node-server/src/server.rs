@@ -115,6 +115,7 @@ pub struct Server {
     app: Router,
     state: ServerState,
     shutdown_timeout: Duration,
+    send_buffer_bytes: usize,
 }
 
 impl std::fmt::Debug for Server {
@@ -206,6 +207,7 @@ impl Server {
             app,
             state,
             shutdown_timeout: config.shutdown_timeout,
+            send_buffer_bytes: config.limits.socket_send_buffer_bytes,
         })
     }
 
@@ -227,6 +229,7 @@ impl Server {
             app,
             state,
             shutdown_timeout,
+            send_buffer_bytes,
         } = self;
         let (began_tx, began_rx) = tokio::sync::watch::channel(false);
         let began_tx = Arc::new(began_tx);
@@ -253,9 +256,15 @@ impl Server {
             }
         };
         // Connections a handler can cut (a stalled stream), with TCP_NODELAY.
-        let listener = KillableListener(listener);
-        let server = axum::serve(listener, app.into_make_service_with_connect_info::<ConnKill>())
-            .with_graceful_shutdown(signal);
+        let listener = KillableListener {
+            tcp: listener,
+            send_buffer_bytes,
+        };
+        let server = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<ConnKill>(),
+        )
+        .with_graceful_shutdown(signal);
         let result = tokio::select! {
             result = server => result.map_err(|source| ServeError::Io { addr, source }),
             () = deadline => {

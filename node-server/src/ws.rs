@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::Access;
 use crate::host::{DbHost, INBOUND_QUEUE_CAP, admit};
-use crate::limits::{ClientKey, ConnectionPermit, OutboundRx, outbound};
+use crate::limits::{ClientKey, ConnKill, ConnectionPermit, OutboundRx, outbound};
 
 /// Runs one WebSocket until either side ends it; `permit` holds its
 /// connection slot until then.
@@ -24,11 +24,12 @@ pub(crate) async fn run(
     host: Arc<DbHost>,
     access: Access,
     key: ClientKey,
+    conn: ConnKill,
     id: u64,
     permit: ConnectionPermit,
 ) {
     let span = tracing::info_span!("ws", db = host.name(), conn = id);
-    serve_socket(socket, host, access, key, span.clone())
+    serve_socket(socket, host, access, key, conn, span.clone())
         .instrument(span)
         .await;
     drop(permit);
@@ -69,11 +70,16 @@ async fn serve_socket(
     host: Arc<DbHost>,
     access: Access,
     key: ClientKey,
+    conn: ConnKill,
     span: tracing::Span,
 ) {
     let (ws_tx, mut ws_rx) = socket.split();
     let config = host.limits().config();
-    let (out_tx, out_rx) = outbound(config.outbound_queue_bytes, config.stall_timeout);
+    let (out_tx, out_rx) = outbound(
+        config.outbound_queue_bytes,
+        config.stall_timeout,
+        conn.progress(),
+    );
     let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE_CAP);
     let me = host.peer().site_id();
 

@@ -154,7 +154,8 @@ mod tests {
 
     #[test]
     fn busy_carries_the_wait_from_the_body_then_the_header() {
-        let body = r#"{"type":"error","error":"slow down","code":"RATE_LIMITED","retry_after_ms":1500}"#;
+        let body =
+            r#"{"type":"error","error":"slow down","code":"RATE_LIMITED","retry_after_ms":1500}"#;
         let e = refused(429, "x", body, Some("2"));
         assert!(
             matches!(e, TransportError::Busy { ref code, retry_after, .. } if code == "RATE_LIMITED" && retry_after == Duration::from_millis(1500))

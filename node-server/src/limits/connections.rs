@@ -36,7 +36,9 @@ pub(crate) struct ConnectionPermit {
 
 impl std::fmt::Debug for ConnectionPermit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectionPermit").field("key", &self.key).finish()
+        f.debug_struct("ConnectionPermit")
+            .field("key", &self.key)
+            .finish()
     }
 }
 

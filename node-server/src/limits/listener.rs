@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use axum::extract::connect_info::{ConnectInfo, Connected};
@@ -16,26 +17,50 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Accepts TCP connections (with `TCP_NODELAY`) that a [`ConnKill`] can cut.
-pub(crate) struct KillableListener(pub(crate) TcpListener);
+///
+/// Each socket's kernel send buffer is set to `send_buffer_bytes` (0: the
+/// kernel's autotuning, up to a few MiB per socket): a client that stopped
+/// reading then fills our queue, where the stall watchdog sees it, instead of
+/// parking megabytes in the kernel.
+pub(crate) struct KillableListener {
+    pub(crate) tcp: TcpListener,
+    pub(crate) send_buffer_bytes: usize,
+}
 
 impl axum::serve::Listener for KillableListener {
     type Io = KillableIo;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (KillableIo, SocketAddr) {
-        let (tcp, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        let (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp).await;
         // Nagle off: an SSE frame must not wait for a delayed ACK that the
         // client never piggybacks (its replies go over separate POSTs).
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        if self.send_buffer_bytes > 0 {
+            if let Err(e) =
+                socket2::SockRef::from(&tcp).set_send_buffer_size(self.send_buffer_bytes)
+            {
+                tracing::debug!(error = %e, "cannot set SO_SNDBUF");
+            }
+        }
         let kill = CancellationToken::new();
         let killed = Box::pin(kill.clone().cancelled_owned());
-        (KillableIo { tcp, kill, killed }, addr)
+        let progress = Arc::new(IoProgress(Mutex::new(tokio::time::Instant::now())));
+        (
+            KillableIo {
+                tcp,
+                kill,
+                killed,
+                progress,
+            },
+            addr,
+        )
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.tcp.local_addr()
     }
 }
 
@@ -45,6 +70,23 @@ pub(crate) struct KillableIo {
     tcp: TcpStream,
     kill: CancellationToken,
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
+    progress: Arc<IoProgress>,
+}
+
+/// When the socket last took bytes to send: a client that reads slowly still
+/// makes progress here while one large message is on its way.
+#[derive(Debug)]
+pub(crate) struct IoProgress(Mutex<tokio::time::Instant>);
+
+impl IoProgress {
+    fn touch(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = tokio::time::Instant::now();
+    }
+
+    /// The last time the socket took bytes.
+    pub(crate) fn last(&self) -> tokio::time::Instant {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl KillableIo {
@@ -79,7 +121,11 @@ impl AsyncWrite for KillableIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
-        Pin::new(&mut this.tcp).poll_write(cx, buf)
+        let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.progress.touch();
+        }
+        written
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -97,11 +143,12 @@ impl AsyncWrite for KillableIo {
 /// through a [`KillableListener`], e.g. a [`PeerRouter`](crate::PeerRouter)
 /// mounted on the app's own listener).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct ConnKill(Option<CancellationToken>);
+pub(crate) struct ConnKill(Option<(CancellationToken, Arc<IoProgress>)>);
 
 impl Connected<IncomingStream<'_, KillableListener>> for ConnKill {
     fn connect_info(stream: IncomingStream<'_, KillableListener>) -> Self {
-        ConnKill(Some(stream.io().kill.clone()))
+        let io = stream.io();
+        ConnKill(Some((io.kill.clone(), Arc::clone(&io.progress))))
     }
 }
 
@@ -115,10 +162,15 @@ impl ConnKill {
             .unwrap_or_default()
     }
 
+    /// The connection's write progress, when known.
+    pub(crate) fn progress(&self) -> Option<Arc<IoProgress>> {
+        self.0.as_ref().map(|(_, p)| Arc::clone(p))
+    }
+
     /// Cuts the connection; whether it could.
     pub(crate) fn kill(&self) -> bool {
         match &self.0 {
-            Some(token) => {
+            Some((token, _)) => {
                 token.cancel();
                 true
             }

@@ -17,6 +17,7 @@ use crsync_peer::{MessageSink, TransportError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
+use super::listener::IoProgress;
 use crate::host::OUTBOUND_QUEUE_CAP;
 
 /// Bytes waiting, and since when nothing left the queue.
@@ -90,11 +91,18 @@ pub(crate) struct Stall {
     meter: Arc<Meter>,
     budget: Arc<Semaphore>,
     timeout: Duration,
+    io: Option<Arc<IoProgress>>,
 }
 
 /// A queue of at most `budget_bytes` of encoded messages (and at most
-/// [`OUTBOUND_QUEUE_CAP`] messages), stalled after `stall_timeout` without progress.
-pub(crate) fn outbound(budget_bytes: usize, stall_timeout: Duration) -> (Outbound, OutboundRx) {
+/// [`OUTBOUND_QUEUE_CAP`] messages), stalled after `stall_timeout` without
+/// progress: nothing left the queue, and the socket (`io`, when known) took
+/// no bytes.
+pub(crate) fn outbound(
+    budget_bytes: usize,
+    stall_timeout: Duration,
+    io: Option<Arc<IoProgress>>,
+) -> (Outbound, OutboundRx) {
     let max = budget_bytes.clamp(1, Semaphore::MAX_PERMITS);
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE_CAP);
     let budget = Arc::new(Semaphore::new(max));
@@ -106,6 +114,7 @@ pub(crate) fn outbound(budget_bytes: usize, stall_timeout: Duration) -> (Outboun
         meter: Arc::clone(&meter),
         budget: Arc::clone(&budget),
         timeout: stall_timeout,
+        io,
     };
     (
         Outbound {
@@ -136,7 +145,10 @@ impl Outbound {
             meter: Arc::clone(&self.meter),
             _permit: permit,
         };
-        self.tx.send(queued).await.map_err(|_| TransportError::Closed)
+        self.tx
+            .send(queued)
+            .await
+            .map_err(|_| TransportError::Closed)
     }
 
     /// The Peer's sink for this connection.
@@ -179,10 +191,13 @@ impl Stall {
     /// ends, and what it holds is freed).
     pub(crate) async fn stalled(&self) {
         loop {
-            let (queued, since) = {
+            let (queued, mut since) = {
                 let m = self.meter.lock();
                 (m.queued, m.since)
             };
+            if let Some(io) = &self.io {
+                since = since.max(io.last());
+            }
             let now = Instant::now();
             if queued > 0 && now >= since + self.timeout {
                 self.budget.close();
@@ -216,7 +231,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn bounded_by_bytes_and_stalls_only_without_progress() {
         let one = ping().to_json().len();
-        let (out, mut rx) = outbound(2 * one, Duration::from_secs(10));
+        let (out, mut rx) = outbound(2 * one, Duration::from_secs(10), None);
         out.send(ping()).await.unwrap();
         out.send(ping()).await.unwrap();
         // A third waits for room.
@@ -240,7 +255,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_empty_queue_never_stalls_and_a_big_message_still_goes() {
-        let (out, mut rx) = outbound(8, Duration::from_secs(1));
+        let (out, mut rx) = outbound(8, Duration::from_secs(1), None);
         let stall = rx.stall();
         let watchdog = tokio::spawn(async move { stall.stalled().await });
         tokio::time::sleep(Duration::from_secs(30)).await;

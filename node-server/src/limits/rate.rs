@@ -12,7 +12,8 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{NotUntil, Quota};
 
 type Instant = <DefaultClock as Clock>::Instant;
-type Keyed<K> = governor::RateLimiter<K, HashMapStateStore<K>, DefaultClock, NoOpMiddleware<Instant>>;
+type Keyed<K> =
+    governor::RateLimiter<K, HashMapStateStore<K>, DefaultClock, NoOpMiddleware<Instant>>;
 type Direct = governor::RateLimiter<NotKeyed, InMemoryState, DefaultClock, NoOpMiddleware<Instant>>;
 
 enum Inner<K: Hash + Eq + Clone> {
@@ -87,7 +88,10 @@ mod tests {
             assert!(l.check(&1).is_ok());
         }
         let wait = l.check(&1).expect_err("over the burst");
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         assert!(l.check(&2).is_ok(), "another key has its own budget");
         assert!(RateLimiter::<u8>::keyed(0, 10).is_none(), "0 is off");
         let d = RateLimiter::direct(1, 1).expect("on");
