@@ -31,9 +31,9 @@ pub const DEFAULT_SERVER_BATCH_BYTES: usize = 32 << 10;
 /// Default kernel send buffer of each accepted socket.
 pub const DEFAULT_SOCKET_SEND_BUFFER_BYTES: usize = 256 << 10;
 /// Default requests per second per token (and burst).
-pub const DEFAULT_RATE_PER_TOKEN: (u32, u32) = (200, 400);
+pub const DEFAULT_RATE_PER_TOKEN: (u32, u32) = (1000, 2000);
 /// Default requests per second per database (and burst).
-pub const DEFAULT_RATE_PER_DATABASE: (u32, u32) = (1000, 2000);
+pub const DEFAULT_RATE_PER_DATABASE: (u32, u32) = (5000, 10000);
 /// What a refused connection is told to wait before trying again.
 const CONNECTION_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -77,14 +77,14 @@ pub struct LimitsConfig {
     /// (default 32 KiB; an origin transaction is never split, so a larger
     /// one travels whole).
     pub batch_bytes: usize,
-    /// Requests per second per token (`0`: no limit; default 200). A request
+    /// Requests per second per token (`0`: no limit; default 1000). A request
     /// is an HTTP request or one WebSocket message.
     pub rate_per_token: u32,
-    /// Burst per token (default 400).
+    /// Burst per token (default 2000).
     pub burst_per_token: u32,
-    /// Requests per second per database (`0`: no limit; default 1000).
+    /// Requests per second per database (`0`: no limit; default 5000).
     pub rate_per_database: u32,
-    /// Burst per database (default 2000).
+    /// Burst per database (default 10000).
     pub burst_per_database: u32,
 }
 
