@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::Access;
+use crate::limits::LimitsConfig;
 
 /// Default listen address: loopback only.
 pub const DEFAULT_BIND: SocketAddr =
@@ -70,6 +71,8 @@ pub struct ServerConfig {
     pub cors: CorsConfig,
     /// Bearer tokens.
     pub tokens: Vec<TokenConfig>,
+    /// Connection caps, rate limits, outbound queues, stalled streams.
+    pub limits: LimitsConfig,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +90,7 @@ impl Default for ServerConfig {
             extension_path: None,
             cors: CorsConfig::default(),
             tokens: Vec::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -173,7 +177,7 @@ impl ServerConfig {
     }
 }
 
-fn secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let secs = f64::deserialize(d)?;
     Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
 }

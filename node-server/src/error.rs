@@ -1,6 +1,8 @@
 //! JSON errors: every refusal is `{"type":"error","error":"...","code":"..."}`
 //! with a stable code ([`ErrorCode`]).
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +23,7 @@ pub struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     message: String,
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -30,7 +33,39 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to retry after `wait`
+    /// (`Retry-After` header in whole seconds, rounded up; `retry_after_ms`
+    /// in the body).
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
+    /// 429 `RATE_LIMITED`: `who` (a token, a database) is over its rate.
+    pub fn rate_limited(who: &str, wait: Duration) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            format!(
+                "{who} is over its request rate; retry after {} ms",
+                wait.as_millis().max(1)
+            ),
+        )
+        .with_retry_after(wait)
+    }
+
+    /// 429 `TOO_MANY_CONNECTIONS`.
+    pub fn too_many_connections(message: impl Into<String>, wait: Duration) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyConnections,
+            message,
+        )
+        .with_retry_after(wait)
     }
 
     /// 400 `MALFORMED`.
@@ -108,9 +143,19 @@ impl ApiError {
         &self.message
     }
 
-    /// The JSON body.
+    /// How long the client should wait before retrying, if said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The JSON body (with `retry_after_ms` when a retry delay is set).
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({"type": "error", "error": self.message, "code": self.code})
+        let mut body =
+            serde_json::json!({"type": "error", "error": self.message, "code": self.code});
+        if let Some(wait) = self.retry_after {
+            body["retry_after_ms"] = serde_json::json!(millis_up(wait));
+        }
+        body
     }
 }
 
@@ -130,6 +175,19 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(wait) = self.retry_after {
+            let secs = millis_up(wait).div_ceil(1000).max(1);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         response
     }
+}
+
+/// Whole milliseconds, rounded up (at least 1).
+fn millis_up(wait: Duration) -> u64 {
+    u64::try_from(wait.as_micros().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }

@@ -6,19 +6,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crsync_peer::proto::ErrorCode;
 use crsync_peer::wire::{Hello, MessageKind, TransportMessage};
-use crsync_peer::{Connection, MessageSink, Received, SiteId, TransportError};
+use crsync_peer::{Connection, Received, SiteId, TransportError};
 use futures_util::SinkExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::PollSender;
 
 use crate::Peer;
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::limits::{Limits, OutboundRx, RateLimiter, outbound};
 use crate::session::{Binding, SessionSecret, admit_post, may_replace};
 
-/// Messages queued from the Peer to one client before the Peer waits.
+/// Messages queued from the Peer to one client before the Peer waits (the
+/// queue is also bounded in bytes: `[limits] outbound_queue_bytes`).
 pub const OUTBOUND_QUEUE_CAP: usize = 16;
 /// Messages queued from one client to the Peer before the sender (a `POST`
 /// or the WebSocket reader) waits.
@@ -53,19 +54,20 @@ pub(crate) struct DbHost {
     streams: Mutex<HashMap<SiteId, Vec<Slot>>>,
     next_id: AtomicU64,
     closing: watch::Sender<bool>,
+    limits: Arc<Limits>,
+    rate: Option<RateLimiter<()>>,
 }
 
 /// A stream for this peer id is already open.
 #[derive(Debug)]
 pub(crate) struct AlreadyConnected;
 
-/// An open SSE session: what the Peer sends, a guard that unregisters the
-/// stream when dropped (when the HTTP response body is dropped), and the
-/// session secret to hand a crsync client in the stream's `connect`.
+/// An open SSE session: what the Peer sends (its `connect` carries the
+/// session secret of a crsync client), and a guard that unregisters the
+/// stream when dropped (when the HTTP response body is dropped).
 pub(crate) struct SseSession {
-    pub(crate) outbound: mpsc::Receiver<TransportMessage>,
+    pub(crate) outbound: OutboundRx,
     pub(crate) guard: StreamGuard,
-    pub(crate) secret: Option<SessionSecret>,
 }
 
 /// What a `GET stream` asks for.
@@ -104,21 +106,39 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A [`MessageSink`] feeding a bounded channel (it waits while the channel
-/// is full; once the receiver is gone every send fails with `Closed`).
-pub(crate) fn channel_sink(tx: mpsc::Sender<TransportMessage>) -> MessageSink {
-    Box::pin(PollSender::new(tx).sink_map_err(|_| TransportError::Closed))
-}
-
 impl DbHost {
-    pub(crate) fn new(name: impl Into<String>, peer: Peer) -> Arc<Self> {
+    pub(crate) fn new(name: impl Into<String>, peer: Peer, limits: Arc<Limits>) -> Arc<Self> {
         Arc::new(DbHost {
             name: name.into(),
             peer,
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             closing: watch::channel(false).0,
+            rate: limits.database_limiter(),
+            limits,
         })
+    }
+
+    /// The server's limits.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Counts one request on this database: `429 RATE_LIMITED` when over its rate.
+    pub(crate) fn check_rate(&self) -> Result<(), ApiError> {
+        match &self.rate {
+            Some(limiter) => limiter
+                .check(&())
+                .map_err(|wait| ApiError::rate_limited("this database", wait)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until this database takes one more request.
+    pub(crate) async fn wait_rate(&self) {
+        if let Some(limiter) = &self.rate {
+            limiter.wait(&()).await;
+        }
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -162,6 +182,7 @@ impl DbHost {
     pub(crate) fn open_sse(
         self: &Arc<Self>,
         request: StreamRequest<'_>,
+        io: Option<Arc<crate::limits::IoProgress>>,
         span: &tracing::Span,
     ) -> Result<SseSession, AlreadyConnected> {
         let StreamRequest {
@@ -172,7 +193,8 @@ impl DbHost {
             presented,
         } = request;
         let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE_CAP);
-        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE_CAP);
+        let config = self.limits.config();
+        let (out_tx, out_rx) = outbound(config.outbound_queue_bytes, config.stall_timeout, io);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let secret = crsync.then(SessionSecret::random);
         {
@@ -200,8 +222,17 @@ impl DbHost {
                 secret: secret.clone(),
             });
         }
+        // A crsync client learns its session secret from our `connect`.
+        let handed_out = secret.clone();
+        let sink = out_tx.sink().with(move |mut msg: TransportMessage| {
+            if let (MessageKind::Connect, Some(secret)) = (msg.kind, &handed_out) {
+                msg.crsync.get_or_insert_with(Hello::current).session =
+                    Some(secret.as_str().to_owned());
+            }
+            futures_util::future::ready(Ok::<_, TransportError>(msg))
+        });
         let conn = Connection {
-            sink: channel_sink(out_tx),
+            sink: Box::pin(sink),
             stream: Box::pin(ReceiverStream::new(in_rx)),
             label: format!("sse {}/{}", self.name, client),
         };
@@ -214,7 +245,6 @@ impl DbHost {
                 client,
                 id,
             },
-            secret,
         })
     }
 

@@ -4,6 +4,7 @@ mod auth;
 mod config;
 mod error;
 mod host;
+mod limits;
 mod peer_router;
 mod registry;
 mod routes;
@@ -18,6 +19,11 @@ pub use config::{
 };
 pub use error::ApiError;
 pub use host::{INBOUND_QUEUE_CAP, OUTBOUND_QUEUE_CAP};
+pub use limits::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_TOKEN, DEFAULT_OUTBOUND_QUEUE_BYTES,
+    DEFAULT_RATE_PER_DATABASE, DEFAULT_RATE_PER_TOKEN, DEFAULT_SERVER_BATCH_BYTES,
+    DEFAULT_SOCKET_SEND_BUFFER_BYTES, DEFAULT_STALL_TIMEOUT, LimitsConfig,
+};
 pub use peer_router::{PeerRouter, peer_router};
 pub use registry::{MAX_NAME_LEN, valid_database_name};
 pub use server::{ServeError, Server};

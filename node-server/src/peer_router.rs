@@ -11,6 +11,7 @@ use crate::auth::Auth;
 use crate::config::{CorsConfig, DEFAULT_MAX_BODY_BYTES};
 use crate::error::ApiError;
 use crate::host::DbHost;
+use crate::limits::{Limits, LimitsConfig};
 use crate::routes::{Databases, database_routes, not_found};
 
 #[derive(Clone)]
@@ -20,11 +21,16 @@ struct SingleInner {
     auth: Auth,
     host: Arc<DbHost>,
     max_body_bytes: usize,
+    limits: Arc<Limits>,
 }
 
 impl Databases for SingleState {
     fn auth(&self) -> &Auth {
         &self.0.auth
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.0.limits
     }
 
     fn max_body_bytes(&self) -> usize {
@@ -62,6 +68,7 @@ pub struct PeerRouter {
     auth: Auth,
     max_body_bytes: usize,
     cors: CorsConfig,
+    limits: LimitsConfig,
 }
 
 impl PeerRouter {
@@ -74,7 +81,17 @@ impl PeerRouter {
             auth: Auth::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             cors: CorsConfig::default(),
+            limits: LimitsConfig::default(),
         }
+    }
+
+    /// Connection caps, rate limits, outbound queues and the stall timeout
+    /// (`batch_bytes` does not apply: the Peer's Store is the app's). A
+    /// stalled SSE stream is ended and its session closed, but its TCP
+    /// connection is only cut when served through [`Server`](crate::Server).
+    pub fn limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The database name tokens are scoped to.
@@ -111,10 +128,12 @@ impl PeerRouter {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "default".into())
         });
+        let limits = Arc::new(Limits::new(self.limits));
         let state = SingleState(Arc::new(SingleInner {
             auth: self.auth,
-            host: DbHost::new(name, self.peer),
+            host: DbHost::new(name, self.peer, Arc::clone(&limits)),
             max_body_bytes: self.max_body_bytes,
+            limits,
         }));
         let router = database_routes::<SingleState>(self.max_body_bytes)
             .fallback(not_found)

@@ -12,6 +12,12 @@ use tokio::sync::OnceCell;
 use crate::Peer;
 use crate::error::ApiError;
 use crate::host::DbHost;
+use crate::limits::Limits;
+
+/// Messages each server session queues for its connection before it waits:
+/// behind it is the connection's byte-bounded queue, so one is enough, and
+/// each may be a whole batch.
+const SERVER_OUTBOX_CAP: usize = 1;
 
 /// Longest database name.
 pub const MAX_NAME_LEN: usize = 64;
@@ -39,6 +45,7 @@ pub(crate) struct RegistryOptions {
     pub(crate) allow_create: bool,
     pub(crate) ping_interval: Duration,
     pub(crate) extension_path: Option<PathBuf>,
+    pub(crate) limits: Arc<Limits>,
 }
 
 type Cell = Arc<OnceCell<Arc<DbHost>>>;
@@ -134,12 +141,14 @@ impl Registry {
         tracing::info!(db = name, site = %store.site_id(), "database opened");
         let peer = Peer::builder(store)
             .ping_interval(self.options.ping_interval)
+            .outbox(SERVER_OUTBOX_CAP)
             .build();
-        Ok(DbHost::new(name, peer))
+        Ok(DbHost::new(name, peer, Arc::clone(&self.options.limits)))
     }
 
     fn store_builder(&self, path: &Path) -> crsync_peer::StoreBuilder {
-        let builder = Store::builder(path);
+        let builder =
+            Store::builder(path).max_batch_bytes(self.options.limits.config().batch_bytes);
         match &self.options.extension_path {
             Some(ext) => builder.extension_path(ext),
             None => builder,

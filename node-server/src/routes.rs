@@ -18,19 +18,23 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use crsync_peer::SiteId;
 use crsync_peer::proto::ErrorCode;
-use crsync_peer::wire::{Hello, LOSSLESS, MessageKind, SESSION_HEADER, TransportMessage};
+use crsync_peer::wire::{LOSSLESS, MessageKind, SESSION_HEADER, TransportMessage};
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::auth::{Access, Auth, Principal};
 use crate::error::ApiError;
 use crate::host::{DbHost, SseSession, StreamRequest, admit};
+use crate::limits::{ClientKey, ConnKill, Limits};
 
 /// Where the handlers find the database a request addresses.
 pub(crate) trait Databases: Clone + Send + Sync + 'static {
     /// The tokens.
     fn auth(&self) -> &Auth;
+    /// Connection caps and rate limits.
+    fn limits(&self) -> &Limits;
     /// The body limit, for the 413 message.
     fn max_body_bytes(&self) -> usize;
     /// The database name when the path does not carry one.
@@ -48,14 +52,20 @@ pub(crate) struct Target<S> {
     name: String,
     access: Access,
     principal: Principal,
+    /// Who the request counts against (connection caps, rate limits).
+    key: ClientKey,
+    /// Cuts the request's TCP connection (a stalled stream).
+    kill: ConnKill,
 }
 
 impl<S: Databases> Target<S> {
+    /// The database, after counting the request against its rate.
     async fn host(&self) -> Result<Arc<DbHost>, ApiError> {
         let host = self.state.host(&self.name).await?;
         if host.is_closing() {
             return Err(ApiError::shutting_down());
         }
+        host.check_rate()?;
         Ok(host)
     }
 }
@@ -106,11 +116,15 @@ impl<S: Databases> FromRequestParts<S> for Target<S> {
         };
         let token = bearer(parts)?;
         let (access, principal) = state.auth().authorize(token.as_deref(), &name)?;
+        let key = state.limits().key(token.as_deref());
+        state.limits().check_rate(key)?;
         Ok(Target {
             state: state.clone(),
             name,
             access,
             principal,
+            key,
+            kill: ConnKill::of(parts),
         })
     }
 }
@@ -177,6 +191,8 @@ async fn stream<S: Databases>(
         .as_ref()
         .is_some_and(|c| c.split(',').any(|e| e.trim() == LOSSLESS));
     let host = target.host().await?;
+    // Refused before any stream starts.
+    let permit = host.limits().connect(target.key)?;
     let span = tracing::info_span!("sse", db = host.name(), peer = %client);
     let request = StreamRequest {
         principal: target.principal,
@@ -185,22 +201,33 @@ async fn stream<S: Databases>(
         lossless,
         presented: presented_secret(&headers),
     };
-    let mut response = match host.open_sse(request, &span) {
-        Ok(SseSession {
-            outbound,
-            guard,
-            secret,
-        }) => {
-            let events = ReceiverStream::new(outbound)
-                .map(move |mut msg| {
-                    // The guard unregisters the stream when the body is dropped.
-                    let _ = &guard;
-                    // A crsync client learns its session secret from our `connect`.
-                    if let (MessageKind::Connect, Some(secret)) = (msg.kind, &secret) {
-                        msg.crsync.get_or_insert_with(Hello::current).session =
-                            Some(secret.as_str().to_owned());
+    let mut response = match host.open_sse(request, target.kill.progress(), &span) {
+        Ok(SseSession { outbound, guard }) => {
+            let stall = outbound.stall();
+            let kill = target.kill.clone();
+            let watchdog = AbortOnDropHandle::new(tokio::spawn(
+                async move {
+                    stall.stalled().await;
+                    tracing::warn!(
+                        timeout = ?stall.timeout(),
+                        "dropping a stalled stream: its client read nothing in time"
+                    );
+                    if !kill.kill() {
+                        tracing::debug!(
+                            "no handle on the connection: it ends when the client leaves"
+                        );
                     }
-                    Ok::<_, Infallible>(Event::default().data(msg.to_json()))
+                }
+                .instrument(span.clone()),
+            ));
+            let events = outbound
+                .into_stream()
+                .map(move |queued| {
+                    // The guard unregisters the stream when the body is
+                    // dropped; the permit frees the connection slot; the
+                    // watchdog is aborted.
+                    let _ = (&guard, &permit, &watchdog);
+                    Ok::<_, Infallible>(Event::default().data(queued.text()))
                 })
                 .take_until(host.closed());
             Sse::new(events).into_response()
@@ -288,9 +315,16 @@ async fn websocket<S: Databases>(
     let upgrade =
         upgrade.map_err(|r| ApiError::new(r.status(), ErrorCode::Malformed, r.body_text()))?;
     let host = target.host().await?;
+    // Refused before the upgrade.
+    let permit = host.limits().connect(target.key)?;
     let access = target.access;
+    let key = target.key;
+    let kill = target.kill.clone();
     let id = NEXT_WS.fetch_add(1, Ordering::Relaxed);
     Ok(upgrade
         .max_message_size(state.max_body_bytes())
-        .on_upgrade(move |socket| crate::ws::run(socket, host, access, id)))
+        // Frames go to the socket as they come: what waits is counted in our
+        // byte-bounded queue, not in tungstenite's buffer.
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| crate::ws::run(socket, host, access, key, kill, id, permit)))
 }

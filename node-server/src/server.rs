@@ -16,6 +16,7 @@ use crate::auth::{Auth, NoTokens};
 use crate::config::{CorsConfig, ServerConfig};
 use crate::error::ApiError;
 use crate::host::DbHost;
+use crate::limits::{ConnKill, KillableListener, Limits};
 use crate::registry::{Registry, RegistryOptions};
 use crate::routes::{Databases, database_routes, method_not_allowed, not_found};
 
@@ -69,11 +70,16 @@ struct ServerInner {
     auth: Auth,
     registry: Registry,
     max_body_bytes: usize,
+    limits: Arc<Limits>,
 }
 
 impl Databases for ServerState {
     fn auth(&self) -> &Auth {
         &self.0.auth
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.0.limits
     }
 
     fn max_body_bytes(&self) -> usize {
@@ -109,6 +115,7 @@ pub struct Server {
     app: Router,
     state: ServerState,
     shutdown_timeout: Duration,
+    send_buffer_bytes: usize,
 }
 
 impl std::fmt::Debug for Server {
@@ -156,6 +163,7 @@ impl Server {
             source,
         })?;
         let cors = cors_layer(&config.cors)?;
+        let limits = Arc::new(Limits::new(config.limits.clone()));
         let state = ServerState(Arc::new(ServerInner {
             auth,
             registry: Registry::new(RegistryOptions {
@@ -164,8 +172,10 @@ impl Server {
                 allow_create: config.allow_create,
                 ping_interval: config.ping_interval,
                 extension_path: config.extension_path.clone(),
+                limits: Arc::clone(&limits),
             }),
             max_body_bytes: config.max_body_bytes,
+            limits,
         }));
         let mut app = Router::new()
             .route("/health", get(health))
@@ -197,6 +207,7 @@ impl Server {
             app,
             state,
             shutdown_timeout: config.shutdown_timeout,
+            send_buffer_bytes: config.limits.socket_send_buffer_bytes,
         })
     }
 
@@ -218,6 +229,7 @@ impl Server {
             app,
             state,
             shutdown_timeout,
+            send_buffer_bytes,
         } = self;
         let (began_tx, began_rx) = tokio::sync::watch::channel(false);
         let began_tx = Arc::new(began_tx);
@@ -243,14 +255,16 @@ impl Server {
                 std::future::pending::<()>().await;
             }
         };
-        // Nagle off: an SSE frame must not wait for a delayed ACK that the
-        // client never piggybacks (its replies go over separate POSTs).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+        // Connections a handler can cut (a stalled stream), with TCP_NODELAY.
+        let listener = KillableListener {
+            tcp: listener,
+            send_buffer_bytes,
+        };
+        let server = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<ConnKill>(),
+        )
+        .with_graceful_shutdown(signal);
         let result = tokio::select! {
             result = server => result.map_err(|source| ServeError::Io { addr, source }),
             () = deadline => {

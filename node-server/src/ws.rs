@@ -7,48 +7,88 @@ use axum::extract::ws::{Message, WebSocket};
 use crsync_peer::proto::ErrorCode;
 use crsync_peer::wire::TransportMessage;
 use crsync_peer::{Connection, Received};
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::Access;
-use crate::host::{DbHost, INBOUND_QUEUE_CAP, OUTBOUND_QUEUE_CAP, admit, channel_sink};
+use crate::host::{DbHost, INBOUND_QUEUE_CAP, admit};
+use crate::limits::{ClientKey, ConnKill, ConnectionPermit, OutboundRx, outbound};
 
-/// Runs one WebSocket until either side ends it.
-pub(crate) async fn run(socket: WebSocket, host: Arc<DbHost>, access: Access, id: u64) {
+/// Runs one WebSocket until either side ends it; `permit` holds its
+/// connection slot until then.
+pub(crate) async fn run(
+    socket: WebSocket,
+    host: Arc<DbHost>,
+    access: Access,
+    key: ClientKey,
+    conn: ConnKill,
+    id: u64,
+    permit: ConnectionPermit,
+) {
     let span = tracing::info_span!("ws", db = host.name(), conn = id);
-    serve_socket(socket, host, access, span.clone())
+    serve_socket(socket, host, access, key, conn, span.clone())
         .instrument(span)
         .await;
+    drop(permit);
 }
 
-async fn serve_socket(socket: WebSocket, host: Arc<DbHost>, access: Access, span: tracing::Span) {
-    let (mut ws_tx, mut ws_rx) = socket.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<TransportMessage>(OUTBOUND_QUEUE_CAP);
+/// Writes what the queue gives to the socket, until the queue ends, the
+/// socket fails, or the client stops reading for the stall timeout.
+async fn write_socket(mut ws_tx: SplitSink<WebSocket, Message>, mut out_rx: OutboundRx) {
+    let watchdog = out_rx.stall();
+    let stalled = watchdog.stalled();
+    tokio::pin!(stalled);
+    loop {
+        let queued = tokio::select! {
+            queued = out_rx.recv() => queued,
+            () = &mut stalled => break,
+        };
+        let Some(queued) = queued else {
+            let _ = ws_tx.send(Message::Close(None)).await;
+            return;
+        };
+        tokio::select! {
+            sent = ws_tx.send(Message::Text(queued.text().into())) => if sent.is_err() {
+                return;
+            },
+            () = &mut stalled => break,
+        }
+        // Only now do its bytes leave the queue.
+        drop(queued);
+    }
+    tracing::warn!(
+        timeout = ?watchdog.timeout(),
+        "dropping a stalled websocket: its client read nothing in time"
+    );
+}
+
+async fn serve_socket(
+    socket: WebSocket,
+    host: Arc<DbHost>,
+    access: Access,
+    key: ClientKey,
+    conn: ConnKill,
+    span: tracing::Span,
+) {
+    let (ws_tx, mut ws_rx) = socket.split();
+    let config = host.limits().config();
+    let (out_tx, out_rx) = outbound(
+        config.outbound_queue_bytes,
+        config.stall_timeout,
+        conn.progress(),
+    );
     let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE_CAP);
     let me = host.peer().site_id();
 
     // The writer owns the socket's sending half; the Peer's sink and our own
     // refusals both feed it.
-    let writer = tokio::spawn(
-        async move {
-            while let Some(msg) = out_rx.recv().await {
-                if ws_tx
-                    .send(Message::Text(msg.to_json().into()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            let _ = ws_tx.send(Message::Close(None)).await;
-        }
-        .in_current_span(),
-    );
+    let writer = tokio::spawn(write_socket(ws_tx, out_rx).in_current_span());
 
     let conn = Connection {
-        sink: channel_sink(out_tx.clone()),
+        sink: out_tx.clone().sink(),
         stream: Box::pin(ReceiverStream::new(in_rx)),
         label: format!("ws {}", host.name()),
     };
@@ -57,6 +97,18 @@ async fn serve_socket(socket: WebSocket, host: Arc<DbHost>, access: Access, span
     let closed = host.closed();
     tokio::pin!(closed);
     loop {
+        // Rate limits on a socket are back-pressure: the next frame is read
+        // only once the token and the database may take one more message.
+        let admitted = async {
+            host.limits().wait_rate(key).await;
+            host.wait_rate().await;
+        };
+        tokio::select! {
+            () = admitted => {}
+            () = &mut closed => break,
+            _ = &mut session => break,
+            () = out_tx.closed() => break,
+        }
         let frame = tokio::select! {
             frame = ws_rx.next() => frame,
             () = &mut closed => break,

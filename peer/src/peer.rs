@@ -128,6 +128,7 @@ pub(crate) struct PeerConfig {
     pub(crate) schema_poll: Duration,
     pub(crate) accepted_trust: Trust,
     pub(crate) max_claim_sites: usize,
+    pub(crate) outbox: usize,
 }
 
 impl PeerBuilder {
@@ -168,8 +169,8 @@ impl PeerBuilder {
     }
 
     /// How far claims of remotes that connected to us are believed (default
-    /// [`Trust::OwnSite`]: only about their own site, as far as their
-    /// changes prove). Remotes we dial are believed fully.
+    /// [`Trust::OwnSite`]: only about their own site). Remotes we dial are
+    /// believed fully.
     pub fn accepted_trust(mut self, trust: Trust) -> Self {
         self.config.accepted_trust = trust;
         self
@@ -179,6 +180,14 @@ impl PeerBuilder {
     /// larger claims are refused with `LIMIT_EXCEEDED`.
     pub fn max_claim_sites(mut self, sites: usize) -> Self {
         self.config.max_claim_sites = sites;
+        self
+    }
+
+    /// Messages each session queues for its connection's sink before it
+    /// waits (default 16). A server with many remotes keeps this small: every
+    /// queued message may be a whole batch.
+    pub fn outbox(mut self, messages: usize) -> Self {
+        self.config.outbox = messages.max(1);
         self
     }
 
@@ -277,6 +286,7 @@ impl Peer {
                 schema_poll: Duration::from_secs(1),
                 accepted_trust: Trust::OwnSite,
                 max_claim_sites: crate::proto::DEFAULT_MAX_CLAIM_SITES,
+                outbox: session::OUTBOX_CAP,
             },
         }
     }
@@ -424,6 +434,7 @@ async fn watch_store(
 async fn dial_loop(inner: Arc<Inner>, mut dialer: Box<dyn Dialer>) {
     let mut backoff = inner.config.reconnect.backoff();
     let local = inner.store.site_id();
+    let mut wait_at_least: Option<Duration> = None;
     loop {
         let attempt = tokio::select! {
             _ = inner.cancel.cancelled() => return,
@@ -450,9 +461,13 @@ async fn dial_loop(inner: Arc<Inner>, mut dialer: Box<dyn Dialer>) {
                     transport: dialer.label(),
                     reason: e.to_string(),
                 });
+                // A busy remote (HTTP 429) said how long to wait: never sooner.
+                wait_at_least = e.retry_after();
             }
         }
-        let delay = backoff.next_delay(rand::random::<f64>());
+        let delay = backoff
+            .next_delay(rand::random::<f64>())
+            .max(wait_at_least.take().unwrap_or_default());
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}

@@ -108,6 +108,17 @@ pub enum TransportError {
         /// Detail.
         message: String,
     },
+    /// The remote is busy (HTTP 429 `RATE_LIMITED` or `TOO_MANY_CONNECTIONS`):
+    /// try again, but not before `retry_after`.
+    #[error("remote busy: {code}: {message} (retry after {retry_after:?})")]
+    Busy {
+        /// Stable code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+        /// How long the remote asked us to wait.
+        retry_after: Duration,
+    },
     /// An HTTP request failed with a status.
     #[error("HTTP {status} from {target}: {message}")]
     Http {
@@ -130,6 +141,17 @@ pub enum TransportError {
     /// Any other I/O failure.
     #[error("transport I/O: {0}")]
     Io(#[source] BoxError),
+}
+
+impl TransportError {
+    /// How long the remote asked us to wait before trying again, if it did
+    /// ([`TransportError::Busy`]).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TransportError::Busy { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
 }
 
 /// A live connection to one remote peer.

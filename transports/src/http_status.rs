@@ -1,11 +1,17 @@
 //! Mapping of refused HTTP requests (SSE stream, POSTs, WebSocket upgrades)
 //! to [`TransportError`]s.
 
+use std::time::Duration;
+
 use crsync_peer::TransportError;
 use crsync_peer::proto::{ErrorCode, SenderAction};
 
 /// Longest body text quoted in an error.
 const MAX_QUOTED_BODY: usize = 512;
+/// How long to wait after a 429 that says nothing about it.
+pub(crate) const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Longest wait a server's `Retry-After` can impose per attempt.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// The parts of a JSON error body `{type: "error", error, code}`.
 #[derive(Debug, Default, PartialEq)]
@@ -16,6 +22,8 @@ pub(crate) struct ErrorBody {
     pub(crate) message: String,
     /// Whether the body is a JSON object with `"type": "error"`.
     pub(crate) is_error_message: bool,
+    /// `retry_after_ms`, when the server sends one (crsync servers do with 429).
+    pub(crate) retry_after: Option<Duration>,
 }
 
 impl ErrorBody {
@@ -31,8 +39,27 @@ impl ErrorBody {
             code: field("code"),
             message: field("error").unwrap_or_else(|| quote(body)),
             is_error_message: field("type").as_deref() == Some("error"),
+            retry_after: json
+                .as_ref()
+                .and_then(|j| j.get("retry_after_ms"))
+                .and_then(serde_json::Value::as_u64)
+                .map(Duration::from_millis),
         }
     }
+}
+
+/// How long a 429 asks us to wait: the body's `retry_after_ms`, else the
+/// `Retry-After` header (seconds), else [`DEFAULT_RETRY_AFTER`]; at most
+/// [`MAX_RETRY_AFTER`].
+pub(crate) fn retry_after(body: &ErrorBody, header: Option<&str>) -> Duration {
+    body.retry_after
+        .or_else(|| {
+            header
+                .and_then(|h| h.trim().parse::<u64>().ok())
+                .map(Duration::from_secs)
+        })
+        .unwrap_or(DEFAULT_RETRY_AFTER)
+        .min(MAX_RETRY_AFTER)
 }
 
 fn quote(body: &str) -> String {
@@ -47,8 +74,15 @@ fn quote(body: &str) -> String {
 /// 401 and 403 are typed remote refusals (code from the body, else
 /// `UNAUTHORIZED` / `FORBIDDEN`), and so is any other 4xx but 413 and 429
 /// whose code tells the sender to retry (`NOT_CONNECTED`); everything else
-/// is [`TransportError::Http`], 413 with a message that says so.
-pub(crate) fn refused(status: u16, target: &str, body: &str) -> TransportError {
+/// is [`TransportError::Http`], 413 with a message that says so; 429 is
+/// [`TransportError::Busy`] with the wait the server asked for
+/// (`retry_after_header`: the `Retry-After` header, if any).
+pub(crate) fn refused(
+    status: u16,
+    target: &str,
+    body: &str,
+    retry_after_header: Option<&str>,
+) -> TransportError {
     let parsed = ErrorBody::parse(body);
     let code = parsed.code.as_deref().map(ErrorCode::parse);
     if let Some(code) = code.filter(|c| {
@@ -62,6 +96,14 @@ pub(crate) fn refused(status: u16, target: &str, body: &str) -> TransportError {
         };
     }
     match status {
+        429 => TransportError::Busy {
+            retry_after: retry_after(&parsed, retry_after_header),
+            code: parsed
+                .code
+                .as_deref()
+                .map_or(ErrorCode::RateLimited, ErrorCode::parse),
+            message: parsed.message,
+        },
         401 | 403 => TransportError::Remote {
             code: match parsed.code {
                 Some(code) => ErrorCode::parse(&code),
@@ -96,7 +138,7 @@ mod tests {
 
     #[test]
     fn typed_refusals() {
-        let e = refused(401, "x", r#"{"type":"error","error":"no token"}"#);
+        let e = refused(401, "x", r#"{"type":"error","error":"no token"}"#, None);
         assert!(
             matches!(e, TransportError::Remote { ref code, ref message } if code == "UNAUTHORIZED" && message == "no token")
         );
@@ -104,9 +146,10 @@ mod tests {
             403,
             "x",
             r#"{"type":"error","error":"ro","code":"READ_ONLY"}"#,
+            None,
         );
         assert!(matches!(e, TransportError::Remote { ref code, .. } if code == "READ_ONLY"));
-        let e = refused(413, "x", "length limit exceeded");
+        let e = refused(413, "x", "length limit exceeded", None);
         assert!(
             matches!(e, TransportError::Http { status: 413, ref message, .. } if message.contains("length limit exceeded"))
         );
@@ -114,6 +157,7 @@ mod tests {
             400,
             "x",
             r#"{"type":"error","error":"no stream","code":"NOT_CONNECTED"}"#,
+            None,
         );
         assert!(
             matches!(e, TransportError::Remote { ref code, ref message } if *code == ErrorCode::NotConnected && message == "no stream")
@@ -122,10 +166,29 @@ mod tests {
             404,
             "x",
             r#"{"type":"error","error":"nope","code":"UNKNOWN_DATABASE"}"#,
+            None,
         );
         assert!(
             matches!(e, TransportError::Http { status: 404, ref message, .. } if message == "UNKNOWN_DATABASE: nope")
         );
+    }
+
+    #[test]
+    fn busy_carries_the_wait_from_the_body_then_the_header() {
+        let body =
+            r#"{"type":"error","error":"slow down","code":"RATE_LIMITED","retry_after_ms":1500}"#;
+        let e = refused(429, "x", body, Some("2"));
+        assert!(
+            matches!(e, TransportError::Busy { ref code, retry_after, .. } if code == "RATE_LIMITED" && retry_after == Duration::from_millis(1500))
+        );
+        let e = refused(429, "x", "busy", Some("3"));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+        let e = refused(429, "x", r#"{"code":"TOO_MANY_CONNECTIONS"}"#, None);
+        assert!(
+            matches!(e, TransportError::Busy { ref code, retry_after, .. } if code == "TOO_MANY_CONNECTIONS" && retry_after == DEFAULT_RETRY_AFTER)
+        );
+        let e = refused(429, "x", "", Some("99999"));
+        assert_eq!(e.retry_after(), Some(MAX_RETRY_AFTER));
     }
 
     #[test]

@@ -33,6 +33,9 @@
 //!   a restarted server before our stream did): [`TransportError::Remote`]
 //!   with that code;
 //! - 413: [`TransportError::Http`] with status 413 (the batch must be split);
+//! - 429 (`RATE_LIMITED`): waited out (the body's `retry_after_ms`, else the
+//!   `Retry-After` header, at most 5 minutes per wait) and the same message
+//!   sent again, as often as needed;
 //! - any other status, a timeout or a network error: an error.
 //!
 //! After an error the sink refuses every further message
@@ -76,7 +79,9 @@ type EventStream = es::BoxStream<es::Result<es::SSE>>;
 ///
 /// `dial` returns once the stream is open and its first message arrived, so
 /// refusals surface there: 401/403 as [`TransportError::Remote`], other
-/// statuses (404, 400...) as [`TransportError::Http`], a first message of type
+/// statuses (404, 400...) as [`TransportError::Http`], 429 (`TOO_MANY_CONNECTIONS`,
+/// `RATE_LIMITED`) as [`TransportError::Busy`] with the server's Retry-After (the
+/// Peer waits at least that long before it redials), a first message of type
 /// `error` (such as `ALREADY_CONNECTED`) as [`TransportError::Remote`] with its
 /// code, an unreachable server as [`TransportError::Connect`], and no first
 /// message within the dial timeout as [`TransportError::Timeout`].
@@ -284,7 +289,8 @@ async fn first_message(
                     Ok(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
                     _ => String::new(),
                 };
-                return Err(http_status::refused(status, target, &body));
+                let retry_after = response.get_header_value("retry-after").ok().flatten();
+                return Err(http_status::refused(status, target, &body, retry_after));
             }
             Err(es::Error::HttpStream(source)) => {
                 return Err(TransportError::Connect {
@@ -361,24 +367,43 @@ impl Poster {
             }
         };
         let url = format!("{}/{path}", self.base);
-        let mut request = self
-            .http
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(message.to_json());
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(session) = &self.session {
-            request = request.header(SESSION_HEADER, session);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| TransportError::Io(Box::new(e)))?;
-        let status = response.status();
-        // Read the body in every case, so the connection can be reused.
-        let body = response.text().await;
+        let json = message.to_json();
+        drop(message);
+        // A 429 (rate limit) is waited out and the same message sent again:
+        // nothing is lost, nothing overtakes it, the session goes on.
+        let (status, body) = loop {
+            let mut request = self
+                .http
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(json.clone());
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(session) = &self.session {
+                request = request.header(SESSION_HEADER, session);
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| TransportError::Io(Box::new(e)))?;
+            let status = response.status();
+            let retry_header = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            // Read the body in every case, so the connection can be reused.
+            let body = response.text().await;
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                let refusal = ErrorBody::parse(body.as_deref().unwrap_or_default());
+                let wait = http_status::retry_after(&refusal, retry_header.as_deref());
+                tracing::info!(%url, ?wait, error = %refusal.message, "server busy (429): sending again after its Retry-After");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            break (status, body);
+        };
         if status.is_success() {
             return Ok(());
         }
@@ -406,7 +431,7 @@ impl Poster {
                 return Ok(());
             }
         }
-        Err(http_status::refused(status, &url, &body))
+        Err(http_status::refused(status, &url, &body, None))
     }
 }
 

@@ -130,7 +130,11 @@ impl WebSocketDialer {
                         .as_deref()
                         .map(String::from_utf8_lossy)
                         .unwrap_or_default();
-                    http_status::refused(response.status().as_u16(), &target, &body)
+                    let retry_after = response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok());
+                    http_status::refused(response.status().as_u16(), &target, &body, retry_after)
                 }
                 other => connect_error(Box::new(other)),
             })?;

@@ -27,7 +27,7 @@ use crate::store::MergeError;
 use crate::transport::{Connection, Received, Rejection, TransportError};
 use crate::{ChangeStream, MergeReport, SiteId};
 
-/// Messages queued for the writer task.
+/// Messages queued for the writer task (default of [`PeerBuilder::outbox`](super::PeerBuilder::outbox)).
 pub(crate) const OUTBOX_CAP: usize = 16;
 /// How long the writer may take to flush what is queued when the session ends.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,7 +107,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
     let mut core = Session::new(config, local, cursor, schema_version, Instant::now());
     tracing::debug!("session started");
 
-    let (outbox, mut outbox_rx) = mpsc::channel(OUTBOX_CAP);
+    let (outbox, mut outbox_rx) = mpsc::channel(inner.config.outbox);
     let writer_failed = inner.cancel.child_token();
     let writer_done = writer_failed.clone();
     let writer = tokio::spawn(async move {

@@ -118,7 +118,7 @@ enum Event {
     Deliver {
         conn: u64,
         to: usize,
-        msg: TransportMessage,
+        msg: Box<TransportMessage>,
         post: bool,
         sent_at: Duration,
     },
@@ -590,7 +590,7 @@ impl World {
                         self.links[c.link].stale_received[to] += 1;
                     }
                 }
-                self.deliver(conn, to, msg, post)
+                self.deliver(conn, to, *msg, post)
             }
             Event::MergeExec {
                 peer,
@@ -1082,7 +1082,7 @@ impl World {
                 Event::Deliver {
                     conn,
                     to: 1 - from,
-                    msg,
+                    msg: Box::new(msg),
                     post: dir.post,
                     sent_at: self.now,
                 },
@@ -1117,7 +1117,7 @@ impl World {
                     Event::Deliver {
                         conn,
                         to: 1 - from,
-                        msg: msg.clone(),
+                        msg: Box::new(msg.clone()),
                         post: dir.post,
                         sent_at: self.now,
                     },

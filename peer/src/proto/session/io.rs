@@ -57,6 +57,9 @@ impl Default for SessionConfig {
 }
 
 /// Something for the session to take in.
+// Inputs are moved into the session one at a time, never stored in bulk:
+// boxing the message would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Input {
     /// A message from the remote; `reply` if the transport waits for its outcome.

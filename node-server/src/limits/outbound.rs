@@ -1,0 +1,266 @@
+//! The outbound queue of one connection, bounded by bytes and by count, and
+//! the watchdog that notices when its client stopped reading.
+//!
+//! Messages are encoded to JSON as they enter, so what waits is counted in
+//! bytes: the sender takes `min(len, budget)` permits of a byte semaphore and
+//! the consumer gives them back once it has handed the text on (SSE: to the
+//! HTTP body; WebSocket: once the frame is written). A message larger than the
+//! whole budget goes when the queue is empty. "Progress" is a message leaving
+//! the queue; a queue that holds data and made no progress for the stall
+//! timeout is stalled.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crsync_peer::wire::TransportMessage;
+use crsync_peer::{MessageSink, TransportError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
+
+use super::listener::IoProgress;
+use crate::host::OUTBOUND_QUEUE_CAP;
+
+/// Bytes waiting, and since when nothing left the queue.
+struct MeterState {
+    queued: usize,
+    since: Instant,
+}
+
+struct Meter(Mutex<MeterState>);
+
+impl Meter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MeterState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(&self, bytes: usize) {
+        let mut m = self.lock();
+        if m.queued == 0 {
+            // Only now does the consumer owe us anything.
+            m.since = Instant::now();
+        }
+        m.queued += bytes;
+    }
+
+    fn remove(&self, bytes: usize) {
+        let mut m = self.lock();
+        m.queued = m.queued.saturating_sub(bytes);
+        m.since = Instant::now();
+    }
+}
+
+/// The sending half: clone it for refusals beside the Peer's sink.
+#[derive(Clone)]
+pub(crate) struct Outbound {
+    tx: mpsc::Sender<Queued>,
+    budget: Arc<Semaphore>,
+    meter: Arc<Meter>,
+    max: usize,
+}
+
+/// One encoded message; dropping it is progress (its bytes leave the queue).
+pub(crate) struct Queued {
+    text: String,
+    bytes: usize,
+    meter: Arc<Meter>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Queued {
+    /// The JSON text (the bytes stay counted until `self` is dropped).
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.meter.remove(self.bytes);
+    }
+}
+
+/// The receiving half.
+pub(crate) struct OutboundRx {
+    rx: mpsc::Receiver<Queued>,
+    stall: Stall,
+}
+
+/// Resolves when the queue is stalled; see [`Stall::stalled`].
+#[derive(Clone)]
+pub(crate) struct Stall {
+    meter: Arc<Meter>,
+    budget: Arc<Semaphore>,
+    timeout: Duration,
+    io: Option<Arc<IoProgress>>,
+}
+
+/// A queue of at most `budget_bytes` of encoded messages (and at most
+/// [`OUTBOUND_QUEUE_CAP`] messages), stalled after `stall_timeout` without
+/// progress: nothing left the queue, and the socket (`io`, when known) took
+/// no bytes.
+pub(crate) fn outbound(
+    budget_bytes: usize,
+    stall_timeout: Duration,
+    io: Option<Arc<IoProgress>>,
+) -> (Outbound, OutboundRx) {
+    let max = budget_bytes.clamp(1, Semaphore::MAX_PERMITS);
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE_CAP);
+    let budget = Arc::new(Semaphore::new(max));
+    let meter = Arc::new(Meter(Mutex::new(MeterState {
+        queued: 0,
+        since: Instant::now(),
+    })));
+    let stall = Stall {
+        meter: Arc::clone(&meter),
+        budget: Arc::clone(&budget),
+        timeout: stall_timeout,
+        io,
+    };
+    (
+        Outbound {
+            tx,
+            budget,
+            meter,
+            max,
+        },
+        OutboundRx { rx, stall },
+    )
+}
+
+impl Outbound {
+    /// Encodes `message` and queues it, waiting for room.
+    pub(crate) async fn send(&self, message: TransportMessage) -> Result<(), TransportError> {
+        let text = message.to_json();
+        drop(message);
+        let bytes = text.len();
+        let permits = u32::try_from(bytes.clamp(1, self.max)).unwrap_or(u32::MAX);
+        let permit = Arc::clone(&self.budget)
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| TransportError::Closed)?;
+        self.meter.add(bytes);
+        let queued = Queued {
+            text,
+            bytes,
+            meter: Arc::clone(&self.meter),
+            _permit: permit,
+        };
+        self.tx
+            .send(queued)
+            .await
+            .map_err(|_| TransportError::Closed)
+    }
+
+    /// The Peer's sink for this connection.
+    pub(crate) fn sink(self) -> MessageSink {
+        Box::pin(futures_util::sink::unfold(
+            self,
+            |out, message: TransportMessage| async move {
+                out.send(message).await?;
+                Ok::<_, TransportError>(out)
+            },
+        ))
+    }
+
+    /// Resolves once the receiving half is gone.
+    pub(crate) async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
+impl OutboundRx {
+    /// The next message; `None` once every sender is gone.
+    pub(crate) async fn recv(&mut self) -> Option<Queued> {
+        self.rx.recv().await
+    }
+
+    /// The stall watchdog of this queue.
+    pub(crate) fn stall(&self) -> Stall {
+        self.stall.clone()
+    }
+
+    /// As a stream (for an SSE body).
+    pub(crate) fn into_stream(self) -> tokio_stream::wrappers::ReceiverStream<Queued> {
+        tokio_stream::wrappers::ReceiverStream::new(self.rx)
+    }
+}
+
+impl Stall {
+    /// Resolves once the queue has held data for the stall timeout with
+    /// nothing leaving it; then refuses further sends (the Peer's session
+    /// ends, and what it holds is freed).
+    pub(crate) async fn stalled(&self) {
+        loop {
+            let (queued, mut since) = {
+                let m = self.meter.lock();
+                (m.queued, m.since)
+            };
+            if let Some(io) = &self.io {
+                since = since.max(io.last());
+            }
+            let now = Instant::now();
+            if queued > 0 && now >= since + self.timeout {
+                self.budget.close();
+                return;
+            }
+            let wake = if queued > 0 {
+                since + self.timeout
+            } else {
+                now + self.timeout
+            };
+            tokio::time::sleep_until(wake).await;
+        }
+    }
+
+    /// The configured timeout.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crsync_peer::SiteId;
+
+    fn ping() -> TransportMessage {
+        TransportMessage::ping(SiteId::from_bytes([7; 16]))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_by_bytes_and_stalls_only_without_progress() {
+        let one = ping().to_json().len();
+        let (out, mut rx) = outbound(2 * one, Duration::from_secs(10), None);
+        out.send(ping()).await.unwrap();
+        out.send(ping()).await.unwrap();
+        // A third waits for room.
+        let third = tokio::time::timeout(Duration::from_secs(1), out.send(ping())).await;
+        assert!(third.is_err(), "the budget is full");
+        // Slow but reading: one message taken every 9 s is never a stall.
+        let stall = rx.stall();
+        let watchdog = tokio::spawn(async move { stall.stalled().await });
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            let m = rx.recv().await.unwrap();
+            drop(m);
+            out.send(ping()).await.unwrap();
+        }
+        assert!(!watchdog.is_finished());
+        // Stop reading: stalled 10 s after the last progress, and sends fail.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(watchdog.is_finished());
+        assert!(out.send(ping()).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_queue_never_stalls_and_a_big_message_still_goes() {
+        let (out, mut rx) = outbound(8, Duration::from_secs(1), None);
+        let stall = rx.stall();
+        let watchdog = tokio::spawn(async move { stall.stalled().await });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!watchdog.is_finished(), "nothing queued, nothing owed");
+        out.send(ping()).await.unwrap(); // larger than the whole budget
+        assert!(rx.recv().await.unwrap().text().contains("ping"));
+    }
+}
