@@ -86,6 +86,9 @@ pub struct LimitsConfig {
     pub rate_per_database: u32,
     /// Burst per database (default 10000).
     pub burst_per_database: u32,
+    /// Sites in one cursor or one batch's ranges at most (default 65,536);
+    /// a larger claim is refused with `LIMIT_EXCEEDED` (HTTP 413).
+    pub max_claim_sites: usize,
 }
 
 impl Default for LimitsConfig {
@@ -101,6 +104,7 @@ impl Default for LimitsConfig {
             burst_per_token: DEFAULT_RATE_PER_TOKEN.1,
             rate_per_database: DEFAULT_RATE_PER_DATABASE.0,
             burst_per_database: DEFAULT_RATE_PER_DATABASE.1,
+            max_claim_sites: crsync_peer::proto::DEFAULT_MAX_CLAIM_SITES,
         }
     }
 }

@@ -142,6 +142,7 @@ impl Registry {
         let peer = Peer::builder(store)
             .ping_interval(self.options.ping_interval)
             .outbox(SERVER_OUTBOX_CAP)
+            .max_claim_sites(self.options.limits.config().max_claim_sites)
             .build();
         Ok(DbHost::new(name, peer, Arc::clone(&self.options.limits)))
     }
