@@ -86,7 +86,7 @@ pub struct LimitsConfig {
     pub rate_per_database: u32,
     /// Burst per database (default 10000).
     pub burst_per_database: u32,
-    /// Sites in one cursor or one batch's ranges at most (default 65,536);
+    /// Sites in one cursor or one batch's ranges at most (default 16,384);
     /// a larger claim is refused with `LIMIT_EXCEEDED` (HTTP 413).
     pub max_claim_sites: usize,
 }

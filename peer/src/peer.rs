@@ -176,7 +176,7 @@ impl PeerBuilder {
         self
     }
 
-    /// Sites in one cursor or batch of a remote at most (default 65,536);
+    /// Sites in one cursor or batch of a remote at most (default 16,384);
     /// larger claims are refused with `LIMIT_EXCEEDED`.
     pub fn max_claim_sites(mut self, sites: usize) -> Self {
         self.config.max_claim_sites = sites;

@@ -5,6 +5,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
+use crsync_peer::proto::Trust;
 use crsync_peer::{Peer, PeerEvent, SqlValue, Store};
 use futures_util::StreamExt;
 use support::{dump, memory_pair, open_store, wait_converged};
@@ -54,6 +55,14 @@ async fn connect_and_watch(a: &Peer, b: &Peer, within: Duration) -> Option<Strin
         }
     };
     tokio::time::timeout(within, watch).await.ok()
+}
+
+/// A client of `server`: both ends accept over memory, and a client believes
+/// the server it chose (as a dialer does).
+fn client(store: &Store) -> Peer {
+    Peer::builder(store.clone())
+        .accepted_trust(Trust::Full)
+        .build()
 }
 
 fn copy_db(from: &Path, to: &Path) {
@@ -172,7 +181,7 @@ async fn a_restored_backup_is_caught_by_the_protocol() {
 
     let a = open_store(dir.path(), "a.db").await;
     insert(&a, 2, "after the backup").await;
-    let pa = Peer::builder(a.clone()).build();
+    let pa = client(&a);
     let (cs, ca) = memory_pair();
     server.accept(cs);
     pa.accept(ca);
@@ -187,7 +196,7 @@ async fn a_restored_backup_is_caught_by_the_protocol() {
     }
     let a = open_store(dir.path(), "a.db").await;
     assert!(a.copied().is_none(), "same inode: not caught locally");
-    let pa = Peer::builder(a.clone()).build();
+    let pa = client(&a);
     let conflict = connect_and_watch(&server, &pa, WAIT)
         .await
         .expect("refused");
@@ -201,7 +210,7 @@ async fn a_restored_backup_is_caught_by_the_protocol() {
 
     Store::fork(&a_path, None).await.unwrap();
     let a = open_store(dir.path(), "a.db").await;
-    let pa = Peer::builder(a.clone()).build();
+    let pa = client(&a);
     let (cs, ca) = memory_pair();
     server.accept(cs);
     pa.accept(ca);

@@ -32,7 +32,7 @@ pub use io::{
     Side,
 };
 
-use crate::proto::trust::{OWN_SITE, Trust, believe, known_sites, own_version_conflict};
+use crate::proto::trust::{OWN_SITE, Trust, believe, own_version_conflict};
 use crate::proto::window::{OutgoingWindow, Phase, SyncOutcome};
 use crate::proto::{ErrorCode, Message, ParsedData, SenderAction, SessionPhase, SessionStatus};
 use crate::transport::Rejection;
@@ -675,8 +675,12 @@ impl Session {
     }
 
     fn on_sync(&mut self, cursor: Cursor, ack: bool, now: Instant) {
+        // A crsync remote's cursor says what it holds: it decides only what
+        // we send it (claims of sites we have not heard of yet are kept: we
+        // may learn those sites from the remote itself, and must not send
+        // their rows back). Its size is capped by `max_claim_sites`.
         let cursor = if self.remote_is_crsync {
-            known_sites(cursor, &self.cursor, self.remote)
+            cursor
         } else {
             v1_claims(cursor, self.remote)
         };

@@ -51,7 +51,7 @@ impl Trust {
 pub(crate) const OWN_SITE: &str = "own-site";
 
 /// Sites in one claim (a cursor or a batch's ranges) at most, by default.
-pub const DEFAULT_MAX_CLAIM_SITES: usize = 65_536;
+pub const DEFAULT_MAX_CLAIM_SITES: usize = 16_384;
 
 /// Drops what `trust` does not let us believe of `batch`, sent by `remote`
 /// while we hold `held`. Returns how many ranges and changes were dropped.
@@ -84,17 +84,6 @@ pub(crate) fn believe(
         c.site_id == remote || known == DbVersion(0) || c.db_version <= known
     });
     before - batch.ranges.len() - batch.changes.len()
-}
-
-/// The entries of a remote's cursor worth keeping: sites we have heard of
-/// (our cursor has an entry for them) and the remote's own. A cursor entry
-/// for a site nobody wrote for costs every later read and tells us nothing:
-/// we hold nothing of it to send.
-pub(crate) fn known_sites(theirs: Cursor, ours: &Cursor, remote: Option<SiteId>) -> Cursor {
-    theirs
-        .iter()
-        .filter(|(site, _)| Some(*site) == remote || ours.get(site) > DbVersion(0))
-        .collect()
 }
 
 /// A site id shared by two replicas, seen from one session.
@@ -242,18 +231,6 @@ mod tests {
         let mut full = forged.clone();
         assert_eq!(believe(&mut full, A, Trust::Full, &held), 0);
         assert_eq!(full, forged);
-    }
-
-    #[test]
-    fn cursor_entries_of_unknown_sites_are_dropped() {
-        let ours: Cursor = [(B, DbVersion(4))].into_iter().collect();
-        let theirs: Cursor = [(A, DbVersion(2)), (B, DbVersion(3)), (C, DbVersion(99))]
-            .into_iter()
-            .collect();
-        let kept = known_sites(theirs, &ours, Some(A));
-        assert_eq!(kept.get(&C), DbVersion(0));
-        assert_eq!(kept.get(&A), DbVersion(2));
-        assert_eq!(kept.get(&B), DbVersion(3));
     }
 
     #[test]

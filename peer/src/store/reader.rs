@@ -70,6 +70,9 @@ impl futures_core::Stream for ChangeStream {
 /// Idle read connections kept for reuse (opening one costs about a millisecond).
 pub const READER_POOL_CAP: usize = 4;
 
+/// Page cache of each read connection, in KiB.
+const READER_CACHE_KIB: u32 = 256;
+
 /// Read connections to the database file, reused across change streams.
 #[derive(Debug)]
 pub(super) struct ReaderPool {
@@ -100,7 +103,12 @@ impl ReaderPool {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch("PRAGMA query_only = 1")?;
+        // Streams scan forward once: a small page cache each (SQLite's
+        // default is 2 MiB), so a server with many open streams, stalled
+        // ones included, stays small; the OS page cache does the rest.
+        conn.execute_batch(&format!(
+            "PRAGMA query_only = 1; PRAGMA cache_size = -{READER_CACHE_KIB}"
+        ))?;
         Ok(conn)
     }
 
