@@ -18,10 +18,10 @@
 mod support;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crsync::rusqlite::Connection;
-use support::{Output, TestServer, crsync, run};
+use support::{Fixture, Output, crsync, run};
 
 /// The server's schema for new databases.
 const SERVER_SCHEMA: &str =
@@ -98,42 +98,9 @@ fn cp(from: &Path, to: &Path) {
     std::fs::copy(from, to).expect("copy");
 }
 
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("schema.sql"), SERVER_SCHEMA).expect("write schema");
-        Fixture { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A new replica file with `notes` enabled, via the CLI.
-    fn client_db(&self, name: &str) -> PathBuf {
-        let db = self.path(name);
-        let mut cmd = crsync();
-        cmd.arg("enable")
-            .arg("--db")
-            .arg(&db)
-            .arg("--schema")
-            .arg(self.path("schema.sql"))
-            .arg("notes");
-        run(cmd).assert_success();
-        db
-    }
-
-    fn server(&self) -> TestServer {
-        TestServer::start(self.dir.path(), &self.path("schema.sql"), Some(TOKEN), &[])
-    }
-
-    fn server_rows(&self) -> Rows {
-        rows(&self.path("server/notes.db"))
-    }
+/// The rows of `notes` on the server.
+fn server_rows(fx: &Fixture) -> Rows {
+    rows(&fx.path("server/notes.db"))
 }
 
 /// `crsync sync --once` (`extra`: `--ws`).
@@ -177,8 +144,8 @@ fn assert_refused_as_copy(out: &Output, db: &Path, how: &str) {
 
 #[test]
 fn a_copied_file_is_refused_and_loses_nothing() {
-    let fx = Fixture::new();
-    let server = fx.server();
+    let fx = Fixture::new(SERVER_SCHEMA);
+    let server = fx.server(Some(TOKEN), &[]);
     let url = server.db_url("notes");
     let a = fx.client_db("a.db");
     write(&a, "INSERT INTO notes VALUES (1, 'before the copy')");
@@ -193,7 +160,7 @@ fn a_copied_file_is_refused_and_loses_nothing() {
     write(&b, "INSERT INTO notes VALUES (3, 'only in b')");
 
     sync_once(&a, &url, &[]).assert_success();
-    let on_server = fx.server_rows();
+    let on_server = server_rows(&fx);
     assert_eq!(
         on_server,
         vec![(1, "before the copy".into()), (2, "only in a".into())],
@@ -208,7 +175,7 @@ fn a_copied_file_is_refused_and_loses_nothing() {
     for (how, attempt) in attempts {
         let out = attempt();
         assert_refused_as_copy(&out, &b, how);
-        assert_eq!(fx.server_rows(), on_server, "{how}: b changed the server");
+        assert_eq!(server_rows(&fx), on_server, "{how}: b changed the server");
         assert_eq!(
             rows(&b),
             vec![(1, "before the copy".into()), (3, "only in b".into())],
@@ -226,15 +193,15 @@ fn a_copied_file_is_refused_and_loses_nothing() {
         (2, "only in a".into()),
         (4, "a, later".into()),
     ];
-    assert_eq!(fx.server_rows(), want);
+    assert_eq!(server_rows(&fx), want);
     assert_eq!(rows(&c), want);
     assert_eq!(rows(&a), want);
 }
 
 #[test]
 fn a_backup_restored_over_the_original_is_refused() {
-    let fx = Fixture::new();
-    let server = fx.server();
+    let fx = Fixture::new(SERVER_SCHEMA);
+    let server = fx.server(Some(TOKEN), &[]);
     let url = server.db_url("notes");
     let a = fx.client_db("a.db");
     write(&a, "INSERT INTO notes VALUES (1, 'one')");
@@ -247,7 +214,7 @@ fn a_backup_restored_over_the_original_is_refused() {
     sync_once(&a, &url, &[]).assert_success();
     write(&a, "INSERT INTO notes VALUES (3, 'three')");
     sync_once(&a, &url, &["--ws"]).assert_success();
-    let on_server = fx.server_rows();
+    let on_server = server_rows(&fx);
     assert_eq!(on_server.len(), 3, "{on_server:?}");
 
     // Restored in place: same path, same inode; to the file system it is the
@@ -271,7 +238,7 @@ fn a_backup_restored_over_the_original_is_refused() {
     for (how, attempt) in attempts {
         let out = attempt();
         assert_refused_as_copy(&out, &a, how);
-        assert_eq!(fx.server_rows(), on_server, "{how}: the server's rows");
+        assert_eq!(server_rows(&fx), on_server, "{how}: the server's rows");
         assert_eq!(
             rows(&a),
             vec![(1, "one".into()), (4, "after the restore".into())],

@@ -7,11 +7,11 @@
 #[path = "support/process.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crsync::Store;
 use serde_json::Value;
-use support::{Running, TestServer, crsync, run};
+use support::{Fixture, Running, TestServer, crsync, run};
 
 /// The replicated table (the server's schema for new databases).
 const SERVER_SCHEMA: &str =
@@ -60,42 +60,6 @@ fn rows(db: &Path) -> Rows {
     })
 }
 
-/// A temp dir with the two schema files.
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("server.sql"), SERVER_SCHEMA).expect("write schema");
-        std::fs::write(dir.path().join("client.sql"), CLIENT_SCHEMA).expect("write schema");
-        Fixture { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Creates `name` with the client schema and `notes` enabled, via the CLI.
-    fn client_db(&self, name: &str) -> PathBuf {
-        let db = self.path(name);
-        let mut cmd = crsync();
-        cmd.arg("enable")
-            .arg("--db")
-            .arg(&db)
-            .arg("--schema")
-            .arg(self.path("client.sql"))
-            .arg("notes");
-        run(cmd).assert_success();
-        db
-    }
-
-    fn server(&self, token: Option<&str>, extra: &[&str]) -> TestServer {
-        TestServer::start(self.dir.path(), &self.path("server.sql"), token, extra)
-    }
-}
-
 fn status_json(db: &Path) -> Value {
     let mut cmd = crsync();
     cmd.args(["status", "--json", "--db"]).arg(db);
@@ -119,7 +83,7 @@ fn sync_once(db: &Path, url: &str, token: Option<&str>, extra: &[&str]) -> suppo
 
 #[test]
 fn enable_then_status_reports_tables_site_and_cursor() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let db = fx.client_db("a.db");
     // Idempotent: enabling again succeeds.
     let mut again = crsync();
@@ -156,7 +120,7 @@ fn enable_then_status_reports_tables_site_and_cursor() {
 
 #[test]
 fn enable_refuses_unknown_tables_and_tables_without_a_primary_key() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let db = fx.client_db("a.db");
 
     let mut unknown = crsync();
@@ -235,7 +199,7 @@ fn missing_arguments_are_usage_errors() {
 
 #[test]
 fn status_and_sync_of_a_missing_file_fail_without_creating_it() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let db = fx.path("missing.db");
     let mut status = crsync();
     status.arg("status").arg("--db").arg(&db);
@@ -254,7 +218,7 @@ fn status_and_sync_of_a_missing_file_fail_without_creating_it() {
 
 #[test]
 fn serve_refuses_to_start_without_any_token() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let mut cmd = crsync();
     cmd.args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
         .arg(fx.path("server"));
@@ -263,7 +227,7 @@ fn serve_refuses_to_start_without_any_token() {
 
 #[test]
 fn two_files_converge_through_serve_with_sync_once() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let server = fx.server(Some(TOKEN), &[]);
     let url = server.db_url("notes");
     let a = fx.client_db("a.db");
@@ -337,7 +301,7 @@ fn two_files_converge_through_serve_with_sync_once() {
 
 #[test]
 fn wrong_or_missing_token_fails_with_a_clear_message() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let server = fx.server(Some(TOKEN), &[]);
     let url = server.db_url("notes");
     let a = fx.client_db("a.db");
@@ -365,7 +329,7 @@ fn wrong_or_missing_token_fails_with_a_clear_message() {
 
 #[test]
 fn unreachable_server_fails_with_a_clear_message() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let a = fx.client_db("a.db");
     // A port that was just free.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -380,7 +344,7 @@ fn unreachable_server_fails_with_a_clear_message() {
 
 #[test]
 fn sync_once_fails_when_the_server_sends_what_this_database_cannot_hold() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let server = fx.server(Some(TOKEN), &[]);
     let url = server.db_url("notes");
     let a = fx.client_db("a.db");
@@ -412,7 +376,7 @@ fn sync_once_fails_when_the_server_sends_what_this_database_cannot_hold() {
 
 #[test]
 fn sync_once_fails_when_the_server_runs_a_newer_schema() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let v2 = fx.path("v2.sql");
     std::fs::write(&v2, format!("{SERVER_SCHEMA}\nPRAGMA user_version = 2;"))
         .expect("write schema");
@@ -427,7 +391,7 @@ fn sync_once_fails_when_the_server_runs_a_newer_schema() {
 
 #[test]
 fn read_only_token_cannot_send_changes() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let config = fx.path("server.toml");
     std::fs::write(
         &config,
@@ -470,7 +434,7 @@ fn watch(db: &Path, url: &str, extra: &[&str]) -> Running {
 
 #[test]
 fn watch_prints_events_and_stops_on_sigterm() {
-    let fx = Fixture::new();
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
     let server = fx.server(Some(TOKEN), &[]);
     let url = server.db_url("notes");
     let a = fx.client_db("a.db");

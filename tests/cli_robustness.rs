@@ -9,12 +9,12 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crsync::Store;
-use support::{Running, TestServer, crsync, run};
+use support::{Fixture, Running, crsync, run};
 
 const SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY NOT NULL, body TEXT);";
@@ -64,46 +64,6 @@ fn ids(db: &Path) -> Vec<i64> {
     })
 }
 
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("schema.sql"), SCHEMA).expect("write schema");
-        Fixture { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A database file with `notes` enabled, via the CLI.
-    fn client_db(&self, name: &str) -> PathBuf {
-        let db = self.path(name);
-        let mut cmd = crsync();
-        cmd.arg("enable")
-            .arg("--db")
-            .arg(&db)
-            .arg("--schema")
-            .arg(self.path("schema.sql"))
-            .arg("notes");
-        run(cmd).assert_success();
-        db
-    }
-
-    fn server_on(&self, bind: &str, extra: &[&str]) -> TestServer {
-        TestServer::start_on(
-            bind,
-            self.dir.path(),
-            &self.path("schema.sql"),
-            Some(TOKEN),
-            extra,
-        )
-    }
-}
-
 /// `sync --watch` of `db`, once it is connected and caught up.
 fn watch(db: &Path, url: &str) -> Running {
     let mut cmd = crsync();
@@ -120,8 +80,8 @@ fn watch(db: &Path, url: &str) -> Running {
 
 #[test]
 fn watch_lives_through_server_restarts() {
-    let fx = Fixture::new();
-    let mut server = fx.server_on("127.0.0.1:0", &[]);
+    let fx = Fixture::new(SCHEMA);
+    let mut server = fx.server_on("127.0.0.1:0", Some(TOKEN), &[]);
     let addr = server.addr().to_owned();
     let url = server.db_url("notes");
     let a = fx.client_db("a.db");
@@ -151,7 +111,7 @@ fn watch_lives_through_server_restarts() {
         } else {
             drop(server);
         }
-        server = fx.server_on(&addr, &[]);
+        server = fx.server_on(&addr, Some(TOKEN), &[]);
         writer.join().expect("writer");
         expected.extend((1..=WRITES_PER_RESTART).map(|j| 1000 * i + j));
         // Both watchers are still there, and every row reaches b.
@@ -184,11 +144,11 @@ fn wait_for_ids(watching: &mut Running, db: &Path, expected: &[i64]) {
 
 #[test]
 fn watch_keeps_going_past_413_and_delivers_once_the_limit_is_raised() {
-    let fx = Fixture::new();
+    let fx = Fixture::new(SCHEMA);
     let small = fx.path("small.toml");
     std::fs::write(&small, "max_body_bytes = 4096\n").expect("write config");
     let small = small.to_str().expect("utf-8 path").to_owned();
-    let mut server = fx.server_on("127.0.0.1:0", &["--config", &small]);
+    let mut server = fx.server_on("127.0.0.1:0", Some(TOKEN), &["--config", &small]);
     let addr = server.addr().to_owned();
     let url = server.db_url("notes");
     let a = fx.client_db("a.db");
@@ -207,7 +167,7 @@ fn watch_keeps_going_past_413_and_delivers_once_the_limit_is_raised() {
     // The operator raises the limit: the batch goes through, to b.
     let (status, _) = server.running.terminate();
     assert!(status.success());
-    server = fx.server_on(&addr, &[]);
+    server = fx.server_on(&addr, Some(TOKEN), &[]);
     let b = fx.client_db("b.db");
     let mut watch_b = watch(&b, &url);
     wait_for_ids(&mut watch_b, &b, &[1]);
@@ -228,7 +188,7 @@ fn watch_keeps_going_past_413_and_delivers_once_the_limit_is_raised() {
 
 #[test]
 fn status_opens_a_file_another_connection_keeps_writing() {
-    let fx = Fixture::new();
+    let fx = Fixture::new(SCHEMA);
     let db = fx.client_db("busy.db");
     write(&db, "INSERT INTO notes VALUES (0, 'first')".into());
     // The other writer opens a fresh connection per write (as `sqlite3 FILE
@@ -316,8 +276,8 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 
 #[test]
 fn the_server_refuses_negative_versions() {
-    let fx = Fixture::new();
-    let server = fx.server_on("127.0.0.1:0", &[]);
+    let fx = Fixture::new(SCHEMA);
+    let server = fx.server_on("127.0.0.1:0", Some(TOKEN), &[]);
     let addr = server.addr().to_owned();
     let peer = "0f".repeat(16);
     // A v1 client's stream (bound by its token only), read up to its connect.

@@ -46,21 +46,6 @@ const STRANGER_SITES: usize = 500;
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-fn peer(store: Store) -> Peer {
-    Peer::builder(store)
-        .ping_interval(Duration::from_millis(500))
-        .ack_timeout(Duration::from_secs(2))
-        .build()
-}
-
-async fn insert(store: &Store, id: i64, title: &str) -> Result<()> {
-    let title = title.to_string();
-    store
-        .write(move |tx| tx.execute("INSERT INTO todo VALUES (?1, ?2)", (id, title)))
-        .await?;
-    Ok(())
-}
-
 /// A fresh peer id for each observer stream.
 fn observer_id() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(1);
@@ -193,6 +178,35 @@ async fn own_version(p: &Peer) -> Result<DbVersion> {
     Ok(p.store().cursor().await?.get(&p.site_id()))
 }
 
+/// A temp dir with two new client replicas named `names`, a Peer on each.
+async fn two_peers(names: [&str; 2]) -> Result<(tempfile::TempDir, Peer, Peer)> {
+    let dir = tempfile::tempdir()?;
+    let first = peer(client_store(&dir.path().join(names[0])).await?);
+    let second = peer(client_store(&dir.path().join(names[1])).await?);
+    Ok((dir, first, second))
+}
+
+/// [`two_peers`], both syncing with the server over SSE; the first writes
+/// rows 1..=3 titled `title` (three transactions), and this returns once the
+/// second holds them (`what` names that wait).
+async fn sse_pair_with_rows(
+    server: &TestServer,
+    names: [&str; 2],
+    title: &str,
+    what: &str,
+) -> Result<(tempfile::TempDir, Peer, Peer)> {
+    let (dir, first, second) = two_peers(names).await?;
+    let base = server.url("/db/notes");
+    first.add_dialer(SseDialer::new(&base).with_token(RW));
+    second.add_dialer(SseDialer::new(&base).with_token(RW));
+    for id in 1..=3 {
+        insert(first.store(), id, title).await?;
+    }
+    let want = contents(first.store()).await?;
+    wait_rows(&[&second], &want, what).await?;
+    Ok((dir, first, second))
+}
+
 /// An honest victim and an honest third client, both over SSE, with the
 /// victim's rows 1..=3 (three transactions) on both and on the server.
 struct Honest {
@@ -203,19 +217,10 @@ struct Honest {
 
 impl Honest {
     async fn start(server: &TestServer) -> Result<Honest> {
-        let dir = tempfile::tempdir()?;
-        let victim = peer(client_store(&dir.path().join("victim.db")).await?);
-        let third = peer(client_store(&dir.path().join("third.db")).await?);
-        let base = server.url("/db/notes");
-        victim.add_dialer(SseDialer::new(&base).with_token(RW));
-        third.add_dialer(SseDialer::new(&base).with_token(RW));
-        for id in 1..=3 {
-            insert(victim.store(), id, "by the victim").await?;
-        }
-        let want = contents(victim.store()).await?;
-        wait_rows(
-            &[&third],
-            &want,
+        let (dir, victim, third) = sse_pair_with_rows(
+            server,
+            ["victim.db", "third.db"],
+            "by the victim",
             "the victim's first rows at the third client",
         )
         .await?;
@@ -256,6 +261,17 @@ impl Honest {
         Ok(want)
     }
 
+    /// The server's cursor, asserting that it holds all of the victim's rows.
+    async fn server_cursor_at_start(&self, server: &TestServer) -> Result<Cursor> {
+        let cursor = server_cursor(server).await?;
+        assert_eq!(
+            cursor.get(&self.victim.site_id()),
+            own_version(&self.victim).await?,
+            "set-up: the server holds the victim's rows"
+        );
+        Ok(cursor)
+    }
+
     /// Nobody believes more of anyone than they hold, nor names strangers.
     async fn assert_claims_sound(&self, server: &TestServer) -> Result<()> {
         let at_server = server_cursor(server).await?.get(&self.victim.site_id());
@@ -283,12 +299,7 @@ async fn forged_ranges_about_another_site_are_not_believed() -> Result<()> {
     let server = TestServer::start().await?;
     let honest = Honest::start(&server).await?;
     let victim = honest.victim.site_id().to_hex();
-    let before = server_cursor(&server).await?;
-    assert_eq!(
-        before.get(&honest.victim.site_id()),
-        own_version(&honest.victim).await?,
-        "set-up: the server holds the victim's rows"
-    );
+    let before = honest.server_cursor_at_start(&server).await?;
     let rows_before = server_rows(&server).await?;
 
     // The attacker: a read-write client with a stream of its own.
@@ -401,12 +412,7 @@ async fn forged_ranges_over_websocket_are_not_believed() -> Result<()> {
     let server = TestServer::start().await?;
     let honest = Honest::start(&server).await?;
     let victim = honest.victim.site_id().to_hex();
-    let before = server_cursor(&server).await?;
-    assert_eq!(
-        before.get(&honest.victim.site_id()),
-        own_version(&honest.victim).await?,
-        "set-up: the server holds the victim's rows"
-    );
+    let before = honest.server_cursor_at_start(&server).await?;
 
     let mut socket = raw_ws(&server, PEER_B).await?;
     let forged = data_body(PEER_B, "changes", vec![], json!({ &victim: [0, HUGE] }));
@@ -438,9 +444,7 @@ struct Pair {
 
 impl Pair {
     async fn start(server: &TestServer) -> Result<Pair> {
-        let dir = tempfile::tempdir()?;
-        let a = peer(client_store(&dir.path().join("a.db")).await?);
-        let b = peer(client_store(&dir.path().join("b.db")).await?);
+        let (dir, a, b) = two_peers(["a.db", "b.db"]).await?;
         a.add_dialer(SseDialer::new(server.url("/db/notes")).with_token(RW));
         b.add_dialer(
             WebSocketDialer::new(format!("ws://{}/db/notes/ws", server.addr)).with_token(RW),
@@ -597,18 +601,14 @@ async fn ranges_for_100000_sites_are_refused_and_strangers_are_not_believed() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_copy_of_a_site_is_refused_and_the_original_keeps_syncing() -> Result<()> {
     let server = TestServer::start().await?;
-    let dir = tempfile::tempdir()?;
+    let (dir, original, third) = sse_pair_with_rows(
+        &server,
+        ["original.db", "third.db"],
+        "original",
+        "the original's rows at the third client",
+    )
+    .await?;
     let path = dir.path().join("original.db");
-    let original = peer(client_store(&path).await?);
-    let third = peer(client_store(&dir.path().join("third.db")).await?);
-    let base = server.url("/db/notes");
-    original.add_dialer(SseDialer::new(&base).with_token(RW));
-    third.add_dialer(SseDialer::new(&base).with_token(RW));
-    for id in 1..=3 {
-        insert(original.store(), id, "original").await?;
-    }
-    let want = contents(original.store()).await?;
-    wait_rows(&[&third], &want, "the original's rows at the third client").await?;
     let site = original.site_id();
     let own = own_version(&original).await?;
     assert!(own >= DbVersion(3), "three transactions: {own}");
@@ -642,7 +642,7 @@ async fn a_stale_copy_of_a_site_is_refused_and_the_original_keeps_syncing() -> R
 
     // The refusal is no verdict on the site: the original reconnects and syncs.
     let original = peer(Store::open(&path).await?);
-    original.add_dialer(SseDialer::new(&base).with_token(RW));
+    original.add_dialer(SseDialer::new(server.url("/db/notes")).with_token(RW));
     insert(original.store(), 4, "original, later").await?;
     let want = contents(original.store()).await?;
     wait_rows(

@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use anyhow::{Context, Result, bail};
 use crsync_node_server::{Access, Auth, PeerRouter};
 use crsync_peer::proto::ErrorCode;
@@ -21,21 +19,6 @@ use support::*;
 /// A version far past anything written: an acknowledgement claiming it
 /// would make the server believe the victim holds everything.
 const HUGE: i64 = 1_000_000_000_000_000;
-
-fn peer(store: Store) -> Peer {
-    Peer::builder(store)
-        .ping_interval(Duration::from_millis(500))
-        .ack_timeout(Duration::from_secs(2))
-        .build()
-}
-
-async fn insert(store: &Store, id: i64, title: &str) -> Result<()> {
-    let title = title.to_string();
-    store
-        .write(move |tx| tx.execute("INSERT INTO todo VALUES (?1, ?2)", (id, title)))
-        .await?;
-    Ok(())
-}
 
 /// Waits until every peer has `rows` rows and all hold the same.
 async fn converge(peers: &[&Peer], rows: usize) -> Result<Vec<String>> {

@@ -25,43 +25,39 @@ async fn raw_stream(
     peer: &str,
     token: Option<&str>,
 ) -> Result<(u16, String, TcpStream)> {
-    let socket = TcpSocket::new_v4()?;
-    // A small receive buffer, so a client that does not read is soon full.
-    socket.set_recv_buffer_size(4096)?;
-    let mut s = socket.connect(addr).await?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    s.write_all(
+    raw_request(
+        addr,
         format!(
             "GET /db/{db}/stream?peerId={peer} HTTP/1.1\r\nHost: {addr}\r\n{auth}Accept: text/event-stream\r\n\r\n"
-        )
-        .as_bytes(),
+        ),
     )
-    .await?;
-    let head = read_head(&mut s).await?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no status")?;
-    Ok((status, head, s))
+    .await
 }
 
 /// A raw WebSocket upgrade; returns the status and the socket (head read).
 async fn raw_ws(addr: SocketAddr, db: &str, token: &str) -> Result<(u16, String, TcpStream)> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let mut s = socket.connect(addr).await?;
-    s.write_all(
+    raw_request(
+        addr,
         format!(
             "GET /db/{db}/ws HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
              Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        .as_bytes(),
+        ),
     )
-    .await?;
+    .await
+}
+
+/// Sends `request` on a new connection and reads the response head; returns
+/// the HTTP status, the head and the socket.
+async fn raw_request(addr: SocketAddr, request: String) -> Result<(u16, String, TcpStream)> {
+    let socket = TcpSocket::new_v4()?;
+    // A small receive buffer, so a client that does not read is soon full.
+    socket.set_recv_buffer_size(4096)?;
+    let mut s = socket.connect(addr).await?;
+    s.write_all(request.as_bytes()).await?;
     let head = read_head(&mut s).await?;
     let status = head
         .split_whitespace()

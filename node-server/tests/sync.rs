@@ -12,21 +12,6 @@ use crsync_peer::{Peer, Store};
 use crsync_transports::{SseDialer, WebSocketDialer};
 use support::*;
 
-fn peer(store: Store) -> Peer {
-    Peer::builder(store)
-        .ping_interval(Duration::from_millis(500))
-        .ack_timeout(Duration::from_secs(2))
-        .build()
-}
-
-async fn insert(store: &Store, id: i64, title: &str) -> Result<()> {
-    let title = title.to_string();
-    store
-        .write(move |tx| tx.execute("INSERT INTO todo VALUES (?1, ?2)", (id, title)))
-        .await?;
-    Ok(())
-}
-
 async fn converge(peers: &[&Peer], expected_rows: usize) -> Result<Vec<String>> {
     let first = peers[0].store().clone();
     for p in peers {

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -17,15 +18,20 @@ const OPENS: usize = 60;
 /// Limit on one open (the busy timeout is 5 s).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn opens_succeed_while_another_connection_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    support::open_store(dir.path(), "a.db")
+/// Creates `a.db` in `dir` through the Store (set up, then closed); its path.
+async fn set_up_file(dir: &Path) -> PathBuf {
+    support::open_store(dir, "a.db")
         .await
         .close()
         .await
-        .unwrap();
-    let path = dir.path().join("a.db");
+        .expect("close");
+    dir.join("a.db")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_succeed_while_another_connection_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = set_up_file(dir.path()).await;
 
     // The other writer behaves like a separate `sqlite3` process per write: a
     // new connection (cr-sqlite initialises on it too), one transaction, close.
@@ -79,12 +85,7 @@ async fn opens_succeed_while_another_connection_writes() {
 #[tokio::test]
 async fn a_set_up_file_opens_while_another_connection_holds_the_write_lock() {
     let dir = tempfile::tempdir().unwrap();
-    support::open_store(dir.path(), "a.db")
-        .await
-        .close()
-        .await
-        .unwrap();
-    let path = dir.path().join("a.db");
+    let path = set_up_file(dir.path()).await;
     let (held_tx, held_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel::<()>();
     let holder = {

@@ -262,3 +262,58 @@ impl TestServer {
         self.base.trim_start_matches("http://")
     }
 }
+
+/// A temp dir with the server's schema for new databases (`server.sql`) and
+/// the clients' (`client.sql`), for `crsync enable` and `crsync serve`.
+pub(crate) struct Fixture {
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// One schema for the server and the clients.
+    pub(crate) fn new(schema: &str) -> Fixture {
+        Fixture::with_schemas(schema, schema)
+    }
+
+    /// The server's schema and the clients'.
+    pub(crate) fn with_schemas(server: &str, client: &str) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("server.sql"), server).expect("write schema");
+        std::fs::write(dir.path().join("client.sql"), client).expect("write schema");
+        Fixture { dir }
+    }
+
+    pub(crate) fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Creates `name` with the client schema and `notes` enabled, via the CLI.
+    pub(crate) fn client_db(&self, name: &str) -> std::path::PathBuf {
+        let db = self.path(name);
+        let mut cmd = crsync();
+        cmd.arg("enable")
+            .arg("--db")
+            .arg(&db)
+            .arg("--schema")
+            .arg(self.path("client.sql"))
+            .arg("notes");
+        run(cmd).assert_success();
+        db
+    }
+
+    /// `crsync serve` on 127.0.0.1, port 0 (see [`TestServer::start`]).
+    pub(crate) fn server(&self, token: Option<&str>, extra: &[&str]) -> TestServer {
+        self.server_on("127.0.0.1:0", token, extra)
+    }
+
+    /// `crsync serve` listening on `bind` (see [`TestServer::start_on`]).
+    pub(crate) fn server_on(&self, bind: &str, token: Option<&str>, extra: &[&str]) -> TestServer {
+        TestServer::start_on(
+            bind,
+            self.dir.path(),
+            &self.path("server.sql"),
+            token,
+            extra,
+        )
+    }
+}

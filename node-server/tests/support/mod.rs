@@ -292,6 +292,23 @@ pub async fn client_store(path: &std::path::Path) -> Result<crsync_peer::Store> 
     Ok(store)
 }
 
+/// A Peer on `store` with short ping and acknowledgement timeouts.
+pub fn peer(store: crsync_peer::Store) -> crsync_peer::Peer {
+    crsync_peer::Peer::builder(store)
+        .ping_interval(Duration::from_millis(500))
+        .ack_timeout(Duration::from_secs(2))
+        .build()
+}
+
+/// Inserts the row (`id`, `title`) into `todo`, in one transaction.
+pub async fn insert(store: &crsync_peer::Store, id: i64, title: &str) -> Result<()> {
+    let title = title.to_string();
+    store
+        .write(move |tx| tx.execute("INSERT INTO todo VALUES (?1, ?2)", (id, title)))
+        .await?;
+    Ok(())
+}
+
 /// All rows of `todo` and `kv`, for comparing replicas.
 pub async fn contents(store: &crsync_peer::Store) -> Result<Vec<String>> {
     Ok(store
