@@ -650,16 +650,10 @@ impl Session {
         let held = self.held_at_start.take().unwrap_or_default();
         // Under own-site trust the remote's claims about other sites (ours
         // included) are not believed: only what it says of itself counts.
-        let own_only: Cursor;
-        let theirs = if self.config.trust == Trust::OwnSite {
-            own_only = [(remote, theirs.get(&remote))].into_iter().collect();
-            &own_only
-        } else {
-            theirs
-        };
-        let conflict = own_version_conflict(theirs, self.local, our_own, remote, &held)
-            .or_else(|| own_version_conflict(theirs, self.local, our_own, remote, &Cursor::new()));
-        let Some(conflict) = conflict else {
+        let about_us = self.config.trust == Trust::Full;
+        let Some(conflict) =
+            own_version_conflict(theirs, self.local, our_own, about_us, remote, &held)
+        else {
             return false;
         };
         let message = conflict.message(self.local, remote);

@@ -139,16 +139,18 @@ impl SiteConflict {
 /// `our_own` is the newest version we wrote ourselves (our cursor's own
 /// entry, which never goes down); `held` is our cursor. Only a crsync
 /// remote's cursor is evidence: a v1 peer reports other sites at its own
-/// local versions.
+/// local versions. What it says of our site counts only if `about_us` (we
+/// believe its claims about other sites: [`Trust::Full`]).
 pub(crate) fn own_version_conflict(
     theirs: &Cursor,
     local: SiteId,
     our_own: DbVersion,
+    about_us: bool,
     remote: SiteId,
     held: &Cursor,
 ) -> Option<SiteConflict> {
     let of_us = theirs.get(&local);
-    if of_us > our_own {
+    if about_us && of_us > our_own {
         return Some(SiteConflict::WeAreACopy {
             ours: our_own,
             theirs: of_us,
@@ -240,7 +242,7 @@ mod tests {
         let client_cursor: Cursor = [(A, DbVersion(5))].into_iter().collect();
         // The client reads the server's cursor.
         assert_eq!(
-            own_version_conflict(&server_cursor, A, DbVersion(5), B, &client_cursor),
+            own_version_conflict(&server_cursor, A, DbVersion(5), true, B, &client_cursor),
             Some(SiteConflict::WeAreACopy {
                 ours: DbVersion(5),
                 theirs: DbVersion(7)
@@ -248,7 +250,7 @@ mod tests {
         );
         // The server reads the client's cursor.
         assert_eq!(
-            own_version_conflict(&client_cursor, B, DbVersion(3), A, &server_cursor),
+            own_version_conflict(&client_cursor, B, DbVersion(3), true, A, &server_cursor),
             Some(SiteConflict::RemoteIsACopy {
                 remote_own: DbVersion(5),
                 held: DbVersion(7)
@@ -257,11 +259,11 @@ mod tests {
         // Equal or ahead is fine; so is a remote that omits itself.
         let ahead: Cursor = [(A, DbVersion(9))].into_iter().collect();
         assert_eq!(
-            own_version_conflict(&ahead, B, DbVersion(3), A, &server_cursor),
+            own_version_conflict(&ahead, B, DbVersion(3), true, A, &server_cursor),
             None
         );
         assert_eq!(
-            own_version_conflict(&Cursor::new(), B, DbVersion(3), A, &server_cursor),
+            own_version_conflict(&Cursor::new(), B, DbVersion(3), true, A, &server_cursor),
             None
         );
         let msg = SiteConflict::WeAreACopy {

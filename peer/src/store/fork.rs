@@ -73,7 +73,6 @@ pub(crate) fn fork(path: &Path, extension: Option<&Path>) -> Result<ForkReport, 
 
 fn fork_on(conn: &mut Connection, path: &Path) -> Result<ForkReport, ForkError> {
     conn.execute_batch(BOOTSTRAP_SQL)?;
-    conn.execute_batch(identity::META_SQL)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
     let old: Vec<u8> = tx
         .query_row(

@@ -40,13 +40,6 @@ pub struct CopiedFile {
     pub verified_version: i64,
 }
 
-pub(crate) const META_SQL: &str = "
-CREATE TABLE IF NOT EXISTS crsync_meta (
-    key TEXT PRIMARY KEY NOT NULL,
-    value ANY
-) WITHOUT ROWID;
-";
-
 const FILE_ID: &str = "file_id";
 const VERIFIED: &str = "verified_version";
 

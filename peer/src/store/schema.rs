@@ -12,7 +12,8 @@ use crate::{Affinity, Change, Cursor, DbVersion, SiteId, SqlValue, normalize_js}
 /// Suffix cr-sqlite gives a CRR table's clock table.
 const CLOCK_SUFFIX: &str = "__crsql_clock";
 
-/// The Store's own tables: per-site cursors and the origin of merged versions.
+/// The Store's own tables: per-site cursors, the origin of merged versions,
+/// and facts about the file itself (see `identity`). None of them syncs.
 pub(crate) const BOOTSTRAP_SQL: &str = "
 CREATE TABLE IF NOT EXISTS crsync_cursor (
     site_id BLOB PRIMARY KEY NOT NULL,
@@ -24,6 +25,10 @@ CREATE TABLE IF NOT EXISTS crsync_origin (
     origin_version INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS crsync_origin_by_site ON crsync_origin (site_id, origin_version);
+CREATE TABLE IF NOT EXISTS crsync_meta (
+    key TEXT PRIMARY KEY NOT NULL,
+    value ANY
+) WITHOUT ROWID;
 ";
 
 /// Columns of one CRR table.

@@ -115,7 +115,7 @@ pub(super) fn run(
 /// at once if another process committed meanwhile).
 fn bootstrap(conn: &Connection) -> rusqlite::Result<()> {
     const READY: &str = "SELECT (SELECT count(*) FROM sqlite_master
-            WHERE name IN ('crsync_cursor', 'crsync_origin', 'crsync_origin_by_site')) = 3
+            WHERE name IN ('crsync_cursor', 'crsync_origin', 'crsync_origin_by_site', 'crsync_meta')) = 4
         AND crsql_config_get('merge-equal-values') = 1";
     if conn.query_row(READY, [], |r| r.get::<_, bool>(0))? {
         return Ok(());
@@ -158,7 +158,6 @@ impl Writer {
         let last_data_version = data_version(&conn)?;
         let last_reported = db_version(&conn)?;
         let own_version = last_reported;
-        conn.execute_batch(identity::META_SQL)?;
         let copied = identity::check(&conn, &config.path, &site.to_hex(), own_version)?;
         let verified = identity::verified_version(&conn)?;
         let mut schema = Schema::default();
