@@ -26,6 +26,12 @@ pub(crate) struct Principal(Option<usize>);
 impl Principal {
     /// A request without a token.
     pub(crate) const ANONYMOUS: Principal = Principal(None);
+
+    /// The token of the `index`th grant.
+    #[cfg(test)]
+    pub(crate) const fn of_grant(index: usize) -> Principal {
+        Principal(Some(index))
+    }
 }
 
 #[derive(Debug, Clone)]

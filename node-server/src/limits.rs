@@ -6,7 +6,6 @@ mod listener;
 mod outbound;
 mod rate;
 
-use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -16,6 +15,7 @@ pub(crate) use listener::{ConnKill, IoProgress, KillableListener};
 pub(crate) use outbound::{OutboundRx, outbound};
 pub(crate) use rate::RateLimiter;
 
+use crate::auth::Principal;
 use crate::error::ApiError;
 
 /// Default cap on open streams and WebSockets, whole server.
@@ -109,21 +109,11 @@ impl Default for LimitsConfig {
     }
 }
 
-/// Who a request counts against: its token, or "anonymous".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum ClientKey {
-    /// No token.
-    Anonymous,
-    /// A token, by a keyed hash (the secret itself is not kept).
-    Token(u64),
-}
-
 /// The limits of one server (or one [`PeerRouter`](crate::PeerRouter)).
 pub(crate) struct Limits {
     config: LimitsConfig,
     connections: Connections,
-    per_token: Option<RateLimiter<ClientKey>>,
-    hasher: RandomState,
+    per_token: Option<RateLimiter<Principal>>,
 }
 
 impl std::fmt::Debug for Limits {
@@ -139,21 +129,12 @@ impl Limits {
         Limits {
             connections: Connections::new(config.max_connections, config.max_connections_per_token),
             per_token: RateLimiter::keyed(config.rate_per_token, config.burst_per_token),
-            hasher: RandomState::new(),
             config,
         }
     }
 
     pub(crate) fn config(&self) -> &LimitsConfig {
         &self.config
-    }
-
-    /// The key of a request with this (already checked) token.
-    pub(crate) fn key(&self, token: Option<&str>) -> ClientKey {
-        match token {
-            None => ClientKey::Anonymous,
-            Some(t) => ClientKey::Token(self.hasher.hash_one(t)),
-        }
     }
 
     /// A new limiter for one database (`None` when that limit is off).
@@ -165,7 +146,7 @@ impl Limits {
     }
 
     /// Counts one request of `key`: `429 RATE_LIMITED` when over its rate.
-    pub(crate) fn check_rate(&self, key: ClientKey) -> Result<(), ApiError> {
+    pub(crate) fn check_rate(&self, key: Principal) -> Result<(), ApiError> {
         match &self.per_token {
             Some(limiter) => limiter
                 .check(&key)
@@ -176,7 +157,7 @@ impl Limits {
 
     /// Waits until `key` may send one more request (WebSocket messages:
     /// back-pressure instead of a refusal).
-    pub(crate) async fn wait_rate(&self, key: ClientKey) {
+    pub(crate) async fn wait_rate(&self, key: Principal) {
         if let Some(limiter) = &self.per_token {
             limiter.wait(&key).await;
         }
@@ -184,7 +165,7 @@ impl Limits {
 
     /// A connection slot for `key`: `429 TOO_MANY_CONNECTIONS` when the
     /// token's or the server's cap is reached.
-    pub(crate) fn connect(&self, key: ClientKey) -> Result<ConnectionPermit, ApiError> {
+    pub(crate) fn connect(&self, key: Principal) -> Result<ConnectionPermit, ApiError> {
         self.connections.acquire(key).map_err(|full| {
             tracing::info!(?key, %full, "connection refused");
             ApiError::too_many_connections(full.to_string(), CONNECTION_RETRY_AFTER)

@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::auth::{Access, Auth, Principal};
 use crate::error::ApiError;
 use crate::host::{DbHost, SseSession, StreamRequest, admit};
-use crate::limits::{ClientKey, ConnKill, Limits};
+use crate::limits::{ConnKill, Limits};
 
 /// Where the handlers find the database a request addresses.
 pub(crate) trait Databases: Clone + Send + Sync + 'static {
@@ -52,8 +52,6 @@ pub(crate) struct Target<S> {
     name: String,
     access: Access,
     principal: Principal,
-    /// Who the request counts against (connection caps, rate limits).
-    key: ClientKey,
     /// Cuts the request's TCP connection (a stalled stream).
     kill: ConnKill,
 }
@@ -116,14 +114,12 @@ impl<S: Databases> FromRequestParts<S> for Target<S> {
         };
         let token = bearer(parts)?;
         let (access, principal) = state.auth().authorize(token.as_deref(), &name)?;
-        let key = state.limits().key(token.as_deref());
-        state.limits().check_rate(key)?;
+        state.limits().check_rate(principal)?;
         Ok(Target {
             state: state.clone(),
             name,
             access,
             principal,
-            key,
             kill: ConnKill::of(parts),
         })
     }
@@ -192,7 +188,7 @@ async fn stream<S: Databases>(
         .is_some_and(|c| c.split(',').any(|e| e.trim() == LOSSLESS));
     let host = target.host().await?;
     // Refused before any stream starts.
-    let permit = host.limits().connect(target.key)?;
+    let permit = host.limits().connect(target.principal)?;
     let span = tracing::info_span!("sse", db = host.name(), peer = %client);
     let request = StreamRequest {
         principal: target.principal,
@@ -316,9 +312,9 @@ async fn websocket<S: Databases>(
         upgrade.map_err(|r| ApiError::new(r.status(), ErrorCode::Malformed, r.body_text()))?;
     let host = target.host().await?;
     // Refused before the upgrade.
-    let permit = host.limits().connect(target.key)?;
+    let permit = host.limits().connect(target.principal)?;
     let access = target.access;
-    let key = target.key;
+    let key = target.principal;
     let kill = target.kill.clone();
     let id = NEXT_WS.fetch_add(1, Ordering::Relaxed);
     Ok(upgrade

@@ -14,8 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::Access;
+use crate::auth::Principal;
 use crate::host::{DbHost, INBOUND_QUEUE_CAP, admit};
-use crate::limits::{ClientKey, ConnKill, ConnectionPermit, OutboundRx, outbound};
+use crate::limits::{ConnKill, ConnectionPermit, OutboundRx, outbound};
 
 /// Runs one WebSocket until either side ends it; `permit` holds its
 /// connection slot until then.
@@ -23,7 +24,7 @@ pub(crate) async fn run(
     socket: WebSocket,
     host: Arc<DbHost>,
     access: Access,
-    key: ClientKey,
+    key: Principal,
     conn: ConnKill,
     id: u64,
     permit: ConnectionPermit,
@@ -69,7 +70,7 @@ async fn serve_socket(
     socket: WebSocket,
     host: Arc<DbHost>,
     access: Access,
-    key: ClientKey,
+    key: Principal,
     conn: ConnKill,
     span: tracing::Span,
 ) {

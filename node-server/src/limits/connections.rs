@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::ClientKey;
+use crate::auth::Principal;
 
 /// Which cap refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -17,7 +17,7 @@ pub(crate) enum Full {
 #[derive(Default)]
 struct Counts {
     total: usize,
-    per_key: HashMap<ClientKey, usize>,
+    per_key: HashMap<Principal, usize>,
 }
 
 /// Open connections, counted per token and in total.
@@ -31,7 +31,7 @@ pub(crate) struct Connections {
 #[must_use = "the slot is freed when the permit is dropped"]
 pub(crate) struct ConnectionPermit {
     counts: Arc<Mutex<Counts>>,
-    key: ClientKey,
+    key: Principal,
 }
 
 impl std::fmt::Debug for ConnectionPermit {
@@ -56,7 +56,7 @@ impl Connections {
     }
 
     /// Takes a slot for `key`, or says which cap is reached.
-    pub(crate) fn acquire(&self, key: ClientKey) -> Result<ConnectionPermit, Full> {
+    pub(crate) fn acquire(&self, key: Principal) -> Result<ConnectionPermit, Full> {
         let mut counts = lock(&self.counts);
         let mine = counts.per_key.get(&key).copied().unwrap_or(0);
         if mine >= self.max_per_key {
@@ -94,14 +94,14 @@ mod tests {
     #[test]
     fn caps_per_key_and_total_and_slots_come_back() {
         let c = Connections::new(3, 2);
-        let a = ClientKey::Token(1);
-        let b = ClientKey::Token(2);
+        let a = Principal::of_grant(1);
+        let b = Principal::of_grant(2);
         let a1 = c.acquire(a).expect("first");
         let _a2 = c.acquire(a).expect("second");
         assert_eq!(c.acquire(a).expect_err("per token"), Full::Token(2));
         let _b1 = c.acquire(b).expect("other token");
         assert_eq!(
-            c.acquire(ClientKey::Anonymous).expect_err("total"),
+            c.acquire(Principal::ANONYMOUS).expect_err("total"),
             Full::Server(3)
         );
         drop(a1);
