@@ -92,7 +92,7 @@ pub(crate) fn check(
             site: site.to_owned(),
             recorded,
             actual,
-            verified_version: get::<i64>(conn, VERIFIED)?.unwrap_or(0),
+            verified_version: verified_version(conn)?,
         })),
         Some(_) => Ok(None),
         None => {
