@@ -35,7 +35,7 @@ pub use ids::{DbVersion, InvalidSiteId, SITE_ID_LEN, SiteId};
 pub use pk::{PackedPk, PkError};
 pub use proto::batch::{
     BatchBuilder, BatchLimits, BatchRejection, ChangeBatch, DEFAULT_MAX_BATCH_BYTES,
-    DEFAULT_MAX_BATCH_CHANGES, MergePlan, ReadHint, VersionRange, plan_merge,
+    DEFAULT_MAX_BATCH_CHANGES, MergePlan, ReadHint, TxnPart, VersionRange, plan_merge,
 };
 pub use store::{
     BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, CopiedFile,

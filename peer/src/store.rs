@@ -11,9 +11,10 @@ mod fork;
 mod identity;
 mod reader;
 mod schema;
+mod staging;
 mod writer;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -84,6 +85,11 @@ pub struct MergeReport {
     pub transactions: usize,
     /// Tables the applied changes touched.
     pub tables: BTreeSet<String>,
+    /// Changes of a transaction in parts staged by this merge (not yet applied).
+    pub staged_changes: usize,
+    /// What is staged after the merge: per transaction in parts (origin site
+    /// and version), the highest `seq` staged.
+    pub staged: BTreeMap<(SiteId, DbVersion), i64>,
 }
 
 /// Sizes of the Store's own bookkeeping.
@@ -417,6 +423,12 @@ impl Store {
     /// Sizes of the Store's bookkeeping tables.
     pub async fn bookkeeping_stats(&self) -> Result<BookkeepingStats, StoreError> {
         self.call(Command::Stats).await?
+    }
+
+    /// Transactions received in part and staged (not yet applied): per origin
+    /// site and version, the highest `seq` staged. A sender resumes after it.
+    pub async fn staged(&self) -> Result<BTreeMap<(SiteId, DbVersion), i64>, StoreError> {
+        self.call(Command::Staged).await?
     }
 
     /// Finishes queued commands, finalizes cr-sqlite and closes the database.

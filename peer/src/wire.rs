@@ -13,6 +13,14 @@
 //! - `PeerMessage.ranges = {"<site hex>": [after, upto]}`: the version ranges a
 //!   batch completes (see [`ChangeBatch`]); without them a batch is taken as it
 //!   comes (v1 behaviour).
+//! - `PeerMessage.part = {"site": "<hex>", "version": v, "after": s, "upto": s2, "more": bool}`:
+//!   the message is one part of origin transaction `v` of that site, too large
+//!   for one message: its changes with `seq` in `(after, upto]`; `more` says
+//!   further parts follow (see [`TxnPart`](crate::TxnPart)). A v1 peer applies
+//!   each part as it comes, as it does with its own paging.
+//! - `sync.crsync.staged = [["<site hex>", version, seq], ...]`: transactions
+//!   the sender has staged in part, and the highest `seq` of each; the other
+//!   side resumes them after that `seq`.
 //! - `error.code`: a stable machine-readable code next to the message.
 //! - `sync.ack = true`: an acknowledgement between crsync peers (what the
 //!   sender now holds); it does not restart the stream the way a `sync` does.
@@ -102,6 +110,10 @@ pub struct Hello {
     /// `connect` (see [`SESSION_HEADER`]); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// On `sync`: transactions the sender has staged in part (site hex,
+    /// origin version, highest `seq` staged), to be resumed after that `seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<Vec<(String, i64, i64)>>,
 }
 
 impl Hello {
@@ -112,7 +124,22 @@ impl Hello {
             encoding: LOSSLESS.into(),
             believes: None,
             session: None,
+            staged: None,
         }
+    }
+
+    /// The transactions this hello says are staged; entries that do not
+    /// parse are left out, and at most `limit` are read.
+    pub fn staged(&self, limit: usize) -> BTreeMap<(SiteId, DbVersion), i64> {
+        self.staged
+            .iter()
+            .flatten()
+            .take(limit)
+            .filter_map(|(site, version, seq)| {
+                let site = parse_site(site, "staged").ok()?;
+                (*version > 0 && *seq >= -1).then_some(((site, DbVersion(*version)), *seq))
+            })
+            .collect()
     }
 
     /// The encoding to write to a peer that sent this hello.
@@ -174,6 +201,24 @@ pub struct PeerMessage {
     /// Version ranges completed by this message (crsync extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ranges: Option<BTreeMap<String, (i64, i64)>>,
+    /// The message is one part of a large origin transaction (crsync extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<WirePart>,
+}
+
+/// [`TxnPart`](crate::TxnPart) as on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WirePart {
+    /// Origin site, lowercase hex.
+    pub site: String,
+    /// Origin version.
+    pub version: i64,
+    /// The receiver holds the changes up to this `seq` (`-1`: none).
+    pub after: i64,
+    /// The highest `seq` in this part.
+    pub upto: i64,
+    /// Further parts follow.
+    pub more: bool,
 }
 
 /// The `type` of a [`PeerMessage`].
@@ -305,6 +350,18 @@ impl TransportMessage {
                 ));
             }
         }
+        if let Some(part) = self.data.as_ref().and_then(|d| d.part.as_ref()) {
+            if part.version <= 0 || part.after < -1 || part.upto < part.after {
+                return Err(bad(
+                    "part",
+                    &part.site,
+                    format!(
+                        "version {} with seq span ({}, {}] is invalid",
+                        part.version, part.after, part.upto
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -394,6 +451,13 @@ impl TransportMessage {
                     .map(|(s, r)| (s.to_hex(), (r.after.0, r.upto.0)))
                     .collect(),
             ),
+            part: batch.part.map(|p| WirePart {
+                site: p.site.to_hex(),
+                version: p.version.0,
+                after: p.after_seq,
+                upto: p.upto_seq,
+                more: p.more,
+            }),
         };
         TransportMessage {
             data: Some(message),

@@ -228,7 +228,8 @@ fn simulated_networks_converge() {
     let per_ms = elapsed.as_secs_f64() * 1000.0 / done.max(1) as f64;
     say!(
         "simulator: {done} scenarios in {:.1}s: {per_ms:.2} ms per scenario ({:.2} ms of one thread each, {threads} threads); \
-         {} messages, {} data messages, {} changes sent for {} versions written, {:.0} s virtual",
+         {} messages, {} data messages, {} changes sent for {} versions written, {:.0} s virtual; \
+         {} parts of large transactions merged, {} refused for a missing part",
         elapsed.as_secs_f64(),
         per_ms * threads as f64,
         stats.messages,
@@ -236,6 +237,8 @@ fn simulated_networks_converge() {
         stats.changes_sent,
         stats.versions_written,
         stats.virtual_time.as_secs_f64(),
+        stats.parts_merged,
+        stats.part_gaps,
     );
     let mut failures = failures.into_inner().unwrap();
     failures.sort_by_key(|f| f.seed);

@@ -226,6 +226,7 @@ fn data_message(from: SiteId, n: i64, text_len: usize) -> TransportMessage {
             }],
             schema_version: Some(1),
             ranges: None,
+            part: None,
         }),
         ..TransportMessage::ping(from)
     }

@@ -105,6 +105,10 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
     };
     let schema_version = *schema.borrow_and_update();
     let mut core = Session::new(config, local, cursor, schema_version, Instant::now());
+    match inner.store.staged().await {
+        Ok(staged) => core.set_staged(staged),
+        Err(e) => tracing::warn!(error = %e, "could not read staged transactions"),
+    }
     tracing::debug!("session started");
 
     let (outbox, mut outbox_rx) = mpsc::channel(inner.config.outbox);
@@ -305,6 +309,7 @@ fn merge_result(result: Result<MergeReport, MergeError>) -> Result<MergeOutcome,
         Ok(report) => Ok(MergeOutcome {
             cursor: report.cursor,
             local_versions: report.local_versions,
+            staged: report.staged,
         }),
         Err(MergeError::Rejected(rejection)) => Err(MergeFailure::Rejected(rejection)),
         Err(MergeError::Invalid { index, reason }) => {

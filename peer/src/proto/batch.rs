@@ -13,6 +13,12 @@
 //! move. That is how changes travel that nobody can vouch for yet: everything
 //! from a v1 peer (which sends no ranges, and whose batches may split a
 //! transaction), and changes a sender holds beyond its own cursor.
+//!
+//! An origin transaction too large for one batch travels in **parts**
+//! ([`TxnPart`]): batches of that transaction alone, each naming the span of
+//! its `seq` numbers it completes. The receiver stages parts durably and
+//! applies the whole transaction at once when the last part arrives (or when a
+//! range claims the transaction, see [`check_part`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -74,6 +80,10 @@ pub struct ReadHint {
     /// Inclusive spans of local versions whose rows came from this receiver
     /// (its merges): it holds them, so they are never sent back. Sorted, disjoint.
     pub skip_local: Vec<(i64, i64)>,
+    /// Transactions the receiver has staged in part, by origin, with the
+    /// highest `seq` it holds of each: their rows up to it are left out and
+    /// the rest goes as parts that continue from there.
+    pub staged: BTreeMap<(SiteId, DbVersion), i64>,
 }
 
 /// Spans kept in a [`ReadHint`]; older ones are forgotten (their rows may be sent once more).
@@ -134,6 +144,114 @@ pub struct ChangeBatch {
     /// (a `1` for a REAL column is the REAL `1.0`), and an invalid change is
     /// skipped rather than refusing the batch.
     pub javascript: bool,
+    /// The batch is one part of an origin transaction too large for one
+    /// batch: it holds only that transaction's changes.
+    pub part: Option<TxnPart>,
+}
+
+/// One part of an origin transaction sent over several batches.
+///
+/// The part holds every change of the transaction the sender has with a
+/// `seq` in `(after_seq, upto_seq]` (cr-sqlite numbers a transaction's
+/// changes from 0, and keeps the numbers when it merges them). The receiver
+/// stages parts until the last (`more == false`), then applies the
+/// transaction whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TxnPart {
+    /// The transaction's origin site.
+    pub site: SiteId,
+    /// Its origin version.
+    pub version: DbVersion,
+    /// The receiver must already hold (staged) the changes up to this `seq`;
+    /// `-1` for the first part.
+    pub after_seq: i64,
+    /// The highest `seq` in this part.
+    pub upto_seq: i64,
+    /// Further parts follow.
+    pub more: bool,
+}
+
+impl TxnPart {
+    /// The transaction this is a part of.
+    pub fn origin(&self) -> (SiteId, DbVersion) {
+        (self.site, self.version)
+    }
+}
+
+/// What a receiver does with a part ([`check_part`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartAction {
+    /// The receiver holds the transaction already: nothing to stage or apply.
+    Held,
+    /// Stage the part's changes; the staged `seq` becomes `upto`.
+    Stage {
+        /// The receiver's staged `seq` afterwards.
+        upto: i64,
+    },
+    /// The last part: apply what is staged with this part's changes.
+    Complete,
+}
+
+/// Checks `batch`'s part (if any) against what the receiver holds and has
+/// staged of that transaction (`staged`: the highest staged `seq`).
+///
+/// A part that starts past what is staged would leave a hole in the
+/// transaction (an earlier part was lost or refused): it is refused as a
+/// gap. Parts already staged may come again (a resumed or second sender).
+///
+/// ```
+/// use crsync_peer::{Cursor, DbVersion, SiteId, ChangeBatch, proto::batch::{check_part, PartAction, TxnPart}};
+/// let site = SiteId::from_bytes([1; 16]);
+/// let part = |after_seq, upto_seq, more| ChangeBatch {
+///     part: Some(TxnPart { site, version: DbVersion(3), after_seq, upto_seq, more }),
+///     ..ChangeBatch::default()
+/// };
+/// let held = Cursor::new();
+/// assert_eq!(check_part(&part(-1, 99, true), &held, None), Ok(Some(PartAction::Stage { upto: 99 })));
+/// assert!(check_part(&part(199, 299, true), &held, Some(99)).is_err()); // (99, 199] is missing
+/// assert_eq!(check_part(&part(99, 150, false), &held, Some(99)), Ok(Some(PartAction::Complete)));
+/// ```
+pub fn check_part(
+    batch: &ChangeBatch,
+    held: &Cursor,
+    staged: Option<i64>,
+) -> Result<Option<PartAction>, BatchRejection> {
+    let Some(part) = batch.part else {
+        return Ok(None);
+    };
+    let bad = |reason: &str| BatchRejection::BadPart {
+        site: part.site,
+        version: part.version,
+        reason: reason.to_string(),
+    };
+    if part.after_seq < -1 || part.upto_seq < part.after_seq {
+        return Err(bad("its seq span is reversed"));
+    }
+    if batch.changes.iter().any(|c| c.origin() != part.origin()) {
+        return Err(bad("it holds changes of another transaction"));
+    }
+    if part.more && !batch.ranges.is_empty() {
+        return Err(bad("only the last part may carry ranges"));
+    }
+    if held.holds(&part.site, part.version) {
+        return Ok(Some(PartAction::Held));
+    }
+    let have = staged.unwrap_or(-1);
+    if part.after_seq > have {
+        return Err(BatchRejection::PartGap {
+            site: part.site,
+            version: part.version,
+            staged: have,
+            after: part.after_seq,
+        });
+    }
+    Ok(Some(if part.more {
+        PartAction::Stage {
+            upto: have.max(part.upto_seq),
+        }
+    } else {
+        PartAction::Complete
+    }))
 }
 
 impl ChangeBatch {
@@ -155,10 +273,11 @@ impl ChangeBatch {
 /// Builds the batches that bring a receiver from its cursor up to the sender's.
 ///
 /// Feed it the sender's changes in the order the sender committed them
-/// locally; it drops what the receiver holds and cuts batches at transaction
-/// boundaries once a batch reaches `max_changes` changes or `max_bytes` of
-/// estimated wire size. An origin transaction larger than that becomes a
-/// batch of its own.
+/// locally (a transaction's changes by `seq`); it drops what the receiver
+/// holds and cuts batches at transaction boundaries once a batch reaches
+/// `max_changes` changes or `max_bytes` of estimated wire size. An origin
+/// transaction larger than that goes in [parts](TxnPart) of about that size,
+/// each a batch of its own.
 ///
 /// Ranges never claim past `sender`, the sender's own cursor: a change beyond
 /// it (one the sender holds without proof that it holds everything before it)
@@ -176,8 +295,8 @@ impl ChangeBatch {
 /// let sender: Cursor = [(site, DbVersion(5))].into_iter().collect();
 /// let mut builder = BatchBuilder::new(Cursor::new(), sender.clone(), 1);
 /// assert!(builder.push(change(1)).is_none());
-/// let first = builder.push(change(2)).unwrap(); // a new transaction closes the full batch
-/// assert_eq!(first.changes.len(), 1);
+/// let first: Vec<_> = builder.push(change(2)).collect(); // a new transaction closes the full batch
+/// assert_eq!(first[0].changes.len(), 1);
 /// let last = builder.finish().unwrap();
 /// assert_eq!(last.ranges[&site].upto, DbVersion(5));
 /// ```
@@ -197,6 +316,17 @@ pub struct BatchBuilder {
     /// Sites with changes above their limit, unranged, in the batch in
     /// progress, and in batches already sealed.
     unclaimed: (BTreeSet<SiteId>, BTreeSet<SiteId>),
+    /// Where the transaction in progress began in `current`: the index of
+    /// its first change, the batch's size before it, and its site's range
+    /// before it (to cut the batch in front of it).
+    txn_start: (usize, usize, Option<VersionRange>),
+    /// The transaction in progress goes in parts: the `seq` the next part
+    /// continues after.
+    part_after: Option<i64>,
+    /// The transaction in progress is one this stream claims.
+    txn_claimable: bool,
+    /// What the receiver staged (see [`ReadHint::staged`]).
+    staged: BTreeMap<(SiteId, DbVersion), i64>,
 }
 
 impl BatchBuilder {
@@ -212,7 +342,19 @@ impl BatchBuilder {
             current_txn: None,
             limits: BTreeMap::new(),
             unclaimed: (BTreeSet::new(), BTreeSet::new()),
+            txn_start: (0, 0, None),
+            part_after: None,
+            txn_claimable: false,
+            staged: BTreeMap::new(),
         }
+    }
+
+    /// What the receiver has staged of transactions in parts: their changes
+    /// up to the staged `seq` are left out, and the rest goes as parts that
+    /// continue from there.
+    pub fn with_staged(mut self, staged: BTreeMap<(SiteId, DbVersion), i64>) -> Self {
+        self.staged = staged;
+        self
     }
 
     /// Limits what batches claim of a site (see [`claim_limits`]): changes of
@@ -234,29 +376,105 @@ impl BatchBuilder {
         self
     }
 
-    /// Adds one change; returns a finished batch when this change opens a new
-    /// transaction and the batch in progress is full.
+    /// Adds one change; returns a finished batch: the batch in progress
+    /// when this change opens a new transaction and the batch is full, or
+    /// when it continues a transaction that fills a batch alone (a part).
     pub fn push(&mut self, change: Change) -> Option<ChangeBatch> {
         let (site, version) = change.origin();
-        if self.sent.holds(&site, version) && self.current_txn != Some((site, version)) {
-            return None;
-        }
+        let key = (site, version);
         let mut done = None;
-        if self.current_txn != Some((site, version)) {
-            if self.current.changes.len() >= self.max_changes
-                || self.current_bytes >= self.max_bytes
-            {
-                let full = std::mem::take(&mut self.current);
-                self.current_bytes = 0;
-                done = Some(self.seal(full));
+        if self.current_txn != Some(key) {
+            if self.sent.holds(&site, version) {
+                return None;
             }
-            self.current_txn = Some((site, version));
+            // Only a transaction this stream claims goes in parts (and
+            // resumes what the receiver staged): the receiver applies it
+            // whole when its last part, which claims it, arrives. One it
+            // cannot claim (a v1 peer's, or past the sender's cursor) goes
+            // unranged, in plain batches, applied as they come.
+            let claimable = self.claimable(site, version);
+            let staged = self.staged.get(&key).copied().filter(|_| claimable);
+            if staged.is_some_and(|staged| change.seq <= staged) {
+                return None; // the receiver has it staged
+            }
+            let full = self.current.changes.len() >= self.max_changes
+                || self.current_bytes >= self.max_bytes;
+            // The last part of a transaction in parts is a batch of its own,
+            // and so is a resumed transaction's first part.
+            if (full || self.part_after.is_some() || staged.is_some()) && self.has_pending() {
+                done = Some(self.seal_current());
+            }
+            self.current_txn = Some(key);
+            self.txn_claimable = claimable;
+            self.part_after = staged;
+            self.txn_start = (
+                self.current.changes.len(),
+                self.current_bytes,
+                self.current.ranges.get(&site).copied(),
+            );
+        } else if self.current.changes.len() >= self.max_changes
+            || self.current_bytes >= self.max_bytes
+        {
+            let (start, bytes_before, range_before) = self.txn_start;
+            self.txn_start = (0, 0, None);
+            if start > 0 {
+                // The batch is full of earlier transactions: they go alone,
+                // and this one starts the next batch.
+                let tail = self.current.changes.split_off(start);
+                let mut front = std::mem::take(&mut self.current);
+                match range_before {
+                    Some(range) => front.ranges.insert(site, range),
+                    None => front.ranges.remove(&site),
+                };
+                debug_assert!(self.current_bytes >= bytes_before);
+                self.current_bytes = 0;
+                done = Some(self.seal(front));
+                for change in tail {
+                    self.add(change);
+                }
+            } else if !self.txn_claimable {
+                // Unclaimed, the transaction is cut like a v1 peer's.
+                let batch = std::mem::take(&mut self.current);
+                self.current_bytes = 0;
+                done = Some(self.seal(batch));
+            } else {
+                // The transaction alone fills a batch: what it has so far
+                // goes as a part.
+                let after_seq = self.part_after.unwrap_or(-1);
+                let mut part = std::mem::take(&mut self.current);
+                let upto_seq = part.changes.iter().map(|c| c.seq).max();
+                let upto_seq = upto_seq.unwrap_or(after_seq).max(after_seq);
+                part.ranges.remove(&site);
+                part.part = Some(TxnPart {
+                    site,
+                    version,
+                    after_seq,
+                    upto_seq,
+                    more: true,
+                });
+                self.current_bytes = 0;
+                self.part_after = Some(upto_seq);
+                done = Some(self.seal(part));
+            }
         }
-        let claimable = self.limits.get(&site).is_none_or(|limit| version <= *limit);
-        if !claimable && self.sender.holds(&site, version) {
+        self.add(change);
+        done
+    }
+
+    /// Whether this stream's ranges may claim `version` of `site`.
+    fn claimable(&self, site: SiteId, version: DbVersion) -> bool {
+        self.sender.holds(&site, version)
+            && self.limits.get(&site).is_none_or(|limit| version <= *limit)
+    }
+
+    /// Adds a change to the batch in progress, and its claim to the batch's ranges.
+    fn add(&mut self, change: Change) {
+        let (site, version) = change.origin();
+        let within_limit = self.limits.get(&site).is_none_or(|limit| version <= *limit);
+        if !within_limit && self.sender.holds(&site, version) {
             self.unclaimed.0.insert(site);
         }
-        if claimable && self.sender.holds(&site, version) {
+        if self.claimable(site, version) {
             let after = self.sent.get(&site);
             let range = self
                 .current
@@ -267,7 +485,30 @@ impl BatchBuilder {
         }
         self.current_bytes += change.approx_wire_size();
         self.current.changes.push(change);
-        done
+    }
+
+    /// Seals the batch in progress; if the transaction in progress went in
+    /// parts, this is its last part.
+    fn seal_current(&mut self) -> ChangeBatch {
+        let mut batch = std::mem::take(&mut self.current);
+        self.current_bytes = 0;
+        if let (Some(after_seq), Some((site, version))) = (self.part_after.take(), self.current_txn)
+        {
+            let upto_seq = batch
+                .changes
+                .iter()
+                .map(|c| c.seq)
+                .max()
+                .unwrap_or(after_seq);
+            batch.part = Some(TxnPart {
+                site,
+                version,
+                after_seq,
+                upto_seq: upto_seq.max(after_seq),
+                more: false,
+            });
+        }
+        self.seal(batch)
     }
 
     /// Whether a batch is in progress.
@@ -279,6 +520,23 @@ impl BatchBuilder {
     /// sender holds, or `None` if there is nothing left to say.
     pub fn finish(mut self) -> Option<ChangeBatch> {
         let mut batch = std::mem::take(&mut self.current);
+        if let (Some(after_seq), Some((site, version))) = (self.part_after, self.current_txn) {
+            if !batch.changes.is_empty() {
+                let upto_seq = batch
+                    .changes
+                    .iter()
+                    .map(|c| c.seq)
+                    .max()
+                    .unwrap_or(after_seq);
+                batch.part = Some(TxnPart {
+                    site,
+                    version,
+                    after_seq,
+                    upto_seq: upto_seq.max(after_seq),
+                    more: false,
+                });
+            }
+        }
         for (site, mut upto) in self.sender.iter() {
             if self.unclaimed.1.contains(&site) {
                 if let Some(limit) = self.limits.get(&site) {
@@ -407,6 +665,31 @@ pub enum BatchRejection {
         /// Where the batch starts.
         after: DbVersion,
     },
+    /// A part of a transaction starts past what the receiver staged of it:
+    /// an earlier part is missing.
+    #[error(
+        "gap in transaction {version} of site {site}: receiver staged up to seq {staged}, part starts after {after}"
+    )]
+    PartGap {
+        /// The transaction's origin site.
+        site: SiteId,
+        /// Its origin version.
+        version: DbVersion,
+        /// The highest `seq` the receiver staged (`-1`: none).
+        staged: i64,
+        /// Where the part starts.
+        after: i64,
+    },
+    /// A part that breaks the rules of parts.
+    #[error("invalid part of transaction {version} of site {site}: {reason}")]
+    BadPart {
+        /// The transaction's origin site.
+        site: SiteId,
+        /// Its origin version.
+        version: DbVersion,
+        /// Which rule.
+        reason: String,
+    },
     /// A range whose end is before its start, or a negative version.
     #[error("invalid range for site {site}: ({after}, {upto}]")]
     BadRange {
@@ -502,39 +785,130 @@ mod tests {
     }
 
     #[test]
-    fn never_splits_a_transaction() {
+    fn a_transaction_larger_than_a_batch_goes_in_parts() {
         let sender: Cursor = [(site(1), DbVersion(3))].into_iter().collect();
         let mut b = BatchBuilder::new(Cursor::new(), sender, 2);
         let mut out = Vec::new();
-        for (v, n) in [(1, 3), (2, 1), (3, 2)] {
+        for (v, n) in [(1, 5), (2, 1), (3, 2)] {
             for seq in 0..n {
                 out.extend(b.push(change(1, v, seq)));
             }
         }
         out.extend(b.finish());
         let sizes: Vec<usize> = out.iter().map(|b| b.changes.len()).collect();
-        assert_eq!(sizes, vec![3, 3]);
+        assert_eq!(sizes, vec![2, 2, 1, 1, 2]);
+        let part = |after_seq, upto_seq, more| TxnPart {
+            site: site(1),
+            version: DbVersion(1),
+            after_seq,
+            upto_seq,
+            more,
+        };
+        let parts: Vec<Option<TxnPart>> = out.iter().map(|b| b.part).collect();
         assert_eq!(
-            out[0].ranges[&site(1)],
+            parts,
+            vec![
+                Some(part(-1, 1, true)),
+                Some(part(1, 3, true)),
+                Some(part(3, 4, false)),
+                None,
+                None
+            ]
+        );
+        // Only the last part claims the transaction. A small transaction
+        // that does not fit the rest of a batch opens the next one whole.
+        assert!(out[0].ranges.is_empty() && out[1].ranges.is_empty());
+        assert_eq!(out[2].ranges[&site(1)].upto, DbVersion(1));
+        assert_eq!(out[3].ranges[&site(1)].upto, DbVersion(2));
+        assert_eq!(out[4].ranges[&site(1)].upto, DbVersion(3));
+    }
+
+    #[test]
+    fn a_staged_transaction_resumes_after_its_staged_seq() {
+        let sender: Cursor = [(site(1), DbVersion(2))].into_iter().collect();
+        let staged = [((site(1), DbVersion(1)), 2)].into_iter().collect();
+        let mut b = BatchBuilder::new(Cursor::new(), sender, 10).with_staged(staged);
+        let mut out: Vec<ChangeBatch> = (0..5).flat_map(|seq| b.push(change(1, 1, seq))).collect();
+        out.extend(b.push(change(1, 2, 0)));
+        out.extend(b.finish());
+        // Even a short rest goes as a part, so that the receiver adds it to
+        // what it staged.
+        assert_eq!(
+            out[0].changes.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        assert_eq!(
+            out[0].part,
+            Some(TxnPart {
+                site: site(1),
+                version: DbVersion(1),
+                after_seq: 2,
+                upto_seq: 4,
+                more: false
+            })
+        );
+        assert_eq!(out[1].part, None);
+        let held = Cursor::new();
+        assert_eq!(
+            check_part(&out[0], &held, Some(2)),
+            Ok(Some(PartAction::Complete))
+        );
+        // A receiver that lost what it staged refuses the part as a gap.
+        assert!(matches!(
+            check_part(&out[0], &held, None),
+            Err(BatchRejection::PartGap { .. })
+        ));
+    }
+
+    #[test]
+    fn parts_that_break_the_rules_are_refused() {
+        let part = TxnPart {
+            site: site(1),
+            version: DbVersion(1),
+            after_seq: -1,
+            upto_seq: 1,
+            more: true,
+        };
+        let batch = |changes: Vec<Change>, part| ChangeBatch {
+            changes,
+            part: Some(part),
+            ..ChangeBatch::default()
+        };
+        let held = Cursor::new();
+        let foreign = batch(vec![change(1, 1, 0), change(1, 2, 0)], part);
+        assert!(matches!(
+            check_part(&foreign, &held, None),
+            Err(BatchRejection::BadPart { .. })
+        ));
+        let mut ranged = batch(vec![change(1, 1, 0)], part);
+        ranged.ranges.insert(
+            site(2),
             VersionRange {
                 after: DbVersion(0),
-                upto: DbVersion(1)
-            }
+                upto: DbVersion(9),
+            },
         );
-        assert_eq!(
-            out[1].ranges[&site(1)],
-            VersionRange {
-                after: DbVersion(1),
-                upto: DbVersion(3)
-            }
-        );
+        assert!(matches!(
+            check_part(&ranged, &held, None),
+            Err(BatchRejection::BadPart { .. })
+        ));
+        let reversed = TxnPart {
+            after_seq: 5,
+            upto_seq: 2,
+            ..part
+        };
+        assert!(check_part(&batch(vec![], reversed), &held, Some(9)).is_err());
+        // A transaction already held: nothing to do.
+        let holds: Cursor = [(site(1), DbVersion(1))].into_iter().collect();
+        let fine = batch(vec![change(1, 1, 0)], part);
+        assert_eq!(check_part(&fine, &holds, None), Ok(Some(PartAction::Held)));
     }
 
     #[test]
     fn cuts_batches_by_size_too() {
         let sender: Cursor = [(site(1), DbVersion(3))].into_iter().collect();
         let mut b = BatchBuilder::new(Cursor::new(), sender, 1000).with_max_bytes(1);
-        let mut out: Vec<ChangeBatch> = (1..=3).filter_map(|v| b.push(change(1, v, 0))).collect();
+        let mut out: Vec<ChangeBatch> = (1..=3).flat_map(|v| b.push(change(1, v, 0))).collect();
         out.extend(b.finish());
         assert_eq!(out.len(), 3);
     }
@@ -611,8 +985,9 @@ mod tests {
         assert_eq!(plan.skipped, 0);
     }
 
-    /// Applies `batches` in order, skipping those `refuse` names and those
-    /// `plan_merge` rejects; returns what was applied and the final cursor.
+    /// Applies `batches` in order as a Store does, staging parts
+    /// ([`check_part`]), skipping the batches `refuse` names and those
+    /// refused as gaps; returns what was applied and the final cursor.
     fn apply(
         batches: &[ChangeBatch],
         held: &Cursor,
@@ -620,15 +995,41 @@ mod tests {
     ) -> (std::collections::BTreeSet<(SiteId, DbVersion, i64)>, Cursor) {
         let mut cursor = held.clone();
         let mut applied = std::collections::BTreeSet::new();
+        let mut staged: BTreeMap<(SiteId, DbVersion), (i64, Vec<Change>)> = BTreeMap::new();
+        let record = |applied: &mut std::collections::BTreeSet<_>, group: Vec<&Change>| {
+            applied.extend(group.into_iter().map(|c| (c.site_id, c.db_version, c.seq)));
+        };
         for (i, batch) in batches.iter().enumerate() {
             if Some(i) == refuse {
+                continue;
+            }
+            let origin = batch.part.map(|p| p.origin());
+            let have = origin.and_then(|o| staged.get(&o)).map(|s| s.0);
+            let Ok(action) = check_part(batch, &cursor, have) else {
+                continue;
+            };
+            if let (Some(PartAction::Stage { upto }), Some(origin)) = (action, origin) {
+                let entry = staged.entry(origin).or_insert((-1, Vec::new()));
+                entry.0 = upto;
+                entry.1.extend(batch.changes.iter().cloned());
                 continue;
             }
             let Ok(plan) = plan_merge(site(0), &cursor, batch) else {
                 continue;
             };
+            let last = batch.part.filter(|p| !p.more).map(|p| p.origin());
+            let covered: Vec<_> = staged
+                .keys()
+                .filter(|(s, v)| plan.cursor.holds(s, *v) || last == Some((*s, *v)))
+                .copied()
+                .collect();
+            for key in covered {
+                if let Some((_, earlier)) = staged.remove(&key) {
+                    record(&mut applied, earlier.iter().collect());
+                }
+            }
             for (_, group) in plan.transactions {
-                applied.extend(group.into_iter().map(|c| (c.site_id, c.db_version, c.seq)));
+                record(&mut applied, group);
             }
             cursor = plan.cursor;
         }
@@ -657,7 +1058,7 @@ mod tests {
             let mut b = BatchBuilder::new(Cursor::new(), sender.clone(), max)
                 .with_claim_limits(limits.clone());
             let mut batches: Vec<ChangeBatch> =
-                rows.iter().cloned().filter_map(|c| b.push(c)).collect();
+                rows.iter().cloned().flat_map(|c| b.push(c)).collect();
             batches.extend(b.finish());
             batches
         };
@@ -779,7 +1180,7 @@ mod tests {
             let limits = claim_limits(records, &held);
             let mut builder = BatchBuilder::new(held.clone(), sender.clone(), max).with_claim_limits(limits);
             let mut batches: Vec<ChangeBatch> =
-                rows.iter().filter_map(|(_, c)| builder.push(c.clone())).collect();
+                rows.iter().flat_map(|(_, c)| builder.push(c.clone())).collect();
             batches.extend(builder.finish());
             let lacking: std::collections::BTreeSet<_> = rows
                 .iter()
@@ -801,6 +1202,80 @@ mod tests {
             }
         }
 
+        /// Transactions of any size, batches of any size, one batch refused:
+        /// a receiver that stages parts applies every transaction whole, in
+        /// one step, or not at all, and after a second stream that resumes
+        /// what it staged, it holds everything.
+        #[test]
+        fn parts_apply_transactions_whole(
+            txns in proptest::collection::vec((1u8..3, 1usize..12), 1..12),
+            max in 1usize..5,
+            refused in 0usize..40,
+        ) {
+            let mut next = [0i64; 3];
+            let mut all = Vec::new();
+            for (s, n) in &txns {
+                next[*s as usize] += 1;
+                for seq in 0..*n as i64 { all.push(change(*s, next[*s as usize], seq)); }
+            }
+            let sender: Cursor = (1..3u8).map(|s| (site(s), DbVersion(next[s as usize]))).collect();
+            let sizes: BTreeMap<(SiteId, DbVersion), usize> = all.iter().fold(BTreeMap::new(), |mut m, c| {
+                *m.entry(c.origin()).or_default() += 1;
+                m
+            });
+            let stream = |held: &Cursor, staged: BTreeMap<(SiteId, DbVersion), i64>| {
+                let mut b = BatchBuilder::new(held.clone(), sender.clone(), max).with_staged(staged);
+                let mut out: Vec<ChangeBatch> = all.iter().cloned().flat_map(|c| b.push(c)).collect();
+                out.extend(b.finish());
+                out
+            };
+            let batches = stream(&Cursor::new(), BTreeMap::new());
+            let refused = refused % batches.len();
+            // A receiver: a step applies some transactions, each must be whole.
+            let mut staged: BTreeMap<(SiteId, DbVersion), (i64, Vec<Change>)> = BTreeMap::new();
+            let mut cursor = Cursor::new();
+            let mut applied: BTreeMap<(SiteId, DbVersion), usize> = BTreeMap::new();
+            let mut receive = |batches: &[ChangeBatch], skip: Option<usize>, staged: &mut BTreeMap<(SiteId, DbVersion), (i64, Vec<Change>)>, cursor: &mut Cursor| -> Result<(), TestCaseError> {
+                for (i, batch) in batches.iter().enumerate() {
+                    if Some(i) == skip { continue; }
+                    let origin = batch.part.map(|p| p.origin());
+                    let have = origin.and_then(|o| staged.get(&o)).map(|s| s.0);
+                    let Ok(action) = check_part(batch, cursor, have) else { continue };
+                    if let (Some(PartAction::Stage { upto }), Some(o)) = (action, origin) {
+                        let e = staged.entry(o).or_insert((-1, Vec::new()));
+                        e.0 = upto;
+                        e.1.extend(batch.changes.iter().cloned());
+                        continue;
+                    }
+                    let Ok(plan) = plan_merge(site(0), cursor, batch) else { continue };
+                    let mut step: BTreeMap<(SiteId, DbVersion), BTreeSet<i64>> = BTreeMap::new();
+                    for (key, group) in &plan.transactions {
+                        step.entry(*key).or_default().extend(group.iter().map(|c| c.seq));
+                    }
+                    let last = batch.part.filter(|p| !p.more).map(|p| p.origin());
+                    let covered: Vec<_> = staged.keys().filter(|(s, v)| plan.cursor.holds(s, *v) || last == Some((*s, *v))).copied().collect();
+                    for key in covered {
+                        if let Some((_, earlier)) = staged.remove(&key) {
+                            step.entry(key).or_default().extend(earlier.iter().map(|c| c.seq));
+                        }
+                    }
+                    for (key, seqs) in step {
+                        prop_assert_eq!(seqs.len(), sizes[&key], "{:?} applied in part", key);
+                        prop_assert!(!applied.contains_key(&key), "{:?} applied twice", key);
+                        applied.insert(key, seqs.len());
+                    }
+                    *cursor = plan.cursor;
+                }
+                Ok(())
+            };
+            receive(&batches, Some(refused), &mut staged, &mut cursor)?;
+            let resume: BTreeMap<(SiteId, DbVersion), i64> = staged.iter().map(|(k, (s, _))| (*k, *s)).collect();
+            let again = stream(&cursor, resume);
+            receive(&again, None, &mut staged, &mut cursor)?;
+            prop_assert_eq!(applied, sizes);
+            prop_assert_eq!(cursor, sender);
+        }
+
         /// Whatever the batch size, feeding the builder's batches to `plan_merge`
         /// in order applies every missing transaction exactly once, whole, and
         /// ends at the sender's cursor.
@@ -819,7 +1294,7 @@ mod tests {
             let sender: Cursor = (1..4u8).map(|s| (site(s), DbVersion(next[s as usize] + 2))).collect();
             let held: Cursor = (1..4u8).map(|s| (site(s), DbVersion(held_v[s as usize - 1]))).collect();
             let mut builder = BatchBuilder::new(held.clone(), sender.clone(), max);
-            let mut batches: Vec<ChangeBatch> = all.iter().cloned().filter_map(|c| builder.push(c)).collect();
+            let mut batches: Vec<ChangeBatch> = all.iter().cloned().flat_map(|c| builder.push(c)).collect();
             batches.extend(builder.finish());
             let mut cursor = held.clone();
             let mut applied = Vec::new();

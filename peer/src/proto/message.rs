@@ -5,7 +5,7 @@ use crate::wire::{
     DecodeError, Hello, MessageKind, PeerMessage, PeerMessageKind, TransportMessage, ValueDialect,
     decode_change_with,
 };
-use crate::{ChangeBatch, Cursor, DbVersion, SiteId, VersionRange};
+use crate::{ChangeBatch, Cursor, DbVersion, SiteId, TxnPart, VersionRange};
 
 /// What a remote said.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +92,20 @@ impl ParsedData {
                 Err(e) if javascript => parsed.notes.push(format!("left out: {e}")),
                 Err(e) => return Err(e),
             }
+        }
+        if let Some(part) = &data.part {
+            parsed.batch.part = Some(TxnPart {
+                site: part.site.parse().map_err(|e: crate::InvalidSiteId| {
+                    DecodeError::BadSiteId {
+                        field: "part",
+                        reason: e.reason,
+                    }
+                })?,
+                version: DbVersion(part.version),
+                after_seq: part.after,
+                upto_seq: part.upto,
+                more: part.more,
+            });
         }
         for (site, (after, upto)) in data.ranges.iter().flatten() {
             let site: SiteId =

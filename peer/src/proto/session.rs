@@ -37,7 +37,7 @@ use crate::proto::window::{OutgoingWindow, Phase, SyncOutcome};
 use crate::proto::{ErrorCode, Message, ParsedData, SenderAction, SessionPhase, SessionStatus};
 use crate::transport::Rejection;
 use crate::wire::{Encoding, Hello, MessageKind, TransportMessage};
-use crate::{ChangeBatch, Cursor, ReadHint, SiteId, VersionRange};
+use crate::{ChangeBatch, Cursor, DbVersion, ReadHint, SiteId, VersionRange};
 
 /// Control messages (errors, pings) kept while the connection is busy; more are dropped.
 const MAX_PENDING_CONTROL: usize = 32;
@@ -45,6 +45,8 @@ const MAX_PENDING_CONTROL: usize = 32;
 const MAX_QUEUED_MESSAGES: usize = 64;
 /// How long to wait before reading again after a read failed.
 const READ_RETRY: Duration = Duration::from_secs(1);
+/// Staged transactions read from one remote's hello at most.
+const MAX_STAGED_CLAIMS: usize = 64;
 
 /// A merge in progress.
 #[derive(Debug)]
@@ -108,6 +110,9 @@ pub struct Session {
     queued: VecDeque<(TransportMessage, Option<ReplyId>)>,
     eose_received: bool,
     awaiting_schema: Option<i64>,
+    /// What we have staged of transactions in parts, told to the remote in
+    /// our requests and acknowledgements so that it resumes them.
+    staged: BTreeMap<(SiteId, DbVersion), i64>,
     // ---- control
     control: VecDeque<TransportMessage>,
     request_pending: bool,
@@ -159,6 +164,7 @@ impl Session {
             queued: VecDeque::new(),
             eose_received: false,
             awaiting_schema: None,
+            staged: BTreeMap::new(),
             control: VecDeque::new(),
             request_pending: true,
             ack_pending: false,
@@ -178,13 +184,43 @@ impl Session {
         session
     }
 
+    /// Tells the session what the store has staged of transactions in parts
+    /// (see [`Store::staged`](crate::Store::staged)), before the first
+    /// request goes out: the remote resumes them instead of starting over.
+    pub fn set_staged(&mut self, staged: BTreeMap<(SiteId, DbVersion), i64>) {
+        self.staged = staged;
+    }
+
     /// Adds what we believe to the hello of `message`, for the remote to
-    /// send us only claims we take.
+    /// send us only claims we take, and on a `sync` what we have staged.
     fn announce(&self, mut message: TransportMessage) -> TransportMessage {
-        if let (Some(hello), Trust::OwnSite) = (message.crsync.as_mut(), self.config.trust) {
-            hello.believes = Some(OWN_SITE.into());
+        let sync = message.kind == MessageKind::Sync;
+        if let Some(hello) = message.crsync.as_mut() {
+            if self.config.trust == Trust::OwnSite {
+                hello.believes = Some(OWN_SITE.into());
+            }
+            if sync && !self.staged.is_empty() {
+                let staged = self.staged.iter();
+                let staged = staged.map(|((site, version), seq)| (site.to_hex(), version.0, *seq));
+                hello.staged = Some(staged.collect());
+            }
         }
         message
+    }
+
+    /// Takes what the remote's `sync` says it has staged: our streams to it
+    /// resume those transactions.
+    fn remote_staged(&mut self, hello: Option<&Hello>) {
+        if self.remote_is_crsync {
+            let mut staged = hello
+                .map(|h| h.staged(MAX_STAGED_CLAIMS))
+                .unwrap_or_default();
+            if self.remote_believes_own_site {
+                // We send it no parts of other sites' transactions (see `on_batch`).
+                staged.retain(|(site, _), _| *site == self.local);
+            }
+            self.hint.staged = staged;
+        }
     }
 
     /// The remote, once it said who it is.
@@ -423,6 +459,9 @@ impl Session {
             // Claims it would drop would never be acknowledged: the other
             // sites' changes go unranged (applied, re-sent after a reconnect).
             batch.ranges.retain(|site, _| *site == self.local);
+            // Nor would it take the last part of another site's transaction
+            // as completing it: those go as plain batches, applied as they come.
+            batch.part = batch.part.filter(|p| p.site == self.local);
         }
         // Our store holds what it read, even before its change event reaches
         // us: our own entry must never lag what a remote may learn from us.
@@ -565,6 +604,7 @@ impl Session {
                 if self.check_site_conflict(&cursor, reply) {
                     return;
                 }
+                self.remote_staged(hello.as_ref());
                 self.on_sync(cursor, false, now);
                 self.accept(reply);
             }
@@ -573,6 +613,7 @@ impl Session {
                 if self.check_site_conflict(&cursor, reply) {
                     return;
                 }
+                self.remote_staged(hello.as_ref());
                 self.on_sync(cursor, true, now);
                 self.accept(reply);
             }
@@ -743,6 +784,7 @@ impl Session {
         match result {
             Ok(outcome) => {
                 self.cursor.join(&outcome.cursor);
+                self.staged = outcome.staged;
                 if let Some((first, last)) = outcome.local_versions {
                     self.hint.skip(first, last);
                 }

@@ -218,7 +218,8 @@ fn read_snapshot(
     }
     let mut builder = BatchBuilder::new(receiver, snapshot, limits.max_changes)
         .with_max_bytes(limits.max_bytes)
-        .with_claim_limits(claim_limits);
+        .with_claim_limits(claim_limits)
+        .with_staged(hint.staged.clone());
     let mut stmt = conn.prepare(
         "SELECT c.\"table\", c.pk, c.cid, c.val, c.col_version, c.db_version, c.site_id, c.cl, c.seq, o.origin_version \
          FROM crsql_changes AS c LEFT JOIN crsync_origin AS o ON o.local_version = c.db_version \
@@ -261,15 +262,15 @@ fn read_snapshot(
         };
         let read_before = last_local;
         last_local = local;
+        // Rows of `read_before`'s version continue into the next batch only
+        // if they belong to the same transaction (a part holds some of its
+        // rows, never all), so a batch covers versions below `local`.
+        let upto = if read_before < local {
+            read_before
+        } else {
+            local - 1
+        };
         if let Some(batch) = builder.push(change) {
-            // Rows of `read_before`'s version may continue into the next
-            // batch only if they belong to the same transaction, which
-            // `push` keeps whole, so the batch covers versions below `local`.
-            let upto = if read_before < local {
-                read_before
-            } else {
-                local - 1
-            };
             if tx.blocking_send(Ok((stamp(batch), upto))).is_err() {
                 return Ok(()); // the consumer went away
             }

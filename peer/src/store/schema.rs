@@ -13,7 +13,8 @@ use crate::{Affinity, Change, Cursor, DbVersion, SiteId, SqlValue, normalize_js}
 const CLOCK_SUFFIX: &str = "__crsql_clock";
 
 /// The Store's own tables: per-site cursors, the origin of merged versions,
-/// and facts about the file itself (see `identity`). None of them syncs.
+/// facts about the file itself (see `identity`) and parts of transactions not
+/// yet applied (see `staging`). None of them syncs.
 pub(crate) const BOOTSTRAP_SQL: &str = "
 CREATE TABLE IF NOT EXISTS crsync_cursor (
     site_id BLOB PRIMARY KEY NOT NULL,
@@ -29,6 +30,25 @@ CREATE TABLE IF NOT EXISTS crsync_meta (
     key TEXT PRIMARY KEY NOT NULL,
     value ANY
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS crsync_staging (
+    site_id BLOB NOT NULL,
+    origin_version INTEGER NOT NULL,
+    upto_seq INTEGER NOT NULL,
+    started INTEGER NOT NULL,
+    PRIMARY KEY (site_id, origin_version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS crsync_staged (
+    site_id BLOB NOT NULL,
+    origin_version INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    \"table\" TEXT NOT NULL,
+    pk BLOB NOT NULL,
+    cid TEXT NOT NULL,
+    val,
+    col_version INTEGER NOT NULL,
+    cl INTEGER NOT NULL,
+    UNIQUE (site_id, origin_version, seq)
+);
 ";
 
 /// Columns of one CRR table.

@@ -10,8 +10,9 @@ use tokio::sync::{broadcast, oneshot};
 use super::error::{EnableError, MergeError, OpenError, StoreError};
 use super::identity::{self, CopiedFile};
 use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
+use super::staging::{self, Staged};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
-use crate::proto::batch::plan_merge;
+use crate::proto::batch::{MergePlan, PartAction, check_part, plan_merge};
 use crate::{ChangeBatch, Cursor, DbVersion, SiteId};
 
 /// A closure run on the writer connection.
@@ -29,6 +30,8 @@ pub(super) enum Command {
     ),
     Write(WriteJob),
     Stats(Reply<BookkeepingStats>),
+    /// What is staged of transactions in parts.
+    Staged(Reply<Staged>),
     /// A remote acknowledged our own writes up to this version.
     Acknowledged(i64),
     Close(Reply<()>),
@@ -63,6 +66,8 @@ struct Writer {
     /// Our newest own version a remote acknowledged, and what is saved of it.
     verified: i64,
     verified_saved: i64,
+    /// Transactions staged in part (mirrors `crsync_staging`).
+    staged: Staged,
 }
 
 pub(super) fn run(
@@ -115,7 +120,8 @@ pub(super) fn run(
 /// at once if another process committed meanwhile).
 fn bootstrap(conn: &Connection) -> rusqlite::Result<()> {
     const READY: &str = "SELECT (SELECT count(*) FROM sqlite_master
-            WHERE name IN ('crsync_cursor', 'crsync_origin', 'crsync_origin_by_site', 'crsync_meta')) = 4
+            WHERE name IN ('crsync_cursor', 'crsync_origin', 'crsync_origin_by_site', 'crsync_meta',
+                           'crsync_staging', 'crsync_staged')) = 6
         AND crsql_config_get('merge-equal-values') = 1";
     if conn.query_row(READY, [], |r| r.get::<_, bool>(0))? {
         return Ok(());
@@ -162,6 +168,7 @@ impl Writer {
         let verified = identity::verified_version(&conn)?;
         let mut schema = Schema::default();
         schema.refresh(&conn)?;
+        let staged = staging::load(&conn)?;
         Ok(Writer {
             conn,
             site,
@@ -177,6 +184,7 @@ impl Writer {
             copied,
             verified,
             verified_saved: verified,
+            staged,
         })
     }
 
@@ -202,6 +210,9 @@ impl Writer {
             }
             Command::Stats(reply) => {
                 let _ = reply.send(self.stats().map_err(StoreError::from));
+            }
+            Command::Staged(reply) => {
+                let _ = reply.send(Ok(self.staged.clone()));
             }
             Command::Close(_) => unreachable!("handled by the loop"),
         }
@@ -278,6 +289,7 @@ impl Writer {
                 ranges: batch.ranges.clone(),
                 schema_version: batch.schema_version,
                 javascript: batch.javascript,
+                part: batch.part,
             };
             for change in &batch.changes {
                 match self.schema.check(change) {
@@ -305,16 +317,81 @@ impl Writer {
             batch
         };
         let held = self.cursor()?;
+        let staged_upto = batch
+            .part
+            .and_then(|p| self.staged.get(&p.origin()).copied());
+        if let Some(PartAction::Stage { upto }) = check_part(batch, &held, staged_upto)? {
+            return self.stage_part(batch, upto, held, dropped);
+        }
         let plan = plan_merge(self.site, &held, batch)?;
+        // Staged transactions this batch completes: its last part, and
+        // those its ranges claim (when none of their changes came with it,
+        // their last rows were overwritten at the sender, or we had staged
+        // them all). Changes of a staged transaction that come another way
+        // (unranged, from a v1 peer) leave what is staged alone.
+        let complete = completed(&self.staged, batch, &plan);
+        let covered: Vec<(SiteId, DbVersion)> = complete
+            .iter()
+            .filter(|key| !plan.transactions.iter().any(|(k, _)| k == *key))
+            .copied()
+            .collect();
         let mut report = MergeReport {
             skipped: plan.skipped,
             dropped,
             cursor: held.clone(),
             ..MergeReport::default()
         };
-        if plan.transactions.is_empty() && plan.cursor == held {
+        if plan.transactions.is_empty() && plan.cursor == held && covered.is_empty() {
+            report.staged = self.staged.clone();
             return Ok(report);
         }
+        let base = match self.apply_plan(&plan, &complete, &covered, &held, &mut report) {
+            Ok(base) => base,
+            Err(e) => {
+                // The transaction rolled back, and with it what `staged` forgot.
+                self.staged = staging::load(&self.conn)?;
+                return Err(e.into());
+            }
+        };
+        report.staged = self.staged.clone();
+        report.transactions = plan.transactions.len() + covered.len();
+        self.origin_records += report.transactions as u64;
+        for (site, version) in plan.cursor.iter() {
+            if site != self.site {
+                self.remote.advance(site, version);
+            }
+        }
+        // Merged rows hold local versions too: our own entry may claim them
+        // (they are holes in our own versions), once they are on disk.
+        // Only versions that hold rows: cr-sqlite hands a version that wrote
+        // nothing (every change lost or was equal) to the next transaction.
+        let (_, newest) = self.rows_since(base)?;
+        report.local_versions = newest.map(|newest| (base + 1, newest));
+        report.cursor = self.cursor()?;
+        // Merged rows are reported here, as merges, not as local writes.
+        self.last_reported = db_version(&self.conn)?;
+        if !report.tables.is_empty() {
+            let _ = self.events.send(StoreEvent::Changed {
+                tables: report.tables.clone(),
+                source: ChangeSource::Merge,
+            });
+        } else if report.cursor != held {
+            let _ = self.events.send(StoreEvent::CursorAdvanced);
+        }
+        self.maybe_collect_origins()?;
+        Ok(report)
+    }
+
+    /// Writes the plan's transactions, and the staged ones it completes,
+    /// in one SQLite transaction; returns the local version before it.
+    fn apply_plan(
+        &mut self,
+        plan: &MergePlan<'_>,
+        complete: &BTreeSet<(SiteId, DbVersion)>,
+        covered: &[(SiteId, DbVersion)],
+        held: &Cursor,
+        report: &mut MergeReport,
+    ) -> rusqlite::Result<i64> {
         let txn = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -329,8 +406,19 @@ impl Writer {
             )?;
             // Each origin transaction gets a local version of its own, so the
             // origin of every merged row can be looked up by its local version.
-            for (k, ((site, version), changes)) in plan.transactions.iter().enumerate() {
+            let transactions = plan
+                .transactions
+                .iter()
+                .map(|(key, changes)| (*key, changes.as_slice()))
+                .chain(covered.iter().map(|key| (*key, &[][..])));
+            for (k, ((site, version), changes)) in transactions.enumerate() {
                 let local = base + 1 + k as i64;
+                if complete.contains(&(site, version)) {
+                    let (rows, tables) =
+                        staging::apply(&txn, &mut self.staged, (site, version), local)?;
+                    report.applied += rows;
+                    report.tables.extend(tables);
+                }
                 for c in changes {
                     insert.execute(params![
                         c.table,
@@ -361,31 +449,39 @@ impl Writer {
             }
         }
         txn.commit()?;
-        report.transactions = plan.transactions.len();
-        self.origin_records += plan.transactions.len() as u64;
-        for (site, version) in plan.cursor.iter() {
-            if site != self.site {
-                self.remote.advance(site, version);
-            }
+        Ok(base)
+    }
+
+    /// Stages a part that is not the last of its transaction; nothing
+    /// reaches the user's tables and the cursor does not move.
+    fn stage_part(
+        &mut self,
+        batch: &ChangeBatch,
+        upto: i64,
+        held: Cursor,
+        dropped: usize,
+    ) -> Result<MergeReport, MergeError> {
+        let mut report = MergeReport {
+            cursor: held,
+            dropped,
+            ..MergeReport::default()
+        };
+        let Some(part) = batch.part.filter(|p| p.site != self.site) else {
+            report.skipped = batch.changes.len();
+            report.staged = self.staged.clone();
+            return Ok(report);
+        };
+        let txn = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let staged = staging::stage(&txn, &mut self.staged, part.origin(), &batch.changes, upto)
+            .and_then(|()| txn.commit());
+        if let Err(e) = staged {
+            self.staged = staging::load(&self.conn)?;
+            return Err(e.into());
         }
-        // Merged rows hold local versions too: our own entry may claim them
-        // (they are holes in our own versions), once they are on disk.
-        // Only versions that hold rows: cr-sqlite hands a version that wrote
-        // nothing (every change lost or was equal) to the next transaction.
-        let (_, newest) = self.rows_since(base)?;
-        report.local_versions = newest.map(|newest| (base + 1, newest));
-        report.cursor = self.cursor()?;
-        // Merged rows are reported here, as merges, not as local writes.
-        self.last_reported = db_version(&self.conn)?;
-        if !report.tables.is_empty() {
-            let _ = self.events.send(StoreEvent::Changed {
-                tables: report.tables.clone(),
-                source: ChangeSource::Merge,
-            });
-        } else if report.cursor != held {
-            let _ = self.events.send(StoreEvent::CursorAdvanced);
-        }
-        self.maybe_collect_origins()?;
+        report.staged_changes = batch.changes.len();
+        report.staged = self.staged.clone();
         Ok(report)
     }
 
@@ -475,8 +571,32 @@ impl Writer {
     fn close(mut self) -> Result<(), StoreError> {
         self.notice_external();
         self.save_verified();
+        // Everything into the main file, even while a read connection is
+        // still open: a copy of the file alone then carries what it holds
+        // (its identity included).
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::debug!(error = %e, "checkpoint at close failed");
+        }
         close_connection(self.conn)
     }
+}
+
+/// The staged transactions `batch` completes: the one it is the last part
+/// of, and those its ranges claim.
+pub(crate) fn completed(
+    staged: &Staged,
+    batch: &ChangeBatch,
+    plan: &MergePlan<'_>,
+) -> BTreeSet<(SiteId, DbVersion)> {
+    let last_part = batch.part.filter(|p| !p.more).map(|p| p.origin());
+    staged
+        .keys()
+        .filter(|key| Some(**key) == last_part || plan.cursor.holds(&key.0, key.1))
+        .copied()
+        .collect()
 }
 
 /// Runs `crsql_finalize()` (required by cr-sqlite) and closes the connection.

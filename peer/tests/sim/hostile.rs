@@ -382,6 +382,7 @@ pub fn message(
                 ranges,
                 schema_version: Some(1),
                 javascript: false,
+                part: None,
             };
             (data(batch, false), written)
         }

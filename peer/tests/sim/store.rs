@@ -6,7 +6,7 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, VecDeque};
 
-use crsync_peer::proto::batch::claim_limits;
+use crsync_peer::proto::batch::{PartAction, check_part, claim_limits};
 use crsync_peer::proto::{MergeFailure, MergeOutcome};
 use crsync_peer::{
     BatchBuilder, Change, ChangeBatch, Cursor, DbVersion, ReadHint, SiteId, SqlValue, normalize_js,
@@ -56,6 +56,9 @@ pub struct Store {
     pub remote: Cursor,
     /// `PRAGMA user_version`.
     pub schema_version: i64,
+    /// Transactions staged in part (`crsync_staged`): the highest `seq`
+    /// staged and the changes. Durable: a restart keeps them.
+    pub staged: BTreeMap<(SiteId, DbVersion), (i64, Vec<Change>)>,
     /// The batch size limit of the read path.
     pub max_changes: usize,
 }
@@ -81,7 +84,13 @@ impl Store {
             remote: Cursor::new(),
             schema_version,
             max_changes,
+            staged: BTreeMap::new(),
         }
+    }
+
+    /// `Store::staged`.
+    pub fn staged_seqs(&self) -> BTreeMap<(SiteId, DbVersion), i64> {
+        self.staged.iter().map(|(k, (seq, _))| (*k, *seq)).collect()
     }
 
     /// `Store::cursor`: the remote entries plus our own.
@@ -162,25 +171,85 @@ impl Store {
             batch
         };
         let held = self.cursor();
+        // `Writer::merge`: a part that is not the last is staged.
+        let have = batch
+            .part
+            .and_then(|p| self.staged.get(&p.origin()))
+            .map(|s| s.0);
+        match check_part(batch, &held, have) {
+            Err(rejection) => return failed(MergeFailure::Rejected(rejection)),
+            Ok(Some(PartAction::Stage { upto })) => {
+                if let Some(part) = batch.part.filter(|p| p.site != self.site) {
+                    let entry = self.staged.entry(part.origin()).or_insert((-1, Vec::new()));
+                    entry.0 = entry.0.max(upto);
+                    entry.1.extend(batch.changes.iter().cloned());
+                }
+                return Merged {
+                    result: Ok(MergeOutcome {
+                        cursor: held,
+                        local_versions: None,
+                        staged: self.staged_seqs(),
+                    }),
+                    notify: false,
+                    won: 0,
+                };
+            }
+            Ok(_) => {}
+        }
         let plan = match plan_merge(self.site, &held, batch) {
             Ok(plan) => plan,
             Err(rejection) => return failed(MergeFailure::Rejected(rejection)),
         };
-        if plan.transactions.is_empty() && plan.cursor == held {
+        // `writer::completed`: the last part's transaction, and staged ones
+        // the ranges claim.
+        let last_part = batch.part.filter(|p| !p.more).map(|p| p.origin());
+        let complete: Vec<(SiteId, DbVersion)> = self
+            .staged
+            .keys()
+            .filter(|key| Some(**key) == last_part || plan.cursor.holds(&key.0, key.1))
+            .copied()
+            .collect();
+        let covered: Vec<(SiteId, DbVersion)> = complete
+            .iter()
+            .filter(|key| !plan.transactions.iter().any(|(k, _)| k == *key))
+            .copied()
+            .collect();
+        if plan.transactions.is_empty() && plan.cursor == held && covered.is_empty() {
             return Merged {
                 result: Ok(MergeOutcome {
                     cursor: held,
                     local_versions: None,
+                    staged: self.staged_seqs(),
                 }),
                 notify: false,
                 won: 0,
             };
         }
+        // Staged changes join their transaction, ahead of the last part's.
+        let transactions: Vec<((SiteId, DbVersion), Vec<Change>)> = plan
+            .transactions
+            .iter()
+            .map(|(key, group)| (*key, group.iter().map(|c| (*c).clone()).collect()))
+            .chain(covered.iter().map(|key| (*key, Vec::new())))
+            .map(|(key, group)| {
+                match complete
+                    .contains(&key)
+                    .then(|| self.staged.remove(&key))
+                    .flatten()
+                {
+                    Some((_, mut earlier)) => {
+                        earlier.extend(group);
+                        (key, earlier)
+                    }
+                    None => (key, group),
+                }
+            })
+            .collect();
         // Each origin transaction asks for a local version of its own.
         let base = self.counter;
         let mut pending = base;
         let mut won = 0;
-        for (k, ((site, version), group)) in plan.transactions.iter().enumerate() {
+        for (k, ((site, version), group)) in transactions.iter().enumerate() {
             let given = base + 1 + k as i64;
             for c in group {
                 let Some(key) = CellKey::parse(&c.table, &c.pk, &c.cid) else {
@@ -229,11 +298,12 @@ impl Store {
         let cursor = self.cursor();
         // As the Store: an event for applied changes, and for a cursor that
         // moved without them (claims to pass on to the other remotes).
-        let notify = !plan.transactions.is_empty() || cursor != held;
+        let notify = !transactions.is_empty() || cursor != held;
         Merged {
             result: Ok(MergeOutcome {
                 cursor,
                 local_versions,
+                staged: self.staged_seqs(),
             }),
             notify,
             won,
@@ -290,7 +360,8 @@ impl Store {
         records.dedup();
         let limits = claim_limits(records, receiver);
         let mut builder = BatchBuilder::new(receiver.clone(), snapshot, self.max_changes)
-            .with_claim_limits(limits);
+            .with_claim_limits(limits)
+            .with_staged(hint.staged.clone());
         let stamp = |mut batch: ChangeBatch| {
             batch.schema_version = Some(self.schema_version);
             batch
@@ -311,12 +382,12 @@ impl Store {
             };
             let read_before = last_local;
             last_local = cell.local;
+            let upto = if read_before < cell.local {
+                read_before
+            } else {
+                cell.local - 1
+            };
             if let Some(batch) = builder.push(change) {
-                let upto = if read_before < cell.local {
-                    read_before
-                } else {
-                    cell.local - 1
-                };
                 out.push_back((stamp(batch), upto));
             }
         }

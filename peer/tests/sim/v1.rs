@@ -205,6 +205,7 @@ impl V1Peer {
                 data: changes,
                 schema_version: Some(self.schema_version),
                 ranges: None,
+                part: None,
             }),
             ..bare(MessageKind::Data, self.site)
         }

@@ -11,7 +11,7 @@ use crsync_peer::proto::{
     SessionConfig, SessionEvent, Side, Trust,
 };
 use crsync_peer::wire::{Hello, MessageKind, TransportMessage};
-use crsync_peer::{ChangeBatch, Cursor, SiteId};
+use crsync_peer::{BatchRejection, ChangeBatch, Cursor, SiteId};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -243,6 +243,10 @@ pub struct Stats {
     pub versions_written: u64,
     pub merges: u64,
     pub reads: u64,
+    /// Merges of a part of a transaction (staged, or the last one), and
+    /// parts refused for a missing earlier part.
+    pub parts_merged: u64,
+    pub part_gaps: u64,
     pub virtual_time: Duration,
 }
 
@@ -254,6 +258,8 @@ impl Stats {
         self.versions_written += other.versions_written;
         self.merges += other.merges;
         self.reads += other.reads;
+        self.parts_merged += other.parts_merged;
+        self.part_gaps += other.part_gaps;
         self.virtual_time += other.virtual_time;
     }
 }
@@ -617,6 +623,13 @@ impl World {
                     store.merge(&batch)
                 };
                 self.stats.merges += 1;
+                match &merged.result {
+                    Ok(_) if batch.part.is_some() => self.stats.parts_merged += 1,
+                    Err(MergeFailure::Rejected(BatchRejection::PartGap { .. })) => {
+                        self.stats.part_gaps += 1
+                    }
+                    _ => {}
+                }
                 let (n, won) = (batch.changes.len(), merged.won);
                 self.note(|| Entry::Merge {
                     peer,
@@ -1332,13 +1345,14 @@ impl World {
             },
             ..SessionConfig::default()
         };
-        let session = Session::new(
+        let mut session = Session::new(
             config,
             store.site,
             store.cursor(),
             store.schema_version,
             self.instant(),
         );
+        session.set_staged(store.staged_seqs());
         Some(CrsyncEnd {
             session,
             stream: None,

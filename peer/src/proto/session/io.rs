@@ -1,13 +1,14 @@
 //! What goes in and out of a [`Session`](super::Session): its inputs, its
 //! outputs for the driver, its events and settings.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::proto::ErrorCode;
 use crate::proto::trust::{DEFAULT_MAX_CLAIM_SITES, SiteConflict, Trust};
 use crate::transport::Rejection;
 use crate::wire::TransportMessage;
-use crate::{BatchRejection, ChangeBatch, Cursor, ReadHint, SiteId};
+use crate::{BatchRejection, ChangeBatch, Cursor, DbVersion, ReadHint, SiteId};
 
 /// Identifies a per-message reply (an HTTP `POST` waiting for its outcome).
 pub type ReplyId = u64;
@@ -108,6 +109,9 @@ pub struct MergeOutcome {
     pub cursor: Cursor,
     /// The span of local versions the merge wrote rows under, if any.
     pub local_versions: Option<(i64, i64)>,
+    /// What we have staged of transactions in parts afterwards (origin site
+    /// and version, highest `seq`), for the remote to resume after.
+    pub staged: BTreeMap<(SiteId, DbVersion), i64>,
 }
 
 /// A merge was refused; nothing of it was applied.

@@ -50,6 +50,7 @@ fn v1_data(kind: PeerMessageKind, versions: &[i64]) -> TransportMessage {
             data: versions.iter().map(change).collect(),
             schema_version: Some(0),
             ranges: None,
+            part: None,
         }),
         ..TransportMessage::ping(THEM)
     }
@@ -68,6 +69,7 @@ fn merged(s: &mut Session, cursor: Cursor, now: Instant) {
     let outcome = MergeOutcome {
         cursor,
         local_versions: None,
+        staged: Default::default(),
     };
     s.handle(Input::Merged(Ok(outcome)), now);
 }
@@ -379,6 +381,7 @@ fn rows_merged_from_a_remote_are_not_read_back_for_it() {
     let outcome = MergeOutcome {
         cursor: Cursor::new(),
         local_versions: Some((10, 11)),
+        staged: Default::default(),
     };
     s.handle(Input::Merged(Ok(outcome)), now);
     s.handle(

@@ -1,0 +1,140 @@
+//! Parts of origin transactions received but not yet applied.
+//!
+//! A transaction too large for one batch arrives in [parts](crate::TxnPart).
+//! Each part is written to `crsync_staged` in a SQLite transaction of its
+//! own, so what arrived survives a disconnect or a crash, and
+//! `crsync_staging` keeps, per transaction, the highest `seq` staged (a
+//! sender resumes after it). Nothing staged is visible in the user's tables:
+//! the transaction is applied whole, in the SQLite transaction that merges
+//! its last part (or a range that claims it), and its staged rows are
+//! deleted in that same transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rusqlite::{Connection, params};
+
+use crate::{Change, DbVersion, SiteId};
+
+/// Transactions staged at most; a new one beyond this drops the one staged
+/// longest ago (a sender that never finished), which restarts if it comes
+/// back.
+pub(crate) const MAX_STAGED_TRANSACTIONS: usize = 16;
+
+/// Per staged transaction (origin site, origin version), the highest `seq` staged.
+pub(crate) type Staged = BTreeMap<(SiteId, DbVersion), i64>;
+
+/// What is staged, as recorded in the file.
+pub(crate) fn load(conn: &Connection) -> rusqlite::Result<Staged> {
+    let mut stmt = conn.prepare("SELECT site_id, origin_version, upto_seq FROM crsync_staging")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get(2)?))
+    })?;
+    let mut staged = Staged::new();
+    for row in rows {
+        let (site, version, upto) = row?;
+        if let Ok(site) = SiteId::from_slice(&site) {
+            staged.insert((site, DbVersion(version)), upto);
+        }
+    }
+    Ok(staged)
+}
+
+/// Stages `changes` (already checked) of transaction `key`; `upto` is the
+/// staged `seq` afterwards. Drops the oldest staged transaction first when
+/// `key` is new and the table is full.
+pub(crate) fn stage(
+    conn: &Connection,
+    staged: &mut Staged,
+    key: (SiteId, DbVersion),
+    changes: &[Change],
+    upto: i64,
+) -> rusqlite::Result<()> {
+    let (site, version) = key;
+    let site_bytes = site.as_bytes().as_slice();
+    if !staged.contains_key(&key) && staged.len() >= MAX_STAGED_TRANSACTIONS {
+        let oldest: Option<(Vec<u8>, i64)> = conn
+            .query_row(
+                "SELECT site_id, origin_version FROM crsync_staging ORDER BY started LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .ok();
+        if let Some((old_site, old_version)) = oldest {
+            if let Ok(old) = SiteId::from_slice(&old_site) {
+                tracing::warn!(site = %old, version = old_version, "dropping a staged transaction that never completed");
+                discard(conn, staged, (old, DbVersion(old_version)))?;
+            }
+        }
+    }
+    let mut insert = conn.prepare_cached(
+        "INSERT OR REPLACE INTO crsync_staged \
+         (site_id, origin_version, seq, \"table\", pk, cid, val, col_version, cl) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for c in changes {
+        insert.execute(params![
+            site_bytes,
+            version.0,
+            c.seq,
+            c.table,
+            c.pk.0,
+            c.cid,
+            c.val,
+            c.col_version,
+            c.cl
+        ])?;
+    }
+    conn.execute(
+        "INSERT INTO crsync_staging (site_id, origin_version, upto_seq, started) \
+         VALUES (?1, ?2, ?3, unixepoch()) \
+         ON CONFLICT (site_id, origin_version) DO UPDATE SET upto_seq = max(upto_seq, excluded.upto_seq)",
+        params![site_bytes, version.0, upto],
+    )?;
+    let entry = staged.entry(key).or_insert(upto);
+    *entry = (*entry).max(upto);
+    Ok(())
+}
+
+/// Hands the staged rows of `key` to cr-sqlite under local version `local`
+/// and forgets them; returns how many there were and the tables they are
+/// for. Runs inside the merge's SQLite transaction, so `staged` must be
+/// reloaded if that rolls back.
+pub(crate) fn apply(
+    conn: &Connection,
+    staged: &mut Staged,
+    key: (SiteId, DbVersion),
+    local: i64,
+) -> rusqlite::Result<(usize, BTreeSet<String>)> {
+    let (site, version) = key;
+    let site_bytes = site.as_bytes().as_slice();
+    let tables = conn
+        .prepare_cached(
+            "SELECT DISTINCT \"table\" FROM crsync_staged WHERE site_id = ?1 AND origin_version = ?2",
+        )?
+        .query_map(params![site_bytes, version.0], |r| r.get(0))?
+        .collect::<rusqlite::Result<BTreeSet<String>>>()?;
+    let applied = conn.prepare_cached(
+        "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
+         SELECT \"table\", pk, cid, val, col_version, ?3, site_id, cl, seq FROM crsync_staged \
+         WHERE site_id = ?1 AND origin_version = ?2 ORDER BY seq",
+    )?
+    .execute(params![site_bytes, version.0, local])?;
+    discard(conn, staged, key)?;
+    Ok((applied, tables))
+}
+
+/// Forgets a staged transaction without applying it.
+pub(crate) fn discard(
+    conn: &Connection,
+    staged: &mut Staged,
+    key: (SiteId, DbVersion),
+) -> rusqlite::Result<()> {
+    let (site, version) = key;
+    let site_bytes = site.as_bytes().as_slice();
+    conn.prepare_cached("DELETE FROM crsync_staged WHERE site_id = ?1 AND origin_version = ?2")?
+        .execute(params![site_bytes, version.0])?;
+    conn.prepare_cached("DELETE FROM crsync_staging WHERE site_id = ?1 AND origin_version = ?2")?
+        .execute(params![site_bytes, version.0])?;
+    staged.remove(&key);
+    Ok(())
+}
