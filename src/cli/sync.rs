@@ -251,6 +251,14 @@ async fn once(
             Err(_) => Err(timed_out()),
         },
     };
+    // What came over the wire (more than the store gained when a change was
+    // sent twice; less when a large transaction resumed what was staged).
+    let transferred: u64 = session
+        .peer
+        .sessions()
+        .iter()
+        .map(|s| s.changes_received)
+        .sum();
     // Whatever happened, end the sessions cleanly before the Store closes.
     session.peer.shutdown().await;
     let Some(server) = result? else {
@@ -272,6 +280,7 @@ async fn once(
     );
     println!("received {}", counted(&report.received));
     println!("sent     {}", counted(&report.sent));
+    println!("downloaded {transferred} changes");
     Ok(Outcome::Done)
 }
 

@@ -159,6 +159,22 @@ impl Running {
         }
     }
 
+    /// Whether the child has exited.
+    pub(crate) fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// SIGKILL (`kill -9`: no clean-up runs) if still running, then reaps
+    /// the child; returns whether it was still running.
+    pub(crate) fn kill(&mut self) -> bool {
+        let running = !self.has_exited();
+        if running {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        running
+    }
+
     /// As [`terminate`](Self::terminate), also returning all of stderr.
     pub(crate) fn terminate_with_stderr(mut self) -> (ExitStatus, Vec<String>, String) {
         let stderr = self.stderr.take();
