@@ -158,7 +158,9 @@ impl Problem {
                 message: format!(
                     "the server at {url} refused a batch as too large ({message}); \
                      raise max_body_bytes in the server's config (crsync serve --config FILE, \
-                     default 16 MiB) or write smaller transactions; retrying with backoff"
+                     default 16 MiB) to at least {batch} MiB: crsync sends batches, and large \
+                     transactions in parts, of up to {batch} MiB; retrying with backoff",
+                    batch = crsync::DEFAULT_MAX_BATCH_BYTES >> 20
                 ),
             },
             TransportError::Http {
