@@ -187,12 +187,17 @@ fn main() -> anyhow::Result<()> {
             let down = if down_ws { "WebSocket" } else { "HTTP+SSE" };
             let r = sync(&replica, &url, down_ws, server.0.id())?;
             let got = row_count(&replica)?;
-            ensure!(got == rows as i64, "the replica holds {got} rows, not {rows}");
+            ensure!(
+                got == rows as i64,
+                "the replica holds {got} rows, not {rows}"
+            );
             table.push((format!("download over {down} ({name} server)"), r));
         }
         drop(server);
     }
-    println!("| run | wall time | client peak RSS | server peak RSS (since start) | under 100 MB |");
+    println!(
+        "| run | wall time | client peak RSS | server peak RSS (since start) | under 100 MB |"
+    );
     println!("|---|---|---|---|---|");
     let mib = |kib: u64| kib as f64 / 1024.0;
     for (run, (secs, client, server)) in table {

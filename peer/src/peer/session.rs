@@ -31,6 +31,9 @@ use crate::{ChangeStream, MergeReport, SiteId};
 pub(crate) const OUTBOX_CAP: usize = 16;
 /// How long the writer may take to flush what is queued when the session ends.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a change stream may wait for the session to want its next batch
+/// before it is parked (dropped, to be read again later).
+const PARK_STALLED_STREAM_AFTER: Duration = Duration::from_secs(2);
 
 /// How a session ended, for the dialer's backoff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +138,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
     let mut replies: HashMap<ReplyId, oneshot::Sender<Result<(), Rejection>>> = HashMap::new();
     let mut next_reply: ReplyId = 0;
     let mut reading: Option<ChangeStream> = None;
+    let mut stalled_since: Option<tokio::time::Instant> = None;
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
     let id = inner.session_id();
@@ -209,6 +213,17 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
         inner.publish(id, Some(status));
         let want_transmit = core.has_transmit();
         let want_batch = core.wants_batch() && reading.is_some();
+        // A stream the session takes nothing from (the remote does not read)
+        // is parked after a while: its thread, read connection and read
+        // transaction are given back, and it is read again when wanted.
+        if reading.is_none() || want_batch {
+            stalled_since = None;
+        } else if stalled_since.is_none() {
+            stalled_since = Some(tokio::time::Instant::now());
+        }
+        let park = OptionFuture::from(
+            stalled_since.map(|at| tokio::time::sleep_until(at + PARK_STALLED_STREAM_AFTER)),
+        );
         let deadline = core.poll_timeout();
         let wake = OptionFuture::from(deadline.map(|at| tokio::time::sleep_until(at.into())));
         tokio::select! {
@@ -275,6 +290,12 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
                 core.handle(Input::SchemaChanged(version), Instant::now());
             }
             Some(()) = wake => core.handle(Input::Timeout, Instant::now()),
+            Some(()) = park => {
+                tracing::debug!("parking a stalled change stream");
+                reading = None;
+                stalled_since = None;
+                core.handle(Input::StreamParked, Instant::now());
+            }
         }
     };
 

@@ -390,6 +390,14 @@ impl Session {
                     self.eose_pending = true;
                 }
             }
+            Input::StreamParked => {
+                // The buffered batch is kept; rows after the last one
+                // delivered are read again from `hint.after_local`.
+                if self.reading {
+                    self.reading = false;
+                    self.need_stream = true;
+                }
+            }
             Input::StreamFailed(_) => {
                 self.reading = false;
                 self.retry_read = Some(now + READ_RETRY);

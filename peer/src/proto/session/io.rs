@@ -88,6 +88,11 @@ pub enum Input {
     StreamEnded,
     /// Reading the stream failed; the session reads again later.
     StreamFailed(String),
+    /// The driver dropped the stream because it stalled (the session wanted
+    /// no batch for a while: the remote is not taking what we send), to give
+    /// back its read connection and thread. What the session has not taken
+    /// yet is read again, by a new stream, once it wants more.
+    StreamParked,
     /// The merge the session asked for finished.
     Merged(Result<MergeOutcome, MergeFailure>),
     /// The store committed something (a local write, or a merge from any

@@ -329,6 +329,55 @@ fn the_window_bounds_batches_in_flight_and_a_lost_ack_resends() {
     )));
 }
 
+/// A stream parked while the window is full is read again, once the remote
+/// acknowledges, from after the last batch sent: nothing is skipped (the
+/// batch the session held is sent first) and nothing delivered is re-read.
+#[test]
+fn a_parked_stream_is_read_again_after_what_was_delivered() {
+    let (mut s, now) = session();
+    transmits(&mut s, now);
+    let mut hello = TransportMessage::sync(THEM, Cursor::new());
+    hello.crsync = Some(Hello::current());
+    s.handle(received(hello), now);
+    outputs(&mut s);
+    let ranged = |v: i64| ChangeBatch {
+        changes: vec![change(v)],
+        ranges: [(US, range(v - 1, v))].into_iter().collect(),
+        ..ChangeBatch::default()
+    };
+    let window = SessionConfig::default().window as i64;
+    for v in 1..=window + 1 {
+        s.handle(
+            Input::Batch {
+                batch: ranged(v),
+                read_upto: v,
+            },
+            now,
+        );
+        transmits(&mut s, now);
+    }
+    // the window is full and one batch waits in the session: park the stream
+    assert!(!s.wants_batch());
+    s.handle(Input::StreamParked, now);
+    assert!(
+        read_of(outputs(&mut s)).is_none(),
+        "nothing read while nothing can go"
+    );
+    // the remote acknowledges everything sent: the held batch goes, then a new read
+    let acked: Cursor = [(US, DbVersion(window))].into_iter().collect();
+    s.handle(received(TransportMessage::ack(THEM, acked)), now);
+    let sent = transmits(&mut s, now);
+    let versions: Vec<i64> = sent
+        .iter()
+        .filter_map(|m| m.data.as_ref())
+        .flat_map(|d| d.data.iter().map(|c| c.db_version))
+        .collect();
+    assert_eq!(versions, vec![window + 1]);
+    let (from, hint) = read_of(outputs(&mut s)).expect("a new read");
+    assert_eq!(from.get(&US), DbVersion(window + 1));
+    assert_eq!(hint.after_local, window + 1);
+}
+
 #[test]
 fn a_dialed_session_closes_when_nothing_arrives() {
     let (mut s, now) = session();
