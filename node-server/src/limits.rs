@@ -25,9 +25,9 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_TOKEN: usize = 256;
 /// Default time a connection may go without draining its outbound queue.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default bytes of encoded messages queued toward one client.
-pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 128 << 10;
+pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 64 << 10;
 /// Default soft limit on the estimated wire size of a batch the server sends.
-pub const DEFAULT_SERVER_BATCH_BYTES: usize = 32 << 10;
+pub const DEFAULT_SERVER_BATCH_BYTES: usize = 16 << 10;
 /// Default kernel send buffer of each accepted socket.
 pub const DEFAULT_SOCKET_SEND_BUFFER_BYTES: usize = 256 << 10;
 /// Default requests per second per token (and burst).
@@ -66,7 +66,7 @@ pub struct LimitsConfig {
         deserialize_with = "crate::config::secs"
     )]
     pub stall_timeout: Duration,
-    /// Bytes of encoded messages queued toward one client (default 128 KiB).
+    /// Bytes of encoded messages queued toward one client (default 64 KiB).
     pub outbound_queue_bytes: usize,
     /// Kernel send buffer (`SO_SNDBUF`) of each accepted socket (default
     /// 256 KiB; 0: the kernel's autotuning, up to a few MiB per socket, which
@@ -74,8 +74,9 @@ pub struct LimitsConfig {
     /// through [`Server`](crate::Server) only.
     pub socket_send_buffer_bytes: usize,
     /// Soft limit on the estimated wire size of one batch the server sends
-    /// (default 32 KiB; an origin transaction is never split, so a larger
-    /// one travels whole).
+    /// (default 16 KiB; a larger origin transaction goes in parts of about
+    /// that size). Every message waiting for a client that does not read
+    /// costs about this much a few times over.
     pub batch_bytes: usize,
     /// Requests per second per token (`0`: no limit; default 1000). A request
     /// is an HTTP request or one WebSocket message.

@@ -169,6 +169,12 @@ fn presented_secret(headers: &HeaderMap) -> Option<&str> {
         .map(|v| v.to_str().unwrap_or_default())
 }
 
+/// The initial read buffer of each WebSocket.
+const WS_READ_BUFFER_BYTES: usize = 8 << 10;
+/// Bytes of an SSE stream given to hyper and not yet taken by the socket, at most
+/// (plus one message).
+const SSE_UNWRITTEN_BYTES: u64 = 32 << 10;
+
 async fn stream<S: Databases>(
     target: Target<S>,
     uri: Uri,
@@ -216,16 +222,35 @@ async fn stream<S: Databases>(
                 }
                 .instrument(span.clone()),
             ));
-            let events = outbound
-                .into_stream()
-                .map(move |queued| {
-                    // The guard unregisters the stream when the body is
-                    // dropped; the permit frees the connection slot; the
-                    // watchdog is aborted.
-                    let _ = (&guard, &permit, &watchdog);
-                    Ok::<_, Infallible>(Event::default().data(queued.text()))
-                })
-                .take_until(host.closed());
+            // hyper takes body chunks into its write buffer (up to about
+            // 400 KiB) while the socket is full: take the next message from
+            // our byte-bounded queue only once the socket has taken all but
+            // SSE_UNWRITTEN_BYTES of what went before, so what waits for a
+            // client that does not read waits in our queue, where the stall
+            // watchdog sees it.
+            let progress = target.kill.progress();
+            let base = progress.as_ref().map_or(0, |p| p.written());
+            let queued = outbound.into_stream();
+            let events = futures_util::stream::unfold(
+                (queued, progress, base),
+                |(mut queued, progress, given)| async move {
+                    if let Some(p) = &progress {
+                        p.written_at_least(given.saturating_sub(SSE_UNWRITTEN_BYTES))
+                            .await;
+                    }
+                    let message = queued.next().await?;
+                    let given = given + message.text().len() as u64;
+                    Some((message, (queued, progress, given)))
+                },
+            )
+            .map(move |queued| {
+                // The guard unregisters the stream when the body is
+                // dropped; the permit frees the connection slot; the
+                // watchdog is aborted.
+                let _ = (&guard, &permit, &watchdog);
+                Ok::<_, Infallible>(Event::default().data(queued.text()))
+            })
+            .take_until(host.closed());
             Sse::new(events).into_response()
         }
         Err(_) => {
@@ -322,5 +347,8 @@ async fn websocket<S: Databases>(
         // Frames go to the socket as they come: what waits is counted in our
         // byte-bounded queue, not in tungstenite's buffer.
         .write_buffer_size(0)
+        // tungstenite reserves its read buffer up front (128 KiB by default);
+        // a frame larger than this still arrives whole, the buffer grows.
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| crate::ws::run(socket, host, access, key, kill, id, permit)))
 }

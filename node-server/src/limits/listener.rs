@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -14,6 +15,7 @@ use axum::serve::IncomingStream;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Accepts TCP connections (with `TCP_NODELAY`) that a [`ConnKill`] can cut.
@@ -47,7 +49,7 @@ impl axum::serve::Listener for KillableListener {
         }
         let kill = CancellationToken::new();
         let killed = Box::pin(kill.clone().cancelled_owned());
-        let progress = Arc::new(IoProgress(Mutex::new(tokio::time::Instant::now())));
+        let progress = Arc::new(IoProgress::new());
         (
             KillableIo {
                 tcp,
@@ -73,19 +75,52 @@ pub(crate) struct KillableIo {
     progress: Arc<IoProgress>,
 }
 
-/// When the socket last took bytes to send: a client that reads slowly still
-/// makes progress here while one large message is on its way.
+/// When the socket last took bytes to send (a client that reads slowly still
+/// makes progress here while one large message is on its way), and how many
+/// it took in all.
 #[derive(Debug)]
-pub(crate) struct IoProgress(Mutex<tokio::time::Instant>);
+pub(crate) struct IoProgress {
+    last: Mutex<tokio::time::Instant>,
+    written: AtomicU64,
+    wrote: Notify,
+}
 
 impl IoProgress {
-    fn touch(&self) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = tokio::time::Instant::now();
+    fn new() -> Self {
+        IoProgress {
+            last: Mutex::new(tokio::time::Instant::now()),
+            written: AtomicU64::new(0),
+            wrote: Notify::new(),
+        }
+    }
+
+    fn took(&self, bytes: usize) {
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = tokio::time::Instant::now();
+        self.written.fetch_add(bytes as u64, Ordering::Release);
+        self.wrote.notify_waiters();
     }
 
     /// The last time the socket took bytes.
     pub(crate) fn last(&self) -> tokio::time::Instant {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes the socket took so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Waits until the socket has taken `bytes` in all.
+    pub(crate) async fn written_at_least(&self, bytes: u64) {
+        loop {
+            let wrote = self.wrote.notified();
+            tokio::pin!(wrote);
+            wrote.as_mut().enable();
+            if self.written() >= bytes {
+                return;
+            }
+            wrote.await;
+        }
     }
 }
 
@@ -122,8 +157,10 @@ impl AsyncWrite for KillableIo {
         let this = self.get_mut();
         this.check(cx)?;
         let written = Pin::new(&mut this.tcp).poll_write(cx, buf);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.progress.touch();
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                this.progress.took(n);
+            }
         }
         written
     }
