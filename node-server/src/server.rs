@@ -95,7 +95,7 @@ impl Databases for ServerState {
     }
 }
 
-/// The multi-database server: `/db/{name}/stream|sync|data|ws` and `/health`.
+/// The multi-database server: `/db/{name}/stream|sync|data|ws|snapshot` and `/health`.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -173,6 +173,7 @@ impl Server {
                 ping_interval: config.ping_interval,
                 extension_path: config.extension_path.clone(),
                 limits: Arc::clone(&limits),
+                snapshot_threshold: config.snapshot_threshold,
             }),
             max_body_bytes: config.max_body_bytes,
             limits,
