@@ -335,6 +335,24 @@ impl Store {
             .map_err(|e| InstallError::Store(StoreError::Thread(std::io::Error::other(e))))?
     }
 
+    /// Checks, before a download, that a snapshot could be installed as
+    /// `target`: `Ok(false)` if it does not exist, `Ok(true)` if it is an
+    /// empty database nobody else has open, the refusal
+    /// ([`InstallError::TargetNotEmpty`], ...) otherwise. Changes nothing but
+    /// stale side files of an absent target.
+    pub async fn check_snapshot_target(
+        target: impl AsRef<Path>,
+        extension_path: Option<&Path>,
+    ) -> Result<bool, InstallError> {
+        let target = target.as_ref().to_path_buf();
+        let extension = extension_path.map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || {
+            snapshot::check_target_only(&target, extension.as_deref())
+        })
+        .await
+        .map_err(|e| InstallError::Store(StoreError::Thread(std::io::Error::other(e))))?
+    }
+
     /// Set when this file is a copy of another replica's (`cp`, a restored
     /// backup): it shares that replica's site id, so the Peer refuses to sync
     /// it until it is forked. Reading and writing locally still work.

@@ -302,3 +302,41 @@ async fn the_count_of_changes_after_a_version_is_what_crsql_changes_lists() {
     );
     a.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_that_stopped_before_its_move_can_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c) = server_with_history(dir.path()).await;
+    let snap = dir.path().join("snap.db");
+    a.export_snapshot(&snap).await.expect("export");
+    // The move fails (no such directory) after the new identity was committed.
+    let err = Store::install_snapshot(&snap, dir.path().join("missing/dir/s.db"), None)
+        .await
+        .expect_err("no such directory");
+    assert!(matches!(err, InstallError::Io { .. }), "{err}");
+    assert!(snap.exists());
+    // Run again: the file's unused id is replaced, and it installs.
+    let target = dir.path().join("s.db");
+    assert!(!Store::check_snapshot_target(&target, None).await.unwrap());
+    let report = Store::install_snapshot(&snap, &target, None)
+        .await
+        .expect("installs on the second run");
+    let s = Store::open(&target).await.unwrap();
+    assert!(s.copied().is_none());
+    assert_eq!(s.site_id(), report.site_id);
+    assert_eq!(dump(&s).await, dump(&a).await);
+    // Once it wrote, it is a replica, never a snapshot to install again.
+    insert(&s, 500, "own write").await;
+    s.close().await.unwrap();
+    let err = Store::install_snapshot(&target, dir.path().join("again.db"), None)
+        .await
+        .expect_err("a replica with writes of its own");
+    assert!(matches!(err, InstallError::NotASnapshot { .. }), "{err}");
+    assert!(matches!(
+        Store::check_snapshot_target(&target, None).await,
+        Err(InstallError::TargetNotEmpty { .. })
+    ));
+    for store in [a, c] {
+        store.close().await.unwrap();
+    }
+}

@@ -196,6 +196,9 @@ fn give_identity_on(
         .map_err(sqlite)?;
     match local {
         Some(id) if id.as_slice() == SNAPSHOT_PLACEHOLDER_SITE.as_bytes().as_slice() => {}
+        // An install that stopped between its commit and the move: its site
+        // id was never used (no own writes), so it may get another.
+        Some(_) if half_installed(conn).map_err(sqlite)? => {}
         Some(id) => {
             return Err(not_snapshot(&format!(
                 "its local site id is {}, not the placeholder of a prepared snapshot \
@@ -216,6 +219,10 @@ fn give_identity_on(
             [site.as_bytes().as_slice()],
         )?;
         tx.execute("DELETE FROM crsync_meta", [])?;
+        tx.execute(
+            "INSERT INTO crsync_meta (key, value) VALUES (?1, 1)",
+            [INSTALLED_MARK],
+        )?;
         // Nothing of the new site id was acknowledged by anyone. The inode
         // recorded is the target's once renamed (a rename keeps it).
         identity::record(&tx, file, 0)?;
@@ -287,6 +294,45 @@ fn check_header(file: &Path) -> Result<(), InstallError> {
     Ok(())
 }
 
+/// Key in `crsync_meta` of a file installed from a snapshot (a fact about
+/// the file, like its identity; `crsync_meta` never travels).
+const INSTALLED_MARK: &str = "installed_from_snapshot";
+
+/// Whether the file was given its identity by an install and has no writes
+/// of its own since (no clock row on ordinal 0; a full scan, on this rare
+/// path only).
+fn half_installed(conn: &Connection) -> rusqlite::Result<bool> {
+    if !table_exists(conn, "crsync_meta")? {
+        return Ok(false);
+    }
+    let marked: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM crsync_meta WHERE key = ?1",
+            [INSTALLED_MARK],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if marked.is_none() {
+        return Ok(false);
+    }
+    for clock in clock_tables(conn)? {
+        let own: Option<i64> = conn
+            .query_row(
+                &format!(
+                    "SELECT 1 FROM {} WHERE site_id = 0 LIMIT 1",
+                    quote_ident(&clock)
+                ),
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if own.is_some() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 fn corrupt_or_sqlite(file: &Path, e: rusqlite::Error) -> InstallError {
     match e.sqlite_error_code() {
         Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => InstallError::Corrupt {
@@ -298,6 +344,15 @@ fn corrupt_or_sqlite(file: &Path, e: rusqlite::Error) -> InstallError {
             source: e,
         },
     }
+}
+
+/// [`Store::check_snapshot_target`](crate::Store::check_snapshot_target).
+pub(crate) fn check_target_only(
+    target: &Path,
+    extension: Option<&Path>,
+) -> Result<bool, InstallError> {
+    crate::load_extension(extension)?;
+    check_target(target)
 }
 
 /// Whether `target` may be replaced: `Ok(false)` if it does not exist (stale
