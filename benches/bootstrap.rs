@@ -14,9 +14,10 @@
 //!   here: the **build**, a one-off on the server, not in the bootstrap time.
 //! - `clone`: `SnapshotClient::clone_into` of a new file (download, sha256
 //!   check, install), timed inside the child; then the same child opens the
-//!   replica with a Peer and syncs until caught up with the server (timed
-//!   separately: a first sync of a snapshot replica scans its changes once,
-//!   and has nothing to receive).
+//!   replica with a Peer and syncs, timed separately: until caught up with
+//!   the server (nothing to receive), and until the server's replica holds
+//!   the new replica's cursor (its first upload stream scans its changes
+//!   once, finds nothing to send, and claims its own site).
 //! - `replay`: a Peer over an empty file (the schema, nothing else) dialing
 //!   the server over HTTP+SSE, timed until its cursor holds the server's
 //!   last version.
@@ -147,9 +148,26 @@ fn peer(store: Store, addr: &str) -> Peer {
     peer
 }
 
-/// `child clone ADDR DB`: download + install (timed), then a first sync.
-/// Prints `CLONE <secs> <bytes>`, `SYNC <secs>`, `PEAK`.
-fn child_clone(addr: &str, db: &Path) -> anyhow::Result<()> {
+/// Whether the server's replica holds `site` at `version` (read from its file).
+fn server_holds(replica: &Path, site: SiteId, version: i64) -> anyhow::Result<bool> {
+    let c = Connection::open(replica)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    let held: Option<i64> = c
+        .query_row(
+            "SELECT db_version FROM crsync_cursor WHERE site_id = ?1",
+            [site.as_bytes().as_slice()],
+            |r| r.get(0),
+        )
+        .ok();
+    close_raw(c);
+    Ok(held.is_some_and(|v| v >= version))
+}
+
+/// `child clone ADDR DB SERVER_REPLICA`: download + install (timed), then a
+/// first sync: until caught up with the server, and until the server holds
+/// the replica's cursor (its first upload stream, which has nothing to send,
+/// ended). Prints `CLONE <secs> <bytes>`, `SYNC <secs> <secs>`, `PEAK`.
+fn child_clone(addr: &str, db: &Path, server_replica: &Path) -> anyhow::Result<()> {
     crsync::load_extension(None)?;
     runtime()?.block_on(async {
         let client = SnapshotClient::new(&url(addr)).with_token(TOKEN);
@@ -159,9 +177,15 @@ fn child_clone(addr: &str, db: &Path) -> anyhow::Result<()> {
         println!("CLONE {secs} {}", report.install.bytes);
         let start = Instant::now();
         let store = Store::open(db).await?;
+        let own = store.cursor().await?.get(&store.site_id()).0;
         let peer = peer(store.clone(), addr);
         caught_up(&peer).await?;
-        println!("SYNC {}", start.elapsed().as_secs_f64());
+        let down = start.elapsed().as_secs_f64();
+        while !server_holds(server_replica, store.site_id(), own)? {
+            ensure!(start.elapsed() < STEP_TIMEOUT, "the first upload timed out");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        println!("SYNC {down} {}", start.elapsed().as_secs_f64());
         peer.shutdown().await;
         store.close().await?;
         anyhow::Ok(())
@@ -379,7 +403,7 @@ fn main() -> anyhow::Result<()> {
         return match arg(2)? {
             "gen" => child_gen(Path::new(arg(3)?), arg(4)?.parse()?),
             "server" => child_server(Path::new(arg(3)?)),
-            "clone" => child_clone(arg(3)?, Path::new(arg(4)?)),
+            "clone" => child_clone(arg(3)?, Path::new(arg(4)?), Path::new(arg(5)?)),
             "replay" => child_replay(arg(3)?, Path::new(arg(4)?), arg(5)?, arg(6)?.parse()?),
             other => bail!("unknown child role {other:?}"),
         };
@@ -448,11 +472,12 @@ fn main() -> anyhow::Result<()> {
     };
 
     let clone_db = work.path().join("snapshot.db");
-    let (clone_lines, clone_lo) = run("clone", &clone_db, &[])?;
+    let (clone_lines, clone_lo) = run("clone", &clone_db, &[&source])?;
     let replay_db = work.path().join("replay.db");
     let (replay_lines, replay_lo) = run("replay", &replay_db, &[&site, &version.to_string()])?;
     let clone = field(&clone_lines, "CLONE ")?;
-    let sync = field(&clone_lines, "SYNC ")?[0];
+    let sync = field(&clone_lines, "SYNC ")?;
+    let (sync_down, sync_both) = (sync[0], sync[1]);
     let clone_peak = field(&clone_lines, "PEAK ")?[0] * 1024.0;
     let replay = field(&replay_lines, "REPLAY ")?[0];
     let replay_peak = field(&replay_lines, "PEAK ")?[0] * 1024.0;
@@ -526,12 +551,15 @@ fn main() -> anyhow::Result<()> {
         mib(clone_lo)
     );
     println!(
-        "| snapshot replica's first sync, until caught up (nothing to receive) | {sync:.2} s | (same process) | (in the loopback figure above) | |"
+        "| snapshot replica's first sync: caught up with the server (nothing to receive) | {sync_down:.2} s | (same process) | (in the loopback figure above) | |"
     );
     println!(
-        "| snapshot + first sync | {:.2} s | | | {:.1}x |",
-        clone_secs + sync,
-        replay / (clone_secs + sync)
+        "| ... and the server holds its cursor (its first upload scans its {changes} changes, sends none) | {sync_both:.2} s | (same process) | | |"
+    );
+    println!(
+        "| snapshot + first sync both ways | {:.2} s | | | {:.1}x |",
+        clone_secs + sync_both,
+        replay / (clone_secs + sync_both)
     );
     println!(
         "| snapshot build on the server (one-off, `VACUUM INTO` + prepare + sha256; not in the times above) | {build_secs:.2} s | | | {:.1}x with it |",
