@@ -218,16 +218,18 @@ fn give_identity_on(
             "UPDATE crsql_site_id SET site_id = ?1 WHERE ordinal = 0",
             [site.as_bytes().as_slice()],
         )?;
+        let version = db_version(&tx)?;
         tx.execute("DELETE FROM crsync_meta", [])?;
+        // The file's own writes all come after this version.
         tx.execute(
-            "INSERT INTO crsync_meta (key, value) VALUES (?1, 1)",
-            [INSTALLED_MARK],
+            "INSERT INTO crsync_meta (key, value) VALUES (?1, ?2)",
+            rusqlite::params![INSTALLED_MARK, version],
         )?;
         // Nothing of the new site id was acknowledged by anyone. The inode
         // recorded is the target's once renamed (a rename keeps it).
         identity::record(&tx, file, 0)?;
         let mut cursor = load_remote_cursor(&tx)?;
-        cursor.advance(site, DbVersion(db_version(&tx)?));
+        cursor.advance(site, DbVersion(version));
         let mut rows = 0u64;
         for clock in clock_tables(&tx)? {
             let Some(table) = clock.strip_suffix("__crsql_clock") else {
@@ -294,8 +296,11 @@ fn check_header(file: &Path) -> Result<(), InstallError> {
     Ok(())
 }
 
-/// Key in `crsync_meta` of a file installed from a snapshot (a fact about
-/// the file, like its identity; `crsync_meta` never travels).
+/// Key in `crsync_meta` of a file installed from a snapshot, with the
+/// snapshot's version as its value: every own write of the file is above it
+/// (a fact about the file, like its identity; `crsync_meta` never travels).
+/// A reader could start a stream for a remote that holds none of our own
+/// writes there instead of at 0.
 const INSTALLED_MARK: &str = "installed_from_snapshot";
 
 /// Whether the file was given its identity by an install and has no writes
