@@ -66,7 +66,13 @@ pub(crate) async fn download<S: Databases>(
     // The file is open now (or was not found): a rebuild may remove it.
     let mut response = response.map(Body::new);
     if response.status() == StatusCode::NOT_FOUND {
-        return Err(ApiError::internal("the cached snapshot file vanished; retry").into_response());
+        if let Some(cache) = host.snapshots() {
+            cache.forget(snapshot).await;
+        }
+        return Err(ApiError::internal(
+            "the cached snapshot file vanished; retry to get a new one",
+        )
+        .into_response());
     }
     let success = response.status().is_success();
     let headers = response.headers_mut();

@@ -281,3 +281,23 @@ async fn the_cache_outlives_a_restart() -> Result<()> {
     task.await.context("serve")??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_file_removed_from_under_the_server_is_made_again() -> Result<()> {
+    let server = start(50).await?;
+    notes_with_rows(&server, 100).await?;
+    let first = info(&server).await?;
+    let dir = server.dir.path().join("data").join(SNAPSHOT_DIR);
+    for file in cached_files(&server) {
+        std::fs::remove_file(dir.join(file))?;
+    }
+    let gone = get(&server, "/db/notes/snapshot", Some(RW)).await?;
+    assert_eq!(gone.status(), 500);
+    let again = info(&server).await?;
+    assert_ne!(again.built_at_ms, first.built_at_ms, "made again");
+    let response = get(&server, "/db/notes/snapshot", Some(RW)).await?;
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await?;
+    assert_eq!(hex::encode(sha2::Sha256::digest(&body)), again.sha256);
+    Ok(())
+}

@@ -139,7 +139,14 @@ pub(crate) async fn bootstrap(path: &Path, url: &str, token: Option<&str>) -> an
             tracing::info!("the server offers no snapshot; replaying");
             return Ok(false);
         }
-        // Unreachable and the like: the sync reports it its own way.
+        // A missing file cannot sync without a snapshot: say why there is none.
+        Err(e) if !path.exists() => {
+            return Err(anyhow::anyhow!(
+                "cannot ask the server for a snapshot to start {} from: {e}",
+                path.display()
+            ));
+        }
+        // An empty file: the sync reports trouble its own way.
         Err(e) => {
             tracing::info!("no snapshot: {e}");
             return Ok(false);

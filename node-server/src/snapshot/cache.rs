@@ -200,6 +200,20 @@ impl SnapshotCache {
         })
     }
 
+    /// Forgets `snapshot` if it is the cached one (its file vanished from
+    /// under the cache): the next request makes a new one.
+    pub(crate) async fn forget(&self, snapshot: &Arc<Snapshot>) {
+        let mut state = self.state.lock().await;
+        if state
+            .current
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, snapshot))
+        {
+            tracing::warn!(db = %self.name, file = %snapshot.path.display(), "the cached snapshot file vanished; forgetting it");
+            state.current = None;
+        }
+    }
+
     fn manifest_path(&self) -> PathBuf {
         self.dir.join(format!("{}.json", self.name))
     }
