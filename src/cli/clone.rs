@@ -142,7 +142,8 @@ pub(crate) async fn bootstrap(path: &Path, url: &str, token: Option<&str>) -> an
         // A missing file cannot sync without a snapshot: say why there is none.
         Err(e) if !path.exists() => {
             return Err(anyhow::anyhow!(
-                "cannot ask the server for a snapshot to start {} from: {e}",
+                "database file {} does not exist, and the server could not be asked for a \
+                 snapshot to start it from: {e}",
                 path.display()
             ));
         }
