@@ -340,3 +340,68 @@ async fn an_install_that_stopped_before_its_move_can_run_again() {
         store.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookkeeping_that_must_not_travel_is_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c) = server_with_history(dir.path()).await;
+    // Staging of chunked transactions, as the exporter would hold it mid-transfer.
+    a.write(|tx| {
+        tx.execute_batch(
+            "CREATE TABLE crsync_staged (k INTEGER PRIMARY KEY, v BLOB);
+             CREATE TABLE crsync_staging (k INTEGER PRIMARY KEY, v BLOB);
+             INSERT INTO crsync_staged VALUES (1, x'00');
+             INSERT INTO crsync_staging VALUES (1, x'00');",
+        )
+    })
+    .await
+    .unwrap();
+    let snap = dir.path().join("snap.db");
+    let export = a.export_snapshot(&snap).await.expect("export");
+    let conn = crsync_peer::rusqlite::Connection::open(&snap).unwrap();
+    let count = |table: &str| -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(count("crsync_staged"), 0);
+    assert_eq!(count("crsync_staging"), 0);
+    assert_eq!(
+        count("crsync_meta"),
+        0,
+        "the exporter's file identity stays behind"
+    );
+    assert!(count("crsync_origin") > 0, "origin records travel");
+    let local: Vec<u8> = conn
+        .query_row(
+            "SELECT site_id FROM crsql_site_id WHERE ordinal = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(local, SNAPSHOT_PLACEHOLDER_SITE.as_bytes().to_vec());
+    let own_rows: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM items__crsql_clock WHERE site_id = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(own_rows, 0, "no clock row is left on ordinal 0");
+    let journal: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(journal, "delete", "a single self-contained file");
+    let cursor: i64 = conn
+        .query_row(
+            "SELECT db_version FROM crsync_cursor WHERE site_id = ?1",
+            [a.site_id().as_bytes().as_slice()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(cursor, export.version, "the exporter's own cursor entry");
+    conn.query_row("SELECT crsql_finalize()", [], |_| Ok(()))
+        .unwrap();
+    for store in [a, c] {
+        store.close().await.unwrap();
+    }
+}
