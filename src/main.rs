@@ -5,6 +5,7 @@
 //! - `crsync status`: site id, schema version, CRR tables, cursor, bookkeeping.
 //! - `crsync sync`: replicates a database file with a server, once or live.
 //! - `crsync fork`: gives a copied database file a new site id.
+//! - `crsync clone`: a new replica from the server's snapshot.
 //!
 //! Exit codes: 0 success, 1 failure (the message says why), 2 bad usage,
 //! 130 interrupted (Ctrl-C or SIGTERM) before `sync --once` finished.
@@ -17,6 +18,7 @@ use clap::{Parser, Subcommand};
 
 mod cli {
     //! The subcommands, one module each, and what they share.
+    pub(crate) mod clone;
     pub(crate) mod db;
     pub(crate) mod enable;
     pub(crate) mod fork;
@@ -69,6 +71,9 @@ enum Command {
     /// Give a copied database file (cp, a restored backup, a VM image) a new
     /// site id, so that it and the original both sync without losing writes.
     Fork(cli::fork::ForkArgs),
+    /// Make a new replica from the server's snapshot of a database (no
+    /// replay of every change), then exit; `crsync sync` syncs what came after.
+    Clone(cli::clone::CloneArgs),
 }
 
 impl Command {
@@ -101,6 +106,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => cli::status::run(args).await,
         Command::Sync(args) => cli::sync::run(args).await,
         Command::Fork(args) => cli::fork::run(args).await,
+        Command::Clone(args) => cli::clone::run(args).await,
     };
     match result {
         Ok(cli::Outcome::Done) => ExitCode::SUCCESS,

@@ -20,6 +20,10 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default environment variable holding a token for all databases.
 pub const DEFAULT_TOKEN_ENV: &str = "CRSYNC_TOKEN";
+/// Default `snapshot_threshold`: a database serves snapshots from this many
+/// changes on, and a cached snapshot is rebuilt once the database moved on
+/// by as many.
+pub const DEFAULT_SNAPSHOT_THRESHOLD: u64 = 100_000;
 
 /// Server configuration. Every field has a default; see the crate README for
 /// the file format.
@@ -73,6 +77,12 @@ pub struct ServerConfig {
     pub tokens: Vec<TokenConfig>,
     /// Connection caps, rate limits, outbound queues, stalled streams.
     pub limits: LimitsConfig,
+    /// Snapshots for new replicas (`GET {base}/snapshot`): a database serves
+    /// one once it holds this many changes, and the cached snapshot
+    /// (`<data_dir>/.snapshots/`) is rebuilt once the database has moved on
+    /// by this many changes since it was made. `0` disables snapshots
+    /// (default [`DEFAULT_SNAPSHOT_THRESHOLD`]).
+    pub snapshot_threshold: u64,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +101,7 @@ impl Default for ServerConfig {
             cors: CorsConfig::default(),
             tokens: Vec::new(),
             limits: LimitsConfig::default(),
+            snapshot_threshold: DEFAULT_SNAPSHOT_THRESHOLD,
         }
     }
 }
@@ -195,6 +206,7 @@ mod tests {
             bind = "0.0.0.0:9000"
             ping_interval_secs = 2.5
             max_body_bytes = 1024
+            snapshot_threshold = 0
             [cors]
             allowed_origins = ["*"]
             [[tokens]]
@@ -206,6 +218,7 @@ mod tests {
         assert_eq!(c.bind.port(), 9000);
         assert_eq!(c.ping_interval, Duration::from_millis(2500));
         assert_eq!(c.max_body_bytes, 1024);
+        assert_eq!(c.snapshot_threshold, 0);
         assert_eq!(c.tokens[0].access, Access::ReadWrite);
         assert_eq!(c.cors.allowed_origins, vec!["*".to_string()]);
     }

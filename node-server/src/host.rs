@@ -17,6 +17,7 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::limits::{Limits, OutboundRx, RateLimiter, outbound};
 use crate::session::{Binding, SessionSecret, admit_post, may_replace};
+use crate::snapshot::cache::SnapshotCache;
 
 /// Messages queued from the Peer to one client before the Peer waits (the
 /// queue is also bounded in bytes: `[limits] outbound_queue_bytes`).
@@ -56,6 +57,8 @@ pub(crate) struct DbHost {
     closing: watch::Sender<bool>,
     limits: Arc<Limits>,
     rate: Option<RateLimiter<()>>,
+    /// Its cached snapshot for new replicas (`None`: snapshots are off).
+    snapshots: Option<Arc<SnapshotCache>>,
 }
 
 /// A stream for this peer id is already open.
@@ -107,8 +110,14 @@ impl Drop for StreamGuard {
 }
 
 impl DbHost {
-    pub(crate) fn new(name: impl Into<String>, peer: Peer, limits: Arc<Limits>) -> Arc<Self> {
+    pub(crate) fn new(
+        name: impl Into<String>,
+        peer: Peer,
+        limits: Arc<Limits>,
+        snapshots: Option<SnapshotCache>,
+    ) -> Arc<Self> {
         Arc::new(DbHost {
+            snapshots: snapshots.map(Arc::new),
             name: name.into(),
             peer,
             streams: Mutex::new(HashMap::new()),
@@ -117,6 +126,11 @@ impl DbHost {
             rate: limits.database_limiter(),
             limits,
         })
+    }
+
+    /// The snapshot cache, if snapshots are on.
+    pub(crate) fn snapshots(&self) -> Option<&Arc<SnapshotCache>> {
+        self.snapshots.as_ref()
     }
 
     /// The server's limits.

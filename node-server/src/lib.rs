@@ -10,12 +10,14 @@ mod registry;
 mod routes;
 mod server;
 mod session;
+mod snapshot;
 mod ws;
 
 pub use auth::{Access, Auth, NoTokens};
 pub use config::{
     ConfigError, CorsConfig, DEFAULT_BIND, DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL,
-    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TOKEN_ENV, ServerConfig, TokenConfig,
+    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SNAPSHOT_THRESHOLD, DEFAULT_TOKEN_ENV, ServerConfig,
+    TokenConfig,
 };
 pub use error::ApiError;
 pub use host::{INBOUND_QUEUE_CAP, OUTBOUND_QUEUE_CAP};
@@ -27,6 +29,7 @@ pub use limits::{
 pub use peer_router::{PeerRouter, peer_router};
 pub use registry::{MAX_NAME_LEN, valid_database_name};
 pub use server::{ServeError, Server};
+pub use snapshot::SNAPSHOT_DIR;
 
 /// The Peer type served (re-exported for convenience).
 pub use crsync_peer::Peer;

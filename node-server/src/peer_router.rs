@@ -13,6 +13,7 @@ use crate::error::ApiError;
 use crate::host::DbHost;
 use crate::limits::{Limits, LimitsConfig};
 use crate::routes::{Databases, database_routes, not_found};
+use crate::snapshot::cache::SnapshotCache;
 
 #[derive(Clone)]
 struct SingleState(Arc<SingleInner>);
@@ -69,6 +70,8 @@ pub struct PeerRouter {
     max_body_bytes: usize,
     cors: CorsConfig,
     limits: LimitsConfig,
+    /// Snapshot directory and threshold.
+    snapshots: Option<(std::path::PathBuf, u64)>,
 }
 
 impl PeerRouter {
@@ -82,7 +85,25 @@ impl PeerRouter {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             cors: CorsConfig::default(),
             limits: LimitsConfig::default(),
+            snapshots: None,
         }
+    }
+
+    /// Serves snapshots of the Peer's database (`GET {prefix}/snapshot`), cached
+    /// in `dir`, from `threshold` changes on (see [`ServerConfig::snapshot_threshold`](crate::ServerConfig::snapshot_threshold));
+    /// `0` turns them off (the default: an app's database is often small).
+    pub fn snapshots(mut self, dir: impl Into<std::path::PathBuf>, threshold: u64) -> Self {
+        self.snapshots = (threshold > 0).then(|| (dir.into(), threshold));
+        self
+    }
+
+    fn default_name(&self) -> String {
+        self.peer
+            .store()
+            .path()
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "default".into())
     }
 
     /// Connection caps, rate limits, outbound queues and the stall timeout
@@ -120,18 +141,14 @@ impl PeerRouter {
 
     /// The router. Invalid CORS origins are skipped (logged).
     pub fn build(self) -> Router {
-        let name = self.name.unwrap_or_else(|| {
-            self.peer
-                .store()
-                .path()
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "default".into())
-        });
+        let name = self.name.clone().unwrap_or_else(|| self.default_name());
+        let snapshots = self
+            .snapshots
+            .map(|(dir, threshold)| SnapshotCache::new(dir, &name, threshold));
         let limits = Arc::new(Limits::new(self.limits));
         let state = SingleState(Arc::new(SingleInner {
             auth: self.auth,
-            host: DbHost::new(name, self.peer, Arc::clone(&limits)),
+            host: DbHost::new(name, self.peer, Arc::clone(&limits), snapshots),
             max_body_bytes: self.max_body_bytes,
             limits,
         }));

@@ -13,6 +13,8 @@ use crate::Peer;
 use crate::error::ApiError;
 use crate::host::DbHost;
 use crate::limits::Limits;
+use crate::snapshot::SNAPSHOT_DIR;
+use crate::snapshot::cache::SnapshotCache;
 
 /// Messages each server session queues for its connection before it waits:
 /// behind it is the connection's byte-bounded queue, so one is enough, and
@@ -46,6 +48,8 @@ pub(crate) struct RegistryOptions {
     pub(crate) ping_interval: Duration,
     pub(crate) extension_path: Option<PathBuf>,
     pub(crate) limits: Arc<Limits>,
+    /// `snapshot_threshold` (0: snapshots are off).
+    pub(crate) snapshot_threshold: u64,
 }
 
 type Cell = Arc<OnceCell<Arc<DbHost>>>;
@@ -144,7 +148,19 @@ impl Registry {
             .outbox(SERVER_OUTBOX_CAP)
             .max_claim_sites(self.options.limits.config().max_claim_sites)
             .build();
-        Ok(DbHost::new(name, peer, Arc::clone(&self.options.limits)))
+        let snapshots = (self.options.snapshot_threshold > 0).then(|| {
+            SnapshotCache::new(
+                self.options.data_dir.join(SNAPSHOT_DIR),
+                name,
+                self.options.snapshot_threshold,
+            )
+        });
+        Ok(DbHost::new(
+            name,
+            peer,
+            Arc::clone(&self.options.limits),
+            snapshots,
+        ))
     }
 
     fn store_builder(&self, path: &Path) -> crsync_peer::StoreBuilder {

@@ -1,4 +1,5 @@
-//! The HTTP handlers (`stream`, `sync`, `data`, `ws`), shared by the
+//! The HTTP handlers (`stream`, `sync`, `data`, `ws`; `snapshot` in
+//! [`crate::snapshot`]), shared by the
 //! multi-database server and [`PeerRouter`](crate::PeerRouter).
 
 use std::convert::Infallible;
@@ -58,7 +59,7 @@ pub(crate) struct Target<S> {
 
 impl<S: Databases> Target<S> {
     /// The database, after counting the request against its rate.
-    async fn host(&self) -> Result<Arc<DbHost>, ApiError> {
+    pub(crate) async fn host(&self) -> Result<Arc<DbHost>, ApiError> {
         let host = self.state.host(&self.name).await?;
         if host.is_closing() {
             return Err(ApiError::shutting_down());
@@ -132,6 +133,8 @@ pub(crate) fn database_routes<S: Databases>(max_body_bytes: usize) -> Router<S> 
         .route("/sync", post(post_sync::<S>))
         .route("/data", post(post_data::<S>))
         .route("/ws", get(websocket::<S>))
+        .route("/snapshot", get(crate::snapshot::download::<S>))
+        .route("/snapshot/info", get(crate::snapshot::info::<S>))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }

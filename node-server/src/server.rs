@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::routing::get;
+use crsync_peer::proto::snapshot;
 use tokio::net::TcpListener;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
@@ -95,7 +96,7 @@ impl Databases for ServerState {
     }
 }
 
-/// The multi-database server: `/db/{name}/stream|sync|data|ws` and `/health`.
+/// The multi-database server: `/db/{name}/stream|sync|data|ws|snapshot` and `/health`.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -173,6 +174,7 @@ impl Server {
                 ping_interval: config.ping_interval,
                 extension_path: config.extension_path.clone(),
                 limits: Arc::clone(&limits),
+                snapshot_threshold: config.snapshot_threshold,
             }),
             max_body_bytes: config.max_body_bytes,
             limits,
@@ -317,8 +319,19 @@ pub(crate) fn cors_layer(config: &CorsConfig) -> Result<Option<CorsLayer>, Serve
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
+                header::RANGE,
+                header::IF_RANGE,
                 HeaderName::from_static("last-event-id"),
                 HeaderName::from_static(crsync_peer::wire::SESSION_HEADER),
+            ])
+            // What a browser may read of a snapshot download.
+            .expose_headers([
+                header::ETAG,
+                header::CONTENT_RANGE,
+                HeaderName::from_static(snapshot::SHA256_HEADER),
+                HeaderName::from_static(snapshot::SITE_HEADER),
+                HeaderName::from_static(snapshot::VERSION_HEADER),
+                HeaderName::from_static(snapshot::CHANGES_HEADER),
             ]),
     ))
 }

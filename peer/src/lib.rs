@@ -39,9 +39,10 @@ pub use proto::batch::{
 };
 pub use store::{
     BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, CopiedFile,
-    DEFAULT_ORIGIN_GC_SLACK, DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, ForkError,
-    ForkReport, InvalidChange, MergeError, MergeReport, OpenError, READER_POOL_CAP,
-    STREAM_READ_AHEAD, Store, StoreBuilder, StoreError, StoreEvent,
+    DEFAULT_ORIGIN_GC_SLACK, DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, ExportError,
+    ForkError, ForkReport, InstallError, InstallReport, InvalidChange, MergeError, MergeReport,
+    OpenError, READER_POOL_CAP, SNAPSHOT_PLACEHOLDER_SITE, STREAM_READ_AHEAD, SnapshotExport,
+    Store, StoreBuilder, StoreError, StoreEvent,
 };
 pub use value::{Affinity, SqlValue, normalize_js};
 

@@ -6,6 +6,8 @@
 //!   the remote acknowledged).
 //! - [`ErrorCode`]: every refusal's stable code and what it means for the sender.
 //! - [`Message`]: a wire message parsed once, at the edge.
+//! - [`snapshot`]: what a server says about the snapshot a new replica can
+//!   start from (its info answer and download headers).
 //! - [`Session`]: the state machine of one connection to one remote. The
 //!   [`Peer`](crate::Peer) drives one per connection; tests drive many in a
 //!   simulator with virtual time.
@@ -21,6 +23,7 @@ pub mod batch;
 mod codes;
 mod message;
 mod session;
+pub mod snapshot;
 mod status;
 mod trust;
 pub mod window;

@@ -11,6 +11,7 @@ mod fork;
 mod identity;
 mod reader;
 mod schema;
+mod snapshot;
 mod staging;
 mod writer;
 
@@ -24,6 +25,9 @@ pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
 pub use fork::{ForkError, ForkReport};
 pub use identity::CopiedFile;
 pub use reader::{ChangeStream, READER_POOL_CAP};
+pub use snapshot::{
+    ExportError, InstallError, InstallReport, SNAPSHOT_PLACEHOLDER_SITE, SnapshotExport,
+};
 
 use crate::proto::batch::BatchLimits;
 use crate::{ChangeBatch, Cursor, DbVersion, ReadHint, SiteId};
@@ -266,6 +270,93 @@ impl Store {
         tokio::task::spawn_blocking(move || fork::fork(&path, extension.as_deref()))
             .await
             .map_err(|e| ForkError::Store(StoreError::Thread(std::io::Error::other(e))))?
+    }
+
+    /// Writes a snapshot of this database to `dest` (replaced if present),
+    /// prepared for [`install_snapshot`](Self::install_snapshot): a
+    /// consistent copy (`VACUUM INTO`, one read transaction, while writes go
+    /// on) whose own writes are re-attributed to this database's site id on
+    /// an ordinal of their own, with ordinal 0 a placeholder, the file's
+    /// identity and chunk staging cleared, and this database's own version in
+    /// its cursor. Runs on a blocking thread with a connection of its own.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use crsync_peer::Store;
+    /// let store = Store::open("server.db").await?;
+    /// let snapshot = store.export_snapshot("server.snapshot.db").await?;
+    /// println!("{} changes up to version {}", snapshot.changes, snapshot.version);
+    /// # Ok(()) }
+    /// ```
+    pub async fn export_snapshot(
+        &self,
+        dest: impl AsRef<Path>,
+    ) -> Result<SnapshotExport, ExportError> {
+        let (source, site, dest) = (self.path.clone(), self.site_id, dest.as_ref().to_path_buf());
+        tokio::task::spawn_blocking(move || snapshot::export(&source, site, &dest))
+            .await
+            .map_err(|e| ExportError::Store(StoreError::Thread(std::io::Error::other(e))))?
+    }
+
+    /// Changes (live cells, as `crsql_changes` lists them) at local versions
+    /// above `version`: how far the database moved on since a snapshot at
+    /// that version (`0`: all changes). Reads on a blocking thread with a
+    /// connection of its own, through cr-sqlite's index on versions.
+    pub async fn count_changes_after(&self, version: i64) -> Result<u64, StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || snapshot::count_changes_after(&path, version))
+            .await
+            .map_err(|e| StoreError::Thread(std::io::Error::other(e)))?
+    }
+
+    /// Installs a downloaded snapshot ([`export_snapshot`](Self::export_snapshot)
+    /// on the other side, checksum-verified by the caller) as the database
+    /// file `target`: checks it (`PRAGMA quick_check`, a prepared
+    /// snapshot), gives it a new random site id, records its identity with
+    /// nothing acknowledged, and moves it into place. `target` must not exist
+    /// or be an empty database (no rows in any table but cr-sqlite's and
+    /// crsync's bookkeeping); it is never overwritten otherwise, and no
+    /// Store may have it open. The snapshot file is consumed. The new replica
+    /// holds the exporter's rows and cursor at the snapshot and syncs only
+    /// what came after; the exporter's writes keep its site id.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use crsync_peer::Store;
+    /// let report = Store::install_snapshot("notes.db.crsync-snapshot", "notes.db", None).await?;
+    /// println!("{} rows, new site id {}", report.rows, report.site_id);
+    /// let store = Store::open("notes.db").await?; // then sync as usual
+    /// # drop(store); Ok(()) }
+    /// ```
+    pub async fn install_snapshot(
+        file: impl AsRef<Path>,
+        target: impl AsRef<Path>,
+        extension_path: Option<&Path>,
+    ) -> Result<InstallReport, InstallError> {
+        let file = file.as_ref().to_path_buf();
+        let target = target.as_ref().to_path_buf();
+        let extension = extension_path.map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || snapshot::install(&file, &target, extension.as_deref()))
+            .await
+            .map_err(|e| InstallError::Store(StoreError::Thread(std::io::Error::other(e))))?
+    }
+
+    /// Checks, before a download, that a snapshot could be installed as
+    /// `target`: `Ok(false)` if it does not exist, `Ok(true)` if it is an
+    /// empty database nobody else has open, the refusal
+    /// ([`InstallError::TargetNotEmpty`], ...) otherwise. Changes nothing but
+    /// stale side files of an absent target.
+    pub async fn check_snapshot_target(
+        target: impl AsRef<Path>,
+        extension_path: Option<&Path>,
+    ) -> Result<bool, InstallError> {
+        let target = target.as_ref().to_path_buf();
+        let extension = extension_path.map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || {
+            snapshot::check_target_only(&target, extension.as_deref())
+        })
+        .await
+        .map_err(|e| InstallError::Store(StoreError::Thread(std::io::Error::other(e))))?
     }
 
     /// Set when this file is a copy of another replica's (`cp`, a restored

@@ -33,6 +33,10 @@ pub(crate) struct ServeArgs {
     /// required: `[[tokens]]` in the config, or the CRSYNC_TOKEN environment variable.
     #[arg(long)]
     allow_anonymous: bool,
+    /// Serve snapshots of databases from this many changes on, made again
+    /// once a database moved on by as many; 0 turns them off [default: 100000].
+    #[arg(long, value_name = "CHANGES")]
+    snapshot_threshold: Option<u64>,
 }
 
 impl ServeArgs {
@@ -52,6 +56,9 @@ impl ServeArgs {
             config.schema = Some(schema.clone());
         }
         config.allow_create |= self.allow_create;
+        if let Some(threshold) = self.snapshot_threshold {
+            config.snapshot_threshold = threshold;
+        }
         config.allow_anonymous |= self.allow_anonymous;
         Ok(config)
     }

@@ -4,7 +4,10 @@
 //! server's `eose`) and until the server holds every change of ours (checked
 //! by reading the server's cursor on a short probe connection), reports what
 //! moved and exits. `--watch` (the default) keeps syncing and prints the
-//! Peer's events until Ctrl-C or SIGTERM.
+//! Peer's events until Ctrl-C or SIGTERM. A file that does not exist, or
+//! has no CRR rows and an empty cursor, first starts from the server's
+//! snapshot when the server offers one (`crsync clone`), then syncs only
+//! what came after.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -16,9 +19,9 @@ use crsync::{ChangeSource, Cursor, Peer, PeerEvent, SiteId, Store};
 use futures_util::{FutureExt as _, StreamExt};
 use tokio::sync::mpsc;
 
-use super::db;
 use super::remote::{self, Endpoint, PROBLEM_QUEUE_CAP, Problem, WatchedDialer};
 use super::{Outcome, signal};
+use super::{clone, db};
 
 /// First pause between two checks of the server's cursor in `--once`.
 const ACK_POLL_START: Duration = Duration::from_millis(50);
@@ -28,7 +31,8 @@ const ACK_POLL_MAX: Duration = Duration::from_secs(1);
 /// Arguments of `crsync sync`.
 #[derive(Debug, Args)]
 pub(crate) struct SyncArgs {
-    /// The database file (must exist, with its tables enabled: `crsync enable`).
+    /// The database file: with its tables enabled (`crsync enable`), or
+    /// absent or empty to start from the server's snapshot if it offers one.
     #[arg(long, value_name = "FILE")]
     db: PathBuf,
     /// The database on the server, e.g. http://127.0.0.1:8080/db/notes.
@@ -64,6 +68,20 @@ pub(crate) async fn run(args: SyncArgs) -> anyhow::Result<Outcome> {
         .filter(|t| !t.is_zero())
         .ok_or_else(|| anyhow::anyhow!("--timeout must be a positive number of seconds"))?;
     let endpoint = Endpoint::new(&args.url, args.ws, args.token.as_deref())?;
+    // A new (or empty) file starts from the server's snapshot when it
+    // offers one, before any Store opens the file.
+    if clone::wants_bootstrap(&args.db).await?
+        && !clone::bootstrap(&args.db, endpoint.url(), args.token.as_deref()).await?
+        && !args.db.exists()
+    {
+        anyhow::bail!(
+            "database file {} does not exist, and the server offers no snapshot to start from \
+             (its database is below its snapshot_threshold, or snapshots are off): create its \
+             tables, then run `crsync enable --db {} TABLE...`",
+            args.db.display(),
+            args.db.display()
+        );
+    }
     let store = db::open_existing(&args.db).await?;
     if let Some(copy) = store.copied().cloned() {
         db::close(store).await;

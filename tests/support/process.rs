@@ -175,6 +175,49 @@ impl Running {
         running
     }
 
+    /// The child's exit status, if it has ended.
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait")
+    }
+
+    /// Kills the child with SIGKILL (`kill -9`: no cleanup runs) and waits
+    /// for it; returns its status and everything it printed on stdout.
+    pub(crate) fn kill_9(mut self) -> (ExitStatus, Vec<String>) {
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("wait");
+        let mut out = std::mem::take(&mut self.seen);
+        while let Ok(line) = self.lines.recv_timeout(LINE_TIMEOUT) {
+            out.push(line);
+        }
+        (status, out)
+    }
+
+    /// Waits for the child to exit by itself (within [`COMMAND_TIMEOUT`]);
+    /// returns its status, stdout and stderr.
+    pub(crate) fn wait_exit(mut self) -> Output {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "crsync did not exit within {COMMAND_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut out = std::mem::take(&mut self.seen);
+        while let Ok(line) = self.lines.recv_timeout(LINE_TIMEOUT) {
+            out.push(line);
+        }
+        let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
+        Output {
+            status,
+            stdout: out.join("\n"),
+            stderr: stderr.unwrap_or_default(),
+        }
+    }
+
     /// As [`terminate`](Self::terminate), also returning all of stderr.
     pub(crate) fn terminate_with_stderr(mut self) -> (ExitStatus, Vec<String>, String) {
         let stderr = self.stderr.take();

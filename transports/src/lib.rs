@@ -20,6 +20,11 @@
 //!   crsync's node-server. POSTs are sent in order, one at a time, and a send
 //!   completes when the server answered.
 //!
+//! - [`snapshot`]: snapshot bootstrap: a new replica of a large database
+//!   downloads the server's snapshot (streamed, resumable, checked) and
+//!   installs it instead of replaying every change
+//!   ([`clone_database`](snapshot::clone_database)).
+//!
 //! Both network clients take an optional bearer token. TLS (`https://`,
 //! `wss://`) needs the `rustls` feature.
 //!
@@ -54,6 +59,7 @@ pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 mod http_status;
 pub mod memory;
 mod serial_sink;
+pub mod snapshot;
 pub mod sse;
 pub mod ws;
 

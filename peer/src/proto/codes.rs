@@ -78,6 +78,9 @@ pub enum ErrorCode {
     /// A message exceeds a size limit other than the body size (sites in a
     /// cursor or in ranges, for example).
     LimitExceeded,
+    /// The server offers no snapshot of this database (snapshots are off, or
+    /// the database is smaller than the snapshot threshold): sync by replay.
+    NoSnapshot,
     /// A code this build does not know.
     Other(String),
 }
@@ -104,6 +107,7 @@ const KNOWN: &[(ErrorCode, &str)] = &[
     (ErrorCode::TooManyConnections, "TOO_MANY_CONNECTIONS"),
     (ErrorCode::RateLimited, "RATE_LIMITED"),
     (ErrorCode::LimitExceeded, "LIMIT_EXCEEDED"),
+    (ErrorCode::NoSnapshot, "NO_SNAPSHOT"),
 ];
 
 impl ErrorCode {
@@ -164,6 +168,7 @@ impl ErrorCode {
             | ErrorCode::MethodNotAllowed
             | ErrorCode::SiteIdConflict
             | ErrorCode::LimitExceeded
+            | ErrorCode::NoSnapshot
             | ErrorCode::Other(_) => SenderAction::GiveUp,
         }
     }
@@ -181,7 +186,7 @@ impl ErrorCode {
         match self {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden | ErrorCode::SessionMismatch => 403,
-            ErrorCode::UnknownDatabase | ErrorCode::NotFound => 404,
+            ErrorCode::UnknownDatabase | ErrorCode::NotFound | ErrorCode::NoSnapshot => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::SiteIdConflict => 409,
             ErrorCode::PayloadTooLarge | ErrorCode::LimitExceeded => 413,

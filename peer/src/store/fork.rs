@@ -86,37 +86,7 @@ fn fork_on(conn: &mut Connection, path: &Path) -> Result<ForkReport, ForkError> 
     let new_site = SiteId::from_bytes(rand::random());
     let kept_upto = identity::verified_version(&tx)?;
 
-    tx.execute(
-        "UPDATE crsql_site_id SET site_id = ?1 WHERE ordinal = 0",
-        [new_site.as_bytes().as_slice()],
-    )?;
-    tx.execute("INSERT INTO crsql_site_id (site_id) VALUES (?1)", [&old])?;
-    let ordinal: i64 = tx.query_row(
-        "SELECT ordinal FROM crsql_site_id WHERE site_id = ?1",
-        [&old],
-        |r| r.get(0),
-    )?;
-    let clocks: Vec<String> = {
-        let mut stmt = tx.prepare(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%\\_\\_crsql\\_clock' ESCAPE '\\'",
-        )?;
-        stmt.query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?
-    };
-    let mut reattributed = 0u64;
-    for clock in &clocks {
-        let table = quote_ident(clock);
-        tx.execute(
-            &format!("UPDATE {table} SET site_id = ?1 WHERE site_id = 0 AND db_version <= ?2"),
-            params![ordinal, kept_upto],
-        )?;
-        let later: i64 = tx.query_row(
-            &format!("SELECT count(*) FROM {table} WHERE site_id = 0"),
-            [],
-            |r| r.get(0),
-        )?;
-        reattributed += later as u64;
-    }
+    let reattributed = rekey(&tx, &old, new_site, kept_upto)?.left_on_new;
     if kept_upto > 0 {
         tx.execute(
             "INSERT INTO crsync_cursor (site_id, db_version) VALUES (?1, ?2)
@@ -133,4 +103,68 @@ fn fork_on(conn: &mut Connection, path: &Path) -> Result<ForkReport, ForkError> 
         kept_upto,
         reattributed,
     })
+}
+
+/// What [`rekey`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Rekeyed {
+    /// The ordinal the old site id now has.
+    pub(super) ordinal: i64,
+    /// Clock rows left on ordinal 0 (written after `upto`): they are the new site's.
+    pub(super) left_on_new: u64,
+}
+
+/// The re-keying both a fork and a snapshot use: ordinal 0 of
+/// `crsql_site_id` (cr-sqlite's local site) gets `new_site`, the old site id
+/// `old` moves to an ordinal of its own, and own clock rows up to version
+/// `upto` move with it (`i64::MAX`: all of them), so they keep their
+/// attribution. Runs inside the caller's transaction.
+pub(super) fn rekey(
+    tx: &rusqlite::Transaction<'_>,
+    old: &[u8],
+    new_site: SiteId,
+    upto: i64,
+) -> rusqlite::Result<Rekeyed> {
+    tx.execute(
+        "UPDATE crsql_site_id SET site_id = ?1 WHERE ordinal = 0",
+        [new_site.as_bytes().as_slice()],
+    )?;
+    tx.execute(
+        "INSERT OR IGNORE INTO crsql_site_id (site_id) VALUES (?1)",
+        [old],
+    )?;
+    let ordinal: i64 = tx.query_row(
+        "SELECT ordinal FROM crsql_site_id WHERE site_id = ?1",
+        [old],
+        |r| r.get(0),
+    )?;
+    let mut left_on_new = 0u64;
+    for clock in clock_tables(tx)? {
+        let table = quote_ident(&clock);
+        tx.execute(
+            &format!("UPDATE {table} SET site_id = ?1 WHERE site_id = 0 AND db_version <= ?2"),
+            params![ordinal, upto],
+        )?;
+        if upto < i64::MAX {
+            let later: i64 = tx.query_row(
+                &format!("SELECT count(*) FROM {table} WHERE site_id = 0"),
+                [],
+                |r| r.get(0),
+            )?;
+            left_on_new += later as u64;
+        }
+    }
+    Ok(Rekeyed {
+        ordinal,
+        left_on_new,
+    })
+}
+
+/// cr-sqlite's clock tables (one per CRR: `<table>__crsql_clock`).
+pub(super) fn clock_tables(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%\\_\\_crsql\\_clock' ESCAPE '\\'",
+    )?;
+    stmt.query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()
 }
