@@ -348,10 +348,10 @@ async fn bookkeeping_that_must_not_travel_is_cleared() {
     // Staging of chunked transactions, as the exporter would hold it mid-transfer.
     a.write(|tx| {
         tx.execute_batch(
-            "CREATE TABLE crsync_staged (k INTEGER PRIMARY KEY, v BLOB);
-             CREATE TABLE crsync_staging (k INTEGER PRIMARY KEY, v BLOB);
-             INSERT INTO crsync_staged VALUES (1, x'00');
-             INSERT INTO crsync_staging VALUES (1, x'00');",
+            "INSERT INTO crsync_staged (site_id, origin_version, seq, \"table\", pk, cid, val, col_version, cl)
+                 VALUES (x'0102030405060708090a0b0c0d0e0f10', 7, 0, 'items', x'010901', 'name', 'x', 1, 1);
+             INSERT INTO crsync_staging (site_id, origin_version, upto_seq, started)
+                 VALUES (x'0102030405060708090a0b0c0d0e0f10', 7, 0, 0);",
         )
     })
     .await

@@ -326,6 +326,13 @@ fn lowest_local_version(
     receiver: &Cursor,
 ) -> rusqlite::Result<i64> {
     let mut from = receiver.get(&own_site).0;
+    if let Some((version, held)) = super::snapshot::snapshot_floor(conn)? {
+        // Installed from a snapshot: its rows (none of them ours) are held
+        // by a receiver that holds what the snapshot did.
+        if receiver.covers(&held) {
+            from = from.max(version);
+        }
+    }
     let mut sites = conn.prepare_cached("SELECT DISTINCT site_id FROM crsync_origin")?;
     let sites: Vec<Vec<u8>> = sites
         .query_map([], |r| r.get(0))?

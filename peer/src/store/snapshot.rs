@@ -37,7 +37,7 @@ pub use export::{ExportError, SnapshotExport};
 pub use install::{InstallError, InstallReport};
 
 pub(crate) use export::export;
-pub(crate) use install::{check_target_only, install};
+pub(crate) use install::{check_target_only, install, snapshot_floor};
 
 use super::fork::clock_tables;
 use super::schema::quote_ident;

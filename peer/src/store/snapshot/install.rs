@@ -229,6 +229,15 @@ fn give_identity_on(
         // recorded is the target's once renamed (a rename keeps it).
         identity::record(&tx, file, 0)?;
         let mut cursor = load_remote_cursor(&tx)?;
+        // What the snapshot held: a remote holding that much holds every row
+        // up to `version` (see `snapshot_floor`).
+        tx.execute(
+            "INSERT INTO crsync_meta (key, value) VALUES (?1, ?2)",
+            rusqlite::params![
+                SNAPSHOT_CURSOR,
+                serde_json::to_string(&cursor).unwrap_or_default()
+            ],
+        )?;
         cursor.advance(site, DbVersion(version));
         let mut rows = 0u64;
         for clock in clock_tables(&tx)? {
@@ -302,6 +311,29 @@ fn check_header(file: &Path) -> Result<(), InstallError> {
 /// A reader could start a stream for a remote that holds none of our own
 /// writes there instead of at 0.
 const INSTALLED_MARK: &str = "installed_from_snapshot";
+/// Key in `crsync_meta` of the cursor of the snapshot a file was installed from.
+const SNAPSHOT_CURSOR: &str = "snapshot_cursor";
+
+/// For a file installed from a snapshot: the snapshot's version and cursor.
+/// Every row at a local version up to it came with the snapshot, so a
+/// stream for a remote whose cursor covers the snapshot's starts after it
+/// (instead of reading the whole file to find none of our own writes).
+pub(crate) fn snapshot_floor(conn: &Connection) -> rusqlite::Result<Option<(i64, Cursor)>> {
+    let get = |key: &str| {
+        conn.query_row("SELECT value FROM crsync_meta WHERE key = ?1", [key], |r| {
+            r.get::<_, rusqlite::types::Value>(0)
+        })
+        .optional()
+    };
+    let (Some(rusqlite::types::Value::Integer(version)), Some(rusqlite::types::Value::Text(json))) =
+        (get(INSTALLED_MARK)?, get(SNAPSHOT_CURSOR)?)
+    else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_str(&json)
+        .ok()
+        .map(|cursor| (version, cursor)))
+}
 
 /// Whether the file was given its identity by an install and has no writes
 /// of its own since (no clock row on ordinal 0; a full scan, on this rare
