@@ -492,23 +492,24 @@ impl BatchBuilder {
     fn seal_current(&mut self) -> ChangeBatch {
         let mut batch = std::mem::take(&mut self.current);
         self.current_bytes = 0;
-        if let (Some(after_seq), Some((site, version))) = (self.part_after.take(), self.current_txn)
-        {
-            let upto_seq = batch
-                .changes
-                .iter()
-                .map(|c| c.seq)
-                .max()
-                .unwrap_or(after_seq);
-            batch.part = Some(TxnPart {
-                site,
-                version,
-                after_seq,
-                upto_seq: upto_seq.max(after_seq),
-                more: false,
-            });
-        }
+        batch.part = self.last_part(&batch);
+        self.part_after = None;
         self.seal(batch)
+    }
+
+    /// The part marker of `batch` if it ends a transaction that went in parts.
+    fn last_part(&self, batch: &ChangeBatch) -> Option<TxnPart> {
+        let (Some(after_seq), Some((site, version))) = (self.part_after, self.current_txn) else {
+            return None;
+        };
+        let upto_seq = batch.changes.iter().map(|c| c.seq).max()?;
+        Some(TxnPart {
+            site,
+            version,
+            after_seq,
+            upto_seq: upto_seq.max(after_seq),
+            more: false,
+        })
     }
 
     /// Whether a batch is in progress.
@@ -520,23 +521,7 @@ impl BatchBuilder {
     /// sender holds, or `None` if there is nothing left to say.
     pub fn finish(mut self) -> Option<ChangeBatch> {
         let mut batch = std::mem::take(&mut self.current);
-        if let (Some(after_seq), Some((site, version))) = (self.part_after, self.current_txn) {
-            if !batch.changes.is_empty() {
-                let upto_seq = batch
-                    .changes
-                    .iter()
-                    .map(|c| c.seq)
-                    .max()
-                    .unwrap_or(after_seq);
-                batch.part = Some(TxnPart {
-                    site,
-                    version,
-                    after_seq,
-                    upto_seq: upto_seq.max(after_seq),
-                    more: false,
-                });
-            }
-        }
+        batch.part = self.last_part(&batch);
         for (site, mut upto) in self.sender.iter() {
             if self.unclaimed.1.contains(&site) {
                 if let Some(limit) = self.limits.get(&site) {
