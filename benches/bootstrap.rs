@@ -554,7 +554,7 @@ fn main() -> anyhow::Result<()> {
         "| snapshot replica's first sync: caught up with the server (nothing to receive) | {sync_down:.2} s | (same process) | (in the loopback figure above) | |"
     );
     println!(
-        "| ... and the server holds its cursor (its first upload scans its {changes} changes, sends none) | {sync_both:.2} s | (same process) | | |"
+        "| ... and the server holds its cursor (its first upload starts after the snapshot's {changes} changes: nothing to send) | {sync_both:.2} s | (same process) | | |"
     );
     println!(
         "| snapshot + first sync both ways | {:.2} s | | | {:.1}x |",
