@@ -161,7 +161,7 @@ impl Running {
 
     /// Whether the child has exited.
     pub(crate) fn has_exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+        self.exited().is_some()
     }
 
     /// SIGKILL (`kill -9`: no clean-up runs) if still running, then reaps

@@ -295,8 +295,8 @@ impl ChangeBatch {
 /// let sender: Cursor = [(site, DbVersion(5))].into_iter().collect();
 /// let mut builder = BatchBuilder::new(Cursor::new(), sender.clone(), 1);
 /// assert!(builder.push(change(1)).is_none());
-/// let first: Vec<_> = builder.push(change(2)).collect(); // a new transaction closes the full batch
-/// assert_eq!(first[0].changes.len(), 1);
+/// let first = builder.push(change(2)).unwrap(); // a new transaction closes the full batch
+/// assert_eq!(first.changes.len(), 1);
 /// let last = builder.finish().unwrap();
 /// assert_eq!(last.ranges[&site].upto, DbVersion(5));
 /// ```
