@@ -12,8 +12,10 @@
 //! Environment: `CRSYNC_LIMITS_BENCH_MB` (database size, default 16; the
 //! README quotes 60), `CRSYNC_LIMITS_BENCH_CLIENTS` (default 50),
 //! `CRSYNC_LIMITS_BENCH_ONLY` (`sse` or `ws`), `CRSYNC_LIMITS_BENCH_ROWS_PER_TXN`
-//! (rows per source transaction, default 1000 as in the sync benchmark: a
-//! batch never splits a transaction, so this sets the smallest batch). Without `--bench` (as under
+//! (rows per source transaction, default 1000 as in the sync benchmark; a
+//! transaction larger than a batch goes in parts),
+//! `CRSYNC_LIMITS_BENCH_BATCH_BYTES` (the server's `batch_bytes`, default
+//! its own default). Without `--bench` (as under
 //! `cargo test --all-targets`) it runs a smoke size in a few seconds.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -59,7 +61,10 @@ impl ServerProcess {
                 "bind = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntoken_env = \"\"\n\
                  [[tokens]]\ntoken = \"{TOKEN}\"\ndatabases = [\"*\"]\n\
                  [limits]\nmax_connections = 10000\nmax_connections_per_token = 10000\n\
-                 stall_timeout_secs = 3600\nrate_per_token = 0\nrate_per_database = 0\n"
+                 stall_timeout_secs = 3600\nrate_per_token = 0\nrate_per_database = 0\n{}",
+                std::env::var("CRSYNC_LIMITS_BENCH_BATCH_BYTES")
+                    .map(|b| format!("batch_bytes = {b}\n"))
+                    .unwrap_or_default()
             ),
         )?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_crsync"))
