@@ -460,7 +460,9 @@ impl Store {
     }
 
     /// Streams every change `cursor` lacks, in batches of whole origin
-    /// transactions, read from one consistent snapshot. The last batch raises
+    /// transactions (one larger than a batch goes in [parts](crate::TxnPart),
+    /// which [`merge`](Self::merge) stages and applies whole), read from one
+    /// consistent snapshot. The last batch raises
     /// the receiver to everything this Store held when the stream began.
     pub async fn changes_since(&self, cursor: &Cursor) -> Result<ChangeStream, StoreError> {
         self.changes_since_with_limits(cursor, self.limits).await
@@ -507,6 +509,12 @@ impl Store {
     /// Changes already held are skipped. A batch that starts past what this
     /// Store holds ([`BatchRejection::Gap`](crate::BatchRejection::Gap)) or
     /// contains an invalid change is refused whole, and nothing changes.
+    ///
+    /// A [part](crate::TxnPart) of a large transaction that is not its last
+    /// is staged on disk (see [`staged`](Self::staged)) and nothing is
+    /// visible yet; the last part, or a range that claims the transaction,
+    /// applies it whole. A part that starts past what is staged is refused
+    /// ([`BatchRejection::PartGap`](crate::BatchRejection::PartGap)).
     pub async fn merge(&self, batch: ChangeBatch) -> Result<MergeReport, MergeError> {
         self.call(|reply| Command::Merge(batch, reply)).await?
     }
