@@ -31,6 +31,9 @@ use crate::{ChangeStream, MergeReport, SiteId};
 pub(crate) const OUTBOX_CAP: usize = 16;
 /// How long the writer may take to flush what is queued when the session ends.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new session waits for the Store's cursor before it starts from
+/// the Peer's last known one.
+const START_WAIT: Duration = Duration::from_millis(500);
 /// How long a change stream may wait for the session to want its next batch
 /// before it is parked (dropped, to be read again later).
 const PARK_STALLED_STREAM_AFTER: Duration = Duration::from_secs(2);
@@ -102,15 +105,20 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
     };
     let mut cursor_rx = inner.cursor.clone();
     let mut schema = inner.schema.clone();
-    let cursor = match inner.store.cursor().await {
-        Ok(cursor) => cursor,
-        Err(_) => cursor_rx.borrow_and_update().clone(),
+    // The Store's writer may be busy for a while (applying a large
+    // transaction): then the session starts from the last cursor the Peer
+    // heard of, which can only lag (the remote sends a little more again).
+    let cursor = match tokio::time::timeout(START_WAIT, inner.store.cursor()).await {
+        Ok(Ok(cursor)) => cursor,
+        _ => cursor_rx.borrow_and_update().clone(),
     };
     let schema_version = *schema.borrow_and_update();
     let mut core = Session::new(config, local, cursor, schema_version, Instant::now());
-    match inner.store.staged().await {
-        Ok(staged) => core.set_staged(staged),
-        Err(e) => tracing::warn!(error = %e, "could not read staged transactions"),
+    match tokio::time::timeout(START_WAIT, inner.store.staged()).await {
+        Ok(Ok(staged)) => core.set_staged(staged),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not read staged transactions"),
+        // Without it the remote sends staged transactions from their start.
+        Err(_) => tracing::debug!("the store is busy: starting without what is staged"),
     }
     tracing::debug!("session started");
 
