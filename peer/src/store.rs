@@ -113,6 +113,7 @@ pub struct StoreBuilder {
     limits: BatchLimits,
     poll_interval: Duration,
     origin_gc_slack: u64,
+    stage_in_memory_below: usize,
 }
 
 impl StoreBuilder {
@@ -143,6 +144,16 @@ impl StoreBuilder {
     /// Stale origin records tolerated before a sweep (default 128).
     pub fn origin_gc_slack(mut self, slack: u64) -> Self {
         self.origin_gc_slack = slack;
+        self
+    }
+
+    /// A transaction received in [parts](crate::TxnPart) whose estimated
+    /// size stays under this is staged in memory (default 1 MiB): written once,
+    /// when it completes. A crash loses it and its sender sends it again from
+    /// the start. Larger ones are staged on disk, survive and resume. `0`
+    /// stages every one on disk.
+    pub fn stage_in_memory_below(mut self, bytes: usize) -> Self {
+        self.stage_in_memory_below = bytes;
         self
     }
 
@@ -192,6 +203,7 @@ impl Store {
             limits: BatchLimits::default(),
             poll_interval: DEFAULT_POLL_INTERVAL,
             origin_gc_slack: DEFAULT_ORIGIN_GC_SLACK,
+            stage_in_memory_below: staging::MEMORY_STAGE_BYTES,
         }
     }
 
@@ -209,6 +221,7 @@ impl Store {
             path: options.path.clone(),
             poll_interval: options.poll_interval,
             origin_gc_slack: options.origin_gc_slack,
+            stage_in_memory_below: options.stage_in_memory_below,
         };
         let thread_events = events.clone();
         let writer_gone = tokio_util::sync::CancellationToken::new();

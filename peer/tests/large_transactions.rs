@@ -24,6 +24,30 @@ async fn write_big(store: &Store, rows: i64) {
         .expect("write");
 }
 
+/// `open_store`, staging every transaction in parts on disk.
+async fn open_staging_on_disk(dir: &std::path::Path, name: &str) -> Store {
+    let store = Store::builder(dir.join(name))
+        .max_batch_changes(64)
+        .stage_in_memory_below(0)
+        .open()
+        .await
+        .expect("open");
+    store
+        .write(|tx| tx.execute_batch(support::SCHEMA))
+        .await
+        .expect("schema");
+    store.enable_crr(&["items", "tags"]).await.expect("enable");
+    store
+}
+
+/// Rows in the on-disk staging table.
+async fn staged_rows(store: &Store) -> i64 {
+    store
+        .read(|c| c.query_row("SELECT count(*) FROM crsync_staged", [], |r| r.get(0)))
+        .await
+        .expect("count")
+}
+
 async fn item_count(store: &Store) -> i64 {
     store
         .read(|c| c.query_row("SELECT count(*) FROM items", [], |r| r.get(0)))
@@ -64,6 +88,8 @@ async fn a_large_transaction_goes_in_parts_and_applies_whole() {
         assert_eq!(b.cursor().await.unwrap(), Cursor::new());
     }
     assert_eq!(b.staged().await.unwrap().len(), 1);
+    // Past a MiB, the parts held in memory went to disk with the rest.
+    assert!(staged_rows(&b).await > 5_000);
     let report = b.merge(last.clone()).await.expect("complete");
     assert_eq!(report.transactions, 1);
     assert_eq!(item_count(&b).await, 2_000);
@@ -119,12 +145,17 @@ async fn a_restarted_receiver_resumes_after_what_it_staged() {
         .sum();
     let first = batches_for(&a, &Cursor::new()).await;
     let half = first.len() / 2;
+    let b = {
+        b.close().await.unwrap();
+        open_staging_on_disk(dir.path(), "b.db").await
+    };
     for batch in &first[..half] {
         b.merge(batch.clone()).await.expect("stage");
     }
+    assert!(staged_rows(&b).await > 0);
     b.close().await.unwrap();
     // a restart: the staged parts are on disk
-    let b = open_store(dir.path(), "b.db").await;
+    let b = open_staging_on_disk(dir.path(), "b.db").await;
     let staged = b.staged().await.unwrap();
     assert_eq!(staged.len(), 1);
     assert_eq!(item_count(&b).await, 0);
@@ -148,7 +179,7 @@ async fn a_restarted_receiver_resumes_after_what_it_staged() {
     assert_eq!(dump(&a).await, dump(&b).await);
     assert!(b.staged().await.unwrap().is_empty());
     // a stale hint (the receiver lost its staging) is refused, not applied in part
-    let c = open_store(dir.path(), "c.db").await;
+    let c = open_staging_on_disk(dir.path(), "c.db").await;
     let stale = stream_with(&a, &Cursor::new(), &hint).await;
     assert!(matches!(
         c.merge(stale[0].clone()).await,
@@ -156,6 +187,28 @@ async fn a_restarted_receiver_resumes_after_what_it_staged() {
     ));
     assert_eq!(item_count(&c).await, 0);
     let _: BTreeMap<_, _> = c.staged().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_transaction_staged_in_memory_is_sent_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    write_big(&a, 500).await;
+    let batches = batches_for(&a, &Cursor::new()).await;
+    for batch in &batches[..batches.len() / 2] {
+        b.merge(batch.clone()).await.expect("stage");
+    }
+    assert_eq!(staged_rows(&b).await, 0, "held in memory");
+    b.close().await.unwrap();
+    let b = open_store(dir.path(), "b.db").await;
+    // nothing of it survived and nothing of it was applied
+    assert!(b.staged().await.unwrap().is_empty());
+    assert_eq!(item_count(&b).await, 0);
+    for batch in batches_for(&a, &b.cursor().await.unwrap()).await {
+        b.merge(batch).await.expect("merge");
+    }
+    assert_eq!(dump(&a).await, dump(&b).await);
 }
 
 #[tokio::test]

@@ -23,6 +23,95 @@ pub(crate) const MAX_STAGED_TRANSACTIONS: usize = 16;
 /// Per staged transaction (origin site, origin version), the highest `seq` staged.
 pub(crate) type Staged = BTreeMap<(SiteId, DbVersion), i64>;
 
+/// Default of `StoreBuilder::stage_in_memory_below`: a transaction whose
+/// parts (estimated wire size) stay under this is staged in memory, not on
+/// disk: written once, when it completes, instead
+/// of twice. A crash or restart loses it and the sender sends it again from
+/// its start (nothing of it was applied). Larger ones go to disk, where they
+/// survive and resume.
+pub(crate) const MEMORY_STAGE_BYTES: usize = 1 << 20;
+/// Bytes staged in memory at most, over all transactions.
+pub(crate) const MEMORY_STAGE_TOTAL: usize = 16 << 20;
+
+/// Parts of one transaction held in memory.
+#[derive(Debug, Default)]
+pub(crate) struct HeldPart {
+    pub(crate) upto: i64,
+    pub(crate) changes: Vec<Change>,
+    bytes: usize,
+}
+
+/// The transactions staged in memory.
+#[derive(Debug, Default)]
+pub(crate) struct HeldParts {
+    pub(crate) parts: BTreeMap<(SiteId, DbVersion), HeldPart>,
+    bytes: usize,
+    /// Bytes one transaction may hold.
+    limit: usize,
+}
+
+impl HeldParts {
+    /// Holds transactions of up to `limit` bytes each.
+    pub(crate) fn new(limit: usize) -> Self {
+        HeldParts {
+            limit,
+            ..HeldParts::default()
+        }
+    }
+
+    /// The highest `seq` held of `key`.
+    pub(crate) fn upto(&self, key: &(SiteId, DbVersion)) -> Option<i64> {
+        self.parts.get(key).map(|p| p.upto)
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &(SiteId, DbVersion)> {
+        self.parts.keys()
+    }
+
+    /// Whether `changes` may join `key` in memory.
+    pub(crate) fn fits(&self, key: &(SiteId, DbVersion), changes: &[Change]) -> bool {
+        let adding: usize = changes.iter().map(Change::approx_wire_size).sum();
+        let has = self.parts.get(key).map_or(0, |p| p.bytes);
+        has + adding < self.limit && self.bytes + adding <= MEMORY_STAGE_TOTAL
+    }
+
+    pub(crate) fn add(&mut self, key: (SiteId, DbVersion), changes: &[Change], upto: i64) {
+        let adding: usize = changes.iter().map(Change::approx_wire_size).sum();
+        let part = self.parts.entry(key).or_insert_with(|| HeldPart {
+            upto,
+            ..HeldPart::default()
+        });
+        part.upto = part.upto.max(upto);
+        part.changes.extend(changes.iter().cloned());
+        part.bytes += adding;
+        self.bytes += adding;
+    }
+
+    pub(crate) fn remove(&mut self, key: &(SiteId, DbVersion)) -> Option<HeldPart> {
+        let part = self.parts.remove(key)?;
+        self.bytes -= part.bytes;
+        Some(part)
+    }
+
+    /// Takes out the held transactions among `keys` (to apply them).
+    pub(crate) fn take(
+        &mut self,
+        keys: &BTreeSet<(SiteId, DbVersion)>,
+    ) -> BTreeMap<(SiteId, DbVersion), HeldPart> {
+        keys.iter()
+            .filter_map(|key| Some((*key, self.remove(key)?)))
+            .collect()
+    }
+
+    /// Puts back what [`take`](Self::take) took (the merge failed).
+    pub(crate) fn put_back(&mut self, parts: BTreeMap<(SiteId, DbVersion), HeldPart>) {
+        for (key, part) in parts {
+            self.bytes += part.bytes;
+            self.parts.insert(key, part);
+        }
+    }
+}
+
 /// What is staged, as recorded in the file.
 pub(crate) fn load(conn: &Connection) -> rusqlite::Result<Staged> {
     let mut stmt = conn.prepare("SELECT site_id, origin_version, upto_seq FROM crsync_staging")?;

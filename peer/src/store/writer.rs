@@ -1,6 +1,6 @@
 //! The writer thread: owns the read-write connection and runs commands one at a time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::error::{EnableError, MergeError, OpenError, StoreError};
 use super::identity::{self, CopiedFile};
 use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
-use super::staging::{self, Staged};
+use super::staging::{self, HeldPart, HeldParts, Staged};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
 use crate::proto::batch::{MergePlan, PartAction, check_part, plan_merge};
 use crate::{ChangeBatch, Cursor, DbVersion, SiteId};
@@ -41,6 +41,7 @@ pub(super) struct WriterConfig {
     pub(super) path: PathBuf,
     pub(super) poll_interval: Duration,
     pub(super) origin_gc_slack: u64,
+    pub(super) stage_in_memory_below: usize,
 }
 
 struct Writer {
@@ -66,8 +67,12 @@ struct Writer {
     /// Our newest own version a remote acknowledged, and what is saved of it.
     verified: i64,
     verified_saved: i64,
-    /// Transactions staged in part (mirrors `crsync_staging`).
+    /// Transactions staged in part on disk (mirrors `crsync_staging`).
     staged: Staged,
+    /// Transactions staged in part in memory: small enough that writing them
+    /// twice (staged, then applied) would cost more than receiving them
+    /// again after a crash (see `staging::MEMORY_STAGE_BYTES`).
+    held: HeldParts,
 }
 
 pub(super) fn run(
@@ -169,6 +174,7 @@ impl Writer {
         let mut schema = Schema::default();
         schema.refresh(&conn)?;
         let staged = staging::load(&conn)?;
+        let stage_in_memory_below = config.stage_in_memory_below;
         Ok(Writer {
             conn,
             site,
@@ -185,6 +191,7 @@ impl Writer {
             verified,
             verified_saved: verified,
             staged,
+            held: HeldParts::new(stage_in_memory_below),
         })
     }
 
@@ -212,7 +219,7 @@ impl Writer {
                 let _ = reply.send(self.stats().map_err(StoreError::from));
             }
             Command::Staged(reply) => {
-                let _ = reply.send(Ok(self.staged.clone()));
+                let _ = reply.send(Ok(self.staged_view()));
             }
             Command::Close(_) => unreachable!("handled by the loop"),
         }
@@ -317,9 +324,10 @@ impl Writer {
             batch
         };
         let held = self.cursor()?;
-        let staged_upto = batch
-            .part
-            .and_then(|p| self.staged.get(&p.origin()).copied());
+        let staged_upto = batch.part.and_then(|p| {
+            let key = p.origin();
+            (self.staged.get(&key).copied()).or_else(|| self.held.upto(&key))
+        });
         if let Some(PartAction::Stage { upto }) = check_part(batch, &held, staged_upto)? {
             return self.stage_part(batch, upto, held, dropped);
         }
@@ -329,7 +337,7 @@ impl Writer {
         // their last rows were overwritten at the sender, or we had staged
         // them all). Changes of a staged transaction that come another way
         // (unranged, from a v1 peer) leave what is staged alone.
-        let complete = completed(&self.staged, batch, &plan);
+        let complete = completed(self.staged.keys().chain(self.held.keys()), batch, &plan);
         let covered: Vec<(SiteId, DbVersion)> = complete
             .iter()
             .filter(|key| !plan.transactions.iter().any(|(k, _)| k == *key))
@@ -342,18 +350,21 @@ impl Writer {
             ..MergeReport::default()
         };
         if plan.transactions.is_empty() && plan.cursor == held && covered.is_empty() {
-            report.staged = self.staged.clone();
+            report.staged = self.staged_view();
             return Ok(report);
         }
-        let base = match self.apply_plan(&plan, &complete, &covered, &held, &mut report) {
+        let in_memory = self.held.take(&complete);
+        let base = match self.apply_plan(&plan, &complete, &in_memory, &covered, &held, &mut report)
+        {
             Ok(base) => base,
             Err(e) => {
                 // The transaction rolled back, and with it what `staged` forgot.
                 self.staged = staging::load(&self.conn)?;
+                self.held.put_back(in_memory);
                 return Err(e.into());
             }
         };
-        report.staged = self.staged.clone();
+        report.staged = self.staged_view();
         report.transactions = plan.transactions.len() + covered.len();
         self.origin_records += report.transactions as u64;
         for (site, version) in plan.cursor.iter() {
@@ -388,6 +399,7 @@ impl Writer {
         &mut self,
         plan: &MergePlan<'_>,
         complete: &BTreeSet<(SiteId, DbVersion)>,
+        in_memory: &BTreeMap<(SiteId, DbVersion), HeldPart>,
         covered: &[(SiteId, DbVersion)],
         held: &Cursor,
         report: &mut MergeReport,
@@ -413,13 +425,17 @@ impl Writer {
                 .chain(covered.iter().map(|key| (*key, &[][..])));
             for (k, ((site, version), changes)) in transactions.enumerate() {
                 let local = base + 1 + k as i64;
-                if complete.contains(&(site, version)) {
+                if complete.contains(&(site, version)) && self.staged.contains_key(&(site, version))
+                {
                     let (rows, tables) =
                         staging::apply(&txn, &mut self.staged, (site, version), local)?;
                     report.applied += rows;
                     report.tables.extend(tables);
                 }
-                for c in changes {
+                let earlier = in_memory
+                    .get(&(site, version))
+                    .map(|h| h.changes.as_slice());
+                for c in earlier.into_iter().flatten().chain(changes.iter().copied()) {
                     insert.execute(params![
                         c.table,
                         c.pk.0,
@@ -468,21 +484,46 @@ impl Writer {
         };
         let Some(part) = batch.part.filter(|p| p.site != self.site) else {
             report.skipped = batch.changes.len();
-            report.staged = self.staged.clone();
+            report.staged = self.staged_view();
             return Ok(report);
         };
+        let key = part.origin();
+        report.staged_changes = batch.changes.len();
+        if !self.staged.contains_key(&key) && self.held.fits(&key, &batch.changes) {
+            self.held.add(key, &batch.changes, upto);
+            report.staged = self.staged_view();
+            return Ok(report);
+        }
+        // On disk: what was held in memory of it goes first.
+        let spilled = self.held.remove(&key);
         let txn = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let staged = staging::stage(&txn, &mut self.staged, part.origin(), &batch.changes, upto)
-            .and_then(|()| txn.commit());
+        let staged = (|| {
+            if let Some(held) = &spilled {
+                staging::stage(&txn, &mut self.staged, key, &held.changes, held.upto)?;
+            }
+            staging::stage(&txn, &mut self.staged, key, &batch.changes, upto)?;
+            txn.commit()
+        })();
         if let Err(e) = staged {
             self.staged = staging::load(&self.conn)?;
+            if let Some(held) = spilled {
+                self.held.put_back([(key, held)].into_iter().collect());
+            }
             return Err(e.into());
         }
-        report.staged_changes = batch.changes.len();
-        report.staged = self.staged.clone();
+        report.staged = self.staged_view();
         Ok(report)
+    }
+
+    /// What is staged, on disk and in memory: per transaction, the highest `seq`.
+    fn staged_view(&self) -> Staged {
+        let mut view = self.staged.clone();
+        for (key, held) in &self.held.parts {
+            view.entry(*key).or_insert(held.upto);
+        }
+        view
     }
 
     /// Sweeps origin records no clock row refers to, once they exceed
@@ -586,14 +627,13 @@ impl Writer {
 
 /// The staged transactions `batch` completes: the one it is the last part
 /// of, and those its ranges claim.
-pub(crate) fn completed(
-    staged: &Staged,
+pub(crate) fn completed<'a>(
+    staged: impl Iterator<Item = &'a (SiteId, DbVersion)>,
     batch: &ChangeBatch,
     plan: &MergePlan<'_>,
 ) -> BTreeSet<(SiteId, DbVersion)> {
     let last_part = batch.part.filter(|p| !p.more).map(|p| p.origin());
     staged
-        .keys()
         .filter(|key| Some(**key) == last_part || plan.cursor.holds(&key.0, key.1))
         .copied()
         .collect()
