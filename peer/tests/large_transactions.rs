@@ -76,7 +76,7 @@ async fn a_large_transaction_goes_in_parts_and_applies_whole() {
     write_big(&a, 2_000).await; // 6,000 changes, batches of 64
     let batches = batches_for(&a, &b.cursor().await.unwrap()).await;
     let parts: Vec<_> = batches.iter().filter_map(|b| b.part).collect();
-    assert!(parts.len() > 50, "{} parts", parts.len());
+    assert!(parts.len() > 20, "{} parts", parts.len()); // of 4 x 64 changes
     assert!(parts[..parts.len() - 1].iter().all(|p| p.more));
     assert!(!parts.last().unwrap().more);
     let (last, staged) = batches.split_last().unwrap();
@@ -103,7 +103,7 @@ async fn a_large_transaction_goes_in_parts_and_applies_whole() {
     // and relayed on from b, still in parts, to a third replica
     let c = open_store(dir.path(), "c.db").await;
     let relayed = batches_for(&b, &c.cursor().await.unwrap()).await;
-    assert!(relayed.iter().filter(|b| b.part.is_some()).count() > 50);
+    assert!(relayed.iter().filter(|b| b.part.is_some()).count() > 20);
     for batch in relayed {
         c.merge(batch).await.expect("merge");
     }

@@ -28,6 +28,9 @@ use crate::{Change, Cursor, DbVersion, SiteId};
 pub const DEFAULT_MAX_BATCH_CHANGES: usize = 1024;
 /// Default soft limit on a batch's estimated wire size (below common body limits).
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 4 << 20;
+/// A transaction alone in a batch goes in parts once it reaches this many
+/// times the change limit (or the byte limit at once).
+pub const PART_CHANGES_FACTOR: usize = 4;
 
 /// Soft limits on one batch: it is closed at the first transaction boundary past either.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,8 +415,8 @@ impl BatchBuilder {
                 self.current_bytes,
                 self.current.ranges.get(&site).copied(),
             );
-        } else if self.current.changes.len() >= self.max_changes
-            || self.current_bytes >= self.max_bytes
+        } else if self.current_bytes >= self.max_bytes
+            || self.current.changes.len() >= self.max_changes * self.changes_factor()
         {
             let (start, bytes_before, range_before) = self.txn_start;
             self.txn_start = (0, 0, None);
@@ -459,6 +462,19 @@ impl BatchBuilder {
         }
         self.add(change);
         done
+    }
+
+    /// How many times `max_changes` the transaction in progress may reach
+    /// before it goes in parts: [`PART_CHANGES_FACTOR`] once it is alone in
+    /// the batch. Parts cost a message and a merge each; a transaction of a
+    /// few thousand small changes is cheaper whole, and `max_bytes` still
+    /// bounds every batch.
+    fn changes_factor(&self) -> usize {
+        if self.txn_start.0 == 0 {
+            PART_CHANGES_FACTOR
+        } else {
+            1
+        }
     }
 
     /// Whether this stream's ranges may claim `version` of `site`.
@@ -771,17 +787,19 @@ mod tests {
 
     #[test]
     fn a_transaction_larger_than_a_batch_goes_in_parts() {
+        // One change per batch: a transaction alone in a batch goes in parts
+        // of PART_CHANGES_FACTOR (4) changes.
         let sender: Cursor = [(site(1), DbVersion(3))].into_iter().collect();
-        let mut b = BatchBuilder::new(Cursor::new(), sender, 2);
+        let mut b = BatchBuilder::new(Cursor::new(), sender, 1);
         let mut out = Vec::new();
-        for (v, n) in [(1, 5), (2, 1), (3, 2)] {
+        for (v, n) in [(1, 9), (2, 1), (3, 3)] {
             for seq in 0..n {
                 out.extend(b.push(change(1, v, seq)));
             }
         }
         out.extend(b.finish());
         let sizes: Vec<usize> = out.iter().map(|b| b.changes.len()).collect();
-        assert_eq!(sizes, vec![2, 2, 1, 1, 2]);
+        assert_eq!(sizes, vec![4, 4, 1, 1, 3]);
         let part = |after_seq, upto_seq, more| TxnPart {
             site: site(1),
             version: DbVersion(1),
@@ -793,19 +811,29 @@ mod tests {
         assert_eq!(
             parts,
             vec![
-                Some(part(-1, 1, true)),
-                Some(part(1, 3, true)),
-                Some(part(3, 4, false)),
+                Some(part(-1, 3, true)),
+                Some(part(3, 7, true)),
+                Some(part(7, 8, false)),
                 None,
                 None
             ]
         );
-        // Only the last part claims the transaction. A small transaction
-        // that does not fit the rest of a batch opens the next one whole.
+        // Only the last part claims the transaction; a transaction under
+        // the factor travels whole.
         assert!(out[0].ranges.is_empty() && out[1].ranges.is_empty());
         assert_eq!(out[2].ranges[&site(1)].upto, DbVersion(1));
         assert_eq!(out[3].ranges[&site(1)].upto, DbVersion(2));
         assert_eq!(out[4].ranges[&site(1)].upto, DbVersion(3));
+        // by size, a part is cut at once
+        let sender: Cursor = [(site(1), DbVersion(1))].into_iter().collect();
+        let mut b = BatchBuilder::new(Cursor::new(), sender, 100).with_max_bytes(1);
+        let mut out: Vec<ChangeBatch> = (0..3).flat_map(|seq| b.push(change(1, 1, seq))).collect();
+        out.extend(b.finish());
+        assert_eq!(
+            out.iter().map(|b| b.changes.len()).collect::<Vec<_>>(),
+            [1, 1, 1]
+        );
+        assert!(out.iter().all(|b| b.part.is_some()));
     }
 
     #[test]
