@@ -5,6 +5,9 @@
 //! over HTTP+SSE and WebSocket. For each run the table shows the wall time
 //! and the peak RSS (`VmHWM`, sampled from `/proc` every 50 ms) of the
 //! client and of the server, against the target of 100 MB for any process.
+//! Snapshots are off on the server (`snapshot_threshold = 0`): an empty
+//! replica would otherwise start from a snapshot and never see the
+//! transaction travel (`benches/bootstrap.rs` measures that path).
 //!
 //! `cargo bench --bench large_txn` prints one markdown table.
 //! `CRSYNC_LARGE_TXN_CHANGES` sets the size (default 1,000,000). Without
@@ -53,6 +56,7 @@ fn start_server(dir: &Path) -> anyhow::Result<(Process, String)> {
         &config,
         format!(
             "bind = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntoken_env = \"\"\n\
+             snapshot_threshold = 0\n\
              [[tokens]]\ntoken = \"{TOKEN}\"\ndatabases = [\"*\"]\n"
         ),
     )?;
