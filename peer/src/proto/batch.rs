@@ -273,6 +273,25 @@ impl ChangeBatch {
     }
 }
 
+/// Of the transactions staged in parts (`staged`), those that `batch`,
+/// merged by `plan`, completes: the one it is the last part of, and those its
+/// ranges claim (none of their changes need come with it: their last rows may
+/// have been overwritten at the sender, or the receiver staged them all).
+/// Changes of a staged transaction that come another way (unranged, from a
+/// v1 peer) leave it staged.
+pub fn completed_by<'a>(
+    staged: impl IntoIterator<Item = &'a (SiteId, DbVersion)>,
+    batch: &ChangeBatch,
+    plan: &MergePlan<'_>,
+) -> BTreeSet<(SiteId, DbVersion)> {
+    let last_part = batch.part.filter(|p| !p.more).map(|p| p.origin());
+    staged
+        .into_iter()
+        .filter(|key| Some(**key) == last_part || plan.cursor.holds(&key.0, key.1))
+        .copied()
+        .collect()
+}
+
 /// Builds the batches that bring a receiver from its cursor up to the sender's.
 ///
 /// Feed it the sender's changes in the order the sender committed them
@@ -1030,12 +1049,7 @@ mod tests {
             let Ok(plan) = plan_merge(site(0), &cursor, batch) else {
                 continue;
             };
-            let last = batch.part.filter(|p| !p.more).map(|p| p.origin());
-            let covered: Vec<_> = staged
-                .keys()
-                .filter(|(s, v)| plan.cursor.holds(s, *v) || last == Some((*s, *v)))
-                .copied()
-                .collect();
+            let covered = completed_by(staged.keys(), batch, &plan);
             for key in covered {
                 if let Some((_, earlier)) = staged.remove(&key) {
                     record(&mut applied, earlier.iter().collect());
@@ -1265,8 +1279,7 @@ mod tests {
                     for (key, group) in &plan.transactions {
                         step.entry(*key).or_default().extend(group.iter().map(|c| c.seq));
                     }
-                    let last = batch.part.filter(|p| !p.more).map(|p| p.origin());
-                    let covered: Vec<_> = staged.keys().filter(|(s, v)| plan.cursor.holds(s, *v) || last == Some((*s, *v))).copied().collect();
+                    let covered = completed_by(staged.keys(), batch, &plan);
                     for key in covered {
                         if let Some((_, earlier)) = staged.remove(&key) {
                             step.entry(key).or_default().extend(earlier.iter().map(|c| c.seq));

@@ -12,7 +12,7 @@ use super::identity::{self, CopiedFile};
 use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
 use super::staging::{self, HeldPart, HeldParts, Staged};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
-use crate::proto::batch::{MergePlan, PartAction, check_part, plan_merge};
+use crate::proto::batch::{MergePlan, PartAction, check_part, completed_by, plan_merge};
 use crate::{ChangeBatch, Cursor, DbVersion, SiteId};
 
 /// A closure run on the writer connection.
@@ -332,12 +332,7 @@ impl Writer {
             return self.stage_part(batch, upto, held, dropped);
         }
         let plan = plan_merge(self.site, &held, batch)?;
-        // Staged transactions this batch completes: its last part, and
-        // those its ranges claim (when none of their changes came with it,
-        // their last rows were overwritten at the sender, or we had staged
-        // them all). Changes of a staged transaction that come another way
-        // (unranged, from a v1 peer) leave what is staged alone.
-        let complete = completed(self.staged.keys().chain(self.held.keys()), batch, &plan);
+        let complete = completed_by(self.staged.keys().chain(self.held.keys()), batch, &plan);
         let covered: Vec<(SiteId, DbVersion)> = complete
             .iter()
             .filter(|key| !plan.transactions.iter().any(|(k, _)| k == *key))
@@ -623,20 +618,6 @@ impl Writer {
         }
         close_connection(self.conn)
     }
-}
-
-/// The staged transactions `batch` completes: the one it is the last part
-/// of, and those its ranges claim.
-pub(crate) fn completed<'a>(
-    staged: impl Iterator<Item = &'a (SiteId, DbVersion)>,
-    batch: &ChangeBatch,
-    plan: &MergePlan<'_>,
-) -> BTreeSet<(SiteId, DbVersion)> {
-    let last_part = batch.part.filter(|p| !p.more).map(|p| p.origin());
-    staged
-        .filter(|key| Some(**key) == last_part || plan.cursor.holds(&key.0, key.1))
-        .copied()
-        .collect()
 }
 
 /// Runs `crsql_finalize()` (required by cr-sqlite) and closes the connection.

@@ -6,7 +6,7 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, VecDeque};
 
-use crsync_peer::proto::batch::{PartAction, check_part, claim_limits};
+use crsync_peer::proto::batch::{PartAction, check_part, claim_limits, completed_by};
 use crsync_peer::proto::{MergeFailure, MergeOutcome};
 use crsync_peer::{
     BatchBuilder, Change, ChangeBatch, Cursor, DbVersion, ReadHint, SiteId, SqlValue, normalize_js,
@@ -200,15 +200,7 @@ impl Store {
             Ok(plan) => plan,
             Err(rejection) => return failed(MergeFailure::Rejected(rejection)),
         };
-        // `writer::completed`: the last part's transaction, and staged ones
-        // the ranges claim.
-        let last_part = batch.part.filter(|p| !p.more).map(|p| p.origin());
-        let complete: Vec<(SiteId, DbVersion)> = self
-            .staged
-            .keys()
-            .filter(|key| Some(**key) == last_part || plan.cursor.holds(&key.0, key.1))
-            .copied()
-            .collect();
+        let complete = completed_by(self.staged.keys(), batch, &plan);
         let covered: Vec<(SiteId, DbVersion)> = complete
             .iter()
             .filter(|key| !plan.transactions.iter().any(|(k, _)| k == *key))
