@@ -13,73 +13,34 @@
 //! `CRSYNC_LARGE_TXN_CHANGES` sets the size (default 1,000,000). Without
 //! `--bench` (as under `cargo test --all-targets`) it runs 30,000 changes.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
 mod common;
 
-use common::{close_raw, open_raw};
+use common::{ChildProcess, close_raw, open_raw, proc_status_kib, start_serve};
 
 const TOKEN: &str = "bench-token";
 const SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS big (id INTEGER PRIMARY KEY NOT NULL, a TEXT, b INTEGER, c TEXT)";
 
-/// A child process killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `VmHWM` of a running process, in KiB.
-fn peak_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn start_server(dir: &Path) -> anyhow::Result<(Process, String)> {
-    let config = dir.join("crsync.toml");
-    std::fs::write(
-        &config,
-        format!(
+fn start_server(dir: &Path) -> anyhow::Result<(ChildProcess, String)> {
+    let (child, addr) = start_serve(
+        dir,
+        &format!(
             "bind = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntoken_env = \"\"\n\
              snapshot_threshold = 0\n\
              [[tokens]]\ntoken = \"{TOKEN}\"\ndatabases = [\"*\"]\n"
         ),
     )?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crsync"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("CRSYNC_TOKEN")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("cannot start crsync serve")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().context("server exited")??;
-    let base = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .with_context(|| format!("unexpected first line {first:?}"))?
-        .to_owned();
-    std::thread::spawn(move || for _ in lines {});
-    Ok((Process(child), base))
+    Ok((child, format!("http://{addr}")))
+}
+
+fn peak_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmHWM:")
 }
 
 /// A database with the table as a CRR; with `rows`, they are written first
@@ -122,7 +83,7 @@ fn sync(db: &Path, url: &str, ws: bool, server_pid: u32) -> anyhow::Result<(f64,
         cmd.arg("--ws");
     }
     let began = Instant::now();
-    let mut child = Process(cmd.spawn().context("cannot start crsync sync")?);
+    let mut child = ChildProcess(cmd.spawn().context("cannot start crsync sync")?);
     let (mut client_peak, mut server_peak) = (0, peak_kib(server_pid).unwrap_or(0));
     let status = loop {
         if let Some(kib) = peak_kib(child.0.id()) {

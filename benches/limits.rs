@@ -18,17 +18,18 @@
 //! its own default). Without `--bench` (as under
 //! `cargo test --all-targets`) it runs a smoke size in a few seconds.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
 mod common;
 
-use common::{ROWS_PER_TXN, close_raw, create_schema, open_raw};
+use common::{
+    ChildProcess, ROWS_PER_TXN, close_raw, create_schema, open_raw, proc_status_kib, start_serve,
+};
 
 const TOKEN: &str = "bench-token";
 const DB_NAME: &str = "bench";
@@ -41,23 +42,15 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A server child process, killed when dropped.
 struct ServerProcess {
-    child: Child,
+    child: ChildProcess,
     addr: SocketAddr,
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl ServerProcess {
     fn start(dir: &Path) -> anyhow::Result<Self> {
-        let config = dir.join("crsync.toml");
-        std::fs::write(
-            &config,
-            format!(
+        let (child, addr) = start_serve(
+            dir,
+            &format!(
                 "bind = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntoken_env = \"\"\n\
                  [[tokens]]\ntoken = \"{TOKEN}\"\ndatabases = [\"*\"]\n\
                  [limits]\nmax_connections = 10000\nmax_connections_per_token = 10000\n\
@@ -67,26 +60,6 @@ impl ServerProcess {
                     .unwrap_or_default()
             ),
         )?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crsync"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .env_remove("CRSYNC_TOKEN")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start crsync serve")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let first = lines.next().context("server exited")??;
-        let addr = first
-            .rsplit_once("http://")
-            .map(|(_, a)| a.trim().to_string())
-            .with_context(|| format!("unexpected first line {first:?}"))?;
-        // Keep draining stdout so the child never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
         Ok(ServerProcess {
             child,
             addr: addr.parse()?,
@@ -95,14 +68,9 @@ impl ServerProcess {
 
     /// `VmRSS` and `VmHWM` in KiB.
     fn memory_kib(&self) -> anyhow::Result<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let pid = self.child.0.id();
         let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-                .with_context(|| format!("no {name} in /proc status"))
+            proc_status_kib(pid, name).with_context(|| format!("no {name} in /proc status"))
         };
         Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
@@ -298,7 +266,7 @@ fn measure(
     let open_secs = started.elapsed().as_secs_f64();
     let stalled_kib = server.settled_rss_kib()?;
     let (_, hwm_kib) = server.memory_kib()?;
-    if server.child.id() == 0 {
+    if server.child.0.id() == 0 {
         bail!("no server process");
     }
     drop(sockets);

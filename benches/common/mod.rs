@@ -1,8 +1,13 @@
-//! What both benchmarks share: the source data, the raw cr-sqlite copy (the
-//! baseline), the Store's stream + merge, and peak-memory reading.
+//! What the benchmarks share: the source data, the raw cr-sqlite copy (the
+//! baseline), the Store's stream + merge, peak-memory reading, and a
+//! `crsync serve` child process.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context as _;
 
 use crsync::rusqlite::{self, Connection};
 use crsync::{Cursor, Store};
@@ -104,4 +109,54 @@ pub(crate) fn peak_rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`), if the process runs.
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A child process, killed when dropped.
+pub(crate) struct ChildProcess(pub(crate) Child);
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `crsync serve` with `config` written to `dir/crsync.toml` (relative paths
+/// in it are under `dir`); returns the child and its `host:port` once it listens.
+pub(crate) fn start_serve(dir: &Path, config: &str) -> anyhow::Result<(ChildProcess, String)> {
+    let file = dir.join("crsync.toml");
+    std::fs::write(&file, config)?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crsync"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env_remove("CRSYNC_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start crsync serve")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let child = ChildProcess(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().context("server exited")??;
+    let addr = first
+        .rsplit_once("http://")
+        .map(|(_, a)| a.trim().to_string())
+        .with_context(|| format!("unexpected first line {first:?}"))?;
+    // Keep draining stdout so the child never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    Ok((child, addr))
 }
