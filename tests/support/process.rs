@@ -185,31 +185,40 @@ impl Running {
     pub(crate) fn kill_9(mut self) -> (ExitStatus, Vec<String>) {
         let _ = self.child.kill();
         let status = self.child.wait().expect("wait");
+        (status, self.rest_of_stdout())
+    }
+
+    /// Waits (within [`COMMAND_TIMEOUT`]) for the child to exit; `what` says
+    /// what it was waiting for, in the panic.
+    fn exit_within_timeout(&mut self, what: &str) -> ExitStatus {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "crsync did not {what} within {COMMAND_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The lines seen so far and the rest of stdout (the reader thread ends
+    /// with the pipe).
+    fn rest_of_stdout(&mut self) -> Vec<String> {
         let mut out = std::mem::take(&mut self.seen);
         while let Ok(line) = self.lines.recv_timeout(LINE_TIMEOUT) {
             out.push(line);
         }
-        (status, out)
+        out
     }
 
     /// Waits for the child to exit by itself (within [`COMMAND_TIMEOUT`]);
     /// returns its status, stdout and stderr.
     pub(crate) fn wait_exit(mut self) -> Output {
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "crsync did not exit within {COMMAND_TIMEOUT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut out = std::mem::take(&mut self.seen);
-        while let Ok(line) = self.lines.recv_timeout(LINE_TIMEOUT) {
-            out.push(line);
-        }
+        let status = self.exit_within_timeout("exit");
+        let out = self.rest_of_stdout();
         let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
         Output {
             status,
@@ -234,23 +243,8 @@ impl Running {
             .status()
             .expect("run kill");
         assert!(sent.success(), "kill -TERM {pid} failed");
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "crsync did not stop within {COMMAND_TIMEOUT:?} of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut rest = std::mem::take(&mut self.seen);
-        // The reader thread ends with the pipe: collect what is left.
-        while let Ok(line) = self.lines.recv_timeout(LINE_TIMEOUT) {
-            rest.push(line);
-        }
-        (status, rest)
+        let status = self.exit_within_timeout("stop after SIGTERM");
+        (status, self.rest_of_stdout())
     }
 }
 
