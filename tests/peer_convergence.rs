@@ -144,6 +144,25 @@ async fn dump(store: &Store) -> Vec<Vec<SqlValue>> {
         .expect("dump")
 }
 
+/// Every change this replica holds, as (table, pk, column, origin site, origin
+/// version (minus the local one where no origin is recorded), seq).
+async fn clocks(store: &Store) -> Vec<(String, String, String, String, i64, i64)> {
+    store
+        .read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT \"table\", quote(pk), cid, hex(c.site_id), coalesce(o.origin_version, -c.db_version), seq
+                 FROM crsql_changes c LEFT JOIN crsync_origin o ON o.local_version = c.db_version
+                 ORDER BY 4, 5, 6",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await
+        .unwrap_or_default()
+}
+
 async fn write(store: &Store, key: i64, kind: u8, value: i64) {
     store
         .write(move |tx| {
@@ -260,7 +279,13 @@ async fn run_scenario(
         if tokio::time::Instant::now() > deadline {
             let mut report = String::new();
             for (i, p) in peers.iter().enumerate() {
-                report.push_str(&format!("peer {i}: {:?}\n", dump(p.store()).await));
+                report.push_str(&format!(
+                    "peer {i} (site {}): {:?}\n  cursor: {:?}\n  changes: {:?}\n",
+                    p.store().site_id(),
+                    dump(p.store()).await,
+                    p.store().cursor().await,
+                    clocks(p.store()).await,
+                ));
             }
             return Err(TestCaseError::fail(format!(
                 "replicas diverged for 15 s:\n{report}"

@@ -4,6 +4,7 @@
 //!   how a sender cuts batches and how a receiver plans a merge.
 //! - [`window`]: the outgoing window of one remote (what is in flight, what
 //!   the remote acknowledged).
+//! - [`ReceivedRun`]: how far a remote's numbered messages arrived without a hole.
 //! - [`ErrorCode`]: every refusal's stable code and what it means for the sender.
 //! - [`Message`]: a wire message parsed once, at the edge.
 //! - [`snapshot`]: what a server says about the snapshot a new replica can
@@ -22,6 +23,7 @@
 pub mod batch;
 mod codes;
 mod message;
+mod received;
 mod session;
 pub mod snapshot;
 mod status;
@@ -30,6 +32,7 @@ pub mod window;
 
 pub use codes::{ErrorCode, SenderAction};
 pub use message::{Message, ParsedData};
+pub use received::ReceivedRun;
 pub use session::{
     CloseReason, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig,
     SessionEvent, Side,

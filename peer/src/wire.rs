@@ -62,8 +62,9 @@ use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId};
 
 /// Name of the lossless value encoding.
 pub const LOSSLESS: &str = "lossless";
-/// crsync's protocol extension version.
-pub const CRSYNC_PROTOCOL_VERSION: u32 = 1;
+/// crsync's protocol extension version (2: `data` messages are numbered,
+/// see [`TransportMessage::n`]).
+pub const CRSYNC_PROTOCOL_VERSION: u32 = 2;
 /// The HTTP header in which a crsync client presents its SSE session secret
 /// (`connect.crsync.session`) on `POST sync` / `POST data`.
 pub const SESSION_HEADER: &str = "x-crsync-session";
@@ -114,6 +115,11 @@ pub struct Hello {
     /// origin version, highest `seq` staged), to be resumed after that `seq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged: Option<Vec<(String, i64, i64)>>,
+    /// On an acknowledgement (protocol version 2): the highest message number
+    /// `n` such that every `data` message of the sender's current stream run
+    /// up to `n` arrived (see [`TransportMessage::n`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<u64>,
 }
 
 impl Hello {
@@ -125,6 +131,7 @@ impl Hello {
             believes: None,
             session: None,
             staged: None,
+            received: None,
         }
     }
 
@@ -180,6 +187,14 @@ pub struct TransportMessage {
     /// for everything the cursor lacks, then `eose`, as in v1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ack: Option<bool>,
+    /// On `data` (crsync extension, protocol version 2): `[first, n]`, this
+    /// message's number `n` in the sender's session and the number `first`
+    /// of the first message of the stream run it belongs to (a stream that
+    /// restarts begins a new run). The receiver acknowledges how far it
+    /// received a run without a hole ([`Hello::received`]), so a lost message
+    /// is sent again even when no range would show its loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<(u64, u64)>,
 }
 
 /// The `data` payload.
@@ -381,6 +396,7 @@ impl TransportMessage {
             code: None,
             crsync: None,
             ack: None,
+            n: None,
         }
     }
 

@@ -157,6 +157,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
         while let Some(output) = core.poll_output() {
             match output {
                 Output::Merge(batch) => {
+                    tracing::trace!(batch = %BatchSummary(&batch), "merging");
                     let store = inner.store.clone();
                     merging = Some(Box::pin(async move { store.merge(batch).await }));
                 }
@@ -267,10 +268,12 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
             },
             Some(batch) = OptionFuture::from(reading.as_mut().map(|s| s.next_batch())), if want_batch => {
                 let input = match batch {
-                    Some(Ok(batch)) => Input::Batch {
+                    Some(Ok(batch)) => {
+                        tracing::trace!(batch = %BatchSummary(&batch), "read");
+                        Input::Batch {
                         batch,
                         read_upto: reading.as_ref().map_or(0, |s| s.read_upto()),
-                    },
+                    }},
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "reading changes failed; will retry");
                         reading = None;
@@ -397,5 +400,33 @@ fn on_event(inner: &Inner, label: &str, remote: &mut Option<SiteId>, event: Sess
             }
         }
         _ => {}
+    }
+}
+
+/// A batch in one line for trace logs: its transactions, ranges and part.
+struct BatchSummary<'a>(&'a crate::ChangeBatch);
+
+impl std::fmt::Display for BatchSummary<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut last = None;
+        write!(f, "txns [")?;
+        for change in &self.0.changes {
+            let origin = change.origin();
+            if last != Some(origin) {
+                write!(f, " {:.8}:{}", origin.0.to_hex(), origin.1.0)?;
+                last = Some(origin);
+            }
+        }
+        write!(f, " ] ranges [")?;
+        for (site, range) in &self.0.ranges {
+            write!(
+                f,
+                " {:.8}:({},{}]",
+                site.to_hex(),
+                range.after.0,
+                range.upto.0
+            )?;
+        }
+        write!(f, " ] part {:?}", self.0.part)
     }
 }

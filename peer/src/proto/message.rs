@@ -56,6 +56,8 @@ pub struct ParsedData {
     /// changes that could not be decoded and were left out, one line each
     /// (the rest of the message is still applied).
     pub notes: Vec<String>,
+    /// A crsync sender's message number: `(first of its stream run, this one)`.
+    pub number: Option<(u64, u64)>,
 }
 
 impl ParsedData {
@@ -174,7 +176,9 @@ impl Message {
                     kind: MessageKind::Data,
                     field: "data",
                 })?;
-                Message::Data(ParsedData::decode(&data, javascript)?)
+                let mut parsed = ParsedData::decode(&data, javascript)?;
+                parsed.number = message.n.filter(|(first, n)| first <= n);
+                Message::Data(parsed)
             }
         };
         Ok((sender, parsed))

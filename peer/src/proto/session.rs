@@ -32,6 +32,7 @@ pub use io::{
     Side,
 };
 
+use crate::proto::received::ReceivedRun;
 use crate::proto::trust::{OWN_SITE, Trust, believe, own_version_conflict};
 use crate::proto::window::{OutgoingWindow, Phase, SyncOutcome};
 use crate::proto::{ErrorCode, Message, ParsedData, SenderAction, SessionPhase, SessionStatus};
@@ -55,6 +56,8 @@ struct PendingMerge {
     eose: bool,
     /// What the remote holds, by its own ranges.
     holds: Cursor,
+    /// The message's number, counted once it is merged.
+    number: Option<(u64, u64)>,
 }
 
 /// The protocol state of one connection. See the [module docs](self).
@@ -108,6 +111,8 @@ pub struct Session {
     // ---- incoming
     merging: Option<PendingMerge>,
     queued: VecDeque<(TransportMessage, Option<ReplyId>)>,
+    /// How far the remote's numbered messages arrived, told in our acks.
+    received: ReceivedRun,
     eose_received: bool,
     awaiting_schema: Option<i64>,
     /// What we have staged of transactions in parts, told to the remote in
@@ -162,6 +167,7 @@ impl Session {
             eose_ranges: BTreeMap::new(),
             merging: None,
             queued: VecDeque::new(),
+            received: ReceivedRun::default(),
             eose_received: false,
             awaiting_schema: None,
             staged: BTreeMap::new(),
@@ -291,24 +297,28 @@ impl Session {
             return Some(self.announce(sync));
         }
         if std::mem::take(&mut self.ack_pending) {
-            let ack = TransportMessage::ack(self.local, self.cursor.clone());
-            return Some(self.announce(ack));
+            let mut ack = self.announce(TransportMessage::ack(self.local, self.cursor.clone()));
+            if let Some(hello) = ack.crsync.as_mut() {
+                hello.received = self.received.received();
+            }
+            return Some(ack);
         }
         if !self.window.can_send() {
             return None;
         }
         if let Some((batch, read_upto)) = self.buffered.take() {
             let after = batch.cursor_after(self.window.sent());
-            self.window.on_sent(after, now);
+            let number = self.window.on_sent(after, now);
             self.hint.delivered(read_upto);
             self.changes_sent += batch.changes.len() as u64;
-            let message = TransportMessage::data(
+            let mut message = TransportMessage::data(
                 self.local,
                 &batch,
                 false,
                 batch.schema_version.unwrap_or(self.schema_version),
                 self.encoding,
             );
+            message.n = self.remote_is_crsync.then_some(number);
             self.drive();
             return Some(message);
         }
@@ -317,13 +327,16 @@ impl Session {
                 ranges: std::mem::take(&mut self.eose_ranges),
                 ..ChangeBatch::default()
             };
-            if !eose.ranges.is_empty() {
+            let number = if eose.ranges.is_empty() {
+                self.window.number()
+            } else {
                 let after = eose.cursor_after(self.window.sent());
-                self.window.on_sent(after, now);
-            }
+                self.window.on_sent(after, now)
+            };
             self.window.on_initial_complete();
-            let message =
+            let mut message =
                 TransportMessage::data(self.local, &eose, true, self.schema_version, self.encoding);
+            message.n = self.remote_is_crsync.then_some(number);
             self.drive();
             return Some(message);
         }
@@ -613,7 +626,7 @@ impl Session {
                     return;
                 }
                 self.remote_staged(hello.as_ref());
-                self.on_sync(cursor, false, now);
+                self.on_sync(cursor, false, None, now);
                 self.accept(reply);
             }
             Message::Ack { cursor, hello } => {
@@ -622,7 +635,8 @@ impl Session {
                     return;
                 }
                 self.remote_staged(hello.as_ref());
-                self.on_sync(cursor, true, now);
+                let received = hello.as_ref().and_then(|h| h.received);
+                self.on_sync(cursor, true, received, now);
                 self.accept(reply);
             }
             Message::Error { code, message } => {
@@ -658,6 +672,7 @@ impl Session {
     fn hello(&mut self, hello: Option<&Hello>) {
         if let Some(h) = hello {
             self.remote_believes_own_site = h.believes.as_deref() == Some(OWN_SITE);
+            self.window.set_numbered(h.version >= 2);
         }
         if hello.is_some() && !self.remote_is_crsync {
             self.encoding = Hello::encoding(hello);
@@ -717,7 +732,7 @@ impl Session {
         true
     }
 
-    fn on_sync(&mut self, cursor: Cursor, ack: bool, now: Instant) {
+    fn on_sync(&mut self, cursor: Cursor, ack: bool, received: Option<u64>, now: Instant) {
         // A crsync remote's cursor says what it holds: it decides only what
         // we send it (claims of sites we have not heard of yet are kept: we
         // may learn those sites from the remote itself, and must not send
@@ -727,7 +742,7 @@ impl Session {
         } else {
             v1_claims(cursor, self.remote)
         };
-        match self.window.on_sync(cursor, ack, now) {
+        match self.window.on_sync(cursor, ack, received, now) {
             SyncOutcome::StartInitial => {
                 self.rewind_stream();
                 self.eose_ranges.clear();
@@ -780,6 +795,7 @@ impl Session {
             reply,
             eose: data.eose,
             holds,
+            number: data.number,
         });
         self.outputs.push_back(Output::Merge(data.batch));
     }
@@ -797,6 +813,9 @@ impl Session {
                     self.hint.skip(first, last);
                 }
                 self.window.on_remote_holds(&pending.holds);
+                if let Some((first, n)) = pending.number {
+                    self.received.note(first, n);
+                }
                 if pending.eose && !self.eose_received {
                     self.eose_received = true;
                     self.event(SessionEvent::Eose);

@@ -237,6 +237,7 @@ fn bare(kind: MessageKind, site: SiteId) -> TransportMessage {
         code: None,
         crsync: None,
         ack: None,
+        n: None,
     }
 }
 

@@ -365,7 +365,11 @@ fn a_parked_stream_is_read_again_after_what_was_delivered() {
     );
     // the remote acknowledges everything sent: the held batch goes, then a new read
     let acked: Cursor = [(US, DbVersion(window))].into_iter().collect();
-    s.handle(received(TransportMessage::ack(THEM, acked)), now);
+    let mut ack = TransportMessage::ack(THEM, acked);
+    if let Some(hello) = ack.crsync.as_mut() {
+        hello.received = Some(window as u64);
+    }
+    s.handle(received(ack), now);
     let sent = transmits(&mut s, now);
     let versions: Vec<i64> = sent
         .iter()
@@ -697,4 +701,107 @@ fn a_remote_below_what_we_hold_of_it_is_a_copy() {
             .iter()
             .any(|o| matches!(o, Output::Close(_)))
     );
+}
+
+/// A remote that believes us only about our own site, live after our
+/// (empty) initial stream: another site's changes go to it unranged.
+fn live_with_own_site_remote() -> (Session, Instant) {
+    let (mut s, now) = session();
+    transmits(&mut s, now);
+    let mut request = TransportMessage::sync(THEM, Cursor::new());
+    request.crsync = Some(Hello {
+        believes: Some(OWN_SITE.into()),
+        ..Hello::current()
+    });
+    s.handle(received(request), now);
+    outputs(&mut s);
+    s.handle(Input::StreamEnded, now);
+    let eose = transmits(&mut s, now);
+    assert!(eose.iter().any(|m| m.data.is_some()), "eose: {eose:?}");
+    (s, now)
+}
+
+fn ack_received(cursor: Cursor, received: Option<u64>) -> TransportMessage {
+    let mut ack = TransportMessage::ack(THEM, cursor);
+    if let Some(hello) = ack.crsync.as_mut() {
+        hello.received = received;
+    }
+    ack
+}
+
+#[test]
+fn a_lost_unranged_batch_is_sent_again_on_the_same_connection() {
+    // Chain 3 -> 2 -> 1 -> 0 (proptest peers_converge_over_faulty_links):
+    // site 3's changes reach 0 unranged, as no range of them is believed.
+    // One such batch lost in transit was covered by the next one's ack and
+    // never sent again until a reconnect.
+    let (mut s, now) = live_with_own_site_remote();
+    let other = SiteId::from_bytes([9; 16]);
+    let relayed = |v: i64| ChangeBatch {
+        changes: vec![Change {
+            site_id: other,
+            ..change(v)
+        }],
+        ranges: [(other, range(v - 1, v))].into_iter().collect(),
+        ..ChangeBatch::default()
+    };
+    s.handle(
+        Input::LocalChanged {
+            cursor: Cursor::new(),
+        },
+        now,
+    );
+    assert!(read_of(outputs(&mut s)).is_some(), "a live read");
+    let mut numbers = Vec::new();
+    for v in 1..=2 {
+        s.handle(
+            Input::Batch {
+                batch: relayed(v),
+                read_upto: v,
+            },
+            now,
+        );
+        for m in transmits(&mut s, now) {
+            let data = m.data.as_ref().expect("data");
+            assert!(
+                data.ranges.as_ref().is_none_or(|r| r.is_empty()),
+                "unranged: {data:?}"
+            );
+            numbers.push(m.n.expect("numbered"));
+        }
+    }
+    let (first, last) = (numbers[0], numbers[1]);
+    assert_eq!(first.0, last.0, "one run");
+    // The first was lost, the second arrived: the remote's run has a hole.
+    s.handle(
+        received(ack_received(Cursor::new(), first.1.checked_sub(1))),
+        now,
+    );
+    assert_eq!(s.status().in_flight, 2, "neither counts as delivered");
+    let timeout = SessionConfig::default().ack_timeout;
+    s.handle(Input::Timeout, now + timeout);
+    let (_, hint) = read_of(outputs(&mut s)).expect("read again");
+    assert_eq!(hint.after_local, 0, "from the acknowledged point");
+    // A remote that received both acknowledges them.
+    let (mut s, now) = live_with_own_site_remote();
+    s.handle(
+        Input::LocalChanged {
+            cursor: Cursor::new(),
+        },
+        now,
+    );
+    outputs(&mut s);
+    let mut last = 0;
+    for v in 1..=2 {
+        s.handle(
+            Input::Batch {
+                batch: relayed(v),
+                read_upto: v,
+            },
+            now,
+        );
+        last = transmits(&mut s, now)[0].n.expect("numbered").1;
+    }
+    s.handle(received(ack_received(Cursor::new(), Some(last))), now);
+    assert_eq!(s.status().in_flight, 0);
 }
