@@ -46,7 +46,10 @@ pub use store::{
 };
 pub use value::{Affinity, SqlValue, normalize_js};
 
-pub use peer::{DEFAULT_WINDOW, PEER_EVENT_CAP, Peer, PeerBuilder, PeerEvent, WaitError};
+pub use peer::{
+    DEFAULT_WINDOW, DialFailure, DialerHandle, PEER_EVENT_CAP, Peer, PeerBuilder, PeerEvent,
+    Pending, Progress, RemoteStatus, SyncPhase, SyncStatus, WaitError,
+};
 /// Re-exported so callers of [`Store::write`] use the same rusqlite.
 pub use rusqlite;
 pub use transport::{

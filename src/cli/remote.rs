@@ -341,6 +341,10 @@ impl Dialer for WatchedDialer {
     fn label(&self) -> String {
         self.inner.label()
     }
+
+    fn set_token(&mut self, token: &str) {
+        self.inner.set_token(token);
+    }
 }
 
 fn watch(connection: Connection, url: &str, problems: &mpsc::Sender<Problem>) -> Connection {

@@ -208,8 +208,16 @@ fn describe(event: &PeerEvent) -> String {
             Some(peer) => format!("disconnect {peer} ({transport}): {reason}"),
             None => format!("disconnect {transport}: {reason}"),
         },
-        PeerEvent::DialFailed { transport, reason } => {
-            format!("dial failed {transport}: {reason} (retrying)")
+        PeerEvent::DialFailed {
+            transport,
+            failure,
+            reason,
+        } => {
+            if failure.is_credential_refusal() {
+                format!("refused    {transport}: {reason} (not retrying: check the token)")
+            } else {
+                format!("dial failed {transport}: {reason} (retrying)")
+            }
         }
         PeerEvent::Lagged { missed } => format!("lagged     {missed} events not shown"),
         PeerEvent::SiteIdConflict { message, .. } => format!("refused    {message}"),

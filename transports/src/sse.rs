@@ -253,6 +253,10 @@ impl Dialer for SseDialer {
     fn label(&self) -> String {
         format!("sse {}", self.base)
     }
+
+    fn set_token(&mut self, token: &str) {
+        self.token = Some(token.to_owned());
+    }
 }
 
 /// The code of an error: its `code` field, else inferred from a v1 text.
