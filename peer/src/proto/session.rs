@@ -108,6 +108,8 @@ pub struct Session {
     /// `after_local` was sent (or held) since the stream last started from the
     /// remote's acknowledged point, and rows merged from this remote.
     hint: ReadHint,
+    /// The remote's cursor in its latest request (not an acknowledgement).
+    requested: Cursor,
     /// Our initial stream's progress: changes sent, and how many it holds at most.
     upload: InitialProgress,
     /// The remote's initial stream's progress, as far as it told us.
@@ -170,6 +172,7 @@ impl Session {
             eose_pending: false,
             retry_read: None,
             hint: ReadHint::default(),
+            requested: Cursor::new(),
             upload: InitialProgress::default(),
             download: InitialProgress::default(),
             eose_ranges: BTreeMap::new(),
@@ -381,6 +384,7 @@ impl Session {
             crsync: self.remote_is_crsync,
             phase,
             acknowledged: self.window.acked().clone(),
+            requested: self.requested.clone(),
             in_flight: self.window.in_flight(),
             received_eose: self.eose_received,
             sent_eose: self.window.phase() == Phase::Live,
@@ -774,6 +778,7 @@ impl Session {
         match self.window.on_sync(cursor, ack, received, now) {
             SyncOutcome::StartInitial => {
                 self.upload = InitialProgress::default();
+                self.requested = self.window.acked().clone();
                 self.rewind_stream();
                 self.eose_ranges.clear();
                 self.event(SessionEvent::SyncRequested);

@@ -69,6 +69,9 @@ pub struct SessionStatus {
     pub phase: SessionPhase,
     /// What the remote has acknowledged holding (for a v1 remote: what we sent it).
     pub acknowledged: Cursor,
+    /// What the remote held when it last asked for everything it lacks
+    /// (its latest `sync` that is not an acknowledgement).
+    pub requested: Cursor,
     /// Batches sent and not yet acknowledged.
     pub in_flight: usize,
     /// The remote's initial stream to us is complete (`eose` received).
