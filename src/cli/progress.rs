@@ -82,7 +82,7 @@ impl ProgressReport {
             }
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             let style = ProgressStyle::with_template(
-                "{prefix:>11} [{bar:30}] {pos}/{len} changes, {per_sec}, ETA {eta}",
+                "{prefix:>11} [{bar:20}] {pos}/{len} changes {per_sec} ETA {eta}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
