@@ -1,6 +1,7 @@
 //! `crsync sync --once` shows an initial sync's progress on stderr: plain
 //! lines without a terminal, an indicatif bar on one (a real pseudo-terminal,
-//! from util-linux `script`), both ending at 100%.
+//! from util-linux `script`), both ending at 100%; and `crsync status` shows
+//! how sync stands with each remote afterwards.
 
 #[path = "support/process.rs"]
 mod support;
@@ -75,7 +76,10 @@ fn without_a_terminal_progress_is_plain_lines_that_end_at_100_percent() {
     let uploaded = completed(&out.stderr, "uploaded").unwrap_or_else(|| panic!("{out:#?}"));
     assert!(uploaded >= ROWS as u64 * 3, "{out:#?}");
     assert!(out.stderr.contains("changes (100%)"), "{out:#?}");
-    assert!(!out.stderr.contains('\r'), "no bar without a terminal: {out:#?}");
+    assert!(
+        !out.stderr.contains('\r'),
+        "no bar without a terminal: {out:#?}"
+    );
 
     let b = fx.client_db("b.db");
     let mut down = crsync();
@@ -84,7 +88,66 @@ fn without_a_terminal_progress_is_plain_lines_that_end_at_100_percent() {
     out.assert_success();
     let downloaded = completed(&out.stderr, "downloaded").unwrap_or_else(|| panic!("{out:#?}"));
     assert!(downloaded >= ROWS as u64 * 3, "{out:#?}");
-    assert!(out.stdout.contains(&format!("received {} changes", ROWS * 3)), "{out:#?}");
+    assert!(
+        out.stdout
+            .contains(&format!("received {} changes", ROWS * 3)),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn status_shows_each_remote_with_its_last_sync_and_what_it_lacks() {
+    let fx = Fixture::new(SCHEMA);
+    let server = fx.server(Some(TOKEN), &[]);
+    let url = server.db_url("notes");
+    let a = fx.client_db("a.db");
+    let status = |json: bool| {
+        let mut cmd = crsync();
+        cmd.args(["status", "--db"]).arg(&a);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = run(cmd);
+        out.assert_success();
+        out.stdout
+    };
+    assert!(status(false).contains("remotes:       none synced with yet"));
+    let write = |id: i64| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let store = Store::open(&a).await.expect("open");
+                store
+                    .write(move |tx| tx.execute("INSERT INTO notes (id) VALUES (?1)", [id]))
+                    .await
+                    .expect("write");
+                store.close().await.expect("close");
+            });
+    };
+    write(1);
+    let mut sync = crsync();
+    sync.args(sync_args(&a, &url)).env("CRSYNC_TOKEN", TOKEN);
+    run(sync).assert_success();
+    let text = status(false);
+    assert!(text.contains(&format!("via sse {url}")), "{text}");
+    assert!(
+        text.contains("s ago; holds ours up to 1, 0 local transactions pending"),
+        "{text}"
+    );
+    write(2);
+    write(3);
+    let text = status(false);
+    assert!(
+        text.contains("holds ours up to 1, 2 local transactions pending"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&status(true)).expect("json");
+    let remote = &json["remotes"][0];
+    assert_eq!(remote["pending_transactions"], 2, "{json}");
+    assert_eq!(remote["acknowledged"], 1, "{json}");
+    assert!(remote["last_synced_at_ms"].as_u64().is_some(), "{json}");
 }
 
 #[test]

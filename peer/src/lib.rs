@@ -41,8 +41,8 @@ pub use store::{
     BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, CopiedFile,
     DEFAULT_ORIGIN_GC_SLACK, DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, ExportError,
     ForkError, ForkReport, InstallError, InstallReport, InvalidChange, MergeError, MergeReport,
-    OpenError, READER_POOL_CAP, SNAPSHOT_PLACEHOLDER_SITE, STREAM_READ_AHEAD, SnapshotExport,
-    Store, StoreBuilder, StoreError, StoreEvent,
+    OpenError, READER_POOL_CAP, RemoteRecord, SNAPSHOT_PLACEHOLDER_SITE, STREAM_READ_AHEAD,
+    SnapshotExport, Store, StoreBuilder, StoreError, StoreEvent,
 };
 pub use value::{Affinity, SqlValue, normalize_js};
 

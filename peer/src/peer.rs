@@ -33,6 +33,9 @@ pub use status::{Pending, Progress, RemoteStatus, SyncPhase, SyncStatus};
 pub const PEER_EVENT_CAP: usize = 1024;
 /// Default number of batches in flight per remote.
 pub const DEFAULT_WINDOW: usize = 8;
+/// How often a remote that stays in sync is noted again in the Store's
+/// record of remotes ([`Store::remotes`]).
+const REMOTE_SAVE_EVERY: Duration = Duration::from_secs(5);
 
 /// Something that happened on a [`Peer`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,12 +284,29 @@ impl Inner {
             }
         }
         let own = self.cursor.borrow().get(&local);
-        if Link::in_sync(s, local, own) {
-            let now = SystemTime::now();
-            let mut links = self.lock_links();
-            if let Some(link) = links.values_mut().find(|l| l.session == Some(id)) {
-                link.last_synced_at = Some(now);
-            }
+        let in_sync = Link::in_sync(s, local, own);
+        if !raised && !in_sync {
+            return;
+        }
+        let now = SystemTime::now();
+        let mut links = self.lock_links();
+        let Some(link) = links.values_mut().find(|l| l.session == Some(id)) else {
+            return;
+        };
+        let newly_synced = in_sync
+            && link
+                .last_synced_at
+                .is_none_or(|at| now.duration_since(at).unwrap_or_default() >= REMOTE_SAVE_EVERY);
+        if in_sync {
+            link.last_synced_at = Some(now);
+        }
+        if raised || newly_synced {
+            self.store.note_remote(crate::RemoteRecord {
+                site: remote,
+                transport: link.transport.clone(),
+                acknowledged: acked,
+                synced_at: link.last_synced_at,
+            });
         }
     }
 

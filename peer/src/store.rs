@@ -10,6 +10,7 @@ mod error;
 mod fork;
 mod identity;
 mod reader;
+mod remotes;
 mod schema;
 mod snapshot;
 mod staging;
@@ -25,6 +26,7 @@ pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
 pub use fork::{ForkError, ForkReport};
 pub use identity::CopiedFile;
 pub use reader::{ChangeStream, READER_POOL_CAP};
+pub use remotes::RemoteRecord;
 pub use snapshot::{
     ExportError, InstallError, InstallReport, SNAPSHOT_PLACEHOLDER_SITE, SnapshotExport,
 };
@@ -385,6 +387,20 @@ impl Store {
     /// when the writer is busy (a later acknowledgement says as much).
     pub fn note_acknowledged(&self, version: DbVersion) {
         let _ = self.commands.try_send(Command::Acknowledged(version.0));
+    }
+
+    /// What a Peer saw of a remote, remembered across restarts (see
+    /// [`remotes`](Self::remotes)). Never waits; may be dropped when the
+    /// writer is busy (a later call says as much).
+    pub fn note_remote(&self, record: RemoteRecord) {
+        let _ = self.commands.try_send(Command::RemoteSeen(record));
+    }
+
+    /// The remotes this database synced with (by any Peer, in any earlier
+    /// run), most recently synced first: how each was reached, the newest
+    /// of our versions it acknowledged, when we were last in sync.
+    pub async fn remotes(&self) -> Result<Vec<RemoteRecord>, StoreError> {
+        self.call(Command::Remotes).await?
     }
 
     /// Notifications of committed changes. Slow receivers see `Lagged`.

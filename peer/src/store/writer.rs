@@ -9,6 +9,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::error::{EnableError, MergeError, OpenError, StoreError};
 use super::identity::{self, CopiedFile};
+use super::remotes::{self, RemoteRecord};
 use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
 use super::staging::{self, HeldPart, HeldParts, Staged};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
@@ -34,6 +35,10 @@ pub(super) enum Command {
     Staged(Reply<Staged>),
     /// A remote acknowledged our own writes up to this version.
     Acknowledged(i64),
+    /// What a Peer saw of a remote (saved on the next poll).
+    RemoteSeen(RemoteRecord),
+    /// The remotes remembered (after saving what is pending).
+    Remotes(Reply<Vec<RemoteRecord>>),
     Close(Reply<()>),
 }
 
@@ -73,6 +78,8 @@ struct Writer {
     /// twice (staged, then applied) would cost more than receiving them
     /// again after a crash (see `staging::MEMORY_STAGE_BYTES`).
     held: HeldParts,
+    /// Remote records not saved yet.
+    remotes: BTreeMap<SiteId, RemoteRecord>,
 }
 
 pub(super) fn run(
@@ -106,6 +113,7 @@ pub(super) fn run(
             Err(flume::RecvTimeoutError::Timeout) => {
                 writer.notice_external();
                 writer.save_verified();
+                writer.save_remotes();
                 next_poll = Instant::now() + writer.config.poll_interval;
             }
             Err(flume::RecvTimeoutError::Disconnected) => {
@@ -126,7 +134,7 @@ pub(super) fn run(
 fn bootstrap(conn: &Connection) -> rusqlite::Result<()> {
     const READY: &str = "SELECT (SELECT count(*) FROM sqlite_master
             WHERE name IN ('crsync_cursor', 'crsync_origin', 'crsync_origin_by_site', 'crsync_meta',
-                           'crsync_staging', 'crsync_staged')) = 6
+                           'crsync_staging', 'crsync_staged', 'crsync_remotes')) = 7
         AND crsql_config_get('merge-equal-values') = 1";
     if conn.query_row(READY, [], |r| r.get::<_, bool>(0))? {
         return Ok(());
@@ -192,6 +200,7 @@ impl Writer {
             verified_saved: verified,
             staged,
             held: HeldParts::new(stage_in_memory_below),
+            remotes: BTreeMap::new(),
         })
     }
 
@@ -220,6 +229,13 @@ impl Writer {
             }
             Command::Staged(reply) => {
                 let _ = reply.send(Ok(self.staged_view()));
+            }
+            Command::RemoteSeen(record) => {
+                self.remotes.insert(record.site, record);
+            }
+            Command::Remotes(reply) => {
+                self.save_remotes();
+                let _ = reply.send(remotes::load(&self.conn).map_err(StoreError::from));
             }
             Command::Close(_) => unreachable!("handled by the loop"),
         }
@@ -604,9 +620,25 @@ impl Writer {
         }
     }
 
+    /// Saves the remote records seen since the last save.
+    fn save_remotes(&mut self) {
+        if self.remotes.is_empty() || self.copied.is_some() {
+            return;
+        }
+        let saved = self
+            .conn
+            .transaction()
+            .and_then(|txn| remotes::save(&txn, &self.remotes).and_then(|()| txn.commit()));
+        match saved {
+            Ok(()) => self.remotes.clear(),
+            Err(e) => tracing::warn!(error = %e, "saving what we know of remotes failed"),
+        }
+    }
+
     fn close(mut self) -> Result<(), StoreError> {
         self.notice_external();
         self.save_verified();
+        self.save_remotes();
         // Everything into the main file, even while a read connection is
         // still open: a copy of the file alone then carries what it holds
         // (its identity included).

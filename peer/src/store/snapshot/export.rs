@@ -176,7 +176,11 @@ fn prepare(
     }
     let prepared = (|| {
         rekey(&tx, &own, SNAPSHOT_PLACEHOLDER_SITE, i64::MAX)?;
-        for table in ["crsync_meta"].into_iter().chain(STAGING_TABLES) {
+        // Facts about the server's file and its remotes do not travel.
+        for table in ["crsync_meta", "crsync_remotes"]
+            .into_iter()
+            .chain(STAGING_TABLES)
+        {
             if table_exists(&tx, table)? {
                 tx.execute(&format!("DELETE FROM {table}"), [])?;
             }
