@@ -153,7 +153,7 @@ impl Problem {
                      raise max_body_bytes in the server's config (crsync serve --config FILE, \
                      default 16 MiB) to at least {batch} MiB: crsync sends batches, and large \
                      transactions in parts, of up to {batch} MiB; retrying with backoff",
-                    batch = crsync::DEFAULT_MAX_BATCH_BYTES >> 20
+                    batch = crsync::advanced::DEFAULT_MAX_BATCH_BYTES >> 20
                 ),
             },
             TransportError::Http {

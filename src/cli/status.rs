@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use crsync::{BookkeepingStats, Cursor, RemoteRecord, SiteId, Store};
+use crsync::advanced::BookkeepingStats;
+use crsync::{Cursor, RemoteRecord, SiteId, Store};
 use serde_json::json;
 
 use super::Outcome;
