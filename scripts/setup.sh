@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what crsync needs to build and run, idempotently:
 #   - Debian packages for the cr-sqlite build (C compiler, patch, node + npm for `npm pack`)
-#   - the cr-sqlite extension, built from the npm source into .crsqlite/crsqlite.so
+#   - the cr-sqlite extension, built from the npm source into .crsqlite/crsqlite.so,
+#     and copied to the user's data directory (where an installed or release-built
+#     crsync looks: ${XDG_DATA_HOME:-~/.local/share}/crsync/crsqlite.so)
 # A second run with nothing changed takes well under a second.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,3 +27,10 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 bash "$ROOT/scripts/crsqlite/build-crsqlite.sh" "$ROOT/.crsqlite"
+DATA_DIR="${XDG_DATA_HOME:-$HOME/.local/share}/crsync"
+if ! cmp -s "$ROOT/.crsqlite/crsqlite.so" "$DATA_DIR/crsqlite.so" 2>/dev/null; then
+  mkdir -p "$DATA_DIR"
+  cp "$ROOT/.crsqlite/crsqlite.so" "$DATA_DIR/crsqlite.so.tmp"
+  mv "$DATA_DIR/crsqlite.so.tmp" "$DATA_DIR/crsqlite.so"
+  log "installed cr-sqlite at $DATA_DIR/crsqlite.so"
+fi

@@ -21,6 +21,7 @@ mod cli {
     pub(crate) mod clone;
     pub(crate) mod db;
     pub(crate) mod enable;
+    pub(crate) mod extension;
     pub(crate) mod fork;
     pub(crate) mod progress;
     pub(crate) mod remote;
@@ -75,6 +76,8 @@ enum Command {
     /// Make a new replica from the server's snapshot of a database (no
     /// replay of every change), then exit; `crsync sync` syncs what came after.
     Clone(cli::clone::CloneArgs),
+    /// Where the cr-sqlite extension is found (`path`), or build it there (`install`).
+    Extension(cli::extension::ExtensionArgs),
 }
 
 impl Command {
@@ -108,6 +111,7 @@ async fn main() -> ExitCode {
         Command::Sync(args) => cli::sync::run(args).await,
         Command::Fork(args) => cli::fork::run(args).await,
         Command::Clone(args) => cli::clone::run(args).await,
+        Command::Extension(args) => cli::extension::run(args),
     };
     match result {
         Ok(cli::Outcome::Done) => ExitCode::SUCCESS,

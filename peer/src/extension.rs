@@ -28,13 +28,55 @@ pub(crate) const INIT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Environment variable naming the extension file.
 pub const CRSQLITE_PATH_ENV: &str = "CRSQLITE_PATH";
 
-/// Where the project's install script (`scripts/crsqlite/build-crsqlite.sh`,
-/// run by `scripts/setup.sh`) writes the extension.
-pub const DEFAULT_EXTENSION_PATH: &str =
+/// The extension's file name in every default location.
+pub const EXTENSION_FILE: &str = "crsqlite.so";
+
+/// Where the development build of this source tree finds the extension that
+/// `scripts/setup.sh` builds (debug builds only: an installed `crsync` never
+/// looks into the machine it was built on).
+#[cfg(debug_assertions)]
+const SOURCE_TREE_EXTENSION: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../.crsqlite/crsqlite.so");
 
-const HOW_TO_INSTALL: &str = "build it with `scripts/setup.sh` (writes .crsqlite/crsqlite.so), \
-     or point CRSQLITE_PATH at a cr-sqlite 0.16 loadable extension";
+const HOW_TO_INSTALL: &str = "run `crsync extension install` (builds it into the user's data \
+     directory), or point CRSQLITE_PATH at a cr-sqlite 0.16 loadable extension";
+
+/// The user's data directory for crsync: `$XDG_DATA_HOME/crsync`, else
+/// `~/.local/share/crsync` (where `crsync extension install` puts the extension).
+pub fn user_data_dir() -> Option<PathBuf> {
+    let xdg = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty());
+    let base = match xdg {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".local/share")
+        }
+    };
+    Some(base.join("crsync"))
+}
+
+/// Where the extension is looked for when neither a path nor
+/// `CRSQLITE_PATH` is given, in order: next to the running program
+/// (`crsqlite.so`, `../lib/crsync/crsqlite.so`), the user's data directory
+/// ([`user_data_dir`]), `/usr/local/lib/crsync` and `/usr/lib/crsync`; and for
+/// a debug build, the source tree's `.crsqlite/` last.
+pub fn default_locations() -> Vec<PathBuf> {
+    let mut places = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        places.push(dir.join(EXTENSION_FILE));
+        places.push(dir.join("../lib/crsync").join(EXTENSION_FILE));
+    }
+    if let Some(dir) = user_data_dir() {
+        places.push(dir.join(EXTENSION_FILE));
+    }
+    places.push(Path::new("/usr/local/lib/crsync").join(EXTENSION_FILE));
+    places.push(Path::new("/usr/lib/crsync").join(EXTENSION_FILE));
+    #[cfg(debug_assertions)]
+    places.push(PathBuf::from(SOURCE_TREE_EXTENSION));
+    places
+}
 
 /// Why the extension could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +123,8 @@ pub enum PathSource {
     Explicit,
     /// The `CRSQLITE_PATH` environment variable.
     Environment,
-    /// The install script's output location.
+    /// The first of the [default locations](default_locations) that has the
+    /// file (or, when none has, the user's data directory).
     InstallDir,
 }
 
@@ -90,7 +133,7 @@ impl std::fmt::Display for PathSource {
         f.write_str(match self {
             PathSource::Explicit => "the configured path",
             PathSource::Environment => "CRSQLITE_PATH",
-            PathSource::InstallDir => "the install script's location",
+            PathSource::InstallDir => "the default locations",
         })
     }
 }
@@ -122,7 +165,8 @@ unsafe extern "C" fn init_with_busy_timeout(
     }
 }
 
-/// Resolves the extension path: `explicit`, then `CRSQLITE_PATH`, then the install dir.
+/// Resolves the extension path: `explicit`, then `CRSQLITE_PATH`, then the
+/// first [default location](default_locations) that has the file.
 pub fn resolve_path(explicit: Option<&Path>) -> (PathBuf, PathSource) {
     if let Some(p) = explicit {
         return (p.to_path_buf(), PathSource::Explicit);
@@ -130,10 +174,13 @@ pub fn resolve_path(explicit: Option<&Path>) -> (PathBuf, PathSource) {
     if let Some(p) = std::env::var_os(CRSQLITE_PATH_ENV).filter(|p| !p.is_empty()) {
         return (PathBuf::from(p), PathSource::Environment);
     }
-    (
-        PathBuf::from(DEFAULT_EXTENSION_PATH),
-        PathSource::InstallDir,
-    )
+    let places = default_locations();
+    let found = places.iter().find(|p| p.is_file()).cloned();
+    let fallback = user_data_dir()
+        .map(|d| d.join(EXTENSION_FILE))
+        .or_else(|| places.first().cloned())
+        .unwrap_or_else(|| PathBuf::from(EXTENSION_FILE));
+    (found.unwrap_or(fallback), PathSource::InstallDir)
 }
 
 /// Loads cr-sqlite (once per process) and returns the file it came from.

@@ -28,8 +28,8 @@ pub mod wire;
 pub use change::{Change, SENTINEL_CID};
 pub use cursor::Cursor;
 pub use extension::{
-    CRSQLITE_PATH_ENV, DEFAULT_EXTENSION_PATH, ExtensionError, PathSource, load_extension,
-    resolve_path,
+    CRSQLITE_PATH_ENV, EXTENSION_FILE, ExtensionError, PathSource, default_locations,
+    load_extension, resolve_path, user_data_dir,
 };
 pub use ids::{DbVersion, InvalidSiteId, SITE_ID_LEN, SiteId};
 pub use pk::{PackedPk, PkError};

@@ -17,7 +17,7 @@ fn loader_reports_clear_errors_then_loads() {
             },
         ) => {
             assert!(
-                e.to_string().contains("scripts/setup.sh"),
+                e.to_string().contains("crsync extension install"),
                 "no install hint: {e}"
             );
         }
@@ -48,7 +48,7 @@ fn loader_reports_clear_errors_then_loads() {
         }
     }
 
-    // resolution order: explicit, then CRSQLITE_PATH, then the install dir
+    // resolution order: explicit, then CRSQLITE_PATH, then the default locations
     let (path, source) = resolve_path(Some(&missing));
     assert_eq!((path, source), (missing.clone(), PathSource::Explicit));
     if std::env::var_os("CRSQLITE_PATH").is_none() {
