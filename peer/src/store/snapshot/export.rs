@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, TransactionBehavior, params};
 
 use super::{
-    SIDE_FILES, SNAPSHOT_PLACEHOLDER_SITE, STAGING_TABLES, changes_after, max_clock_version,
+    LOCAL_TABLES, SIDE_FILES, SNAPSHOT_PLACEHOLDER_SITE, changes_after, max_clock_version,
     open_existing, sync_file, table_exists, with_suffix,
 };
 use crate::store::fork::rekey;
@@ -176,11 +176,15 @@ fn prepare(
     }
     let prepared = (|| {
         rekey(&tx, &own, SNAPSHOT_PLACEHOLDER_SITE, i64::MAX)?;
-        for table in ["crsync_meta"].into_iter().chain(STAGING_TABLES) {
+        // Zeroes what it deletes: the replica's own history must not
+        // travel in free pages either.
+        tx.pragma_update(None, "secure_delete", true)?;
+        for table in ["crsync_meta"].into_iter().chain(LOCAL_TABLES) {
             if table_exists(&tx, table)? {
                 tx.execute(&format!("DELETE FROM {table}"), [])?;
             }
         }
+        tx.pragma_update(None, "secure_delete", false)?;
         let version = max_clock_version(&tx)?;
         if version > 0 {
             tx.execute(
