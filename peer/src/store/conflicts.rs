@@ -414,19 +414,22 @@ impl<'a> Recorder<'a> {
     }
 }
 
-/// Hands one change to cr-sqlite under local version `local` (origin
-/// `origin`), recording what it replaces or what refuses it.
+/// Hands a change to cr-sqlite (see [`apply_change`]).
+pub(crate) const INSERT_CHANGE: &str = "INSERT INTO crsql_changes \
+    (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+/// Hands one change to cr-sqlite with `insert` ([`INSERT_CHANGE`]) under
+/// local version `local` (origin `origin`), recording what it replaces or
+/// what refuses it.
 pub(crate) fn apply_change(
     conn: &Connection,
+    insert: &mut rusqlite::Statement<'_>,
     recorder: Option<&mut Recorder<'_>>,
     c: &Change,
     origin: (SiteId, DbVersion),
     local: i64,
 ) -> rusqlite::Result<()> {
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
     let row = params![
         c.table,
         c.pk.0,

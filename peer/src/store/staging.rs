@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::{Connection, params};
 
-use super::conflicts::{Recorder, apply_change};
+use super::conflicts::{INSERT_CHANGE, Recorder, apply_change};
 use crate::{Change, DbVersion, PackedPk, SiteId};
 
 /// Transactions staged at most; a new one beyond this drops the one staged
@@ -199,8 +199,26 @@ pub(crate) fn apply(
 ) -> rusqlite::Result<(usize, BTreeSet<String>)> {
     let (site, version) = key;
     let site_bytes = site.as_bytes().as_slice();
+    let Some(recorder) = recorder.as_deref_mut() else {
+        // Nothing to record: one statement, no row through Rust.
+        let tables = conn
+            .prepare_cached(
+                "SELECT DISTINCT \"table\" FROM crsync_staged WHERE site_id = ?1 AND origin_version = ?2",
+            )?
+            .query_map(params![site_bytes, version.0], |r| r.get(0))?
+            .collect::<rusqlite::Result<BTreeSet<String>>>()?;
+        let applied = conn.prepare_cached(
+            "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
+             SELECT \"table\", pk, cid, val, col_version, ?3, site_id, cl, seq FROM crsync_staged \
+             WHERE site_id = ?1 AND origin_version = ?2 ORDER BY seq",
+        )?
+        .execute(params![site_bytes, version.0, local])?;
+        discard(conn, staged, key)?;
+        return Ok((applied, tables));
+    };
     let mut tables = BTreeSet::new();
     let mut applied = 0;
+    let mut insert = conn.prepare_cached(INSERT_CHANGE)?;
     let mut stmt = conn.prepare_cached(
         "SELECT \"table\", pk, cid, val, col_version, cl, seq FROM crsync_staged \
          WHERE site_id = ?1 AND origin_version = ?2 ORDER BY seq",
@@ -218,7 +236,7 @@ pub(crate) fn apply(
             cl: r.get(5)?,
             seq: r.get(6)?,
         };
-        apply_change(conn, recorder.as_deref_mut(), &change, key, local)?;
+        apply_change(conn, &mut insert, Some(&mut *recorder), &change, key, local)?;
         applied += 1;
         if !tables.contains(&change.table) {
             tables.insert(change.table);
@@ -226,6 +244,7 @@ pub(crate) fn apply(
     }
     drop(rows);
     drop(stmt);
+    drop(insert);
     discard(conn, staged, key)?;
     Ok((applied, tables))
 }

@@ -413,6 +413,7 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let base = db_version(&txn)?;
         {
+            let mut insert = txn.prepare_cached(conflicts::INSERT_CHANGE)?;
             let mut recorder = (self.config.conflicts.max_rows > 0)
                 .then(|| Recorder::new(&self.schema, self.site));
             let mut record_origin = txn.prepare_cached(
@@ -446,7 +447,7 @@ impl Writer {
                     .get(&(site, version))
                     .map(|h| h.changes.as_slice());
                 for c in earlier.into_iter().flatten().chain(changes.iter().copied()) {
-                    apply_change(&txn, recorder.as_mut(), c, (site, version), local)?;
+                    apply_change(&txn, &mut insert, recorder.as_mut(), c, (site, version), local)?;
                     report.applied += 1;
                     if !report.tables.contains(&c.table) {
                         report.tables.insert(c.table.clone());
