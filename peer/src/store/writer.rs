@@ -89,7 +89,7 @@ pub(super) fn run(
     let mut writer = match Writer::open(config, events) {
         Ok(w) => w,
         Err(source) => {
-            let _ = ready.send(Err(OpenError::Sqlite { path, source }));
+            let _ = ready.send(Err(OpenError::opening(&path, source)));
             return;
         }
     };
@@ -447,7 +447,14 @@ impl Writer {
                     .get(&(site, version))
                     .map(|h| h.changes.as_slice());
                 for c in earlier.into_iter().flatten().chain(changes.iter().copied()) {
-                    apply_change(&txn, &mut insert, recorder.as_mut(), c, (site, version), local)?;
+                    apply_change(
+                        &txn,
+                        &mut insert,
+                        recorder.as_mut(),
+                        c,
+                        (site, version),
+                        local,
+                    )?;
                     report.applied += 1;
                     if !report.tables.contains(&c.table) {
                         report.tables.insert(c.table.clone());
