@@ -191,12 +191,70 @@ enum Seen {
     Known,
 }
 
+/// One table's lookups (SQL built once per merge) and its keys seen.
+struct Table<'a> {
+    info: &'a TableInfo,
+    /// Key of a primary key in `<t>__crsql_pks`.
+    probe: String,
+    /// Sentinel and one column's clock of a key.
+    cell: String,
+    /// Every column's clock of a key.
+    row: String,
+    /// Per column, its value by primary key.
+    values: HashMap<&'a str, String>,
+    /// Per column, its bit in [`Seen::Fresh`] (the first 64).
+    bits: HashMap<&'a str, u64>,
+    seen: HashMap<Vec<u8>, Seen>,
+}
+
+impl<'a> Table<'a> {
+    fn new(name: &str, info: &'a TableInfo) -> Self {
+        let clock = quote_ident(&format!("{name}__crsql_clock"));
+        let by_pk = pk_match(info, 1);
+        let clocks = format!(
+            "SELECT c.col_name, c.col_version, c.db_version, s.site_id FROM {clock} c \
+             JOIN crsql_site_id s ON s.ordinal = c.site_id WHERE c.key = ?1"
+        );
+        Table {
+            info,
+            probe: format!(
+                "SELECT __crsql_key FROM {} WHERE {by_pk}",
+                quote_ident(&format!("{name}__crsql_pks"))
+            ),
+            cell: format!("{clocks} AND c.col_name IN (?2, '-1')"),
+            row: format!("{clocks} AND c.col_name <> '-1'"),
+            values: info
+                .columns
+                .iter()
+                .map(|c| {
+                    let sql = format!(
+                        "SELECT {} FROM {} WHERE {by_pk}",
+                        quote_ident(c),
+                        quote_ident(name)
+                    );
+                    (c.as_str(), sql)
+                })
+                .collect(),
+            bits: info
+                .columns
+                .iter()
+                .take(64)
+                .enumerate()
+                .map(|(i, c)| (c.as_str(), 1u64 << i))
+                .collect(),
+            seen: HashMap::new(),
+        }
+    }
+}
+
 /// Records the conflicts of one merge (one SQLite transaction).
 pub(crate) struct Recorder<'a> {
     schema: &'a Schema,
     own_site: SiteId,
     now_ms: i64,
-    seen: HashMap<(&'a str, Vec<u8>), Seen>,
+    tables: HashMap<&'a str, Table<'a>>,
+    /// Keys remembered, over all tables.
+    seen: usize,
     /// Records written.
     pub(crate) recorded: usize,
 }
@@ -207,63 +265,70 @@ impl<'a> Recorder<'a> {
             schema,
             own_site,
             now_ms: unix_ms(SystemTime::now()),
-            seen: HashMap::new(),
+            tables: HashMap::new(),
+            seen: 0,
             recorded: 0,
         }
     }
 
     /// Reads what the insert of `c` may change; `None`: it cannot conflict.
     fn before(&mut self, conn: &Connection, c: &Change) -> rusqlite::Result<Option<(i64, Before)>> {
-        let Some((name, table)) = self.schema.tables.get_key_value(c.table.as_str()) else {
+        let Some((name, info)) = self.schema.tables.get_key_value(c.table.as_str()) else {
             return Ok(None);
         };
+        if self.seen >= FRESH_KEYS_CAP {
+            // Forgetting is safe: a forgotten key takes the full lookup.
+            for table in self.tables.values_mut() {
+                table.seen.clear();
+            }
+            self.seen = 0;
+        }
+        let table = self
+            .tables
+            .entry(name.as_str())
+            .or_insert_with(|| Table::new(name, info));
+        let bit = table.bits.get(c.cid.as_str()).copied();
+        let seen = table.seen.get_mut(c.pk.0.as_slice());
+        if let (Some(Seen::Fresh(bits)), Some(bit)) = (seen, bit) {
+            if *bits & bit == 0 {
+                // A key new in this merge, at a column it has not written yet.
+                *bits |= bit;
+                return Ok(None);
+            }
+        }
+        let seen = table.seen.get(c.pk.0.as_slice()).copied();
         let Ok(pk) = c.pk.unpack() else {
             return Ok(None);
         };
-        let bit = column_bit(table, &c.cid);
-        let entry = (name.as_str(), c.pk.0.clone());
-        let key = match self.seen.get(&entry).copied() {
-            Some(Seen::Fresh(bits)) if bit.is_some_and(|b| bits & b == 0) => {
-                // A key new in this merge, at a column it has not written yet.
-                self.seen
-                    .insert(entry, Seen::Fresh(bits | bit.unwrap_or(0)));
-                return Ok(None);
-            }
-            Some(_) => {
-                self.seen.insert(entry, Seen::Known);
-                probe_key(conn, name, table, &pk)?
-            }
-            None => {
-                let key = probe_key(conn, name, table, &pk)?;
-                if self.seen.len() >= FRESH_KEYS_CAP {
-                    self.seen.clear();
-                }
-                let seen = match (key, bit) {
-                    (None, Some(bit)) => Seen::Fresh(bit),
-                    _ => Seen::Known,
-                };
-                self.seen.insert(entry, seen);
-                key
-            }
+        let key = probe_key(conn, table, &pk)?;
+        let now_seen = match (seen, key, bit) {
+            (None, None, Some(bit)) => Seen::Fresh(bit),
+            _ => Seen::Known,
         };
+        table.seen.insert(c.pk.0.clone(), now_seen);
+        if seen.is_none() {
+            self.seen += 1;
+        }
         let Some(key) = key else {
             return Ok(None);
         };
-        let cell = read_cell(conn, name, key, &c.cid)?;
+        let cell = read_cell(conn, table, key, &c.cid)?;
         let alive = cell.cl() % 2 == 1;
-        if c.cid == SENTINEL_CID {
+        let before = if c.cid == SENTINEL_CID {
             // Only a delete that wins over a live row loses values.
             if !(alive && c.cl % 2 == 0 && c.cl > cell.cl()) {
                 return Ok(None);
             }
-            let columns = read_row(conn, name, table, key, &pk)?;
-            return Ok(Some((key, Before::Delete { columns })));
-        }
-        let value = match (&cell.clock, alive) {
-            (Some(_), true) => read_value(conn, name, table, &c.cid, &pk)?,
-            _ => None,
+            let columns = read_row(conn, table, key, &pk)?;
+            Before::Delete { columns }
+        } else {
+            let value = match (&cell.clock, alive) {
+                (Some(_), true) => read_value(conn, table, &c.cid, &pk)?,
+                _ => None,
+            };
+            Before::Column { cell, value }
         };
-        Ok(Some((key, Before::Column { cell, value })))
+        Ok(Some((key, before)))
     }
 
     /// Compares the cell after the insert of `c` (from `origin`, written
@@ -286,7 +351,7 @@ impl<'a> Recorder<'a> {
         };
         match before {
             Before::Delete { columns } => {
-                let now = read_cell(conn, &c.table, key, SENTINEL_CID)?;
+                let now = read_cell(conn, self.table(&c.table), key, SENTINEL_CID)?;
                 if now.cl() != c.cl {
                     return Ok(());
                 }
@@ -307,7 +372,7 @@ impl<'a> Recorder<'a> {
                 }
             }
             Before::Column { cell, value } => {
-                let now = read_cell(conn, &c.table, key, &c.cid)?;
+                let now = read_cell(conn, self.table(&c.table), key, &c.cid)?;
                 let took = now
                     .clock
                     .as_ref()
@@ -345,6 +410,11 @@ impl<'a> Recorder<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The lookups of a table [`before`](Self::before) saw.
+    fn table(&self, name: &str) -> &Table<'a> {
+        &self.tables[name]
     }
 
     /// A local cell's side: its origin version from `crsync_origin` (our
@@ -521,16 +591,6 @@ fn unix_ms(t: SystemTime) -> i64 {
         .map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64)
 }
 
-/// The bit of column `cid` in a [`Seen::Fresh`] mask; `None` for the
-/// sentinel and past 64 columns (those always take the full lookup).
-fn column_bit(table: &TableInfo, cid: &str) -> Option<u64> {
-    if cid == SENTINEL_CID {
-        return None;
-    }
-    let index = table.columns.iter().position(|c| c == cid)?;
-    (index < 64).then(|| 1u64 << index)
-}
-
 /// `WHERE` clause matching the primary key columns to `?{first}`, `?{first+1}`, ...
 fn pk_match(table: &TableInfo, first: usize) -> String {
     table
@@ -545,41 +605,35 @@ fn pk_match(table: &TableInfo, first: usize) -> String {
 /// The row's key in cr-sqlite's key table, through its unique index on the pk.
 fn probe_key(
     conn: &Connection,
-    name: &str,
-    table: &TableInfo,
+    table: &Table<'_>,
     pk: &[SqlValue],
 ) -> rusqlite::Result<Option<i64>> {
-    let sql = format!(
-        "SELECT __crsql_key FROM {} WHERE {}",
-        quote_ident(&format!("{name}__crsql_pks")),
-        pk_match(table, 1)
-    );
-    conn.prepare_cached(&sql)?
+    conn.prepare_cached(&table.probe)?
         .query_row(rusqlite::params_from_iter(pk), |r| r.get(0))
         .optional()
 }
 
+fn clock_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Clock)> {
+    Ok((
+        r.get(0)?,
+        Clock {
+            col_version: r.get(1)?,
+            db_version: r.get(2)?,
+            site: site_of(r.get(3)?, 3)?,
+        },
+    ))
+}
+
 /// The sentinel and `cid`'s clock of row `key`.
-fn read_cell(conn: &Connection, name: &str, key: i64, cid: &str) -> rusqlite::Result<Cell> {
-    let sql = format!(
-        "SELECT c.col_name, c.col_version, c.db_version, s.site_id FROM {} c \
-         JOIN crsql_site_id s ON s.ordinal = c.site_id \
-         WHERE c.key = ?1 AND c.col_name IN (?2, '-1')",
-        quote_ident(&format!("{name}__crsql_clock"))
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
+fn read_cell(conn: &Connection, table: &Table<'_>, key: i64, cid: &str) -> rusqlite::Result<Cell> {
+    let mut stmt = conn.prepare_cached(&table.cell)?;
     let mut rows = stmt.query(params![key, cid])?;
     let mut cell = Cell {
         sentinel: None,
         clock: None,
     };
     while let Some(r) = rows.next()? {
-        let col: String = r.get(0)?;
-        let clock = Clock {
-            col_version: r.get(1)?,
-            db_version: r.get(2)?,
-            site: site_of(r.get(3)?, 3)?,
-        };
+        let (col, clock) = clock_row(r)?;
         if col == SENTINEL_CID {
             cell.sentinel = Some(clock);
         }
@@ -593,18 +647,14 @@ fn read_cell(conn: &Connection, name: &str, key: i64, cid: &str) -> rusqlite::Re
 /// Column `cid`'s value of the row with primary key `pk`, if the row exists.
 fn read_value(
     conn: &Connection,
-    name: &str,
-    table: &TableInfo,
+    table: &Table<'_>,
     cid: &str,
     pk: &[SqlValue],
 ) -> rusqlite::Result<Option<SqlValue>> {
-    let sql = format!(
-        "SELECT {} FROM {} WHERE {}",
-        quote_ident(cid),
-        quote_ident(name),
-        pk_match(table, 1)
-    );
-    conn.prepare_cached(&sql)?
+    let Some(sql) = table.values.get(cid) else {
+        return Ok(None);
+    };
+    conn.prepare_cached(sql)?
         .query_row(rusqlite::params_from_iter(pk), |r| r.get(0))
         .optional()
 }
@@ -612,36 +662,20 @@ fn read_value(
 /// Every written column of live row `key`: its clock and value.
 fn read_row(
     conn: &Connection,
-    name: &str,
-    table: &TableInfo,
+    table: &Table<'_>,
     key: i64,
     pk: &[SqlValue],
 ) -> rusqlite::Result<Vec<(String, Clock, SqlValue)>> {
-    let sql = format!(
-        "SELECT c.col_name, c.col_version, c.db_version, s.site_id FROM {} c \
-         JOIN crsql_site_id s ON s.ordinal = c.site_id \
-         WHERE c.key = ?1 AND c.col_name <> '-1'",
-        quote_ident(&format!("{name}__crsql_clock"))
-    );
     let clocks = conn
-        .prepare_cached(&sql)?
-        .query_map([key], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                Clock {
-                    col_version: r.get(1)?,
-                    db_version: r.get(2)?,
-                    site: site_of(r.get(3)?, 3)?,
-                },
-            ))
-        })?
+        .prepare_cached(&table.row)?
+        .query_map([key], clock_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut columns = Vec::with_capacity(clocks.len());
     for (column, clock) in clocks {
-        if !table.columns.contains(&column) {
+        if !table.info.columns.contains(&column) {
             continue;
         }
-        let value = read_value(conn, name, table, &column, pk)?.unwrap_or(SqlValue::Null);
+        let value = read_value(conn, table, &column, pk)?.unwrap_or(SqlValue::Null);
         columns.push((column, clock, value));
     }
     Ok(columns)

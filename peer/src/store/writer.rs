@@ -16,6 +16,9 @@ use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
 use crate::proto::batch::{MergePlan, PartAction, check_part, completed_by, plan_merge};
 use crate::{ChangeBatch, Cursor, DbVersion, SiteId};
 
+/// Prepared statements the writer keeps (rusqlite's default is 16).
+const STATEMENT_CACHE: usize = 128;
+
 /// A closure run on the writer connection.
 pub(super) type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -161,6 +164,8 @@ impl Writer {
     ) -> rusqlite::Result<Writer> {
         let conn = Connection::open(&config.path)?;
         conn.busy_timeout(crate::extension::INIT_BUSY_TIMEOUT)?;
+        // Merges with conflict lookups use a few statements per table.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         bootstrap(&conn)?;
