@@ -15,12 +15,12 @@ use support::{batches_for, dump, open_store, open_store_with, sync};
 
 /// Runs `sql` on `store`; returns the store's own version after it.
 async fn write(store: &Store, sql: &'static str) -> DbVersion {
-    store.write(move |tx| tx.execute_batch(sql)).await.unwrap();
-    store.cursor().await.unwrap().get(&store.site_id())
+    store.write(move |tx| tx.execute_batch(sql)).await.expect("write");
+    store.cursor().await.expect("cursor").get(&store.site_id())
 }
 
 async fn history(store: &Store) -> Vec<Conflict> {
-    store.conflicts(ConflictQuery::new()).await.unwrap()
+    store.conflicts(ConflictQuery::new()).await.expect("conflicts")
 }
 
 /// `(kind, column, lost value, lost site, won value, won site, deleted)`, oldest first.
@@ -213,10 +213,10 @@ async fn conflicting_rounds(a: &Store, b: &Store, n: usize) {
     for i in 0..n {
         a.write(move |tx| tx.execute("UPDATE items SET name = ?1 WHERE id = 1", [format!("a{i}")]))
             .await
-            .unwrap();
+            .expect("write");
         b.write(move |tx| tx.execute("UPDATE items SET name = ?1 WHERE id = 1", [format!("b{i}")]))
             .await
-            .unwrap();
+            .expect("write");
         sync(a, b).await; // 'a..' < 'b..': b refuses it
         sync(b, a).await;
     }

@@ -195,11 +195,11 @@ pub(crate) fn apply(
     staged: &mut Staged,
     key: (SiteId, DbVersion),
     local: i64,
-    mut recorder: Option<&mut Recorder<'_>>,
+    recorder: Option<&mut Recorder<'_>>,
 ) -> rusqlite::Result<(usize, BTreeSet<String>)> {
     let (site, version) = key;
     let site_bytes = site.as_bytes().as_slice();
-    let Some(recorder) = recorder.as_deref_mut() else {
+    let Some(recorder) = recorder else {
         // Nothing to record: one statement, no row through Rust.
         let tables = conn
             .prepare_cached(
