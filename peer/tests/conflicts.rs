@@ -15,12 +15,18 @@ use support::{batches_for, dump, open_store, open_store_with, sync};
 
 /// Runs `sql` on `store`; returns the store's own version after it.
 async fn write(store: &Store, sql: &'static str) -> DbVersion {
-    store.write(move |tx| tx.execute_batch(sql)).await.expect("write");
+    store
+        .write(move |tx| tx.execute_batch(sql))
+        .await
+        .expect("write");
     store.cursor().await.expect("cursor").get(&store.site_id())
 }
 
 async fn history(store: &Store) -> Vec<Conflict> {
-    store.conflicts(ConflictQuery::new()).await.expect("conflicts")
+    store
+        .conflicts(ConflictQuery::new())
+        .await
+        .expect("conflicts")
 }
 
 /// `(kind, column, lost value, lost site, won value, won site, deleted)`, oldest first.
