@@ -127,37 +127,31 @@ async fn three_replicas_record_what_each_lost() {
     );
 
     use ConflictKind::{Refused, Replaced};
-    let null = SqlValue::Null;
     let name = || "name".to_owned();
-    let v20 = (SqlValue::Integer(20), "v".to_owned());
+    // b's update of row 2, lost to a's delete
+    let v20 = |kind| {
+        (
+            kind,
+            "v".into(),
+            SqlValue::Integer(20),
+            sb,
+            SqlValue::Null,
+            sa,
+            true,
+        )
+    };
     assert_eq!(
         summary(&history(&a).await),
         vec![
             (Replaced, name(), text("A"), sa, text("B"), sb, false),
-            (
-                Refused,
-                v20.1.clone(),
-                v20.0.clone(),
-                sb,
-                null.clone(),
-                sa,
-                true
-            ),
+            v20(Refused),
             (Replaced, name(), text("B"), sb, text("C"), sc, false),
         ]
     );
     assert_eq!(
         summary(&history(&b).await),
         vec![
-            (
-                Replaced,
-                v20.1.clone(),
-                v20.0.clone(),
-                sb,
-                null.clone(),
-                sa,
-                true
-            ),
+            v20(Replaced),
             (Replaced, name(), text("B"), sb, text("C"), sc, false),
         ]
     );
