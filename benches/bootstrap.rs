@@ -79,7 +79,7 @@ fn print_peak() {
 
 /// `child gen PATH ROWS`: the source, written as the server's own replica.
 fn child_gen(path: &Path, rows: usize) -> anyhow::Result<()> {
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     let c = open_raw(path)?;
     write_source(&c, rows)?;
     let site: Vec<u8> = c.query_row("SELECT crsql_site_id()", [], |r| r.get(0))?;
@@ -168,7 +168,7 @@ fn server_holds(replica: &Path, site: SiteId, version: i64) -> anyhow::Result<bo
 /// the replica's cursor (its first upload stream, which has nothing to send,
 /// ended). Prints `CLONE <secs> <bytes>`, `SYNC <secs> <secs>`, `PEAK`.
 fn child_clone(addr: &str, db: &Path, server_replica: &Path) -> anyhow::Result<()> {
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     runtime()?.block_on(async {
         let client = SnapshotClient::new(&url(addr)).with_token(TOKEN);
         let start = Instant::now();
@@ -197,7 +197,7 @@ fn child_clone(addr: &str, db: &Path, server_replica: &Path) -> anyhow::Result<(
 /// `child replay ADDR DB SITE VERSION`: a Peer from an empty file until its
 /// cursor holds SITE at VERSION. Prints `REPLAY <secs>`, `PEAK`.
 fn child_replay(addr: &str, db: &Path, site: &str, version: i64) -> anyhow::Result<()> {
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     let site: SiteId = site.parse()?;
     runtime()?.block_on(async {
         let store = Store::open(db).await?;
@@ -484,7 +484,7 @@ fn main() -> anyhow::Result<()> {
     server.finish()?;
 
     // The results are identical: rows, who wrote each cell, cursors.
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     let (s, r, origin) = (
         contents(&clone_db)?,
         contents(&replay_db)?,

@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
         30_000
     };
     let rows = changes.div_ceil(3);
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     let work = tempfile::tempdir()?;
     let data = work.path().join("data");
     std::fs::create_dir_all(&data)?;

@@ -297,7 +297,7 @@ fn main() -> anyhow::Result<()> {
         (1, 5)
     };
     let only = std::env::var("CRSYNC_LIMITS_BENCH_ONLY").unwrap_or_default();
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     let work = tempfile::tempdir()?;
     let data = work.path().join("data");
     std::fs::create_dir_all(&data)?;

@@ -58,11 +58,11 @@ async fn run_store(src: &Path, dst: &Path) -> anyhow::Result<usize> {
 
 /// Child: `store-bench child raw|store SRC DST` -> prints "changes seconds peak_kib".
 fn child(kind: &str, src: &Path, dst: &Path) -> anyhow::Result<()> {
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     let start = Instant::now();
     let n = match kind {
         "raw" => run_raw(src, dst, usize::MAX)?,
-        "raw-batched" => run_raw(src, dst, crsync::DEFAULT_MAX_BATCH_CHANGES)?,
+        "raw-batched" => run_raw(src, dst, crsync::advanced::DEFAULT_MAX_BATCH_CHANGES)?,
         _ => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
@@ -122,7 +122,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         2_000
     };
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     let work = tempfile::tempdir()?;
     println!(
         "crsync Store benchmark (file-backed, WAL, synchronous=NORMAL; {ROWS_PER_TXN} rows per source transaction)"

@@ -129,7 +129,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `child gen PATH ROWS`: the source database, `ROWS` rows x 3 columns in
 /// transactions of 1000 rows. Prints `SOURCE <site hex> <db_version>`.
 fn child_gen(path: &Path, rows: usize) -> anyhow::Result<()> {
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     remove_db(path);
     let c = open_raw(path)?;
     write_source(&c, rows)?;
@@ -142,7 +142,7 @@ fn child_gen(path: &Path, rows: usize) -> anyhow::Result<()> {
 
 /// `child raw SRC DST`: raw cr-sqlite copy in one transaction.
 fn child_raw(src: &Path, dst: &Path) -> anyhow::Result<()> {
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     let d = open_raw(dst)?;
     create_schema(&d)?;
     let s = open_raw(src)?;
@@ -158,7 +158,7 @@ fn child_raw(src: &Path, dst: &Path) -> anyhow::Result<()> {
 
 /// `child store SRC DST`: the Store's batched stream + merge, in one process.
 fn child_store(src: &Path, dst: &Path) -> anyhow::Result<()> {
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     runtime()?.block_on(async {
         let a = Store::open(src).await?;
         let mut b = Store::builder(dst);
@@ -254,7 +254,7 @@ fn child_peer(args: &[String]) -> anyhow::Result<()> {
     let [role, transport, addr, db, rest @ ..] = args else {
         bail!("usage: child peer ROLE TRANSPORT ADDR DB [ARGS]")
     };
-    crsync::load_extension(None)?;
+    crsync::advanced::load_extension(None)?;
     runtime()?.block_on(async {
         let stop = stdin_closed();
         let store = Store::open(db).await?;

@@ -269,7 +269,9 @@ fn describe(event: &PeerEvent) -> String {
             short(peer)
         ),
         PeerEvent::Disconnected { reason, .. } => format!("disconnect {reason}"),
-        PeerEvent::DialFailed { transport, reason } => format!("dial failed {transport}: {reason}"),
+        PeerEvent::DialFailed {
+            transport, reason, ..
+        } => format!("dial failed {transport}: {reason}"),
         other => format!("{other:?}"),
     }
 }

@@ -6,5 +6,6 @@ cd "$ROOT"
 bash scripts/setup.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+bash scripts/check-lean.sh
 cargo test --workspace --all-targets
 cargo test --workspace --doc

@@ -24,6 +24,7 @@ mod cli {
     pub(crate) mod db;
     pub(crate) mod enable;
     pub(crate) mod fork;
+    pub(crate) mod progress;
     pub(crate) mod remote;
     pub(crate) mod serve;
     pub(crate) mod signal;

@@ -35,7 +35,7 @@ type Rows = Vec<(i64, String)>;
 /// A SQLite connection with cr-sqlite loaded (registered for every
 /// connection of this process), as any other program on the file would use.
 fn connect(db: &Path) -> Connection {
-    crsync::load_extension(None).expect("cr-sqlite (scripts/setup.sh)");
+    crsync::advanced::load_extension(None).expect("cr-sqlite (scripts/setup.sh)");
     let conn = Connection::open(db).expect("open");
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .expect("busy timeout");

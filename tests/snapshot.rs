@@ -11,13 +11,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crsync::advanced::SNAPSHOT_PLACEHOLDER_SITE;
 use crsync::rusqlite::Connection;
 use crsync::server::{Access, Auth, SNAPSHOT_DIR, Server, ServerConfig};
 use crsync::transports::snapshot::{
     CloneError, DownloadError, SNAPSHOT_SUFFIX, SnapshotClient, clone_database,
 };
 use crsync::transports::sse::SseDialer;
-use crsync::{Cursor, DbVersion, Peer, SNAPSHOT_PLACEHOLDER_SITE, SiteId, Store};
+use crsync::{Cursor, DbVersion, Peer, SiteId, Store};
 
 const SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS todo (id INTEGER PRIMARY KEY NOT NULL, title TEXT, n INTEGER);";

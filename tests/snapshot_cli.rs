@@ -11,8 +11,9 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crsync::advanced::SNAPSHOT_PLACEHOLDER_SITE;
 use crsync::rusqlite::Connection;
-use crsync::{SNAPSHOT_PLACEHOLDER_SITE, SiteId, Store};
+use crsync::{SiteId, Store};
 use support::{Fixture, Running, TestServer, crsync, run};
 
 const SCHEMA: &str =
@@ -31,7 +32,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// The server's replica of `notes` with `rows` rows of its own (written
 /// before the server starts), in transactions of 1000.
 fn server_db(fixture: &Fixture, rows: i64) -> PathBuf {
-    crsync::load_extension(None).expect("cr-sqlite");
+    crsync::advanced::load_extension(None).expect("cr-sqlite");
     let dir = fixture.path("server");
     std::fs::create_dir_all(&dir).expect("data dir");
     let path = dir.join("notes.db");
@@ -92,7 +93,7 @@ fn replica(db: &Path) -> Replica {
         let mut writers: Vec<(i64, SiteId)> = writers
             .into_iter()
             .map(|(pk, site)| {
-                let id = crsync::PackedPk(pk).unpack().expect("pk")[0].clone();
+                let id = crsync::advanced::PackedPk(pk).unpack().expect("pk")[0].clone();
                 let crsync::SqlValue::Integer(id) = id else {
                     panic!("integer key")
                 };

@@ -42,12 +42,15 @@ pub use store::{
     ConflictQuery, ConflictSide, CopiedFile, DEFAULT_ORIGIN_GC_SLACK, DEFAULT_POLL_INTERVAL,
     EVENT_CHANNEL_CAP, EnableError, ExportError, ForkError, ForkReport, InstallError,
     InstallReport, InvalidChange, MergeError, MergeReport, OpenError, READER_POOL_CAP,
-    SNAPSHOT_PLACEHOLDER_SITE, STREAM_READ_AHEAD, SnapshotExport, Store, StoreBuilder, StoreError,
-    StoreEvent,
+    RemoteRecord, SNAPSHOT_PLACEHOLDER_SITE, STREAM_READ_AHEAD, SnapshotExport, Store,
+    StoreBuilder, StoreError, StoreEvent,
 };
 pub use value::{Affinity, SqlValue, normalize_js};
 
-pub use peer::{DEFAULT_WINDOW, PEER_EVENT_CAP, Peer, PeerBuilder, PeerEvent, WaitError};
+pub use peer::{
+    DEFAULT_WINDOW, DialFailure, DialerHandle, PEER_EVENT_CAP, Peer, PeerBuilder, PeerEvent,
+    Pending, Progress, RemoteStatus, SyncPhase, SyncStatus, WaitError,
+};
 /// Re-exported so callers of [`Store::write`] use the same rusqlite.
 pub use rusqlite;
 pub use transport::{

@@ -6,12 +6,14 @@
 //! [`Dialer`]s and are redialed with backoff; incoming ones are handed to
 //! [`Peer::accept`].
 
+mod dialer;
 mod session;
+mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_core::Stream;
 use tokio::sync::{broadcast, watch};
@@ -22,12 +24,18 @@ use tokio_util::task::TaskTracker;
 use crate::proto::{SessionStatus, Side, Trust};
 use crate::store::ChangeSource;
 use crate::transport::{Connection, Dialer, ReconnectPolicy};
-use crate::{Cursor, SiteId, Store, StoreEvent};
+use crate::{Cursor, DbVersion, SiteId, Store, StoreEvent};
+pub use dialer::{DialFailure, DialerHandle};
+use status::{Link, Noticed};
+pub use status::{Pending, Progress, RemoteStatus, SyncPhase, SyncStatus};
 
 /// Capacity of the broadcast channel of [`PeerEvent`]s.
 pub const PEER_EVENT_CAP: usize = 1024;
 /// Default number of batches in flight per remote.
 pub const DEFAULT_WINDOW: usize = 8;
+/// How often a remote that stays in sync is noted again in the Store's
+/// record of remotes ([`Store::remotes`]).
+const REMOTE_SAVE_EVERY: Duration = Duration::from_secs(5);
 
 /// Something that happened on a [`Peer`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,11 +95,17 @@ pub enum PeerEvent {
         /// Whether the remote refused what we sent.
         by_remote: bool,
     },
-    /// A dial attempt failed (the dialer retries with backoff).
+    /// A dial attempt failed. The dialer retries with backoff, except when
+    /// the remote refused our credentials ([`DialFailure::Unauthorized`],
+    /// [`DialFailure::Forbidden`]): then it waits for
+    /// [`DialerHandle::set_token`] or [`DialerHandle::resume`], and this
+    /// event comes once.
     DialFailed {
         /// The dialer's label.
         transport: String,
-        /// Why.
+        /// What kind of failure.
+        failure: DialFailure,
+        /// Why, in words.
         reason: String,
     },
     /// This replica and another share a site id: one of them is a copied
@@ -208,6 +222,21 @@ pub(crate) struct Inner {
     /// Every open session's status, as its state machine reports it.
     sessions: watch::Sender<BTreeMap<u64, SessionStatus>>,
     next_session: AtomicU64,
+    /// Every dialer and accepted connection, by link id.
+    links: Mutex<BTreeMap<u64, Link>>,
+    /// Bumped whenever a link changes (for status watchers).
+    links_changed: watch::Sender<u64>,
+    next_link: AtomicU64,
+    /// Per remote site, the newest of our own versions it acknowledged.
+    acknowledged: watch::Sender<BTreeMap<SiteId, DbVersion>>,
+    /// Own versions with the time they were first seen.
+    noticed: Mutex<Noticed>,
+    /// Sync is paused for the whole Peer.
+    paused: watch::Sender<bool>,
+    /// When the Peer started (the first-seen time of older writes).
+    started: SystemTime,
+    /// Ends the sessions of accepted connections when sync is paused.
+    accepted_stop: Mutex<session::Stop>,
     tasks: TaskTracker,
 }
 
@@ -223,6 +252,9 @@ impl Inner {
 
     /// Records a session's status (`None`: it ended).
     pub(crate) fn publish(&self, id: u64, status: Option<SessionStatus>) {
+        if let Some(s) = &status {
+            self.note_acknowledged(id, s);
+        }
         self.sessions.send_if_modified(|m| match status {
             Some(s) if m.get(&id) != Some(&s) => {
                 m.insert(id, s);
@@ -230,6 +262,117 @@ impl Inner {
             }
             Some(_) => false,
             None => m.remove(&id).is_some(),
+        });
+    }
+
+    /// Raises what the session's remote acknowledged of ours, and notes
+    /// when we were in sync with it.
+    fn note_acknowledged(&self, id: u64, s: &SessionStatus) {
+        let Some(remote) = s.remote else { return };
+        let local = self.store.site_id();
+        let acked = s.acknowledged.get(&local);
+        let raised = self.acknowledged.send_if_modified(|m| {
+            let entry = m.entry(remote).or_insert(DbVersion::ZERO);
+            let raised = acked > *entry;
+            *entry = (*entry).max(acked);
+            raised
+        });
+        if raised {
+            let floor = self.acknowledged.borrow().values().min().copied();
+            if let Some(floor) = floor {
+                self.lock_noticed().forget_upto(floor);
+            }
+        }
+        let own = self.cursor.borrow().get(&local);
+        let in_sync = Link::in_sync(s, local, own);
+        if !raised && !in_sync {
+            return;
+        }
+        let now = SystemTime::now();
+        let mut links = self.lock_links();
+        let Some(link) = links.values_mut().find(|l| l.session == Some(id)) else {
+            return;
+        };
+        let newly_synced = in_sync
+            && link
+                .last_synced_at
+                .is_none_or(|at| now.duration_since(at).unwrap_or_default() >= REMOTE_SAVE_EVERY);
+        if in_sync {
+            link.last_synced_at = Some(now);
+        }
+        if raised || newly_synced {
+            self.store.note_remote(crate::RemoteRecord {
+                site: remote,
+                transport: link.transport.clone(),
+                acknowledged: acked,
+                synced_at: link.last_synced_at,
+            });
+        }
+    }
+
+    pub(crate) fn lock_links(&self) -> MutexGuard<'_, BTreeMap<u64, Link>> {
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_accepted_stop(&self) -> MutexGuard<'_, session::Stop> {
+        self.accepted_stop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_noticed(&self) -> MutexGuard<'_, Noticed> {
+        self.noticed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Changes a link and tells status watchers.
+    pub(crate) fn update_link(&self, link: u64, f: impl FnOnce(&mut Link)) {
+        if let Some(l) = self.lock_links().get_mut(&link) {
+            f(l);
+        }
+        self.links_changed.send_modify(|v| *v += 1);
+    }
+
+    /// A new link; returns its id.
+    pub(crate) fn add_link(&self, transport: String, dialed: bool) -> u64 {
+        let id = self.next_link.fetch_add(1, Ordering::Relaxed);
+        self.lock_links().insert(id, Link::new(transport, dialed));
+        self.links_changed.send_modify(|v| *v += 1);
+        id
+    }
+
+    pub(crate) fn remove_link(&self, link: u64) {
+        self.lock_links().remove(&link);
+        self.links_changed.send_modify(|v| *v += 1);
+    }
+
+    /// A session opened on `link`.
+    pub(crate) fn session_opened(&self, link: u64, session: u64) {
+        self.update_link(link, |l| {
+            l.session = Some(session);
+            l.connected_since = Some(SystemTime::now());
+            l.opened = Some(Instant::now());
+            l.disconnected = false;
+        });
+    }
+
+    /// The session of `link` ended; `last_error` is its last refusal, if any.
+    pub(crate) fn session_closed(
+        &self,
+        link: u64,
+        last_error: Option<(crate::proto::ErrorCode, String)>,
+    ) {
+        self.update_link(link, |l| {
+            l.session = None;
+            l.connected_since = None;
+            l.opened = None;
+            l.disconnected = true;
+            if last_error.is_some() {
+                l.last_error = last_error;
+            }
         });
     }
 }
@@ -270,6 +413,9 @@ pub enum WaitError {
     /// The Peer shut down.
     #[error("the peer shut down")]
     Shutdown,
+    /// Sync is paused ([`Peer::pause`]): it cannot happen until resumed.
+    #[error("sync is paused")]
+    Paused,
 }
 
 impl Peer {
@@ -296,15 +442,25 @@ impl Peer {
         let (schema_tx, schema) = watch::channel(0);
         let (sessions, _) = watch::channel(BTreeMap::new());
         let (cursor_tx, cursor) = watch::channel(Cursor::new());
+        let cancel = CancellationToken::new();
+        let accepted_stop = Mutex::new(session::Stop::from_token(cancel.child_token()));
         let inner = Arc::new(Inner {
             store,
             config,
             events,
-            cancel: CancellationToken::new(),
+            cancel,
             schema,
             cursor,
             sessions,
             next_session: AtomicU64::new(0),
+            links: Mutex::new(BTreeMap::new()),
+            links_changed: watch::channel(0).0,
+            next_link: AtomicU64::new(0),
+            acknowledged: watch::channel(BTreeMap::new()).0,
+            noticed: Mutex::new(Noticed::default()),
+            paused: watch::channel(false).0,
+            started: SystemTime::now(),
+            accepted_stop,
             tasks: TaskTracker::new(),
         });
         inner
@@ -334,38 +490,200 @@ impl Peer {
         })
     }
 
-    /// Runs a session over an incoming connection until it ends.
+    /// Runs a session over an incoming connection until it ends. While sync
+    /// is paused ([`pause`](Self::pause)) the connection is closed at once.
     pub fn accept(&self, connection: Connection) -> JoinHandle<()> {
         let inner = self.inner.clone();
         self.inner.tasks.spawn(async move {
-            session::run(inner, connection, Side::Accepted).await;
+            if *inner.paused.borrow() {
+                return;
+            }
+            let link = inner.add_link(connection.label.clone(), false);
+            let stop = inner.lock_accepted_stop().clone();
+            session::run(inner.clone(), connection, Side::Accepted, link, stop).await;
+            inner.remove_link(link);
         })
     }
 
     /// Dials `dialer` now and again whenever its connection ends, with backoff
     /// ([`ReconnectPolicy`]). A connection resets the backoff when it ends,
     /// unless the remote refused what we sent on it (an HTTP 413, say): that
-    /// would be refused again at once, so the delays keep growing.
-    pub fn add_dialer(&self, dialer: impl Dialer) -> JoinHandle<()> {
-        let inner = self.inner.clone();
-        self.inner.tasks.spawn(dial_loop(inner, Box::new(dialer)))
+    /// would be refused again at once, so the delays keep growing. A refused
+    /// credential (HTTP 401 or 403) stops the dialing until the handle
+    /// supplies a new token or resumes.
+    ///
+    /// The returned handle pauses, resumes and removes this dialer; dropping
+    /// it leaves the dialer running.
+    pub fn add_dialer(&self, dialer: impl Dialer) -> DialerHandle {
+        dialer::start(self.inner.clone(), Box::new(dialer))
     }
 
-    /// Waits until `remote` has sent everything we lacked when we connected (`eose`).
+    /// Pauses sync entirely: every dialer stops (its connection closes with
+    /// a `Disconnected` event) and accepted connections are closed and
+    /// refused, until [`resume`](Self::resume). Nothing local is lost: the
+    /// changes are sent after the resume.
+    pub fn pause(&self) {
+        self.inner.paused.send_replace(true);
+        let fresh = session::Stop::from_token(self.inner.cancel.child_token());
+        let old = std::mem::replace(&mut *self.inner.lock_accepted_stop(), fresh);
+        old.stop("sync paused");
+        self.inner.links_changed.send_modify(|v| *v += 1);
+    }
+
+    /// Resumes sync after [`pause`](Self::pause) (dialers paused one by one
+    /// through their handles stay paused).
+    pub fn resume(&self) {
+        self.inner.paused.send_replace(false);
+        self.inner.links_changed.send_modify(|v| *v += 1);
+    }
+
+    /// Waits until `remote` has sent everything we lacked when we connected
+    /// (`eose`). Fails at once with [`WaitError::Paused`] while sync is paused.
     pub async fn wait_caught_up(&self, remote: SiteId, timeout: Duration) -> Result<(), WaitError> {
         let mut rx = self.inner.sessions.subscribe();
         let wait = rx.wait_for(|m| {
             m.values()
                 .any(|s| s.remote == Some(remote) && s.received_eose)
         });
+        self.wait_unpaused(wait, timeout, remote).await
+    }
+
+    /// Waits until a remote holds our own write `version` (the version
+    /// [`Store::write_versioned`] returned): `remote` names one, `None` takes
+    /// any. Fails at once with [`WaitError::Paused`] while sync is paused.
+    ///
+    /// ```no_run
+    /// # async fn demo(peer: crsync_peer::Peer) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// let (_, version) = peer
+    ///     .store()
+    ///     .write_versioned(|tx| tx.execute("INSERT INTO notes (id, body) VALUES (1, 'hi')", []))
+    ///     .await?;
+    /// if let Some(version) = version {
+    ///     peer.wait_acknowledged(version, None, Duration::from_secs(10)).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_acknowledged(
+        &self,
+        version: DbVersion,
+        remote: Option<SiteId>,
+        timeout: Duration,
+    ) -> Result<(), WaitError> {
+        let mut rx = self.inner.acknowledged.subscribe();
+        let wait = rx.wait_for(|m| match remote {
+            Some(r) => m.get(&r).is_some_and(|v| *v >= version),
+            None => m.values().any(|v| *v >= version),
+        });
+        let who = remote.unwrap_or(self.site_id());
+        self.wait_unpaused(wait, timeout, who).await
+    }
+
+    async fn wait_unpaused<T, E>(
+        &self,
+        wait: impl std::future::Future<Output = Result<T, E>>,
+        timeout: Duration,
+        remote: SiteId,
+    ) -> Result<(), WaitError> {
+        let mut paused = self.inner.paused.subscribe();
+        if *paused.borrow_and_update() {
+            return Err(WaitError::Paused);
+        }
         tokio::select! {
             r = tokio::time::timeout(timeout, wait) => match r {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(_)) => Err(WaitError::Shutdown),
                 Err(_) => Err(WaitError::Timeout(remote)),
             },
+            _ = paused.wait_for(|p| *p) => Err(WaitError::Paused),
             _ = self.inner.cancel.cancelled() => Err(WaitError::Shutdown),
         }
+    }
+
+    /// Sync as a whole and per remote: phases, what each remote holds of
+    /// ours, what is still to upload, initial-sync progress, last sync, the
+    /// last error. See [`watch_status`](Self::watch_status) to follow it.
+    pub async fn status(&self) -> SyncStatus {
+        let inner = &self.inner;
+        let local = self.site_id();
+        let own = match inner.store.cursor().await {
+            Ok(cursor) => cursor.get(&local),
+            Err(_) => inner.cursor.borrow().get(&local),
+        };
+        let acked = inner.acknowledged.borrow().clone();
+        let sessions = inner.sessions.borrow().clone();
+        let links: Vec<status::Link> = inner.lock_links().values().cloned().collect();
+        let mut remotes = Vec::with_capacity(links.len());
+        let mut floors = Vec::with_capacity(links.len());
+        for link in &links {
+            let session = link.session.and_then(|id| sessions.get(&id));
+            let known = session
+                .and_then(|s| s.remote)
+                .and_then(|r| acked.get(&r).copied())
+                .unwrap_or(DbVersion::ZERO);
+            floors.push(known);
+            remotes.push((link, session, known));
+        }
+        let best = acked.values().max().copied().unwrap_or(DbVersion::ZERO);
+        floors.push(best);
+        let counts = inner
+            .store
+            .own_versions_after(&floors, own)
+            .await
+            .unwrap_or_default();
+        let count = |i: usize| counts.get(i).copied().unwrap_or(0);
+        let noticed = inner.lock_noticed();
+        let pending = |i: usize, after: DbVersion| Pending {
+            transactions: count(i),
+            oldest: (count(i) > 0).then(|| noticed.oldest_after(after).unwrap_or(inner.started)),
+        };
+        let overall = pending(links.len(), best);
+        let remotes = remotes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (link, session, known))| {
+                status::remote_status(link, session, pending(i, known), known)
+            })
+            .collect();
+        drop(noticed);
+        SyncStatus {
+            own_version: own,
+            pending: overall,
+            remotes,
+            paused: *inner.paused.borrow(),
+        }
+    }
+
+    /// The [`status`](Self::status) each time it may have changed (at most
+    /// every `every`), starting with the current one.
+    pub fn watch_status(
+        &self,
+        every: Duration,
+    ) -> impl Stream<Item = SyncStatus> + Send + Unpin + 'static {
+        let peer = self.clone();
+        let sessions = self.inner.sessions.subscribe();
+        let links = self.inner.links_changed.subscribe();
+        let cursor = self.inner.cursor.clone();
+        let state = (peer, sessions, links, cursor, true);
+        Box::pin(futures_util::stream::unfold(
+            state,
+            move |(peer, mut sessions, mut links, mut cursor, first)| async move {
+                if !first {
+                    tokio::time::sleep(every).await;
+                    tokio::select! {
+                        r = sessions.changed() => r.ok()?,
+                        r = links.changed() => r.ok()?,
+                        r = cursor.changed() => r.ok()?,
+                        _ = peer.inner.cancel.cancelled() => return None,
+                    }
+                }
+                sessions.mark_unchanged();
+                links.mark_unchanged();
+                cursor.mark_unchanged();
+                let status = peer.status().await;
+                Some((status, (peer, sessions, links, cursor, false)))
+            },
+        ))
     }
 
     /// Remotes with at least one open session.
@@ -401,7 +719,10 @@ async fn watch_store(
     if let Ok(v) = inner.store.schema_version().await {
         schema_tx.send_replace(v);
     }
+    let local = inner.store.site_id();
     if let Ok(c) = inner.store.cursor().await {
+        // Writes made before we started count as first seen at the start.
+        inner.lock_noticed().note(c.get(&local), inner.started);
         cursor_tx.send_replace(c);
     }
     let mut tick = tokio::time::interval(inner.config.schema_poll);
@@ -410,15 +731,24 @@ async fn watch_store(
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
             event = store_events.recv() => {
+                let mut own_write = false;
                 match event {
-                    Ok(StoreEvent::Changed { tables, source }) => inner.emit(PeerEvent::Change { tables, source }),
+                    Ok(StoreEvent::Changed { tables, source }) => {
+                        own_write = source != ChangeSource::Merge;
+                        inner.emit(PeerEvent::Change { tables, source });
+                    }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => inner.emit(PeerEvent::Lagged { missed }),
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
                 // Sent even when unchanged: an unranged merge moves no cursor but has rows to relay.
                 match inner.store.cursor().await {
-                    Ok(c) => { cursor_tx.send_replace(c); }
+                    Ok(c) => {
+                        if own_write {
+                            inner.lock_noticed().note(c.get(&local), SystemTime::now());
+                        }
+                        cursor_tx.send_replace(c);
+                    }
                     Err(e) => tracing::warn!(error = %e, "cannot read our cursor"),
                 }
             },
@@ -427,50 +757,6 @@ async fn watch_store(
                     schema_tx.send_if_modified(|old| if *old != v { *old = v; true } else { false });
                 }
             }
-        }
-    }
-}
-
-async fn dial_loop(inner: Arc<Inner>, mut dialer: Box<dyn Dialer>) {
-    let mut backoff = inner.config.reconnect.backoff();
-    let local = inner.store.site_id();
-    let mut wait_at_least: Option<Duration> = None;
-    loop {
-        let attempt = tokio::select! {
-            _ = inner.cancel.cancelled() => return,
-            r = dialer.dial(local) => r,
-        };
-        match attempt {
-            Ok(connection) => {
-                let ended = session::run(inner.clone(), connection, Side::Dialed).await;
-                if ended.site_id_conflict {
-                    tracing::warn!(transport = %dialer.label(), "site id conflict: no longer dialing");
-                    return;
-                }
-                // After a refusal (a 413, say) the next attempt would be
-                // refused the same way: back off further instead of hammering.
-                if ended.refused {
-                    tracing::info!(transport = %dialer.label(), "the remote refused what we sent; backing off");
-                } else {
-                    backoff.reset();
-                }
-            }
-            Err(e) => {
-                tracing::debug!(transport = %dialer.label(), error = %e, "dial failed");
-                inner.emit(PeerEvent::DialFailed {
-                    transport: dialer.label(),
-                    reason: e.to_string(),
-                });
-                // A busy remote (HTTP 429) said how long to wait: never sooner.
-                wait_at_least = e.retry_after();
-            }
-        }
-        let delay = backoff
-            .next_delay(rand::random::<f64>())
-            .max(wait_at_least.take().unwrap_or_default());
-        tokio::select! {
-            _ = inner.cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
         }
     }
 }

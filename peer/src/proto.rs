@@ -37,5 +37,5 @@ pub use session::{
     CloseReason, Input, MergeFailure, MergeOutcome, Output, ReplyId, Session, SessionConfig,
     SessionEvent, Side,
 };
-pub use status::{SessionPhase, SessionStatus};
+pub use status::{InitialProgress, SessionPhase, SessionStatus};
 pub use trust::{DEFAULT_MAX_CLAIM_SITES, SiteConflict, Trust};

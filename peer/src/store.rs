@@ -11,6 +11,7 @@ mod error;
 mod fork;
 mod identity;
 mod reader;
+mod remotes;
 mod schema;
 mod snapshot;
 mod staging;
@@ -27,6 +28,7 @@ pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
 pub use fork::{ForkError, ForkReport};
 pub use identity::CopiedFile;
 pub use reader::{ChangeStream, READER_POOL_CAP};
+pub use remotes::RemoteRecord;
 pub use snapshot::{
     ExportError, InstallError, InstallReport, SNAPSHOT_PLACEHOLDER_SITE, SnapshotExport,
 };
@@ -401,6 +403,20 @@ impl Store {
         let _ = self.commands.try_send(Command::Acknowledged(version.0));
     }
 
+    /// What a Peer saw of a remote, remembered across restarts (see
+    /// [`remotes`](Self::remotes)). Never waits; may be dropped when the
+    /// writer is busy (a later call says as much).
+    pub fn note_remote(&self, record: RemoteRecord) {
+        let _ = self.commands.try_send(Command::RemoteSeen(record));
+    }
+
+    /// The remotes this database synced with (by any Peer, in any earlier
+    /// run), most recently synced first: how each was reached, the newest
+    /// of our versions it acknowledged, when we were last in sync.
+    pub async fn remotes(&self) -> Result<Vec<RemoteRecord>, StoreError> {
+        self.call(Command::Remotes).await?
+    }
+
     /// Notifications of committed changes. Slow receivers see `Lagged`.
     pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
@@ -467,6 +483,67 @@ impl Store {
             .await
             .map_err(|_| StoreError::Closed)?;
         self.reply(rx).await?
+    }
+
+    /// Like [`write`](Self::write), and also returns the local version the
+    /// transaction committed as (`None` if it changed no CRR): pass it to
+    /// [`Peer::wait_acknowledged`](crate::Peer::wait_acknowledged) to learn
+    /// when a remote holds the write.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: crsync_peer::Store) -> Result<(), crsync_peer::StoreError> {
+    /// let (rows, version) = store
+    ///     .write_versioned(|tx| tx.execute("UPDATE notes SET body = 'hi' WHERE id = 1", []))
+    ///     .await?;
+    /// assert!(rows == 0 || version.is_some());
+    /// # Ok(()) }
+    /// ```
+    pub async fn write_versioned<T, F>(&self, f: F) -> Result<(T, Option<DbVersion>), StoreError>
+    where
+        F: FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.write(move |tx| {
+            let before: i64 = tx.query_row("SELECT crsql_db_version()", [], |r| r.get(0))?;
+            let value = f(tx)?;
+            // cr-sqlite assigns the version at commit: the next one, if this
+            // transaction wrote to a CRR (its pending changes are in the clock tables).
+            let next: i64 = tx.query_row("SELECT crsql_next_db_version()", [], |r| r.get(0))?;
+            let wrote: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM crsql_changes WHERE db_version > ?1)",
+                [before],
+                |r| r.get(0),
+            )?;
+            Ok((value, wrote.then_some(DbVersion(next))))
+        })
+        .await
+    }
+
+    /// How many of our own local versions lie above each of `after`, up to
+    /// `own` (local versions that merges used are not ours): what a remote
+    /// that holds ours up to `after[i]` still lacks.
+    pub async fn own_versions_after(
+        &self,
+        after: &[DbVersion],
+        own: DbVersion,
+    ) -> Result<Vec<u64>, StoreError> {
+        let after = after.to_vec();
+        self.read(move |conn| {
+            let mut merged = conn.prepare_cached(
+                "SELECT count(*) FROM crsync_origin WHERE local_version > ?1 AND local_version <= ?2",
+            )?;
+            after
+                .iter()
+                .map(|a| {
+                    if *a >= own {
+                        return Ok(0);
+                    }
+                    let m: i64 = merged.query_row([a.0, own.0], |r| r.get(0))?;
+                    Ok(((own.0 - a.0) - m).max(0) as u64)
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Runs a read-only closure on the writer connection.

@@ -179,6 +179,12 @@ pub trait Dialer: Send + 'static {
 
     /// What this dials, for events and logs.
     fn label(&self) -> String;
+
+    /// Takes a new credential for the next dials (after the remote refused
+    /// the old one, say). Dialers without credentials ignore it (the default).
+    fn set_token(&mut self, token: &str) {
+        let _ = token;
+    }
 }
 
 /// Exponential backoff with jitter for redialing.

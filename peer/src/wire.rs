@@ -195,6 +195,10 @@ pub struct TransportMessage {
     /// is sent again even when no range would show its loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<(u64, u64)>,
+    /// On `data` of an initial stream (crsync extension): how many changes
+    /// the whole stream holds at most, for the receiver's progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
 }
 
 /// The `data` payload.
@@ -397,6 +401,7 @@ impl TransportMessage {
             crsync: None,
             ack: None,
             n: None,
+            total: None,
         }
     }
 

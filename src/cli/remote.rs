@@ -1,23 +1,16 @@
-//! The server side of `crsync sync`: which transport to dial, a one-off
-//! probe of the server's cursor, and a dialer wrapper that reports why
-//! connections fail, as typed [`Problem`]s.
-
-use std::time::Duration;
+//! The server side of `crsync sync`: which transport to dial, and a dialer
+//! wrapper that reports why connections fail, as typed [`Problem`]s.
 
 use crsync::proto::ErrorCode;
 use crsync::transports::{SseDialer, WebSocketDialer};
 use crsync::wire::MessageKind;
-use crsync::{Connection, Cursor, Dialer, SiteId, TransportError};
+use crsync::{Connection, Dialer, SiteId, TransportError};
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
-/// How long a probe waits for the server's cursor.
-pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Problems queued for the command before further ones are dropped.
 pub(crate) const PROBLEM_QUEUE_CAP: usize = 16;
-/// How long closing a probe connection may take.
-const PROBE_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The server to sync with, over HTTP+SSE or WebSocket.
 #[derive(Debug, Clone)]
@@ -160,7 +153,7 @@ impl Problem {
                      raise max_body_bytes in the server's config (crsync serve --config FILE, \
                      default 16 MiB) to at least {batch} MiB: crsync sends batches, and large \
                      transactions in parts, of up to {batch} MiB; retrying with backoff",
-                    batch = crsync::DEFAULT_MAX_BATCH_BYTES >> 20
+                    batch = crsync::advanced::DEFAULT_MAX_BATCH_BYTES >> 20
                 ),
             },
             TransportError::Http {
@@ -214,96 +207,6 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// What the server holds, as it said on a fresh connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RemoteState {
-    /// The server database's site id.
-    pub(crate) site: SiteId,
-    /// Its cursor.
-    pub(crate) cursor: Cursor,
-}
-
-/// Opens a short connection under a throw-away site id and reads the
-/// server's `connect` and `sync` (its cursor), sending nothing. A server
-/// sends its cursor on every new connection, so this tells what the server
-/// holds right now, for example whether it has acknowledged our changes.
-pub(crate) async fn probe(endpoint: &Endpoint) -> Result<RemoteState, Problem> {
-    let url = endpoint.url().to_owned();
-    let mut dialer = endpoint.dialer();
-    let attempt = async {
-        let mut connection = dialer
-            .dial(random_site_id())
-            .await
-            .map_err(|e| Problem::from_error(&e, &url))?;
-        let state = read_cursor(&mut connection, &url).await;
-        let _ = tokio::time::timeout(PROBE_CLOSE_TIMEOUT, connection.sink.close()).await;
-        state
-    };
-    tokio::time::timeout(PROBE_TIMEOUT, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err(Problem::Unreachable {
-                message: format!(
-                    "the server at {url} did not send its cursor within {PROBE_TIMEOUT:?}"
-                ),
-            })
-        })
-}
-
-async fn read_cursor(connection: &mut Connection, url: &str) -> Result<RemoteState, Problem> {
-    while let Some(item) = connection.stream.next().await {
-        let message = match item {
-            Ok(received) => received.message,
-            Err(TransportError::Decode(e)) => {
-                tracing::debug!("probe: undecodable message: {e}");
-                continue;
-            }
-            Err(e) => return Err(Problem::from_error(&e, url)),
-        };
-        match message.kind {
-            MessageKind::Error => {
-                let e = TransportError::Remote {
-                    code: message
-                        .code
-                        .as_deref()
-                        .map_or(ErrorCode::Other("ERROR".into()), ErrorCode::parse),
-                    message: message.error.unwrap_or_default(),
-                };
-                return Err(Problem::from_error(&e, url));
-            }
-            MessageKind::Sync => {
-                let (Some(cursor), Ok(site)) = (message.cursor.clone(), message.sender()) else {
-                    continue;
-                };
-                return Ok(RemoteState { site, cursor });
-            }
-            MessageKind::Connect | MessageKind::Ping | MessageKind::Data => {}
-        }
-    }
-    Err(Problem::Unreachable {
-        message: format!("the server at {url} closed the connection before sending its cursor"),
-    })
-}
-
-/// A random site id for probes (distinct from every real database's).
-pub(crate) fn random_site_id() -> SiteId {
-    use std::hash::{BuildHasher, Hasher};
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let mut bytes = [0u8; 16];
-    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
-        // Each RandomState has fresh random keys.
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(nanos);
-        hasher.write_u32(std::process::id());
-        hasher.write_usize(i);
-        chunk.copy_from_slice(&hasher.finish().to_le_bytes());
-    }
-    SiteId::from_bytes(bytes)
-}
-
 /// Wraps a dialer and reports every failure, typed, on a bounded channel:
 /// failed dials, failed sends (an HTTP 403 on `POST data` with a read-only
 /// token), and refusals the server sends in-band (WebSocket `error` messages).
@@ -340,6 +243,10 @@ impl Dialer for WatchedDialer {
 
     fn label(&self) -> String {
         self.inner.label()
+    }
+
+    fn set_token(&mut self, token: &str) {
+        self.inner.set_token(token);
     }
 }
 
@@ -443,10 +350,5 @@ mod tests {
         let p = Problem::from_error(&too_large, "u");
         assert!(!p.is_refusal());
         assert!(p.message().contains("max_body_bytes"), "{p}");
-    }
-
-    #[test]
-    fn probe_ids_differ() {
-        assert_ne!(random_site_id(), random_site_id());
     }
 }

@@ -1,9 +1,13 @@
-//! `crsync status`: what a database file holds.
+//! `crsync status`: what a database file holds, and how its sync stands with
+//! each remote it synced with (from the record a Peer keeps in the file).
 
 use std::path::PathBuf;
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use clap::Args;
-use crsync::{BookkeepingStats, Cursor, SiteId, Store};
+use crsync::advanced::BookkeepingStats;
+use crsync::{Cursor, RemoteRecord, SiteId, Store};
 use serde_json::json;
 
 use super::db::{self, TableInfo};
@@ -32,6 +36,8 @@ struct Status {
     bookkeeping: BookkeepingStats,
     /// Why this file may not sync (a copy of another replica's file).
     copied: Option<String>,
+    /// The remotes it synced with, with how many of our transactions each lacks.
+    remotes: Vec<(RemoteRecord, u64)>,
 }
 
 /// Runs `crsync status`.
@@ -49,6 +55,12 @@ pub(crate) async fn run(args: StatusArgs) -> anyhow::Result<Outcome> {
 }
 
 async fn read(store: &Store, path: PathBuf) -> anyhow::Result<Status> {
+    let cursor = store.cursor().await?;
+    let own = cursor.get(&store.site_id());
+    let records = store.remotes().await?;
+    let acked: Vec<_> = records.iter().map(|r| r.acknowledged).collect();
+    let pending = store.own_versions_after(&acked, own).await?;
+    let remotes = records.into_iter().zip(pending).collect();
     Ok(Status {
         path,
         site_id: store.site_id(),
@@ -58,7 +70,29 @@ async fn read(store: &Store, path: PathBuf) -> anyhow::Result<Status> {
         cursor: store.cursor().await?,
         bookkeeping: store.bookkeeping_stats().await?,
         copied: store.copied().map(ToString::to_string),
+        remotes,
     })
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// "42s ago", "5m ago", "3h ago", "2d ago".
+fn ago(at: SystemTime) -> String {
+    let secs = SystemTime::now()
+        .duration_since(at)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
 }
 
 fn to_json(s: &Status) -> serde_json::Value {
@@ -79,6 +113,13 @@ fn to_json(s: &Status) -> serde_json::Value {
             "cursor_sites": s.bookkeeping.cursor_sites,
         },
         "copied": s.copied,
+        "remotes": s.remotes.iter().map(|(r, pending)| json!({
+            "site_id": r.site.to_hex(),
+            "transport": r.transport,
+            "acknowledged": r.acknowledged.0,
+            "pending_transactions": pending,
+            "last_synced_at_ms": r.synced_at.map(unix_millis),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -135,5 +176,26 @@ fn to_text(s: &Status) -> String {
         ),
         count(s.bookkeeping.cursor_sites, "remote site", "remote sites")
     );
+    if s.remotes.is_empty() {
+        let _ = writeln!(out, "remotes:       none synced with yet");
+    } else {
+        let _ = writeln!(
+            out,
+            "remotes:       last in sync; our transactions each lacks"
+        );
+        for (r, pending) in &s.remotes {
+            let when = r.synced_at.map_or_else(|| "never in sync".to_string(), ago);
+            let noun = if *pending == 1 {
+                "transaction"
+            } else {
+                "transactions"
+            };
+            let _ = writeln!(
+                out,
+                "  {} via {}: {when}; holds ours up to {}, {pending} local {noun} pending",
+                r.site, r.transport, r.acknowledged
+            );
+        }
+    }
     out
 }

@@ -1,9 +1,9 @@
 //! `crsync sync`: replicate a database file with a server.
 //!
 //! `--once` connects, waits until it has everything the server had (the
-//! server's `eose`) and until the server holds every change of ours (checked
-//! by reading the server's cursor on a short probe connection), reports what
-//! moved and exits. `--watch` (the default) keeps syncing and prints the
+//! server's `eose`) and until the server acknowledged every change of ours
+//! (the Peer's status, on the one connection), showing the initial sync's
+//! progress on stderr, reports what moved and exits. `--watch` (the default) keeps syncing and prints the
 //! Peer's events until Ctrl-C or SIGTERM. A file that does not exist, or
 //! has no CRR rows and an empty cursor, first starts from the server's
 //! snapshot when the server offers one (`crsync clone`), then syncs only
@@ -13,20 +13,19 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use clap::Args;
-use crsync::{ChangeSource, Cursor, Peer, PeerEvent, SiteId, Store};
+use crsync::proto::ErrorCode;
+use crsync::{ChangeSource, Cursor, DbVersion, Peer, PeerEvent, SiteId, Store};
 use futures_util::{FutureExt as _, StreamExt};
 use tokio::sync::mpsc;
 
-use super::remote::{self, Endpoint, PROBLEM_QUEUE_CAP, Problem, WatchedDialer};
+use super::progress::ProgressReport;
+use super::remote::{Endpoint, PROBLEM_QUEUE_CAP, Problem, WatchedDialer};
 use super::{Outcome, signal};
 use super::{clone, db};
 
-/// First pause between two checks of the server's cursor in `--once`.
-const ACK_POLL_START: Duration = Duration::from_millis(50);
-/// Longest pause between two checks of the server's cursor in `--once`.
-const ACK_POLL_MAX: Duration = Duration::from_secs(1);
+/// How often `--once` looks at the sync status (and redraws its progress).
+const STATUS_EVERY: Duration = Duration::from_millis(100);
 
 /// Arguments of `crsync sync`.
 #[derive(Debug, Args)]
@@ -56,7 +55,7 @@ pub(crate) struct SyncArgs {
     /// Keep syncing and print events until Ctrl-C (the default).
     #[arg(long)]
     watch: bool,
-    /// With --once: give up after this many seconds.
+    /// With --once: give up after this many seconds without progress.
     #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "once")]
     timeout: f64,
 }
@@ -208,8 +207,16 @@ fn describe(event: &PeerEvent) -> String {
             Some(peer) => format!("disconnect {peer} ({transport}): {reason}"),
             None => format!("disconnect {transport}: {reason}"),
         },
-        PeerEvent::DialFailed { transport, reason } => {
-            format!("dial failed {transport}: {reason} (retrying)")
+        PeerEvent::DialFailed {
+            transport,
+            failure,
+            reason,
+        } => {
+            if failure.is_credential_refusal() {
+                format!("refused    {transport}: {reason} (not retrying: check the token)")
+            } else {
+                format!("dial failed {transport}: {reason} (retrying)")
+            }
         }
         PeerEvent::Lagged { missed } => format!("lagged     {missed} events not shown"),
         PeerEvent::SiteIdConflict { message, .. } => format!("refused    {message}"),
@@ -219,15 +226,6 @@ fn describe(event: &PeerEvent) -> String {
 
 fn join(tables: &BTreeSet<String>) -> String {
     tables.iter().cloned().collect::<Vec<_>>().join(", ")
-}
-
-/// What `--once` did.
-#[derive(Debug)]
-struct Report {
-    server: SiteId,
-    received: db::Missing,
-    sent: db::Missing,
-    elapsed: Duration,
 }
 
 /// `--once`: sync until both sides hold everything, then report.
@@ -240,36 +238,15 @@ async fn once(
     let interrupted = signal::interrupted();
     tokio::pin!(interrupted);
     let began = Instant::now();
-    let deadline = tokio::time::Instant::now() + timeout;
-    let timed_out = || {
-        anyhow::anyhow!(
-            "gave up after {timeout:?}: not in sync with {} yet (is the server reachable? \
-             RUST_LOG=info shows more)",
-            endpoint.url()
-        )
-    };
-    // A first look at the server: it tells unreachable servers and refused
-    // tokens apart before anything starts, and what the server lacks.
-    let server = tokio::select! {
-        () = &mut interrupted => return Ok(Outcome::Interrupted),
-        r = tokio::time::timeout_at(deadline, remote::probe(endpoint)) => {
-            r.map_err(|_| timed_out())?.map_err(|p| anyhow::anyhow!("{p}"))?
-        }
-    };
     let before = store.cursor().await?;
-    let sent = db::missing_from(store, &server.cursor).await?;
     let mut session = start(store, endpoint);
+    let mut progress = ProgressReport::new();
     let result = tokio::select! {
         () = &mut interrupted => Ok(None),
-        r = tokio::time::timeout_at(
-            deadline,
-            once_session(store, endpoint, &server.cursor, &mut session),
-        ) => match r {
-            Ok(r) => r.map(Some),
-            Err(_) => Err(timed_out()),
-        },
+        r = once_session(store, endpoint, &mut session, &mut progress, timeout) => r.map(Some),
     };
-    // What came over the wire (more than the store gained when a change was
+    progress.abandon();
+    // What went over the wire (more than the store gained when a change was
     // sent twice; less when a large transaction resumed what was staged).
     let transferred: u64 = session
         .peer
@@ -279,31 +256,35 @@ async fn once(
         .sum();
     // Whatever happened, end the sessions cleanly before the Store closes.
     session.peer.shutdown().await;
-    let Some(server) = result? else {
+    let Some(synced) = result? else {
         return Ok(Outcome::Interrupted);
     };
-    let report = Report {
-        server,
-        received: db::missing_from(store, &before).await?,
-        sent,
-        elapsed: began.elapsed(),
-    };
+    let received = db::missing_from(store, &before).await?;
+    let sent = db::missing_from(store, &synced.server_had).await?;
     println!(
         "synced {} with {} ({}, server site {}) in {:.2}s",
         args.db.display(),
         endpoint.url(),
         endpoint.transport(),
-        report.server,
-        report.elapsed.as_secs_f64()
+        synced.server,
+        began.elapsed().as_secs_f64()
     );
-    println!("received {}", counted(&report.received));
-    println!("sent     {}", counted(&report.sent));
-    println!("downloaded {transferred} changes");
+    println!("received {}", counted(&received));
+    println!("sent     {}", counted(&sent));
+    println!("downloaded {transferred} {}", plural(transferred, "change"));
     Ok(Outcome::Done)
 }
 
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        noun.to_string()
+    } else {
+        format!("{noun}s")
+    }
+}
+
 fn counted(m: &db::Missing) -> String {
-    let noun = if m.changes == 1 { "change" } else { "changes" };
+    let noun = plural(m.changes as u64, "change");
     if m.tables.is_empty() {
         format!("{} {noun}", m.changes)
     } else {
@@ -311,96 +292,102 @@ fn counted(m: &db::Missing) -> String {
     }
 }
 
-/// Waits for the connection, for the server's `eose`, then until the server
-/// holds all of ours. Returns the server's site id.
+/// What `--once` learned of the server.
+struct Synced {
+    server: SiteId,
+    /// The server's cursor when it asked us for what it lacked.
+    server_had: Cursor,
+}
+
+/// Where `--once` stands.
+enum Stage {
+    /// Waiting for the server to say who it is.
+    Connecting,
+    /// Waiting for the server's `eose`: it sent everything we lacked.
+    CatchingUp(SiteId),
+    /// Waiting until the server acknowledges our own version (as it was
+    /// once we were caught up).
+    Acknowledging(SiteId, DbVersion),
+}
+
+/// Syncs until the server sent everything we lacked and acknowledged all of
+/// ours, showing progress; gives up after `timeout` without progress.
 async fn once_session(
     store: &Store,
     endpoint: &Endpoint,
-    server_before: &Cursor,
     session: &mut Session,
-) -> anyhow::Result<SiteId> {
-    // 1. Connected: the remote's site id.
-    let server = loop {
+    progress: &mut ProgressReport,
+    timeout: Duration,
+) -> anyhow::Result<Synced> {
+    let local = store.site_id();
+    let mut statuses = session.peer.watch_status(STATUS_EVERY);
+    let mut stage = Stage::Connecting;
+    let mut server_had = Cursor::new();
+    let mut last_activity = tokio::time::Instant::now();
+    let mut seen = None;
+    loop {
+        let idle = tokio::time::sleep_until(last_activity + timeout);
         tokio::select! {
+            () = idle => anyhow::bail!(
+                "gave up after {timeout:?} without progress: not in sync with {} yet (is the \
+                 server reachable? RUST_LOG=info shows more)",
+                endpoint.url()
+            ),
             Some(event) = session.events.next() => {
                 check_event(&event)?;
-                if let PeerEvent::Connected { peer, .. } = event {
-                    break peer;
-                }
+                last_activity = tokio::time::Instant::now();
             }
             Some(problem) = session.problems.recv() => {
                 // Before the first connection, any failure ends `--once`.
-                anyhow::bail!("{problem}");
+                if matches!(stage, Stage::Connecting) {
+                    anyhow::bail!("{problem}");
+                }
+                refused(problem)?;
             }
-            else => anyhow::bail!("the peer stopped before it connected"),
-        }
-    };
-    tracing::info!(%server, "connected");
-    // 2. Caught up: the server sent everything we lacked. The overall
-    // deadline bounds the wait, so this one never fires first.
-    let far = Duration::from_secs(60 * 60 * 24 * 365);
-    let caught_up = session.peer.wait_caught_up(server, far);
-    tokio::pin!(caught_up);
-    loop {
-        tokio::select! {
-            r = &mut caught_up => {
-                r.with_context(|| format!("waiting for {server} to send what we lack"))?;
-                break;
+            Some(status) = statuses.next() => {
+                let Some(remote) = status.remotes.first() else { continue };
+                let moved = (remote.download.done, remote.upload.done, remote.acknowledged);
+                if seen != Some(moved) {
+                    seen = Some(moved);
+                    last_activity = tokio::time::Instant::now();
+                }
+                progress.update(remote);
+                let sessions = session.peer.sessions();
+                let server_session = |server: SiteId| {
+                    sessions.iter().find(|s| s.remote == Some(server)).cloned()
+                };
+                // One status may move more than one stage on.
+                loop {
+                    match stage {
+                        Stage::Connecting => {
+                            let Some(server) = remote.peer else { break };
+                            tracing::info!(%server, "connected");
+                            stage = Stage::CatchingUp(server);
+                        }
+                        Stage::CatchingUp(server) => {
+                            let Some(s) = server_session(server) else { break };
+                            if server_had.is_empty() {
+                                server_had = s.requested.clone();
+                            }
+                            if !s.received_eose {
+                                break;
+                            }
+                            tracing::info!(%server, "caught up");
+                            let own = store.cursor().await?.get(&local);
+                            stage = Stage::Acknowledging(server, own);
+                        }
+                        Stage::Acknowledging(server, own) => {
+                            if remote.peer == Some(server) && remote.acknowledged >= own {
+                                return Ok(Synced { server, server_had });
+                            }
+                            break;
+                        }
+                    }
+                }
             }
-            Some(event) = session.events.next() => check_event(&event)?,
-            Some(problem) = session.problems.recv() => refused(problem)?,
             else => anyhow::bail!("the peer stopped"),
         }
     }
-    // The server's initial stream began after `server_before` was read, so
-    // once it is merged our cursor covers it. If not, the server sent changes
-    // this database refused (a table or column it lacks): its `eose` alone
-    // does not say so.
-    let ours = store.cursor().await?;
-    if !ours.covers(server_before) {
-        let behind: Vec<String> = server_before
-            .iter()
-            .filter(|(site, version)| ours.get(site) < *version)
-            .map(|(site, version)| {
-                format!("{site} (server has {version}, we have {})", ours.get(&site))
-            })
-            .collect();
-        anyhow::bail!(
-            "the server sent changes this database did not apply (does it have the server's \
-             tables and columns? `crsync status` lists ours); behind on: {}",
-            behind.join(", ")
-        );
-    }
-    tracing::info!(%server, "caught up");
-    // 3. Acknowledged: the server's cursor covers every change of ours.
-    let mut pause = ACK_POLL_START;
-    loop {
-        match remote::probe(endpoint).await {
-            Ok(state) => {
-                let lacking = db::missing_from(store, &state.cursor).await?;
-                if lacking.changes == 0 {
-                    break;
-                }
-                tracing::info!(
-                    changes = lacking.changes,
-                    "the server does not hold all our changes yet"
-                );
-            }
-            Err(problem) => refused(problem)?,
-        }
-        let sleep = tokio::time::sleep(pause);
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                () = &mut sleep => break,
-                Some(event) = session.events.next() => check_event(&event)?,
-                Some(problem) = session.problems.recv() => refused(problem)?,
-                else => anyhow::bail!("the peer stopped"),
-            }
-        }
-        pause = (pause * 2).min(ACK_POLL_MAX);
-    }
-    Ok(server)
 }
 
 /// Fails on events that mean `--once` cannot finish.
@@ -409,6 +396,19 @@ fn check_event(event: &PeerEvent) -> anyhow::Result<()> {
     if let PeerEvent::SiteIdConflict { message, .. } = event {
         anyhow::bail!("{message}");
     }
+    if let PeerEvent::Rejected {
+        code: ErrorCode::InvalidChange,
+        message,
+        by_remote: false,
+        ..
+    } = event
+    {
+        anyhow::bail!(
+            "the server sent changes this database cannot apply (does it have the server's \
+             tables and columns? `crsync status` lists ours): {message}"
+        );
+    }
+
     if let PeerEvent::Outdated {
         peer,
         remote_version,

@@ -28,6 +28,11 @@
 //! Both network clients take an optional bearer token. TLS (`https://`,
 //! `wss://`) needs the `rustls` feature.
 //!
+//! Features: `sse` (the HTTP+SSE client; implies `http`), `http` (the
+//! snapshot download client), `websocket` (the WebSocket client and
+//! adapter), `rustls` (TLS for those); `sse` and `websocket` are on by
+//! default. The in-memory pair is always there.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -56,13 +61,19 @@ use std::time::Duration;
 /// server's first message.
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 
+#[cfg(any(feature = "http", feature = "websocket"))]
 mod http_status;
 pub mod memory;
 mod serial_sink;
+#[cfg(feature = "http")]
 pub mod snapshot;
+#[cfg(feature = "sse")]
 pub mod sse;
+#[cfg(feature = "websocket")]
 pub mod ws;
 
 pub use memory::{CutHandle, FaultConfig, MemoryControl, MemoryDialer, MemoryListener};
+#[cfg(feature = "sse")]
 pub use sse::SseDialer;
+#[cfg(feature = "websocket")]
 pub use ws::{WebSocketDialer, connection_from_ws};

@@ -3,7 +3,7 @@
 //! For a server base URL `{base}` (which may carry a path prefix, such as
 //! `http://127.0.0.1:8080/db/notes`):
 //! - **incoming**: `GET {base}/stream?peerId=<our site id hex>&crsync=lossless`,
-//!   read with `eventsource-client`; every SSE event's `data` is one
+//!   read with `reqwest` and `eventsource-stream`; every SSE event's `data` is one
 //!   [`TransportMessage`] (one that does not decode yields
 //!   `Err(TransportError::Decode)` and the stream goes on). The
 //!   `crsync=lossless` parameter tells a crsync server that we read the
@@ -58,8 +58,7 @@ use std::time::Duration;
 use crsync_peer::proto::{ErrorCode, SenderAction};
 use crsync_peer::wire::{LOSSLESS, MessageKind, SESSION_HEADER, TransportMessage};
 use crsync_peer::{Connection, Dialer, MessageStream, Received, SiteId, TransportError};
-use es::Client as _;
-use eventsource_client as es;
+use eventsource_stream::{Event, EventStreamError, Eventsource as _};
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::{StreamExt, stream};
 
@@ -73,7 +72,9 @@ pub const DEFAULT_POST_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a refused stream's error body may take to arrive.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
-type EventStream = es::BoxStream<es::Result<es::SSE>>;
+type EventStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>,
+>;
 
 /// Dials a v1 HTTP+SSE server; see the [module docs](self).
 ///
@@ -171,41 +172,61 @@ impl SseDialer {
         Ok(client)
     }
 
-    fn open_events(&self, local: SiteId) -> Result<EventStream, TransportError> {
+    /// The client of the stream: no overall timeout (a stream lasts), no
+    /// redirects; the dial timeout bounds connecting and the first message.
+    fn stream_client(&self) -> Result<reqwest::Client, TransportError> {
+        reqwest::Client::builder()
+            .connect_timeout(self.dial_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| TransportError::Connect {
+                target: self.stream_target(),
+                source: Box::new(e),
+            })
+    }
+
+    /// Opens `GET {base}/stream`; a refusal (any status but 2xx) is mapped
+    /// from its status and body.
+    async fn open_events(&self, local: SiteId) -> Result<EventStream, TransportError> {
         let url = format!(
             "{}/stream?peerId={}&crsync={LOSSLESS}",
             self.base,
             local.to_hex()
         );
-        let connect_error = |e: es::Error| TransportError::Connect {
-            target: self.stream_target(),
-            source: e.to_string().into(),
-        };
-        let mut builder = es::ClientBuilder::for_url(&url)
-            .map_err(connect_error)?
-            .header("Accept", "text/event-stream")
-            .map_err(connect_error)?
-            .reconnect(
-                es::ReconnectOptions::reconnect(false)
-                    .retry_initial(false)
-                    .build(),
-            )
-            .redirect_limit(0);
+        let target = self.stream_target();
+        let mut request = self
+            .stream_client()?
+            .get(&url)
+            .header("Accept", "text/event-stream");
         if let Some(token) = &self.token {
-            builder = builder
-                .header("Authorization", &format!("Bearer {token}"))
-                .map_err(connect_error)?;
+            request = request.header("Authorization", format!("Bearer {token}"));
         }
         if let Some(session) = &self.session {
-            builder = builder
-                .header(SESSION_HEADER, session)
-                .map_err(connect_error)?;
+            request = request.header(SESSION_HEADER, session);
         }
-        #[cfg(feature = "rustls")]
-        if url.starts_with("https:") {
-            return Ok(builder.build().stream());
+        let response = request.send().await.map_err(|e| TransportError::Connect {
+            target: target.clone(),
+            source: Box::new(e),
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = match tokio::time::timeout(ERROR_BODY_TIMEOUT, response.text()).await {
+                Ok(Ok(text)) => text,
+                _ => String::new(),
+            };
+            return Err(http_status::refused(
+                status.as_u16(),
+                &target,
+                &body,
+                retry_after.as_deref(),
+            ));
         }
-        Ok(builder.build_http().stream())
+        Ok(Box::pin(response.bytes_stream().eventsource()))
     }
 
     fn stream_target(&self) -> String {
@@ -214,9 +235,13 @@ impl SseDialer {
 
     async fn connect(&mut self, local: SiteId) -> Result<Connection, TransportError> {
         let http = self.http_client()?;
-        let mut events = self.open_events(local)?;
         let target = self.stream_target();
-        let first = tokio::time::timeout(self.dial_timeout, first_message(&mut events, &target))
+        let opened = async {
+            let mut events = self.open_events(local).await?;
+            let first = first_message(&mut events, &target).await?;
+            Ok::<_, TransportError>((events, first))
+        };
+        let (events, first) = tokio::time::timeout(self.dial_timeout, opened)
             .await
             .map_err(|_| TransportError::Timeout(self.dial_timeout))??;
         if first.kind == MessageKind::Error {
@@ -253,6 +278,10 @@ impl Dialer for SseDialer {
     fn label(&self) -> String {
         format!("sse {}", self.base)
     }
+
+    fn set_token(&mut self, token: &str) {
+        self.token = Some(token.to_owned());
+    }
 }
 
 /// The code of an error: its `code` field, else inferred from a v1 text.
@@ -267,8 +296,8 @@ async fn first_message(
 ) -> Result<TransportMessage, TransportError> {
     while let Some(item) = events.next().await {
         match item {
-            Ok(es::SSE::Event(event)) if event.data.is_empty() => continue,
-            Ok(es::SSE::Event(event)) => {
+            Ok(event) if event.data.is_empty() => continue,
+            Ok(event) => {
                 return TransportMessage::from_json(&event.data).map_err(|e| {
                     // An error frame without the fields of a TransportMessage.
                     let body = ErrorBody::parse(&event.data);
@@ -282,28 +311,6 @@ async fn first_message(
                     }
                 });
             }
-            Ok(es::SSE::Connected(_) | es::SSE::Comment(_)) => continue,
-            Err(es::Error::UnexpectedResponse(response, body)) => {
-                let status = response.status();
-                let body = match tokio::time::timeout(ERROR_BODY_TIMEOUT, body.body_bytes()).await {
-                    Ok(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-                    _ => String::new(),
-                };
-                let retry_after = response.get_header_value("retry-after").ok().flatten();
-                return Err(http_status::refused(status, target, &body, retry_after));
-            }
-            Err(es::Error::HttpStream(source)) => {
-                return Err(TransportError::Connect {
-                    target: target.to_owned(),
-                    source,
-                });
-            }
-            Err(e @ (es::Error::Eof | es::Error::UnexpectedEof)) => {
-                return Err(TransportError::Connect {
-                    target: target.to_owned(),
-                    source: format!("stream ended before its first message ({e})").into(),
-                });
-            }
             Err(e) => {
                 return Err(TransportError::Connect {
                     target: target.to_owned(),
@@ -312,7 +319,10 @@ async fn first_message(
             }
         }
     }
-    Err(TransportError::Closed)
+    Err(TransportError::Connect {
+        target: target.to_owned(),
+        source: "the stream ended before its first message".into(),
+    })
 }
 
 /// Events after the first, as messages. Ends on the stream's end; any other
@@ -325,15 +335,13 @@ fn messages(events: EventStream) -> impl futures_util::Stream<Item = SendItem> +
         }
         loop {
             match events.next().await? {
-                Ok(es::SSE::Event(event)) if event.data.is_empty() => continue,
-                Ok(es::SSE::Event(event)) => {
+                Ok(event) if event.data.is_empty() => continue,
+                Ok(event) => {
                     let item = TransportMessage::from_json(&event.data)
                         .map(Received::new)
                         .map_err(TransportError::from);
                     return Some((item, (events, false)));
                 }
-                Ok(es::SSE::Connected(_) | es::SSE::Comment(_)) => continue,
-                Err(es::Error::Eof) => return None,
                 Err(e) => {
                     tracing::debug!(error = %e, "sse stream failed");
                     let item = Err(TransportError::Io(e.to_string().into()));

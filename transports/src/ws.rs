@@ -151,6 +151,10 @@ impl Dialer for WebSocketDialer {
     fn label(&self) -> String {
         format!("ws {}", self.url)
     }
+
+    fn set_token(&mut self, token: &str) {
+        self.token = Some(token.to_owned());
+    }
 }
 
 /// Turns a WebSocket (anything that streams and sinks tungstenite

@@ -49,7 +49,48 @@ pub(crate) struct Ended {
     pub(crate) site_id_conflict: bool,
 }
 
-pub(crate) async fn run(inner: Arc<Inner>, connection: Connection, side: Side) -> Ended {
+/// Ends a session from outside: the Peer's shutdown, or the app pausing or
+/// removing the link. The reason is what the `Disconnected` event says.
+#[derive(Debug, Clone)]
+pub(crate) struct Stop {
+    token: tokio_util::sync::CancellationToken,
+    reason: Arc<std::sync::Mutex<&'static str>>,
+}
+
+impl Stop {
+    /// A stop triggered by `token` too (a child of the Peer's shutdown token).
+    pub(crate) fn from_token(token: tokio_util::sync::CancellationToken) -> Self {
+        Stop {
+            token,
+            reason: Arc::new(std::sync::Mutex::new("peer shutting down")),
+        }
+    }
+
+    /// Ends the session, saying why.
+    pub(crate) fn stop(&self, reason: &'static str) {
+        if let Ok(mut r) = self.reason.lock() {
+            *r = reason;
+        }
+        self.token.cancel();
+    }
+
+    fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .map(|r| (*r).to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Runs a session over `connection` until it ends; `link` is the Peer's
+/// record of the dialer or accepted connection it belongs to.
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    connection: Connection,
+    side: Side,
+    link: u64,
+    stop: Stop,
+) -> Ended {
     let span = tracing::info_span!("session", local = %inner.store.site_id(), transport = %connection.label);
     if let Some(copy) = inner.store.copied() {
         let _entered = span.enter();
@@ -68,7 +109,9 @@ pub(crate) async fn run(inner: Arc<Inner>, connection: Connection, side: Side) -
             site_id_conflict: true,
         };
     }
-    run_inner(inner, connection, side).instrument(span).await
+    run_inner(inner, connection, side, link, stop)
+        .instrument(span)
+        .await
 }
 
 /// Whether a send failure is the remote refusing what we sent (see [`Ended`]).
@@ -84,7 +127,13 @@ fn is_refusal(e: &TransportError) -> bool {
 
 type MergeFuture = BoxFuture<'static, Result<MergeReport, MergeError>>;
 
-async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> Ended {
+async fn run_inner(
+    inner: Arc<Inner>,
+    connection: Connection,
+    side: Side,
+    link: u64,
+    stop: Stop,
+) -> Ended {
     let Connection {
         mut sink,
         mut stream,
@@ -123,7 +172,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
     tracing::debug!("session started");
 
     let (outbox, mut outbox_rx) = mpsc::channel(inner.config.outbox);
-    let writer_failed = inner.cancel.child_token();
+    let writer_failed = stop.token.child_token();
     let writer_done = writer_failed.clone();
     let writer = tokio::spawn(async move {
         let mut result = Ok(());
@@ -150,6 +199,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
     let id = inner.session_id();
+    inner.session_opened(link, id);
     let mut site_id_conflict = false;
     let mut noted_own = crate::DbVersion(0);
 
@@ -163,7 +213,11 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
                 }
                 Output::Read { from, hint } => {
                     match inner.store.changes_since_hinted(&from, &hint, limits).await {
-                        Ok(s) => reading = Some(s),
+                        Ok(s) => {
+                            let total = s.total();
+                            reading = Some(s);
+                            core.handle(Input::StreamOpened { total }, Instant::now());
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read changes; will retry");
                             core.handle(Input::StreamFailed(e.to_string()), Instant::now());
@@ -237,7 +291,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
         let wake = OptionFuture::from(deadline.map(|at| tokio::time::sleep_until(at.into())));
         tokio::select! {
             biased;
-            _ = inner.cancel.cancelled() => break "peer shutting down".into(),
+            _ = stop.token.cancelled() => break stop.reason(),
             _ = writer_failed.cancelled() => break "connection closed while sending".into(),
             Some(result) = OptionFuture::from(merging.as_mut()), if merging.is_some() => {
                 merging = None;
@@ -328,6 +382,7 @@ async fn run_inner(inner: Arc<Inner>, connection: Connection, side: Side) -> End
     };
     tracing::debug!(%reason, "session ended");
     inner.publish(id, None);
+    inner.session_closed(link, core.status().last_error);
     inner.emit(PeerEvent::Disconnected {
         peer: remote,
         transport: label,

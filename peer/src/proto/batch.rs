@@ -87,6 +87,10 @@ pub struct ReadHint {
     /// highest `seq` it holds of each: their rows up to it are left out and
     /// the rest goes as parts that continue from there.
     pub staged: BTreeMap<(SiteId, DbVersion), i64>,
+    /// Count the changes the stream may hold before it starts
+    /// ([`ChangeStream::total`](crate::ChangeStream::total)), for an initial
+    /// sync's progress.
+    pub count: bool,
 }
 
 /// Spans kept in a [`ReadHint`]; older ones are forgotten (their rows may be sent once more).

@@ -58,6 +58,8 @@ pub struct ParsedData {
     pub notes: Vec<String>,
     /// A crsync sender's message number: `(first of its stream run, this one)`.
     pub number: Option<(u64, u64)>,
+    /// A crsync sender's count of the changes its initial stream holds at most.
+    pub total: Option<u64>,
 }
 
 impl ParsedData {
@@ -178,6 +180,7 @@ impl Message {
                 })?;
                 let mut parsed = ParsedData::decode(&data, javascript)?;
                 parsed.number = message.n.filter(|(first, n)| first <= n);
+                parsed.total = message.total;
                 Message::Data(parsed)
             }
         };

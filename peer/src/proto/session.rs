@@ -35,7 +35,9 @@ pub use io::{
 use crate::proto::received::ReceivedRun;
 use crate::proto::trust::{OWN_SITE, Trust, believe, own_version_conflict};
 use crate::proto::window::{OutgoingWindow, Phase, SyncOutcome};
-use crate::proto::{ErrorCode, Message, ParsedData, SenderAction, SessionPhase, SessionStatus};
+use crate::proto::{
+    ErrorCode, InitialProgress, Message, ParsedData, SenderAction, SessionPhase, SessionStatus,
+};
 use crate::transport::Rejection;
 use crate::wire::{Encoding, Hello, MessageKind, TransportMessage};
 use crate::{ChangeBatch, Cursor, DbVersion, ReadHint, SiteId, VersionRange};
@@ -106,6 +108,12 @@ pub struct Session {
     /// `after_local` was sent (or held) since the stream last started from the
     /// remote's acknowledged point, and rows merged from this remote.
     hint: ReadHint,
+    /// The remote's cursor in its latest request (not an acknowledgement).
+    requested: Cursor,
+    /// Our initial stream's progress: changes sent, and how many it holds at most.
+    upload: InitialProgress,
+    /// The remote's initial stream's progress, as far as it told us.
+    download: InitialProgress,
     /// Ranges of the initial stream's change-less batches, sent with `eose`.
     eose_ranges: BTreeMap<SiteId, VersionRange>,
     // ---- incoming
@@ -164,6 +172,9 @@ impl Session {
             eose_pending: false,
             retry_read: None,
             hint: ReadHint::default(),
+            requested: Cursor::new(),
+            upload: InitialProgress::default(),
+            download: InitialProgress::default(),
             eose_ranges: BTreeMap::new(),
             merging: None,
             queued: VecDeque::new(),
@@ -311,6 +322,10 @@ impl Session {
             let number = self.window.on_sent(after, now);
             self.hint.delivered(read_upto);
             self.changes_sent += batch.changes.len() as u64;
+            let initial = self.window.phase() == Phase::Initial;
+            if initial {
+                self.upload.done += batch.changes.len() as u64;
+            }
             let mut message = TransportMessage::data(
                 self.local,
                 &batch,
@@ -319,6 +334,9 @@ impl Session {
                 self.encoding,
             );
             message.n = self.remote_is_crsync.then_some(number);
+            if initial && self.remote_is_crsync {
+                message.total = self.upload.total;
+            }
             self.drive();
             return Some(message);
         }
@@ -333,6 +351,9 @@ impl Session {
                 let after = eose.cursor_after(self.window.sent());
                 self.window.on_sent(after, now)
             };
+            if self.window.phase() == Phase::Initial {
+                self.upload.complete();
+            }
             self.window.on_initial_complete();
             let mut message =
                 TransportMessage::data(self.local, &eose, true, self.schema_version, self.encoding);
@@ -363,11 +384,14 @@ impl Session {
             crsync: self.remote_is_crsync,
             phase,
             acknowledged: self.window.acked().clone(),
+            requested: self.requested.clone(),
             in_flight: self.window.in_flight(),
             received_eose: self.eose_received,
             sent_eose: self.window.phase() == Phase::Live,
             changes_received: self.changes_received,
             changes_sent: self.changes_sent,
+            download: self.download,
+            upload: self.upload,
             claims_refused: self.claims_refused,
             last_error: self.last_error.clone(),
         }
@@ -397,6 +421,13 @@ impl Session {
                 self.reject(reply, Rejection::new(ErrorCode::Malformed, error));
             }
             Input::Batch { batch, read_upto } => self.on_batch(batch, read_upto),
+            Input::StreamOpened { total } => {
+                if let (Some(total), Phase::Initial) = (total, self.window.phase()) {
+                    // What is left, after what went already (a restarted
+                    // stream sends some of it again).
+                    self.upload.total = Some(self.upload.done + total);
+                }
+            }
             Input::StreamEnded => {
                 self.reading = false;
                 if self.window.phase() == Phase::Initial {
@@ -453,9 +484,11 @@ impl Session {
         }
         self.need_stream = false;
         self.reading = true;
+        let mut hint = self.hint.clone();
+        hint.count = self.window.phase() == Phase::Initial;
         self.outputs.push_back(Output::Read {
             from: self.window.sent().clone(),
-            hint: self.hint.clone(),
+            hint,
         });
     }
 
@@ -744,6 +777,8 @@ impl Session {
         };
         match self.window.on_sync(cursor, ack, received, now) {
             SyncOutcome::StartInitial => {
+                self.upload = InitialProgress::default();
+                self.requested = self.window.acked().clone();
                 self.rewind_stream();
                 self.eose_ranges.clear();
                 self.event(SessionEvent::SyncRequested);
@@ -782,6 +817,12 @@ impl Session {
         }
         let remote = self.remote.unwrap_or(self.local);
         self.changes_received += data.batch.changes.len() as u64;
+        if !self.eose_received {
+            self.download.done += data.batch.changes.len() as u64;
+            if let Some(total) = data.total {
+                self.download.total = Some(total.max(self.download.done));
+            }
+        }
         let trust = self.config.trust;
         self.claims_refused += believe(&mut data.batch, remote, trust, &self.cursor) as u64;
         // The remote holds what its ranges claim, and its own changes up to
@@ -818,6 +859,7 @@ impl Session {
                 }
                 if pending.eose && !self.eose_received {
                     self.eose_received = true;
+                    self.download.complete();
                     self.event(SessionEvent::Eose);
                 }
                 // A v1 peer reads every `sync` as "send everything again": ack crsync peers only.

@@ -22,6 +22,42 @@ pub enum SessionPhase {
     Closed,
 }
 
+/// How far an initial stream (everything one side lacked when the session
+/// began) has come, in changes.
+///
+/// ```
+/// use crsync_peer::proto::InitialProgress;
+/// let p = InitialProgress { done: 250, total: Some(1000) };
+/// assert_eq!(p.fraction(), Some(0.25));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InitialProgress {
+    /// Changes that went (or came) so far.
+    pub done: u64,
+    /// How many the stream holds at most, once the sender said (a crsync
+    /// sender counts them when its stream starts; a v1 sender never says).
+    /// When the stream completes it becomes `done`: the bar ends at 100%.
+    pub total: Option<u64>,
+}
+
+impl InitialProgress {
+    /// `done / total`, at most 1.
+    pub fn fraction(&self) -> Option<f64> {
+        self.total.map(|total| {
+            if total == 0 {
+                1.0
+            } else {
+                (self.done as f64 / total as f64).min(1.0)
+            }
+        })
+    }
+
+    /// The stream is complete: what was done is the total.
+    pub(crate) fn complete(&mut self) {
+        self.total = Some(self.done);
+    }
+}
+
 /// A snapshot of one session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionStatus {
@@ -33,6 +69,9 @@ pub struct SessionStatus {
     pub phase: SessionPhase,
     /// What the remote has acknowledged holding (for a v1 remote: what we sent it).
     pub acknowledged: Cursor,
+    /// What the remote held when it last asked for everything it lacks
+    /// (its latest `sync` that is not an acknowledgement).
+    pub requested: Cursor,
     /// Batches sent and not yet acknowledged.
     pub in_flight: usize,
     /// The remote's initial stream to us is complete (`eose` received).
@@ -43,6 +82,10 @@ pub struct SessionStatus {
     pub changes_received: u64,
     /// Changes sent to the remote.
     pub changes_sent: u64,
+    /// The remote's initial stream to us, so far.
+    pub download: InitialProgress,
+    /// Our initial stream to the remote, so far.
+    pub upload: InitialProgress,
     /// The remote's version ranges and changes not believed (see
     /// [`Trust`](crate::proto::Trust)).
     pub claims_refused: u64,

@@ -27,6 +27,7 @@ pub struct ChangeStream {
     batches: mpsc::Receiver<Result<(ChangeBatch, i64), StoreError>>,
     snapshot: Cursor,
     read_upto: i64,
+    total: Option<u64>,
 }
 
 impl ChangeStream {
@@ -42,6 +43,13 @@ impl ChangeStream {
     /// The sender's cursor at the snapshot the stream reads from.
     pub fn snapshot(&self) -> &Cursor {
         &self.snapshot
+    }
+
+    /// How many changes the stream holds at most (rows the receiver already
+    /// has are counted too), if the read was asked to count them
+    /// ([`ReadHint::count`]).
+    pub fn total(&self) -> Option<u64> {
+        self.total
     }
 
     /// The local version the batches returned so far cover: every row at or
@@ -168,15 +176,16 @@ pub(super) async fn start(
             }
         })
         .map_err(StoreError::Thread)?;
-    let snapshot = ready_rx.await.map_err(|_| StoreError::Closed)??;
+    let (snapshot, total) = ready_rx.await.map_err(|_| StoreError::Closed)??;
     Ok(ChangeStream {
         batches: rx,
         snapshot,
         read_upto: after_local,
+        total,
     })
 }
 
-type Ready = Option<oneshot::Sender<Result<Cursor, StoreError>>>;
+type Ready = Option<oneshot::Sender<Result<(Cursor, Option<u64>), StoreError>>>;
 type BatchSender = mpsc::Sender<Result<(ChangeBatch, i64), StoreError>>;
 
 fn read(
@@ -213,8 +222,9 @@ fn read_snapshot(
     let end = db_version(conn)?;
     let from = lowest_local_version(conn, own_site, &receiver)?.max(hint.after_local);
     let claim_limits = claim_limits_after(conn, &receiver, from, hint)?;
+    let total = hint.count.then(|| count_changes(conn, from)).transpose()?;
     if let Some(r) = ready.take() {
-        let _ = r.send(Ok(snapshot.clone()));
+        let _ = r.send(Ok((snapshot.clone(), total)));
     }
     let mut builder = BatchBuilder::new(receiver, snapshot, limits.max_changes)
         .with_max_bytes(limits.max_bytes)
@@ -307,6 +317,26 @@ fn claim_limits_after(
         }
     }
     Ok(limits.finish())
+}
+
+/// How many changes lie above local version `from`, counted in the clock
+/// tables (by their `db_version` index: no row is read), so an upper bound
+/// of what a stream from there sends.
+fn count_changes(conn: &Connection, from: i64) -> rusqlite::Result<u64> {
+    let mut tables = conn.prepare_cached(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%\\_\\_crsql\\_clock' ESCAPE '\\'",
+    )?;
+    let tables: Vec<String> = tables
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut total = 0u64;
+    for table in tables {
+        let quoted = table.replace('"', "\"\"");
+        let sql = format!("SELECT count(*) FROM \"{quoted}\" WHERE db_version > ?1");
+        let n: i64 = conn.query_row(&sql, [from], |r| r.get(0))?;
+        total += n.max(0) as u64;
+    }
+    Ok(total)
 }
 
 /// What the sender holds: its own version and its stored remote cursor.

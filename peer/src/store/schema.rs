@@ -27,6 +27,12 @@ CREATE TABLE IF NOT EXISTS crsync_origin (
     origin_version INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS crsync_origin_by_site ON crsync_origin (site_id, origin_version);
+CREATE TABLE IF NOT EXISTS crsync_remotes (
+    site_id BLOB PRIMARY KEY NOT NULL,
+    transport TEXT NOT NULL,
+    acknowledged INTEGER NOT NULL,
+    synced_at INTEGER
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS crsync_meta (
     key TEXT PRIMARY KEY NOT NULL,
     value ANY

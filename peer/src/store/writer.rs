@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::conflicts::{self, Conflict, ConflictQuery, Recorder, Retention, apply_change};
 use super::error::{EnableError, MergeError, OpenError, StoreError};
 use super::identity::{self, CopiedFile};
+use super::remotes::{self, RemoteRecord};
 use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
 use super::staging::{self, HeldPart, HeldParts, Staged};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
@@ -40,6 +41,10 @@ pub(super) enum Command {
     Conflicts(ConflictQuery, Reply<Vec<Conflict>>),
     /// A remote acknowledged our own writes up to this version.
     Acknowledged(i64),
+    /// What a Peer saw of a remote (saved on the next poll).
+    RemoteSeen(RemoteRecord),
+    /// The remotes remembered (after saving what is pending).
+    Remotes(Reply<Vec<RemoteRecord>>),
     Close(Reply<()>),
 }
 
@@ -80,6 +85,8 @@ struct Writer {
     /// twice (staged, then applied) would cost more than receiving them
     /// again after a crash (see `staging::MEMORY_STAGE_BYTES`).
     held: HeldParts,
+    /// Remote records not saved yet.
+    remotes: BTreeMap<SiteId, RemoteRecord>,
 }
 
 pub(super) fn run(
@@ -113,6 +120,7 @@ pub(super) fn run(
             Err(flume::RecvTimeoutError::Timeout) => {
                 writer.notice_external();
                 writer.save_verified();
+                writer.save_remotes();
                 next_poll = Instant::now() + writer.config.poll_interval;
             }
             Err(flume::RecvTimeoutError::Disconnected) => {
@@ -133,8 +141,8 @@ pub(super) fn run(
 fn bootstrap(conn: &Connection) -> rusqlite::Result<()> {
     const READY: &str = "SELECT (SELECT count(*) FROM sqlite_master
             WHERE name IN ('crsync_cursor', 'crsync_origin', 'crsync_origin_by_site', 'crsync_meta',
-                           'crsync_staging', 'crsync_staged', 'crsync_conflicts',
-                           'crsync_conflicts_by_time')) = 8
+                           'crsync_staging', 'crsync_staged', 'crsync_remotes',
+                           'crsync_conflicts', 'crsync_conflicts_by_time')) = 9
         AND crsql_config_get('merge-equal-values') = 1";
     if conn.query_row(READY, [], |r| r.get::<_, bool>(0))? {
         return Ok(());
@@ -202,6 +210,7 @@ impl Writer {
             verified_saved: verified,
             staged,
             held: HeldParts::new(stage_in_memory_below),
+            remotes: BTreeMap::new(),
         })
     }
 
@@ -234,6 +243,13 @@ impl Writer {
             Command::Conflicts(query, reply) => {
                 let r = conflicts::list(&self.conn, &query);
                 let _ = reply.send(r.map_err(StoreError::from));
+            }
+            Command::RemoteSeen(record) => {
+                self.remotes.insert(record.site, record);
+            }
+            Command::Remotes(reply) => {
+                self.save_remotes();
+                let _ = reply.send(remotes::load(&self.conn).map_err(StoreError::from));
             }
             Command::Close(_) => unreachable!("handled by the loop"),
         }
@@ -624,9 +640,25 @@ impl Writer {
         }
     }
 
+    /// Saves the remote records seen since the last save.
+    fn save_remotes(&mut self) {
+        if self.remotes.is_empty() || self.copied.is_some() {
+            return;
+        }
+        let saved = self
+            .conn
+            .transaction()
+            .and_then(|txn| remotes::save(&txn, &self.remotes).and_then(|()| txn.commit()));
+        match saved {
+            Ok(()) => self.remotes.clear(),
+            Err(e) => tracing::warn!(error = %e, "saving what we know of remotes failed"),
+        }
+    }
+
     fn close(mut self) -> Result<(), StoreError> {
         self.notice_external();
         self.save_verified();
+        self.save_remotes();
         // Everything into the main file, even while a read connection is
         // still open: a copy of the file alone then carries what it holds
         // (its identity included).

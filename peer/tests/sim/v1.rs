@@ -238,6 +238,7 @@ fn bare(kind: MessageKind, site: SiteId) -> TransportMessage {
         crsync: None,
         ack: None,
         n: None,
+        total: None,
     }
 }
 

@@ -84,6 +84,12 @@ pub enum Input {
         /// The highest local version the stream has read up to.
         read_upto: i64,
     },
+    /// The stream the session asked for is open; `total`: how many changes
+    /// it holds at most, when the read was asked to count them.
+    StreamOpened {
+        /// At most this many changes.
+        total: Option<u64>,
+    },
     /// The stream ended: every batch was delivered.
     StreamEnded,
     /// Reading the stream failed; the session reads again later.

@@ -176,10 +176,14 @@ fn prepare(
     }
     let prepared = (|| {
         rekey(&tx, &own, SNAPSHOT_PLACEHOLDER_SITE, i64::MAX)?;
-        // Zeroes what it deletes: the replica's own history must not
+        // Facts about the server's file and its remotes, and its own
+        // history, do not travel; zeroed as they are deleted, so they do not
         // travel in free pages either.
         tx.pragma_update(None, "secure_delete", true)?;
-        for table in ["crsync_meta"].into_iter().chain(LOCAL_TABLES) {
+        for table in ["crsync_meta", "crsync_remotes"]
+            .into_iter()
+            .chain(LOCAL_TABLES)
+        {
             if table_exists(&tx, table)? {
                 tx.execute(&format!("DELETE FROM {table}"), [])?;
             }
