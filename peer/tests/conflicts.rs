@@ -222,16 +222,23 @@ async fn conflicting_rounds(a: &Store, b: &Store, n: usize) {
     }
 }
 
-#[tokio::test]
-async fn retention_keeps_the_newest_and_trims_by_age() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = open_store(dir.path(), "a.db").await;
-    let b = open_store_with(dir.path(), "b.db", |o| {
-        o.conflict_retention(3, Duration::from_secs(3600))
+/// `a` (default retention) and `b` (at most `b_rows` records, an hour),
+/// both holding a's row 1.
+async fn row_on_both(dir: &std::path::Path, b_rows: usize) -> (Store, Store) {
+    let a = open_store(dir, "a.db").await;
+    let b = open_store_with(dir, "b.db", |o| {
+        o.conflict_retention(b_rows, Duration::from_secs(3600))
     })
     .await;
     write(&a, "INSERT INTO items (id, name) VALUES (1, 'x')").await;
     sync(&a, &b).await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_and_trims_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = row_on_both(dir.path(), 3).await;
     conflicting_rounds(&a, &b, 5).await;
     let kept = history(&b).await;
     let lost: Vec<SqlValue> = kept.iter().map(|c| c.lost.value.clone()).collect();
@@ -257,13 +264,7 @@ async fn retention_keeps_the_newest_and_trims_by_age() {
 #[tokio::test]
 async fn recording_off_records_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let a = open_store(dir.path(), "a.db").await;
-    let b = open_store_with(dir.path(), "b.db", |o| {
-        o.conflict_retention(0, Duration::from_secs(3600))
-    })
-    .await;
-    write(&a, "INSERT INTO items (id, name) VALUES (1, 'x')").await;
-    sync(&a, &b).await;
+    let (a, b) = row_on_both(dir.path(), 0).await;
     conflicting_rounds(&a, &b, 2).await;
     assert!(history(&b).await.is_empty());
     assert_eq!(history(&a).await.len(), 2, "a records with the default");
