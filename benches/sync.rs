@@ -33,7 +33,8 @@
 //! (latency writes, default 1000), `CRSYNC_BENCH_ONLY` (e.g. `legs,ws,big`:
 //! only these parts, transports and sizes), `CRSYNC_BENCH_OUT` (also write the
 //! tables to this file), `CRSYNC_BENCH_LOG` (a tracing filter for the
-//! children's logs on stderr). Results and how to read them:
+//! children's logs on stderr), `CRSYNC_BENCH_CONFLICTS=off` (the in-process
+//! Store merge without conflict recording, to measure what it costs). Results and how to read them:
 //! `benches/SYNC_RESULTS.md`.
 
 use std::ffi::OsString;
@@ -160,7 +161,11 @@ fn child_store(src: &Path, dst: &Path) -> anyhow::Result<()> {
     crsync::advanced::load_extension(None)?;
     runtime()?.block_on(async {
         let a = Store::open(src).await?;
-        let b = Store::open(dst).await?;
+        let mut b = Store::builder(dst);
+        if std::env::var("CRSYNC_BENCH_CONFLICTS").is_ok_and(|v| v == "off") {
+            b = b.conflict_retention(0, Duration::ZERO);
+        }
+        let b = b.open().await?;
         b.write(|tx| tx.execute_batch(SCHEMA)).await?;
         b.enable_crr(&["items"]).await?;
         let start = Instant::now();

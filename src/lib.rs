@@ -38,6 +38,7 @@ pub use crsync_peer::{
     SiteId, SqlValue, Store, StoreBuilder, StoreError, StoreEvent, SyncPhase, SyncStatus,
     TransportError, WaitError, rusqlite,
 };
+pub use crsync_peer::{Conflict, ConflictKind, ConflictQuery, ConflictSide};
 pub use crsync_peer::{EnableError, ForkError, ForkReport, MergeError};
 
 /// The protocol state machine, error codes and session status (crate `crsync-peer`).

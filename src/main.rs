@@ -6,6 +6,7 @@
 //! - `crsync sync`: replicates a database file with a server, once or live.
 //! - `crsync fork`: gives a copied database file a new site id.
 //! - `crsync clone`: a new replica from the server's snapshot.
+//! - `crsync conflicts`: the conflict history of a database file.
 //!
 //! Exit codes: 0 success, 1 failure (the message says why), 2 bad usage,
 //! 130 interrupted (Ctrl-C or SIGTERM) before `sync --once` finished.
@@ -19,6 +20,7 @@ use clap::{Parser, Subcommand};
 mod cli {
     //! The subcommands, one module each, and what they share.
     pub(crate) mod clone;
+    pub(crate) mod conflicts;
     pub(crate) mod db;
     pub(crate) mod enable;
     pub(crate) mod extension;
@@ -29,6 +31,12 @@ mod cli {
     pub(crate) mod signal;
     pub(crate) mod status;
     pub(crate) mod sync;
+
+    /// `n` and the noun, singular for 1: "1 row", "2 rows".
+    pub(crate) fn count(n: impl Into<u64>, singular: &str, plural: &str) -> String {
+        let n = n.into();
+        format!("{n} {}", if n == 1 { singular } else { plural })
+    }
 
     /// How a command that did not fail ended.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +86,8 @@ enum Command {
     Clone(cli::clone::CloneArgs),
     /// Where the cr-sqlite extension is found (`path`), or build it there (`install`).
     Extension(cli::extension::ExtensionArgs),
+    /// Show the conflict history: values merges replaced or refused.
+    Conflicts(cli::conflicts::ConflictsArgs),
 }
 
 impl Command {
@@ -112,6 +122,7 @@ async fn main() -> ExitCode {
         Command::Fork(args) => cli::fork::run(args).await,
         Command::Clone(args) => cli::clone::run(args).await,
         Command::Extension(args) => cli::extension::run(args),
+        Command::Conflicts(args) => cli::conflicts::run(args).await,
     };
     match result {
         Ok(cli::Outcome::Done) => ExitCode::SUCCESS,
@@ -120,8 +131,73 @@ async fn main() -> ExitCode {
             ExitCode::from(EXIT_INTERRUPTED)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes on one line, `a: b: c`. Our errors (and many
+/// others) already show their source in their own message; a cause the line
+/// already ends with is left out, and a cause that repeats the line before
+/// it and adds to it replaces it, so nothing is said twice.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        match parts.last_mut() {
+            Some(last) if last.ends_with(&text) => {}
+            Some(last) if text.starts_with(last.as_str()) => *last = text,
+            _ => parts.push(text),
+        }
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    /// An error that shows its source in its own message, as thiserror's `{0}` + `#[source]`.
+    #[derive(Debug)]
+    struct Wrapping(std::io::Error);
+
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot read config file x.toml: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn causes_are_said_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::from(Wrapping(io()));
+        assert_eq!(
+            error_text(&e),
+            format!("cannot read config file x.toml: {}", io())
+        );
+        let e = e.context("cannot start the server");
+        assert_eq!(
+            error_text(&e),
+            format!(
+                "cannot start the server: cannot read config file x.toml: {}",
+                io()
+            )
+        );
+        // a cause that repeats its context and adds to it
+        let e = anyhow::Error::from(Wrapping(io())).context("cannot read config file x.toml");
+        assert_eq!(
+            error_text(&e),
+            format!("cannot read config file x.toml: {}", io())
+        );
+        // plain anyhow contexts: every layer
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_text(&e), "outer: inner");
     }
 }

@@ -472,3 +472,195 @@ fn watch_prints_events_and_stops_on_sigterm() {
     assert_eq!(rows(&a), expected);
     assert_eq!(rows(&b), expected);
 }
+
+/// Merges everything `from` holds that `to` lacks, through the Store API.
+fn merge_into(from: &Path, to: &Path) {
+    runtime().block_on(async {
+        let from = Store::open(from).await.expect("open");
+        let to = Store::open(to).await.expect("open");
+        let mut batches = from
+            .changes_since(&to.cursor().await.expect("cursor"))
+            .await
+            .expect("changes_since");
+        while let Some(batch) = batches.next_batch().await {
+            to.merge(batch.expect("batch")).await.expect("merge");
+        }
+        from.close().await.expect("close");
+        to.close().await.expect("close");
+    });
+}
+
+fn status_text(db: &Path) -> String {
+    let mut cmd = crsync();
+    cmd.arg("status").arg("--db").arg(db);
+    let out = run(cmd);
+    out.assert_success();
+    out.stdout
+}
+
+#[test]
+fn status_counts_in_words_that_match_what_it_lists() {
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
+    let a = fx.client_db("a.db");
+    let b = fx.client_db("b.db");
+    write(&a, "INSERT INTO notes VALUES (1, 'one')");
+    let text = status_text(&a);
+    assert!(text.contains("notes (1 row)\n"), "{text}");
+    assert!(
+        text.contains("bookkeeping:   0 origin records, 0 remote sites in the stored cursor"),
+        "{text}"
+    );
+    // b's row arrives: a's cursor lists two sites, one of them a itself.
+    write(&b, "INSERT INTO notes VALUES (2, 'two')");
+    merge_into(&b, &a);
+    let text = status_text(&a);
+    assert!(text.contains("notes (2 rows)\n"), "{text}");
+    let cursor_lines = text.lines().filter(|l| l.starts_with("  ")).count();
+    assert_eq!(cursor_lines, 2, "{text}");
+    assert!(
+        text.contains("bookkeeping:   1 origin record, 1 remote site in the stored cursor"),
+        "{text}"
+    );
+}
+
+#[test]
+fn errors_say_each_cause_once() {
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
+    let mut cmd = crsync();
+    cmd.args(["serve", "--config"]).arg(fx.path("missing.toml"));
+    let out = run(cmd);
+    out.assert_failure(1, "cannot read config file");
+    assert_eq!(
+        out.stderr.matches("No such file or directory").count(),
+        1,
+        "{out:#?}"
+    );
+    // An open failure says so once (the Store's error already names the file).
+    std::fs::create_dir(fx.path("dir.db")).expect("mkdir");
+    let mut cmd = crsync();
+    cmd.args(["enable", "--db"])
+        .arg(fx.path("dir.db"))
+        .arg("notes");
+    let out = run(cmd);
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert_eq!(
+        out.stderr.matches("cannot open database").count(),
+        1,
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_named_as_such() {
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
+    let path = fx.path("x.db");
+    std::fs::write(&path, "just some text, not SQLite at all\n".repeat(20)).expect("write");
+    let expected = format!(
+        "error: {} is not a SQLite database (file is not a database)\n",
+        path.display()
+    );
+    for command in ["status", "conflicts"] {
+        let mut cmd = crsync();
+        cmd.args([command, "--db"]).arg(&path);
+        let out = run(cmd);
+        assert_eq!(out.code(), Some(1), "{out:#?}");
+        assert_eq!(out.stderr, expected, "{command}");
+    }
+    let mut cmd = crsync();
+    cmd.args(["enable", "--db"]).arg(&path).arg("notes");
+    let out = run(cmd);
+    assert_eq!(out.stderr, expected);
+    let mut cmd = crsync();
+    cmd.args(["fork", "--db"]).arg(&path);
+    let out = run(cmd);
+    assert!(out.stderr.ends_with(&expected[7..]), "{out:#?}");
+    assert!(!out.stderr.contains(": :"), "{out:#?}");
+}
+
+#[test]
+fn conflicts_lists_what_merges_replaced() {
+    let fx = Fixture::with_schemas(SERVER_SCHEMA, CLIENT_SCHEMA);
+    let a = fx.client_db("a.db");
+    let b = fx.client_db("b.db");
+    let mut cmd = crsync();
+    cmd.args(["conflicts", "--db"]).arg(&a);
+    let out = run(cmd);
+    out.assert_success();
+    assert!(
+        out.stdout.starts_with("no conflicts recorded in"),
+        "{out:#?}"
+    );
+
+    write(&a, "INSERT INTO notes VALUES (1, 'base'), (2, 'two')");
+    merge_into(&a, &b);
+    // Concurrent edits: 'from b' > 'from a', so b's values win everywhere.
+    write(&a, "UPDATE notes SET body = 'from a' WHERE id = 1");
+    write(&b, "UPDATE notes SET body = 'from b' WHERE id = 1");
+    write(&a, "UPDATE notes SET body = 'a: two' WHERE id = 2");
+    write(&b, "UPDATE notes SET body = 'b: two' WHERE id = 2");
+    merge_into(&b, &a);
+    assert_eq!(rows(&a), vec![(1, "from b".into()), (2, "b: two".into())]);
+    let site = |db: &Path| {
+        status_json(db)["site_id"]
+            .as_str()
+            .expect("site")
+            .to_owned()
+    };
+    let (site_a, site_b) = (site(&a), site(&b));
+
+    let mut cmd = crsync();
+    cmd.args(["conflicts", "--db"]).arg(&a);
+    let out = run(cmd);
+    out.assert_success();
+    let text = &out.stdout;
+    assert!(text.starts_with("2 conflicts in "), "{text}");
+    assert!(
+        text.contains("notes[1].body: local value replaced"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "  lost: 'from a'  by {site_a} version 2 (col_version 2)"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "  won:  'from b'  by {site_b} version 2 (col_version 2)"
+        )),
+        "{text}"
+    );
+    // newest first
+    assert!(text.find("notes[2]").expect("row 2") < text.find("notes[1]").expect("row 1"));
+
+    let mut cmd = crsync();
+    cmd.args([
+        "conflicts",
+        "--json",
+        "--limit",
+        "1",
+        "--table",
+        "notes",
+        "--db",
+    ])
+    .arg(&a);
+    let out = run(cmd);
+    out.assert_success();
+    let json: Value = serde_json::from_str(&out.stdout).expect("JSON");
+    let list = json["conflicts"].as_array().expect("conflicts");
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["table"], "notes");
+    assert_eq!(list[0]["pk"], serde_json::json!([2]));
+    assert_eq!(list[0]["column"], "body");
+    assert_eq!(list[0]["kind"], "replaced");
+    assert_eq!(list[0]["lost"]["value"], "a: two");
+    assert_eq!(list[0]["lost"]["site_id"], site_a.as_str());
+    assert_eq!(list[0]["won"]["value"], "b: two");
+    assert_eq!(list[0]["won"]["site_id"], site_b.as_str());
+
+    let mut cmd = crsync();
+    cmd.args(["conflicts", "--table", "other", "--db"]).arg(&a);
+    let out = run(cmd);
+    out.assert_success();
+    assert!(out.stdout.starts_with("no conflicts recorded"), "{out:#?}");
+}

@@ -38,11 +38,12 @@ pub use proto::batch::{
     DEFAULT_MAX_BATCH_CHANGES, MergePlan, ReadHint, TxnPart, VersionRange, plan_merge,
 };
 pub use store::{
-    BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, CopiedFile,
-    DEFAULT_ORIGIN_GC_SLACK, DEFAULT_POLL_INTERVAL, EVENT_CHANNEL_CAP, EnableError, ExportError,
-    ForkError, ForkReport, InstallError, InstallReport, InvalidChange, MergeError, MergeReport,
-    OpenError, READER_POOL_CAP, RemoteRecord, SNAPSHOT_PLACEHOLDER_SITE, STREAM_READ_AHEAD,
-    SnapshotExport, Store, StoreBuilder, StoreError, StoreEvent,
+    BookkeepingStats, COMMAND_QUEUE_CAP, ChangeSource, ChangeStream, Conflict, ConflictKind,
+    ConflictQuery, ConflictSide, CopiedFile, DEFAULT_ORIGIN_GC_SLACK, DEFAULT_POLL_INTERVAL,
+    EVENT_CHANNEL_CAP, EnableError, ExportError, ForkError, ForkReport, InstallError,
+    InstallReport, InvalidChange, MergeError, MergeReport, OpenError, READER_POOL_CAP,
+    RemoteRecord, SNAPSHOT_PLACEHOLDER_SITE, STREAM_READ_AHEAD, SnapshotExport, Store,
+    StoreBuilder, StoreError, StoreEvent,
 };
 pub use value::{Affinity, SqlValue, normalize_js};
 

@@ -6,6 +6,7 @@
 //! and connection, in one read transaction, and stream batches through a
 //! bounded channel, so memory stays flat however many changes there are.
 
+mod conflicts;
 mod error;
 mod fork;
 mod identity;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, oneshot};
 
+pub use conflicts::{Conflict, ConflictKind, ConflictQuery, ConflictSide};
 pub use error::{EnableError, InvalidChange, MergeError, OpenError, StoreError};
 pub use fork::{ForkError, ForkReport};
 pub use identity::CopiedFile;
@@ -116,6 +118,7 @@ pub struct StoreBuilder {
     poll_interval: Duration,
     origin_gc_slack: u64,
     stage_in_memory_below: usize,
+    conflicts: conflicts::Retention,
 }
 
 impl StoreBuilder {
@@ -156,6 +159,15 @@ impl StoreBuilder {
     /// stages every one on disk.
     pub fn stage_in_memory_below(mut self, bytes: usize) -> Self {
         self.stage_in_memory_below = bytes;
+        self
+    }
+
+    /// How much [conflict history](Store::conflicts) to keep: at most
+    /// `max_rows` records (default 10,000), none older than `max_age`
+    /// (default 30 days); older ones are trimmed when a merge records new
+    /// ones. `max_rows == 0` records nothing (what is recorded stays readable).
+    pub fn conflict_retention(mut self, max_rows: usize, max_age: Duration) -> Self {
+        self.conflicts = conflicts::Retention { max_rows, max_age };
         self
     }
 
@@ -206,6 +218,7 @@ impl Store {
             poll_interval: DEFAULT_POLL_INTERVAL,
             origin_gc_slack: DEFAULT_ORIGIN_GC_SLACK,
             stage_in_memory_below: staging::MEMORY_STAGE_BYTES,
+            conflicts: conflicts::Retention::default(),
         }
     }
 
@@ -224,6 +237,7 @@ impl Store {
             poll_interval: options.poll_interval,
             origin_gc_slack: options.origin_gc_slack,
             stage_in_memory_below: options.stage_in_memory_below,
+            conflicts: options.conflicts,
         };
         let thread_events = events.clone();
         let writer_gone = tokio_util::sync::CancellationToken::new();
@@ -618,6 +632,25 @@ impl Store {
     /// site and version, the highest `seq` staged. A sender resumes after it.
     pub async fn staged(&self) -> Result<BTreeMap<(SiteId, DbVersion), i64>, StoreError> {
         self.call(Command::Staged).await?
+    }
+
+    /// The conflict history, newest first: values merges replaced (another
+    /// site's write won over the local value) or refused (the local value
+    /// won over another site's write), with both sites and versions. Kept
+    /// in this file only (it never syncs), bounded by
+    /// [`StoreBuilder::conflict_retention`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use crsync_peer::{ConflictQuery, Store};
+    /// let store = Store::open("notes.db").await?;
+    /// for c in store.conflicts(ConflictQuery::new().limit(10)).await? {
+    ///     println!("{} {}.{}: lost {:?} to {:?}", c.kind.as_str(), c.table, c.column, c.lost.value, c.won.value);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn conflicts(&self, query: ConflictQuery) -> Result<Vec<Conflict>, StoreError> {
+        self.call(|reply| Command::Conflicts(query, reply)).await?
     }
 
     /// Finishes queued commands, finalizes cr-sqlite and closes the database.

@@ -9,7 +9,7 @@ use clap::Args;
 use crsync::Cursor;
 use crsync::transports::snapshot::{CloneError, CloneReport, DownloadError, SnapshotClient};
 
-use super::{Outcome, db};
+use super::{Outcome, count, db};
 
 /// Arguments of `crsync clone`.
 #[derive(Debug, Args)]
@@ -154,11 +154,11 @@ pub(crate) async fn bootstrap(path: &Path, url: &str, token: Option<&str>) -> an
         }
     };
     println!(
-        "bootstrapping {} from the server's snapshot ({} changes, {} bytes; {} changes after it come by sync)",
+        "bootstrapping {} from the server's snapshot ({}, {}; {} after it come by sync)",
         path.display(),
-        info.changes,
-        info.bytes,
-        info.behind
+        count(info.changes, "change", "changes"),
+        count(info.bytes, "byte", "bytes"),
+        count(info.behind, "change", "changes")
     );
     let report = client
         .clone_into(path)
@@ -172,10 +172,10 @@ pub(crate) async fn bootstrap(path: &Path, url: &str, token: Option<&str>) -> an
             )
         })?;
     println!(
-        "cloned {} in {:.2}s: {} rows, site id {} (new)",
+        "cloned {} in {:.2}s: {}, site id {} (new)",
         path.display(),
         report.elapsed.as_secs_f64(),
-        report.install.rows,
+        count(report.install.rows, "row", "rows"),
         report.install.site_id
     );
     Ok(true)

@@ -24,11 +24,10 @@ pub(crate) async fn open_existing(path: &Path) -> anyhow::Result<Store> {
     open(path).await
 }
 
-/// Opens (or creates) a database file.
+/// Opens (or creates) a database file. The error names the file itself
+/// (`OpenError`), so no context is added.
 pub(crate) async fn open(path: &Path) -> anyhow::Result<Store> {
-    Store::open(path)
-        .await
-        .with_context(|| format!("cannot open database {}", path.display()))
+    Ok(Store::open(path).await?)
 }
 
 /// A CRR table and its number of rows.

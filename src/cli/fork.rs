@@ -23,12 +23,12 @@ pub(crate) async fn run(args: ForkArgs) -> anyhow::Result<Outcome> {
         .await
         .with_context(|| format!("cannot fork {}", args.db.display()))?;
     println!(
-        "{}: new site id {} (was {}); {} cell(s) written after the copy now sync under the new id, \
+        "{}: new site id {} (was {}); {} written after the copy now sync under the new id, \
          writes up to version {} keep the old one",
         args.db.display(),
         report.new_site,
         report.old_site,
-        report.reattributed,
+        super::count(report.reattributed, "cell", "cells"),
         report.kept_upto
     );
     Ok(Outcome::Done)

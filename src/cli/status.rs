@@ -10,8 +10,8 @@ use crsync::advanced::BookkeepingStats;
 use crsync::{Cursor, RemoteRecord, SiteId, Store};
 use serde_json::json;
 
-use super::Outcome;
 use super::db::{self, TableInfo};
+use super::{Outcome, count};
 
 /// Arguments of `crsync status`.
 #[derive(Debug, Args)]
@@ -142,7 +142,13 @@ fn to_text(s: &Status) -> String {
         let list: Vec<String> = s
             .tables
             .iter()
-            .map(|t| format!("{} ({} rows)", t.name, t.rows))
+            .map(|t| {
+                format!(
+                    "{} ({})",
+                    t.name,
+                    count(t.rows.max(0) as u64, "row", "rows")
+                )
+            })
             .collect();
         let _ = writeln!(out, "crr tables:    {}", list.join(", "));
     }
@@ -159,10 +165,16 @@ fn to_text(s: &Status) -> String {
             let _ = writeln!(out, "  {site} {version}{mark}");
         }
     }
+    // The cursor lists this database too; the stored cursor only the others.
     let _ = writeln!(
         out,
-        "bookkeeping:   {} origin records, {} cursor sites",
-        s.bookkeeping.origin_records, s.bookkeeping.cursor_sites
+        "bookkeeping:   {}, {} in the stored cursor",
+        count(
+            s.bookkeeping.origin_records,
+            "origin record",
+            "origin records"
+        ),
+        count(s.bookkeeping.cursor_sites, "remote site", "remote sites")
     );
     if s.remotes.is_empty() {
         let _ = writeln!(out, "remotes:       none synced with yet");

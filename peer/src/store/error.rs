@@ -20,9 +20,53 @@ pub enum OpenError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The file exists but is not a SQLite database.
+    #[error("{} is not a SQLite database (file is not a database)", path.display())]
+    NotADatabase {
+        /// The file.
+        path: std::path::PathBuf,
+    },
     /// The writer thread could not be started.
     #[error("cannot start the store's writer thread: {0}")]
     Thread(#[source] std::io::Error),
+}
+
+impl OpenError {
+    /// An error opening `path`: [`NotADatabase`](Self::NotADatabase) if the
+    /// file exists, is not empty and lacks SQLite's header (cr-sqlite's
+    /// init, run inside `sqlite3_open`, then fails with an empty message),
+    /// else SQLite's own error.
+    pub(crate) fn opening(path: &std::path::Path, source: rusqlite::Error) -> OpenError {
+        if is_not_sqlite(path) {
+            OpenError::NotADatabase {
+                path: path.to_path_buf(),
+            }
+        } else {
+            OpenError::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// Whether `path` holds something other than a SQLite database (an empty
+/// or missing file is a new database).
+fn is_not_sqlite(path: &std::path::Path) -> bool {
+    use std::io::Read as _;
+    const HEADER: &[u8; 16] = b"SQLite format 3\0";
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut head = Vec::with_capacity(HEADER.len());
+    match file
+        .by_ref()
+        .take(HEADER.len() as u64)
+        .read_to_end(&mut head)
+    {
+        Ok(0) | Err(_) => false,
+        Ok(_) => head.as_slice() != HEADER,
+    }
 }
 
 /// A Store operation failed for a reason common to all of them.

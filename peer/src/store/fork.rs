@@ -17,7 +17,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use super::identity;
 use super::schema::{BOOTSTRAP_SQL, quote_ident};
 use super::writer::close_connection;
-use crate::{ExtensionError, SiteId, StoreError};
+use crate::{ExtensionError, OpenError, SiteId, StoreError};
 
 /// What a fork changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +46,9 @@ pub enum ForkError {
     /// The file is not a cr-sqlite database.
     #[error("{0} has no cr-sqlite site id: it is not a crsync database")]
     NotCrsync(PathBuf),
+    /// The file cannot be opened (for example it is not a SQLite database).
+    #[error(transparent)]
+    Open(#[from] OpenError),
     /// SQLite failed (the transaction was rolled back).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -64,7 +67,7 @@ pub(crate) fn fork(path: &Path, extension: Option<&Path>) -> Result<ForkReport, 
         return Err(ForkError::Missing(path.to_path_buf()));
     }
     crate::load_extension(extension)?;
-    let mut conn = Connection::open(path)?;
+    let mut conn = Connection::open(path).map_err(|e| OpenError::opening(path, e))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let result = fork_on(&mut conn, path);
     close_connection(conn)?;

@@ -13,8 +13,9 @@ use crate::{Affinity, Change, Cursor, DbVersion, SiteId, SqlValue, normalize_js}
 const CLOCK_SUFFIX: &str = "__crsql_clock";
 
 /// The Store's own tables: per-site cursors, the origin of merged versions,
-/// facts about the file itself (see `identity`) and parts of transactions not
-/// yet applied (see `staging`). None of them syncs.
+/// facts about the file itself (see `identity`), parts of transactions not
+/// yet applied (see `staging`) and the conflict history (see `conflicts`).
+/// None of them syncs: they are not CRRs.
 pub(crate) const BOOTSTRAP_SQL: &str = "
 CREATE TABLE IF NOT EXISTS crsync_cursor (
     site_id BLOB PRIMARY KEY NOT NULL,
@@ -55,12 +56,32 @@ CREATE TABLE IF NOT EXISTS crsync_staged (
     cl INTEGER NOT NULL,
     UNIQUE (site_id, origin_version, seq)
 );
+CREATE TABLE IF NOT EXISTS crsync_conflicts (
+    id INTEGER PRIMARY KEY NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    \"table\" TEXT NOT NULL,
+    pk BLOB NOT NULL,
+    cid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    lost_val,
+    lost_site BLOB NOT NULL,
+    lost_version INTEGER,
+    lost_col_version INTEGER NOT NULL,
+    won_val,
+    won_site BLOB NOT NULL,
+    won_version INTEGER,
+    won_col_version INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS crsync_conflicts_by_time ON crsync_conflicts (recorded_at);
 ";
 
 /// Columns of one CRR table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TableInfo {
     pub(crate) pk_columns: usize,
+    /// The primary key columns, in primary-key order.
+    pub(crate) pk_names: Vec<String>,
     /// The non-pk columns.
     pub(crate) columns: BTreeSet<String>,
     /// The affinity of each pk column, in primary-key order.
@@ -173,6 +194,11 @@ fn read_crr_tables(conn: &Connection) -> rusqlite::Result<BTreeMap<String, Table
             continue;
         }
         columns.sort_by_key(|c| c.1);
+        let pk_names: Vec<String> = columns
+            .iter()
+            .filter(|c| c.1 > 0)
+            .map(|c| c.0.clone())
+            .collect();
         let pk_affinities: Vec<Affinity> = columns
             .iter()
             .filter(|c| c.1 > 0)
@@ -187,6 +213,7 @@ fn read_crr_tables(conn: &Connection) -> rusqlite::Result<BTreeMap<String, Table
             name,
             TableInfo {
                 pk_columns: pk_affinities.len(),
+                pk_names,
                 columns: affinities.keys().cloned().collect(),
                 pk_affinities,
                 affinities,

@@ -9,8 +9,9 @@
 //!   ([`Store::fork`](crate::Store::fork)); ordinal 0 gets a placeholder id
 //!   (16 zero bytes); bookkeeping that must not travel is cleared
 //!   (`crsync_meta`, the identity of the exporter's file; the staging tables
-//!   of chunked transactions, `crsync_staged` and `crsync_staging`, where they
-//!   exist); and `crsync_cursor` gets the exporter's own site at its own
+//!   of chunked transactions, `crsync_staged` and `crsync_staging`, and the
+//!   conflict history `crsync_conflicts`, where they exist; with
+//!   `secure_delete`, so their bytes do not linger in free pages); and `crsync_cursor` gets the exporter's own site at its own
 //!   version, so the snapshot's cursor is the exporter's cursor at the
 //!   snapshot. `crsync_origin` stays: it maps merged rows' local versions to
 //!   their origin versions, which the copy keeps.
@@ -51,7 +52,8 @@ pub const SNAPSHOT_PLACEHOLDER_SITE: crate::SiteId = crate::SiteId::from_bytes([
 /// Bookkeeping tables of chunked transactions: what a receiver staged of
 /// transactions not complete yet. They describe the exporter's sessions, not
 /// the data, so a snapshot leaves them empty.
-const STAGING_TABLES: [&str; 2] = ["crsync_staged", "crsync_staging"];
+/// Tables of a replica's own that a snapshot leaves empty (besides `crsync_meta`).
+const LOCAL_TABLES: [&str; 3] = ["crsync_staged", "crsync_staging", "crsync_conflicts"];
 
 /// Changes (live cells, as `crsql_changes` lists them) written at local
 /// versions above `version`, on a connection of its own (`0`: all of them).

@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::{Connection, params};
 
-use crate::{Change, DbVersion, SiteId};
+use super::conflicts::{INSERT_CHANGE, Recorder, apply_change};
+use crate::{Change, DbVersion, PackedPk, SiteId};
 
 /// Transactions staged at most; a new one beyond this drops the one staged
 /// longest ago (a sender that never finished), which restarts if it comes
@@ -185,6 +186,7 @@ pub(crate) fn stage(
 }
 
 /// Hands the staged rows of `key` to cr-sqlite under local version `local`
+/// (recording conflicts with `recorder`, see [`conflicts`](super::conflicts))
 /// and forgets them; returns how many there were and the tables they are
 /// for. Runs inside the merge's SQLite transaction, so `staged` must be
 /// reloaded if that rolls back.
@@ -193,21 +195,56 @@ pub(crate) fn apply(
     staged: &mut Staged,
     key: (SiteId, DbVersion),
     local: i64,
+    recorder: Option<&mut Recorder<'_>>,
 ) -> rusqlite::Result<(usize, BTreeSet<String>)> {
     let (site, version) = key;
     let site_bytes = site.as_bytes().as_slice();
-    let tables = conn
-        .prepare_cached(
-            "SELECT DISTINCT \"table\" FROM crsync_staged WHERE site_id = ?1 AND origin_version = ?2",
+    let Some(recorder) = recorder else {
+        // Nothing to record: one statement, no row through Rust.
+        let tables = conn
+            .prepare_cached(
+                "SELECT DISTINCT \"table\" FROM crsync_staged WHERE site_id = ?1 AND origin_version = ?2",
+            )?
+            .query_map(params![site_bytes, version.0], |r| r.get(0))?
+            .collect::<rusqlite::Result<BTreeSet<String>>>()?;
+        let applied = conn.prepare_cached(
+            "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
+             SELECT \"table\", pk, cid, val, col_version, ?3, site_id, cl, seq FROM crsync_staged \
+             WHERE site_id = ?1 AND origin_version = ?2 ORDER BY seq",
         )?
-        .query_map(params![site_bytes, version.0], |r| r.get(0))?
-        .collect::<rusqlite::Result<BTreeSet<String>>>()?;
-    let applied = conn.prepare_cached(
-        "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
-         SELECT \"table\", pk, cid, val, col_version, ?3, site_id, cl, seq FROM crsync_staged \
+        .execute(params![site_bytes, version.0, local])?;
+        discard(conn, staged, key)?;
+        return Ok((applied, tables));
+    };
+    let mut tables = BTreeSet::new();
+    let mut applied = 0;
+    let mut insert = conn.prepare_cached(INSERT_CHANGE)?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT \"table\", pk, cid, val, col_version, cl, seq FROM crsync_staged \
          WHERE site_id = ?1 AND origin_version = ?2 ORDER BY seq",
-    )?
-    .execute(params![site_bytes, version.0, local])?;
+    )?;
+    let mut rows = stmt.query(params![site_bytes, version.0])?;
+    while let Some(r) = rows.next()? {
+        let change = Change {
+            table: r.get(0)?,
+            pk: PackedPk(r.get(1)?),
+            cid: r.get(2)?,
+            val: r.get(3)?,
+            col_version: r.get(4)?,
+            db_version: version,
+            site_id: site,
+            cl: r.get(5)?,
+            seq: r.get(6)?,
+        };
+        apply_change(conn, &mut insert, Some(&mut *recorder), &change, key, local)?;
+        applied += 1;
+        if !tables.contains(&change.table) {
+            tables.insert(change.table);
+        }
+    }
+    drop(rows);
+    drop(stmt);
+    drop(insert);
     discard(conn, staged, key)?;
     Ok((applied, tables))
 }

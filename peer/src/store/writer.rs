@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{broadcast, oneshot};
 
+use super::conflicts::{self, Conflict, ConflictQuery, Recorder, Retention, apply_change};
 use super::error::{EnableError, MergeError, OpenError, StoreError};
 use super::identity::{self, CopiedFile};
 use super::remotes::{self, RemoteRecord};
@@ -15,6 +16,9 @@ use super::staging::{self, HeldPart, HeldParts, Staged};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
 use crate::proto::batch::{MergePlan, PartAction, check_part, completed_by, plan_merge};
 use crate::{ChangeBatch, Cursor, DbVersion, SiteId};
+
+/// Prepared statements the writer keeps (rusqlite's default is 16).
+const STATEMENT_CACHE: usize = 128;
 
 /// A closure run on the writer connection.
 pub(super) type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -33,6 +37,8 @@ pub(super) enum Command {
     Stats(Reply<BookkeepingStats>),
     /// What is staged of transactions in parts.
     Staged(Reply<Staged>),
+    /// The conflict history.
+    Conflicts(ConflictQuery, Reply<Vec<Conflict>>),
     /// A remote acknowledged our own writes up to this version.
     Acknowledged(i64),
     /// What a Peer saw of a remote (saved on the next poll).
@@ -47,6 +53,7 @@ pub(super) struct WriterConfig {
     pub(super) poll_interval: Duration,
     pub(super) origin_gc_slack: u64,
     pub(super) stage_in_memory_below: usize,
+    pub(super) conflicts: Retention,
 }
 
 struct Writer {
@@ -92,7 +99,7 @@ pub(super) fn run(
     let mut writer = match Writer::open(config, events) {
         Ok(w) => w,
         Err(source) => {
-            let _ = ready.send(Err(OpenError::Sqlite { path, source }));
+            let _ = ready.send(Err(OpenError::opening(&path, source)));
             return;
         }
     };
@@ -134,7 +141,8 @@ pub(super) fn run(
 fn bootstrap(conn: &Connection) -> rusqlite::Result<()> {
     const READY: &str = "SELECT (SELECT count(*) FROM sqlite_master
             WHERE name IN ('crsync_cursor', 'crsync_origin', 'crsync_origin_by_site', 'crsync_meta',
-                           'crsync_staging', 'crsync_staged', 'crsync_remotes')) = 7
+                           'crsync_staging', 'crsync_staged', 'crsync_remotes',
+                           'crsync_conflicts', 'crsync_conflicts_by_time')) = 9
         AND crsql_config_get('merge-equal-values') = 1";
     if conn.query_row(READY, [], |r| r.get::<_, bool>(0))? {
         return Ok(());
@@ -164,6 +172,8 @@ impl Writer {
     ) -> rusqlite::Result<Writer> {
         let conn = Connection::open(&config.path)?;
         conn.busy_timeout(crate::extension::INIT_BUSY_TIMEOUT)?;
+        // Merges with conflict lookups use a few statements per table.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         bootstrap(&conn)?;
@@ -229,6 +239,10 @@ impl Writer {
             }
             Command::Staged(reply) => {
                 let _ = reply.send(Ok(self.staged_view()));
+            }
+            Command::Conflicts(query, reply) => {
+                let r = conflicts::list(&self.conn, &query);
+                let _ = reply.send(r.map_err(StoreError::from));
             }
             Command::RemoteSeen(record) => {
                 self.remotes.insert(record.site, record);
@@ -420,10 +434,9 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let base = db_version(&txn)?;
         {
-            let mut insert = txn.prepare_cached(
-                "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
+            let mut insert = txn.prepare_cached(conflicts::INSERT_CHANGE)?;
+            let mut recorder = (self.config.conflicts.max_rows > 0)
+                .then(|| Recorder::new(&self.schema, self.site));
             let mut record_origin = txn.prepare_cached(
                 "INSERT OR REPLACE INTO crsync_origin (local_version, site_id, origin_version) VALUES (?1, ?2, ?3)",
             )?;
@@ -436,10 +449,18 @@ impl Writer {
                 .chain(covered.iter().map(|key| (*key, &[][..])));
             for (k, ((site, version), changes)) in transactions.enumerate() {
                 let local = base + 1 + k as i64;
+                // Recorded first: conflicts ask it for the origin of cells
+                // this transaction writes.
+                record_origin.execute(params![local, site.as_bytes().as_slice(), version.0])?;
                 if complete.contains(&(site, version)) && self.staged.contains_key(&(site, version))
                 {
-                    let (rows, tables) =
-                        staging::apply(&txn, &mut self.staged, (site, version), local)?;
+                    let (rows, tables) = staging::apply(
+                        &txn,
+                        &mut self.staged,
+                        (site, version),
+                        local,
+                        recorder.as_mut(),
+                    )?;
                     report.applied += rows;
                     report.tables.extend(tables);
                 }
@@ -447,23 +468,22 @@ impl Writer {
                     .get(&(site, version))
                     .map(|h| h.changes.as_slice());
                 for c in earlier.into_iter().flatten().chain(changes.iter().copied()) {
-                    insert.execute(params![
-                        c.table,
-                        c.pk.0,
-                        c.cid,
-                        c.val,
-                        c.col_version,
+                    apply_change(
+                        &txn,
+                        &mut insert,
+                        recorder.as_mut(),
+                        c,
+                        (site, version),
                         local,
-                        site.as_bytes().as_slice(),
-                        c.cl,
-                        c.seq
-                    ])?;
+                    )?;
                     report.applied += 1;
                     if !report.tables.contains(&c.table) {
                         report.tables.insert(c.table.clone());
                     }
                 }
-                record_origin.execute(params![local, site.as_bytes().as_slice(), version.0])?;
+            }
+            if recorder.is_some_and(|r| r.recorded > 0) {
+                conflicts::trim(&txn, self.config.conflicts)?;
             }
             let mut save_cursor = txn.prepare_cached(
                 "INSERT INTO crsync_cursor (site_id, db_version) VALUES (?1, ?2) \

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crsync_peer::rusqlite::{self, Connection};
-use crsync_peer::{ChangeBatch, Cursor, MergeReport, SqlValue, Store};
+use crsync_peer::{ChangeBatch, Cursor, MergeReport, SqlValue, Store, StoreBuilder};
 
 pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY NOT NULL, name TEXT, v INTEGER, w BLOB);
@@ -13,12 +13,19 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS items (
 
 /// Opens (or creates) `name` in `dir` with the test schema as CRRs.
 pub async fn open_store(dir: &Path, name: &str) -> Store {
-    let store = Store::builder(dir.join(name))
+    open_store_with(dir, name, |b| b).await
+}
+
+/// As [`open_store`], with more options on the builder.
+pub async fn open_store_with(
+    dir: &Path,
+    name: &str,
+    options: impl FnOnce(StoreBuilder) -> StoreBuilder,
+) -> Store {
+    let builder = Store::builder(dir.join(name))
         .poll_interval(std::time::Duration::from_millis(20))
-        .max_batch_changes(64)
-        .open()
-        .await
-        .expect("open store");
+        .max_batch_changes(64);
+    let store = options(builder).open().await.expect("open store");
     store
         .write(|tx| tx.execute_batch(SCHEMA))
         .await

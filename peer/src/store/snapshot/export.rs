@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, TransactionBehavior, params};
 
 use super::{
-    SIDE_FILES, SNAPSHOT_PLACEHOLDER_SITE, STAGING_TABLES, changes_after, max_clock_version,
+    LOCAL_TABLES, SIDE_FILES, SNAPSHOT_PLACEHOLDER_SITE, changes_after, max_clock_version,
     open_existing, sync_file, table_exists, with_suffix,
 };
 use crate::store::fork::rekey;
@@ -176,15 +176,19 @@ fn prepare(
     }
     let prepared = (|| {
         rekey(&tx, &own, SNAPSHOT_PLACEHOLDER_SITE, i64::MAX)?;
-        // Facts about the server's file and its remotes do not travel.
+        // Facts about the server's file and its remotes, and its own
+        // history, do not travel; zeroed as they are deleted, so they do not
+        // travel in free pages either.
+        tx.pragma_update(None, "secure_delete", true)?;
         for table in ["crsync_meta", "crsync_remotes"]
             .into_iter()
-            .chain(STAGING_TABLES)
+            .chain(LOCAL_TABLES)
         {
             if table_exists(&tx, table)? {
                 tx.execute(&format!("DELETE FROM {table}"), [])?;
             }
         }
+        tx.pragma_update(None, "secure_delete", false)?;
         let version = max_clock_version(&tx)?;
         if version > 0 {
             tx.execute(

@@ -63,8 +63,8 @@ pub enum InstallError {
     },
     /// The target holds data, which a snapshot never overwrites.
     #[error(
-        "{target} already holds data ({rows} row(s) in {table}); a snapshot is only installed as \
-         a new file or over an empty database"
+        "{target} already holds data ({rows} {} in {table}); a snapshot is only installed as \
+         a new file or over an empty database", if *rows == 1 { "row" } else { "rows" }
     )]
     TargetNotEmpty {
         /// The target file.
