@@ -62,11 +62,15 @@ pub fn describe() {
     describe_counter!(CHUNKS_STAGED_TOTAL, "Chunks of large transactions staged");
 }
 
-/// The `database` label of a Store's file: its name without extension.
+/// The `database` label of a Store's file: its name up to the first dot
+/// (`notes` for `notes.db` and for a hidden `.notes.db.creating`).
 pub(crate) fn database_label(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default();
+    let name = name.trim_start_matches('.');
+    name.split('.').next().unwrap_or_default().to_owned()
 }
 
 /// The `transport` label of a connection's label (bounded to a few values).
