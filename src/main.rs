@@ -6,6 +6,7 @@
 //! - `crsync sync`: replicates a database file with a server, once or live.
 //! - `crsync fork`: gives a copied database file a new site id.
 //! - `crsync clone`: a new replica from the server's snapshot.
+//! - `crsync admin status`: a running server's databases, peers and recent errors.
 //!
 //! Exit codes: 0 success, 1 failure (the message says why), 2 bad usage,
 //! 130 interrupted (Ctrl-C or SIGTERM) before `sync --once` finished.
@@ -18,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 mod cli {
     //! The subcommands, one module each, and what they share.
+    pub(crate) mod admin;
     pub(crate) mod clone;
     pub(crate) mod db;
     pub(crate) mod enable;
@@ -75,6 +77,8 @@ enum Command {
     /// Make a new replica from the server's snapshot of a database (no
     /// replay of every change), then exit; `crsync sync` syncs what came after.
     Clone(cli::clone::CloneArgs),
+    /// Ask a running server: `crsync admin status --url URL [--token T] [--json]`.
+    Admin(cli::admin::AdminArgs),
 }
 
 impl Command {
@@ -108,6 +112,7 @@ async fn main() -> ExitCode {
         Command::Sync(args) => cli::sync::run(args).await,
         Command::Fork(args) => cli::fork::run(args).await,
         Command::Clone(args) => cli::clone::run(args).await,
+        Command::Admin(args) => cli::admin::run(args).await,
     };
     match result {
         Ok(cli::Outcome::Done) => ExitCode::SUCCESS,

@@ -261,9 +261,10 @@ async fn apply_schema(store: &Store, sql: Option<String>) -> Result<(), CreateEr
     Ok(())
 }
 
-/// Rows per user table.
+/// Rows per user table (not our bookkeeping's `crsync_*` tables).
 pub(crate) async fn row_counts(store: &Store) -> Result<Vec<(String, u64)>, StoreError> {
-    let tables = user_tables(store).await?;
+    let mut tables = user_tables(store).await?;
+    tables.retain(|t| !t.starts_with("crsync_"));
     store
         .read(move |conn| {
             tables
