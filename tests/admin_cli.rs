@@ -6,9 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use crsync::Store;
 use serde_json::Value;
-use support::{Fixture, Running, crsync, run};
+use support::{Fixture, Running, crsync, run, write_sql};
 
 const SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY NOT NULL, body TEXT);";
@@ -35,18 +34,7 @@ fn admin_status_prints_databases_and_a_live_peer() {
     let config = config.to_str().expect("utf-8 path").to_owned();
     let server = fx.server(Some(TOKEN), &["--config", &config]);
     let db = fx.client_db("a.db");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(async {
-            let store = Store::open(&db).await.expect("open");
-            store
-                .write(|tx| tx.execute_batch("INSERT INTO notes VALUES (1, 'one'), (2, 'two')"))
-                .await
-                .expect("write");
-            store.close().await.expect("close");
-        });
+    write_sql(&db, "INSERT INTO notes VALUES (1, 'one'), (2, 'two')");
     let mut watch = crsync();
     watch
         .args(["sync", "--watch", "--db"])

@@ -29,34 +29,28 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-async fn scrape(server: &TestServer) -> Result<String> {
+/// `GET path` with the admin token; its body once it answered 200.
+async fn admin_get(server: &TestServer, path: &str) -> Result<reqwest::Response> {
     let response = server
         .client
-        .get(server.url("/metrics"))
+        .get(server.url(path))
         .bearer_auth(ADMIN)
         .send()
         .await?;
     ensure!(
         response.status() == 200,
-        "GET /metrics: {}",
+        "GET {path}: {}",
         response.status()
     );
-    Ok(response.text().await?)
+    Ok(response)
+}
+
+async fn scrape(server: &TestServer) -> Result<String> {
+    Ok(admin_get(server, "/metrics").await?.text().await?)
 }
 
 async fn status(server: &TestServer) -> Result<StatusReport> {
-    let response = server
-        .client
-        .get(server.url("/status.json"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await?;
-    ensure!(
-        response.status() == 200,
-        "GET /status.json: {}",
-        response.status()
-    );
-    Ok(response.json().await?)
+    Ok(admin_get(server, "/status.json").await?.json().await?)
 }
 
 async fn server_rows(server: &TestServer, db: &str) -> Result<u64> {
@@ -285,4 +279,58 @@ async fn admin_routes_on_their_own_listener() -> Result<()> {
     let _ = stop.send(());
     tokio::time::timeout(TIMEOUT, task).await???;
     Ok(())
+}
+
+#[tokio::test]
+async fn a_refused_batch_shows_in_recent_errors_and_metrics() -> Result<()> {
+    const DB: &str = "status_errors";
+    let mut server = admin_server().await?;
+    let dir = tempfile::tempdir()?;
+    // A client with a table the server's schema does not have.
+    let store = client_store(&dir.path().join("a.db")).await?;
+    store
+        .write(|tx| tx.execute_batch("CREATE TABLE extra (id INTEGER PRIMARY KEY NOT NULL, v)"))
+        .await?;
+    store.enable_crr(&["extra"]).await?;
+    store
+        .write(|tx| tx.execute("INSERT INTO extra VALUES (1, 'x')", []))
+        .await?;
+    let a = peer(store);
+    a.add_dialer(SseDialer::new(server.url(&format!("/db/{DB}"))).with_token(ENV));
+    wait_until(&a, "the server reports an error", || async {
+        Ok(status(&server)
+            .await?
+            .errors
+            .iter()
+            .any(|e| e.database == DB))
+    })
+    .await?;
+    let report = status(&server).await?;
+    let error = report
+        .errors
+        .iter()
+        .find(|e| e.database == DB)
+        .context("error")?;
+    ensure!(error.kind == "refused", "{error:?}");
+    ensure!(
+        error.peer.as_deref() == Some(&*a.site_id().to_hex()),
+        "{error:?}"
+    );
+    let code = error.code.clone().context("a code")?;
+    let text = scrape(&server).await?;
+    let labels = [("database", DB), ("code", code.as_str()), ("side", "local")];
+    ensure!(
+        sample(&text, "crsync_batches_rejected_total", &labels) >= 1.0,
+        "rejection not counted ({code}):\n{text}"
+    );
+    let page = server
+        .client
+        .get(server.url(&format!("/status?token={ADMIN}")))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(page.contains(&code) && page.contains("refused"), "{page}");
+    a.shutdown().await;
+    server.shutdown().await
 }
