@@ -28,8 +28,9 @@ pub const CHANGES_OUT_TOTAL: &str = "crsync_changes_out_total";
 pub const CHANGES_MERGED_TOTAL: &str = "crsync_changes_merged_total";
 /// Histogram: seconds one merge of a batch takes in the Store's writer, by `database`.
 pub const MERGE_SECONDS: &str = "crsync_merge_seconds";
-/// Counter: batches or messages refused, by `database`, `code`, `side`
-/// (`local`: we refused it; `remote`: the remote refused ours).
+/// Counter: batches or messages refused, by `database`, `code` (a known
+/// code, else `OTHER`), `side` (`local`: we refused it; `remote`: the remote
+/// refused ours).
 pub const BATCHES_REJECTED_TOTAL: &str = "crsync_batches_rejected_total";
 /// Gauge: commands waiting for the Store's writer thread, by `database`.
 pub const STORE_QUEUE_DEPTH: &str = "crsync_store_queue_depth";
@@ -97,12 +98,17 @@ pub(crate) fn phase_label(phase: SessionPhase) -> &'static str {
     }
 }
 
-/// Counts a refusal.
+/// Counts a refusal. A code this build does not know (a remote may send
+/// any text) is counted as `OTHER`, so a remote cannot grow the label set.
 pub(crate) fn rejected(database: &str, code: &ErrorCode, by_remote: bool) {
+    let code = match code {
+        ErrorCode::Other(_) => "OTHER",
+        known => known.as_str(),
+    };
     metrics::counter!(
         BATCHES_REJECTED_TOTAL,
         "database" => database.to_owned(),
-        "code" => code.as_str().to_owned(),
+        "code" => code.to_owned(),
         "side" => if by_remote { "remote" } else { "local" },
     )
     .increment(1);
@@ -162,5 +168,23 @@ impl Drop for SessionGauges {
             "transport" => self.transport,
         )
         .decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_stay_bounded() {
+        assert_eq!(database_label(Path::new("/data/notes.db")), "notes");
+        assert_eq!(
+            database_label(Path::new("/data/.notes.db.creating")),
+            "notes"
+        );
+        assert_eq!(transport_label("sse notes/0a0a from 127.0.0.1:5000"), "sse");
+        assert_eq!(transport_label("ws notes"), "ws");
+        assert_eq!(transport_label("carrier pigeon"), "other");
+        assert_eq!(phase_label(SessionPhase::Live), "live");
     }
 }

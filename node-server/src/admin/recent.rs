@@ -12,6 +12,8 @@ use super::report::ErrorView;
 
 /// Errors kept, at most (the oldest go first).
 pub(crate) const RECENT_ERRORS_CAP: usize = 50;
+/// Characters of an error's message kept (a remote's text can be long).
+const MESSAGE_CHARS: usize = 500;
 
 /// A bounded ring of recent errors, shared by all databases of a server.
 #[derive(Debug, Default)]
@@ -69,7 +71,7 @@ fn error_of(database: &str, event: PeerEvent) -> Option<ErrorView> {
             } else {
                 "refused"
             },
-            Some(code.as_str().to_owned()),
+            Some(code.to_string()),
             message,
             Some(peer),
         ),
@@ -89,7 +91,41 @@ fn error_of(database: &str, event: PeerEvent) -> Option<ErrorView> {
         database: database.to_owned(),
         kind: kind.to_owned(),
         code,
-        message,
+        message: message.chars().take(MESSAGE_CHARS).collect(),
         peer: peer.map(|p| p.to_hex()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crsync_peer::proto::ErrorCode;
+
+    #[test]
+    fn the_ring_keeps_the_newest_and_short_messages() {
+        let ring = RecentErrors::default();
+        let peer: crsync_peer::SiteId = "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a".parse().expect("site");
+        for i in 0..RECENT_ERRORS_CAP + 5 {
+            let event = PeerEvent::Rejected {
+                peer,
+                code: ErrorCode::Gap,
+                message: format!("{i} {}", "x".repeat(2 * MESSAGE_CHARS)),
+                by_remote: false,
+            };
+            ring.push(error_of("db", event).expect("an error"));
+        }
+        assert!(error_of("db", PeerEvent::Lagged { missed: 1 }).is_none());
+        let kept = ring.newest_first();
+        assert_eq!(kept.len(), RECENT_ERRORS_CAP);
+        assert!(
+            kept[0]
+                .message
+                .starts_with(&format!("{} ", RECENT_ERRORS_CAP + 4))
+        );
+        assert!(
+            kept.iter()
+                .all(|e| e.message.chars().count() == MESSAGE_CHARS)
+        );
+        assert_eq!(kept[0].code.as_deref(), Some("GAP"));
+    }
 }
