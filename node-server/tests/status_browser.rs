@@ -232,12 +232,9 @@ async fn the_status_page_shows_databases_and_live_peers_in_chromium() -> Result<
     let png = base64::engine::general_purpose::STANDARD
         .decode(shot["data"].as_str().context("no screenshot data")?)?;
     ensure!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
-    // Kept after the test (alone in its folder), for a person to look at.
-    let shots = tempfile::Builder::new()
-        .prefix("crsync-status-page-")
-        .tempdir()?
-        .keep();
-    let path = shots.join("status-page.png");
+    // Kept after the test in cargo's temp dir for integration tests
+    // (`target/tmp`), replaced by the next run, for a person to look at.
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     std::fs::write(&path, &png)?;
     println!("screenshot of the status page: {}", path.display());
 
