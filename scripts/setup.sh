@@ -4,6 +4,7 @@
 #   - the cr-sqlite extension, built from the npm source into .crsqlite/crsqlite.so,
 #     and copied to the user's data directory (where an installed or release-built
 #     crsync looks: ${XDG_DATA_HOME:-~/.local/share}/crsync/crsqlite.so)
+#   - Debian's headless-capable Chromium, for the status page's browser test
 # A second run with nothing changed takes well under a second.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,6 +15,7 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v patch >/dev/null 2>&1 || missing+=(patch)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""

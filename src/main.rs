@@ -7,6 +7,7 @@
 //! - `crsync fork`: gives a copied database file a new site id.
 //! - `crsync clone`: a new replica from the server's snapshot.
 //! - `crsync conflicts`: the conflict history of a database file.
+//! - `crsync admin status`: a running server's databases, peers and recent errors.
 //!
 //! Exit codes: 0 success, 1 failure (the message says why), 2 bad usage,
 //! 130 interrupted (Ctrl-C or SIGTERM) before `sync --once` finished.
@@ -19,6 +20,7 @@ use clap::{Parser, Subcommand};
 
 mod cli {
     //! The subcommands, one module each, and what they share.
+    pub(crate) mod admin;
     pub(crate) mod clone;
     pub(crate) mod conflicts;
     pub(crate) mod db;
@@ -88,6 +90,8 @@ enum Command {
     Extension(cli::extension::ExtensionArgs),
     /// Show the conflict history: values merges replaced or refused.
     Conflicts(cli::conflicts::ConflictsArgs),
+    /// Ask a running server: `crsync admin status --url URL [--token T] [--json]`.
+    Admin(cli::admin::AdminArgs),
 }
 
 impl Command {
@@ -123,6 +127,7 @@ async fn main() -> ExitCode {
         Command::Clone(args) => cli::clone::run(args).await,
         Command::Extension(args) => cli::extension::run(args),
         Command::Conflicts(args) => cli::conflicts::run(args).await,
+        Command::Admin(args) => cli::admin::run(args).await,
     };
     match result {
         Ok(cli::Outcome::Done) => ExitCode::SUCCESS,

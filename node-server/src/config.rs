@@ -83,6 +83,27 @@ pub struct ServerConfig {
     /// by this many changes since it was made. `0` disables snapshots
     /// (default [`DEFAULT_SNAPSHOT_THRESHOLD`]).
     pub snapshot_threshold: u64,
+    /// Who may read `/metrics`, `/status` and `/status.json`, and where.
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the metrics and status routes.
+///
+/// Without a `token` (and without `allow_anonymous = true`) they answer
+/// `401 UNAUTHORIZED`: the status page names databases, tables and client
+/// addresses, so it is never open by accident. The database tokens
+/// (`[[tokens]]`) do not open it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AdminConfig {
+    /// The admin token (`Authorization: Bearer <token>` or `?token=`).
+    pub token: Option<String>,
+    /// Serve the admin routes without a token.
+    pub allow_anonymous: bool,
+    /// A second listener for the admin routes only (e.g. `127.0.0.1:9090`);
+    /// then the main listener does not serve them.
+    pub bind: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +123,7 @@ impl Default for ServerConfig {
             tokens: Vec::new(),
             limits: LimitsConfig::default(),
             snapshot_threshold: DEFAULT_SNAPSHOT_THRESHOLD,
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -207,6 +229,9 @@ mod tests {
             ping_interval_secs = 2.5
             max_body_bytes = 1024
             snapshot_threshold = 0
+            [admin]
+            token = "adm"
+            bind = "127.0.0.1:9090"
             [cors]
             allowed_origins = ["*"]
             [[tokens]]
@@ -219,6 +244,9 @@ mod tests {
         assert_eq!(c.ping_interval, Duration::from_millis(2500));
         assert_eq!(c.max_body_bytes, 1024);
         assert_eq!(c.snapshot_threshold, 0);
+        assert_eq!(c.admin.token.as_deref(), Some("adm"));
+        assert_eq!(c.admin.bind.map(|b| b.port()), Some(9090));
+        assert!(!c.admin.allow_anonymous);
         assert_eq!(c.tokens[0].access, Access::ReadWrite);
         assert_eq!(c.cors.allowed_origins, vec!["*".to_string()]);
     }

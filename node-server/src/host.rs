@@ -86,6 +86,8 @@ pub(crate) struct StreamRequest<'a> {
     pub(crate) lossless: bool,
     /// The secret of its previous stream, to replace that one.
     pub(crate) presented: Option<&'a str>,
+    /// The client's address, when known (for the connection's label).
+    pub(crate) from: Option<std::net::SocketAddr>,
 }
 
 /// Unregisters an SSE stream when dropped.
@@ -205,10 +207,16 @@ impl DbHost {
             crsync,
             lossless,
             presented,
+            from,
         } = request;
         let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE_CAP);
         let config = self.limits.config();
-        let (out_tx, out_rx) = outbound(config.outbound_queue_bytes, config.stall_timeout, io);
+        let (out_tx, out_rx) = outbound(
+            &self.name,
+            config.outbound_queue_bytes,
+            config.stall_timeout,
+            io,
+        );
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let secret = crsync.then(SessionSecret::random);
         {
@@ -248,7 +256,7 @@ impl DbHost {
         let conn = Connection {
             sink: Box::pin(sink),
             stream: Box::pin(ReceiverStream::new(in_rx)),
-            label: format!("sse {}/{}", self.name, client),
+            label: format!("sse {}/{}{}", self.name, client, from_label(from)),
         };
         // Detached: the session ends when the SSE body is dropped or the Peer stops.
         drop(self.accept(conn, span));
@@ -329,6 +337,15 @@ impl DbHost {
         )
     }
 }
+
+/// The end of a connection's label naming the client's address
+/// (` from 127.0.0.1:5000`), read back by the status page.
+pub(crate) fn from_label(addr: Option<std::net::SocketAddr>) -> String {
+    addr.map(|a| format!("{FROM}{a}")).unwrap_or_default()
+}
+
+/// What separates a connection's label from the client's address.
+pub(crate) const FROM: &str = " from ";
 
 /// Whether a message may be sent with the given access: a read-only token may
 /// send anything but changes. A data message without changes (every Peer ends

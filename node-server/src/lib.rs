@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod admin;
 mod auth;
 mod config;
 mod error;
@@ -11,13 +12,15 @@ mod routes;
 mod server;
 mod session;
 mod snapshot;
+pub mod telemetry;
 mod ws;
 
+pub use admin::{DatabaseView, ErrorView, PeerView, StatusReport, TableView, ago};
 pub use auth::{Access, Auth, NoTokens};
 pub use config::{
-    ConfigError, CorsConfig, DEFAULT_BIND, DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL,
-    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SNAPSHOT_THRESHOLD, DEFAULT_TOKEN_ENV, ServerConfig,
-    TokenConfig,
+    AdminConfig, ConfigError, CorsConfig, DEFAULT_BIND, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PING_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SNAPSHOT_THRESHOLD, DEFAULT_TOKEN_ENV,
+    ServerConfig, TokenConfig,
 };
 pub use error::ApiError;
 pub use host::{INBOUND_QUEUE_CAP, OUTBOUND_QUEUE_CAP};

@@ -10,6 +10,7 @@ use crsync_peer::{Store, StoreError};
 use tokio::sync::OnceCell;
 
 use crate::Peer;
+use crate::admin::RecentErrors;
 use crate::error::ApiError;
 use crate::host::DbHost;
 use crate::limits::Limits;
@@ -50,6 +51,8 @@ pub(crate) struct RegistryOptions {
     pub(crate) limits: Arc<Limits>,
     /// `snapshot_threshold` (0: snapshots are off).
     pub(crate) snapshot_threshold: u64,
+    /// Where each database's Peer reports its errors.
+    pub(crate) recent: Arc<RecentErrors>,
 }
 
 type Cell = Arc<OnceCell<Arc<DbHost>>>;
@@ -155,12 +158,41 @@ impl Registry {
                 self.options.snapshot_threshold,
             )
         });
-        Ok(DbHost::new(
-            name,
-            peer,
-            Arc::clone(&self.options.limits),
-            snapshots,
-        ))
+        let host = DbHost::new(name, peer, Arc::clone(&self.options.limits), snapshots);
+        let recent = Arc::clone(&self.options.recent);
+        let (events, closed) = (host.peer().events(), host.closed());
+        let database = name.to_owned();
+        // Ends when the database closes.
+        drop(tokio::spawn(async move {
+            recent.watch(database, events, closed).await;
+        }));
+        Ok(host)
+    }
+
+    /// The databases open now.
+    pub(crate) fn open_hosts(&self) -> Vec<Arc<DbHost>> {
+        let cells: Vec<Cell> = self.lock().values().cloned().collect();
+        cells.iter().filter_map(|c| c.get().cloned()).collect()
+    }
+
+    /// Every database file in the data directory (`<name>.db`), by name.
+    pub(crate) async fn database_files(&self) -> Vec<(String, PathBuf)> {
+        let mut files = Vec::new();
+        let Ok(mut dir) = tokio::fs::read_dir(&self.options.data_dir).await else {
+            return files;
+        };
+        while let Ok(Some(entry)) = dir.next_entry().await {
+            let path = entry.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".db"));
+            if let Some(name) = name.filter(|n| valid_database_name(n)) {
+                files.push((name.to_owned(), path.clone()));
+            }
+        }
+        files.sort();
+        files
     }
 
     fn store_builder(&self, path: &Path) -> crsync_peer::StoreBuilder {
@@ -227,6 +259,24 @@ async fn apply_schema(store: &Store, sql: Option<String>) -> Result<(), CreateEr
         store.enable_crr(&names).await?;
     }
     Ok(())
+}
+
+/// Rows per user table (not our bookkeeping's `crsync_*` tables).
+pub(crate) async fn row_counts(store: &Store) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut tables = user_tables(store).await?;
+    tables.retain(|t| !t.starts_with("crsync_"));
+    store
+        .read(move |conn| {
+            tables
+                .into_iter()
+                .map(|t| {
+                    let sql = format!("SELECT count(*) FROM \"{}\"", t.replace('"', "\"\""));
+                    let rows: i64 = conn.query_row(&sql, [], |r| r.get(0))?;
+                    Ok((t, rows.max(0) as u64))
+                })
+                .collect()
+        })
+        .await
 }
 
 async fn user_tables(store: &Store) -> Result<Vec<String>, StoreError> {

@@ -76,7 +76,7 @@ struct TokenQuery {
 
 /// The bearer token: the `Authorization` header, else the `token` query
 /// parameter (browsers' EventSource cannot set headers).
-fn bearer(parts: &Parts) -> Result<Option<String>, ApiError> {
+pub(crate) fn bearer(parts: &Parts) -> Result<Option<String>, ApiError> {
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
         let value = value
             .to_str()
@@ -205,6 +205,7 @@ async fn stream<S: Databases>(
         crsync: query.crsync.is_some(),
         lossless,
         presented: presented_secret(&headers),
+        from: target.kill.remote_addr(),
     };
     let mut response = match host.open_sse(request, target.kill.progress(), &span) {
         Ok(SseSession { outbound, guard }) => {
@@ -234,6 +235,7 @@ async fn stream<S: Databases>(
             let progress = target.kill.progress();
             let base = progress.as_ref().map_or(0, |p| p.written());
             let queued = outbound.into_stream();
+            let database = host.name().to_owned();
             let events = futures_util::stream::unfold(
                 (queued, progress, base),
                 |(mut queued, progress, given)| async move {
@@ -251,6 +253,7 @@ async fn stream<S: Databases>(
                 // dropped; the permit frees the connection slot; the
                 // watchdog is aborted.
                 let _ = (&guard, &permit, &watchdog);
+                crate::telemetry::bytes_out(&database, "sse", queued.text().len());
                 Ok::<_, Infallible>(Event::default().data(queued.text()))
             })
             .take_until(host.closed());
@@ -304,6 +307,7 @@ async fn post_message<S: Databases>(
             ApiError::malformed(r.body_text())
         }
     })?;
+    crate::telemetry::bytes_in(&target.name, "sse", body.len());
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::malformed(format!("body is not UTF-8: {e}")))?;
     let mut message =

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::admin::{AdminState, RecentErrors, admin_routes};
 use crate::auth::{Auth, NoTokens};
 use crate::config::{CorsConfig, ServerConfig};
 use crate::error::ApiError;
@@ -69,7 +70,7 @@ struct ServerState(Arc<ServerInner>);
 
 struct ServerInner {
     auth: Auth,
-    registry: Registry,
+    registry: Arc<Registry>,
     max_body_bytes: usize,
     limits: Arc<Limits>,
 }
@@ -114,9 +115,18 @@ pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
     app: Router,
+    /// `[admin] bind`: the admin routes' own listener.
+    admin: Option<AdminListener>,
     state: ServerState,
     shutdown_timeout: Duration,
     send_buffer_bytes: usize,
+}
+
+/// The listener of `[admin] bind`, serving only the admin routes.
+struct AdminListener {
+    listener: TcpListener,
+    addr: SocketAddr,
+    app: Router,
 }
 
 impl std::fmt::Debug for Server {
@@ -165,21 +175,29 @@ impl Server {
         })?;
         let cors = cors_layer(&config.cors)?;
         let limits = Arc::new(Limits::new(config.limits.clone()));
+        let recent = Arc::new(RecentErrors::default());
+        let registry = Arc::new(Registry::new(RegistryOptions {
+            data_dir: config.data_dir.clone(),
+            schema_sql,
+            allow_create: config.allow_create,
+            ping_interval: config.ping_interval,
+            extension_path: config.extension_path.clone(),
+            limits: Arc::clone(&limits),
+            snapshot_threshold: config.snapshot_threshold,
+            recent: Arc::clone(&recent),
+        }));
+        let admin = admin_routes(AdminState::new(
+            &config.admin,
+            Arc::clone(&registry),
+            recent,
+        ));
         let state = ServerState(Arc::new(ServerInner {
             auth,
-            registry: Registry::new(RegistryOptions {
-                data_dir: config.data_dir.clone(),
-                schema_sql,
-                allow_create: config.allow_create,
-                ping_interval: config.ping_interval,
-                extension_path: config.extension_path.clone(),
-                limits: Arc::clone(&limits),
-                snapshot_threshold: config.snapshot_threshold,
-            }),
+            registry,
             max_body_bytes: config.max_body_bytes,
             limits,
         }));
-        let mut app = Router::new()
+        let app = Router::new()
             .route("/health", get(health))
             .method_not_allowed_fallback(method_not_allowed)
             .nest(
@@ -187,8 +205,21 @@ impl Server {
                 database_routes::<ServerState>(config.max_body_bytes),
             )
             .fallback(not_found)
-            .with_state(state.clone())
-            .layer(TraceLayer::new_for_http().make_span_with(request_span));
+            .with_state(state.clone());
+        // The admin routes: on their own listener, or beside the others.
+        let (app, admin_listener) = match config.admin.bind {
+            Some(bind) => {
+                let listener = TcpListener::bind(bind)
+                    .await
+                    .map_err(|source| ServeError::Io { addr: bind, source })?;
+                let admin_app = admin
+                    .fallback(not_found)
+                    .layer(TraceLayer::new_for_http().make_span_with(request_span));
+                (app, Some((listener, admin_app)))
+            }
+            None => (app.merge(admin), None),
+        };
+        let mut app = app.layer(TraceLayer::new_for_http().make_span_with(request_span));
         if let Some(cors) = cors {
             app = app.layer(cors);
         }
@@ -203,10 +234,26 @@ impl Server {
             source,
         })?;
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "crsync server listening");
+        let admin = match admin_listener {
+            Some((listener, app)) => {
+                let admin_addr = listener.local_addr().map_err(|source| ServeError::Io {
+                    addr: config.admin.bind.unwrap_or(config.bind),
+                    source,
+                })?;
+                tracing::info!(addr = %admin_addr, "admin routes (/metrics, /status) listening");
+                Some(AdminListener {
+                    listener,
+                    addr: admin_addr,
+                    app,
+                })
+            }
+            None => None,
+        };
         Ok(Server {
             listener,
             addr,
             app,
+            admin,
             state,
             shutdown_timeout: config.shutdown_timeout,
             send_buffer_bytes: config.limits.socket_send_buffer_bytes,
@@ -216,6 +263,12 @@ impl Server {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the admin routes (`/metrics`, `/status`, `/status.json`)
+    /// are served on: `[admin] bind` when set, else [`local_addr`](Self::local_addr).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.as_ref().map_or(self.addr, |a| a.addr)
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, shuts every
@@ -229,6 +282,7 @@ impl Server {
             listener,
             addr,
             app,
+            admin,
             state,
             shutdown_timeout,
             send_buffer_bytes,
@@ -249,7 +303,7 @@ impl Server {
                 state.0.registry.shutdown().await;
             }
         });
-        let mut began = began_rx;
+        let mut began = began_rx.clone();
         let deadline = async move {
             if began.wait_for(|b| *b).await.is_ok() {
                 tokio::time::sleep(shutdown_timeout).await;
@@ -257,6 +311,28 @@ impl Server {
                 std::future::pending::<()>().await;
             }
         };
+        // The admin listener stops accepting when shutdown begins; it is
+        // dropped with its open requests when serve returns.
+        let admin_task = admin.map(
+            |AdminListener {
+                 listener,
+                 addr,
+                 app,
+             }| {
+                let mut began = began_rx.clone();
+                tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                    let stop = async move {
+                        let _ = began.wait_for(|b| *b).await;
+                    };
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                    {
+                        tracing::error!(%addr, "admin listener failed: {e}");
+                    }
+                }))
+            },
+        );
         // Connections a handler can cut (a stalled stream), with TCP_NODELAY.
         let listener = KillableListener {
             tcp: listener,
@@ -281,6 +357,7 @@ impl Server {
         {
             tracing::warn!("databases still closing after the shutdown timeout");
         }
+        drop(admin_task);
         result
     }
 }

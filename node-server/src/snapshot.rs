@@ -75,6 +75,18 @@ pub(crate) async fn download<S: Databases>(
         .into_response());
     }
     let success = response.status().is_success();
+    if success {
+        let sent = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let database = host.name().to_owned();
+        metrics::counter!(crate::telemetry::SNAPSHOTS_SERVED_TOTAL, "database" => database.clone())
+            .increment(1);
+        metrics::counter!(crate::telemetry::SNAPSHOT_BYTES_TOTAL, "database" => database)
+            .increment(sent);
+    }
     let headers = response.headers_mut();
     let text = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
     headers.insert(header::ETAG, text(&tag));

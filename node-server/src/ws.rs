@@ -13,10 +13,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use crate::Access;
 use crate::auth::Principal;
 use crate::host::{DbHost, INBOUND_QUEUE_CAP, admit};
 use crate::limits::{ConnKill, ConnectionPermit, OutboundRx, outbound};
+use crate::{Access, telemetry};
 
 /// Runs one WebSocket until either side ends it; `permit` holds its
 /// connection slot until then.
@@ -38,7 +38,11 @@ pub(crate) async fn run(
 
 /// Writes what the queue gives to the socket, until the queue ends, the
 /// socket fails, or the client stops reading for the stall timeout.
-async fn write_socket(mut ws_tx: SplitSink<WebSocket, Message>, mut out_rx: OutboundRx) {
+async fn write_socket(
+    mut ws_tx: SplitSink<WebSocket, Message>,
+    mut out_rx: OutboundRx,
+    database: String,
+) {
     let watchdog = out_rx.stall();
     let stalled = watchdog.stalled();
     tokio::pin!(stalled);
@@ -51,12 +55,14 @@ async fn write_socket(mut ws_tx: SplitSink<WebSocket, Message>, mut out_rx: Outb
             let _ = ws_tx.send(Message::Close(None)).await;
             return;
         };
+        let bytes = queued.text().len();
         tokio::select! {
             sent = ws_tx.send(Message::Text(queued.text().into())) => if sent.is_err() {
                 return;
             },
             () = &mut stalled => break,
         }
+        telemetry::bytes_out(&database, "ws", bytes);
         // Only now do its bytes leave the queue.
         drop(queued);
     }
@@ -77,6 +83,7 @@ async fn serve_socket(
     let (ws_tx, mut ws_rx) = socket.split();
     let config = host.limits().config();
     let (out_tx, out_rx) = outbound(
+        host.name(),
         config.outbound_queue_bytes,
         config.stall_timeout,
         conn.progress(),
@@ -86,12 +93,17 @@ async fn serve_socket(
 
     // The writer owns the socket's sending half; the Peer's sink and our own
     // refusals both feed it.
-    let writer = tokio::spawn(write_socket(ws_tx, out_rx).in_current_span());
+    let writer =
+        tokio::spawn(write_socket(ws_tx, out_rx, host.name().to_owned()).in_current_span());
 
     let conn = Connection {
         sink: out_tx.clone().sink(),
         stream: Box::pin(ReceiverStream::new(in_rx)),
-        label: format!("ws {}", host.name()),
+        label: format!(
+            "ws {}{}",
+            host.name(),
+            crate::host::from_label(conn.remote_addr())
+        ),
     };
     let mut session = host.accept(conn, &span);
 
@@ -119,7 +131,10 @@ async fn serve_socket(
             () = out_tx.closed() => break,
         };
         let text = match frame {
-            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Text(text))) => {
+                telemetry::bytes_in(host.name(), "ws", text.len());
+                text
+            }
             Some(Ok(Message::Binary(_))) => {
                 let refusal = TransportMessage::error(
                     me,

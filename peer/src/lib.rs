@@ -21,6 +21,7 @@ mod peer;
 mod pk;
 pub mod proto;
 mod store;
+pub mod telemetry;
 pub mod transport;
 mod value;
 pub mod wire;

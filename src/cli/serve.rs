@@ -14,7 +14,7 @@ use super::{Outcome, signal};
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
     /// TOML config file (keys: bind, data_dir, schema, allow_create, allow_anonymous,
-    /// tokens, cors, ...; see the node-server README).
+    /// tokens, cors, limits, admin, ...; see the node-server README).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port [default: 127.0.0.1:8080].

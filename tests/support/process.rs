@@ -370,3 +370,19 @@ impl Fixture {
         )
     }
 }
+
+/// Runs SQL on a database file through the Store (cr-sqlite loaded), then closes it.
+pub(crate) fn write_sql(db: &Path, sql: &'static str) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let store = crsync::Store::open(db).await.expect("open");
+            store
+                .write(move |tx| tx.execute_batch(sql))
+                .await
+                .expect("write");
+            store.close().await.expect("close");
+        });
+}

@@ -180,12 +180,19 @@ impl AsyncWrite for KillableIo {
 /// through a [`KillableListener`], e.g. a [`PeerRouter`](crate::PeerRouter)
 /// mounted on the app's own listener).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct ConnKill(Option<(CancellationToken, Arc<IoProgress>)>);
+pub(crate) struct ConnKill(
+    Option<(CancellationToken, Arc<IoProgress>)>,
+    /// The client's address, when known.
+    Option<SocketAddr>,
+);
 
 impl Connected<IncomingStream<'_, KillableListener>> for ConnKill {
     fn connect_info(stream: IncomingStream<'_, KillableListener>) -> Self {
         let io = stream.io();
-        ConnKill(Some((io.kill.clone(), Arc::clone(&io.progress))))
+        ConnKill(
+            Some((io.kill.clone(), Arc::clone(&io.progress))),
+            Some(*stream.remote_addr()),
+        )
     }
 }
 
@@ -197,6 +204,11 @@ impl ConnKill {
             .get::<ConnectInfo<ConnKill>>()
             .map(|info| info.0.clone())
             .unwrap_or_default()
+    }
+
+    /// The client's address, when known (for connection labels).
+    pub(crate) fn remote_addr(&self) -> Option<SocketAddr> {
+        self.1
     }
 
     /// The connection's write progress, when known.

@@ -26,7 +26,15 @@ struct MeterState {
     since: Instant,
 }
 
-struct Meter(Mutex<MeterState>);
+/// The queue's bytes, also counted in the database's
+/// [`OUTBOUND_QUEUED_BYTES`](crate::telemetry::OUTBOUND_QUEUED_BYTES) gauge.
+struct Meter(Mutex<MeterState>, metrics::Gauge);
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.1.decrement(self.lock().queued as f64);
+    }
+}
 
 impl Meter {
     fn lock(&self) -> std::sync::MutexGuard<'_, MeterState> {
@@ -40,10 +48,12 @@ impl Meter {
             m.since = Instant::now();
         }
         m.queued += bytes;
+        self.1.increment(bytes as f64);
     }
 
     fn remove(&self, bytes: usize) {
         let mut m = self.lock();
+        self.1.decrement(bytes.min(m.queued) as f64);
         m.queued = m.queued.saturating_sub(bytes);
         m.since = Instant::now();
     }
@@ -99,6 +109,7 @@ pub(crate) struct Stall {
 /// progress: nothing left the queue, and the socket (`io`, when known) took
 /// no bytes.
 pub(crate) fn outbound(
+    database: &str,
     budget_bytes: usize,
     stall_timeout: Duration,
     io: Option<Arc<IoProgress>>,
@@ -106,10 +117,17 @@ pub(crate) fn outbound(
     let max = budget_bytes.clamp(1, Semaphore::MAX_PERMITS);
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE_CAP);
     let budget = Arc::new(Semaphore::new(max));
-    let meter = Arc::new(Meter(Mutex::new(MeterState {
-        queued: 0,
-        since: Instant::now(),
-    })));
+    let gauge = metrics::gauge!(
+        crate::telemetry::OUTBOUND_QUEUED_BYTES,
+        "database" => database.to_owned()
+    );
+    let meter = Arc::new(Meter(
+        Mutex::new(MeterState {
+            queued: 0,
+            since: Instant::now(),
+        }),
+        gauge,
+    ));
     let stall = Stall {
         meter: Arc::clone(&meter),
         budget: Arc::clone(&budget),
@@ -231,7 +249,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn bounded_by_bytes_and_stalls_only_without_progress() {
         let one = ping().to_json().len();
-        let (out, mut rx) = outbound(2 * one, Duration::from_secs(10), None);
+        let (out, mut rx) = outbound("test", 2 * one, Duration::from_secs(10), None);
         out.send(ping()).await.unwrap();
         out.send(ping()).await.unwrap();
         // A third waits for room.
@@ -255,7 +273,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_empty_queue_never_stalls_and_a_big_message_still_goes() {
-        let (out, mut rx) = outbound(8, Duration::from_secs(1), None);
+        let (out, mut rx) = outbound("test", 8, Duration::from_secs(1), None);
         let stall = rx.stall();
         let watchdog = tokio::spawn(async move { stall.stalled().await });
         tokio::time::sleep(Duration::from_secs(30)).await;

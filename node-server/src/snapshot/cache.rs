@@ -183,6 +183,8 @@ impl SnapshotCache {
             .build(store)
             .await
             .map_err(|e| failed("cannot make a snapshot", &e))?;
+        metrics::counter!(crate::telemetry::SNAPSHOTS_BUILT_TOTAL, "database" => self.name.clone())
+            .increment(1);
         let snapshot = Arc::new(built);
         if let Some(old) = state.current.replace(Arc::clone(&snapshot)) {
             if old.path != snapshot.path {

@@ -25,7 +25,8 @@ use crate::proto::{
 };
 use crate::store::MergeError;
 use crate::transport::{Connection, Received, Rejection, TransportError};
-use crate::{ChangeStream, MergeReport, SiteId};
+use crate::wire::TransportMessage;
+use crate::{ChangeStream, MergeReport, SiteId, telemetry};
 
 /// Messages queued for the writer task (default of [`PeerBuilder::outbox`](super::PeerBuilder::outbox)).
 pub(crate) const OUTBOX_CAP: usize = 16;
@@ -200,6 +201,8 @@ async fn run_inner(
     let mut remote: Option<SiteId> = None;
     let id = inner.session_id();
     inner.session_opened(link, id);
+    let database = telemetry::database_label(inner.store.path());
+    let mut gauges = telemetry::SessionGauges::open(&database, &label);
     let mut site_id_conflict = false;
     let mut noted_own = crate::DbVersion(0);
 
@@ -268,6 +271,7 @@ async fn run_inner(
             }
         }
         let status = core.status();
+        gauges.phase(status.phase);
         let acked_own = status.acknowledged.get(&local);
         if acked_own > noted_own {
             noted_own = acked_own;
@@ -300,7 +304,10 @@ async fn run_inner(
             permit = outbox.reserve(), if want_transmit => {
                 let Ok(permit) = permit else { break "writer gone".into() };
                 match core.poll_transmit(Instant::now()) {
-                    Some(message) => permit.send(message),
+                    Some(message) => {
+                        count_changes(telemetry::CHANGES_OUT_TOTAL, &database, &message);
+                        permit.send(message);
+                    }
                     None => drop(permit),
                 }
             }
@@ -312,6 +319,7 @@ async fn run_inner(
                 }
                 Some(Err(e)) => break e.to_string(),
                 Some(Ok(Received { message, reply })) => {
+                    count_changes(telemetry::CHANGES_IN_TOTAL, &database, &message);
                     let reply = reply.map(|tx| {
                         next_reply += 1;
                         replies.insert(next_reply, tx);
@@ -381,6 +389,7 @@ async fn run_inner(
         _ => reason,
     };
     tracing::debug!(%reason, "session ended");
+    drop(gauges);
     inner.publish(id, None);
     inner.session_closed(link, core.status().last_error);
     inner.emit(PeerEvent::Disconnected {
@@ -389,6 +398,16 @@ async fn run_inner(
         reason,
     });
     ended
+}
+
+/// Counts the changes a `data` message carries under `name`.
+fn count_changes(name: &'static str, database: &str, message: &TransportMessage) {
+    if let Some(data) = &message.data {
+        if !data.data.is_empty() {
+            metrics::counter!(name, "database" => database.to_owned())
+                .increment(data.data.len() as u64);
+        }
+    }
 }
 
 fn merge_result(result: Result<MergeReport, MergeError>) -> Result<MergeOutcome, MergeFailure> {
@@ -442,6 +461,11 @@ fn on_event(inner: &Inner, label: &str, remote: &mut Option<SiteId>, event: Sess
             if by_remote {
                 tracing::info!(%peer, %code, %message, "remote reported an error");
             }
+            telemetry::rejected(
+                &telemetry::database_label(inner.store.path()),
+                &code,
+                by_remote,
+            );
             inner.emit(PeerEvent::Rejected {
                 peer,
                 code,

@@ -15,7 +15,7 @@ use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
 use super::staging::{self, HeldPart, HeldParts, Staged};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
 use crate::proto::batch::{MergePlan, PartAction, check_part, completed_by, plan_merge};
-use crate::{ChangeBatch, Cursor, DbVersion, SiteId};
+use crate::{ChangeBatch, Cursor, DbVersion, SiteId, telemetry};
 
 /// Prepared statements the writer keeps (rusqlite's default is 16).
 const STATEMENT_CACHE: usize = 128;
@@ -87,6 +87,8 @@ struct Writer {
     held: HeldParts,
     /// Remote records not saved yet.
     remotes: BTreeMap<SiteId, RemoteRecord>,
+    /// The `database` label of its metrics.
+    database: String,
 }
 
 pub(super) fn run(
@@ -113,6 +115,8 @@ pub(super) fn run(
                 return;
             }
             Ok(command) => {
+                metrics::gauge!(telemetry::STORE_QUEUE_DEPTH, "database" => writer.database.clone())
+                    .set(inbox.len() as f64);
                 writer.notice_external();
                 writer.handle(command);
                 writer.notice_own_commits(ChangeSource::Local);
@@ -193,6 +197,7 @@ impl Writer {
         schema.refresh(&conn)?;
         let staged = staging::load(&conn)?;
         let stage_in_memory_below = config.stage_in_memory_below;
+        let database = telemetry::database_label(&config.path);
         Ok(Writer {
             conn,
             site,
@@ -211,6 +216,7 @@ impl Writer {
             staged,
             held: HeldParts::new(stage_in_memory_below),
             remotes: BTreeMap::new(),
+            database,
         })
     }
 
@@ -227,7 +233,9 @@ impl Writer {
                 let _ = reply.send(self.enable_crr(&tables));
             }
             Command::Merge(batch, reply) => {
+                let started = Instant::now();
                 let result = self.merge(&batch);
+                self.record_merge(started, &result);
                 let _ = reply.send(result);
             }
             Command::Write(job) => job(&mut self.conn),
@@ -252,6 +260,21 @@ impl Writer {
                 let _ = reply.send(remotes::load(&self.conn).map_err(StoreError::from));
             }
             Command::Close(_) => unreachable!("handled by the loop"),
+        }
+    }
+
+    /// Records a merge's latency, what it applied and what it staged.
+    fn record_merge(&self, started: Instant, result: &Result<MergeReport, MergeError>) {
+        let database = self.database.clone();
+        metrics::histogram!(telemetry::MERGE_SECONDS, "database" => database.clone())
+            .record(started.elapsed().as_secs_f64());
+        if let Ok(report) = result {
+            metrics::counter!(telemetry::CHANGES_MERGED_TOTAL, "database" => database.clone())
+                .increment(report.applied as u64);
+            if report.staged_changes > 0 {
+                metrics::counter!(telemetry::CHUNKS_STAGED_TOTAL, "database" => database)
+                    .increment(1);
+            }
         }
     }
 
