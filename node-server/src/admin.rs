@@ -83,6 +83,12 @@ impl AdminState {
                 None => report::closed_view(name, &path).await,
             });
         }
+        let mut conflicts = Vec::new();
+        for host in &open {
+            conflicts.extend(report::recent_conflicts(host, RECENT_CONFLICTS).await);
+        }
+        conflicts.sort_by_key(|c| std::cmp::Reverse(c["recorded_at_ms"].as_u64()));
+        conflicts.truncate(RECENT_CONFLICTS);
         let (version, generated_at, uptime_secs) = report::header(self.0.started);
         StatusReport {
             version,
@@ -90,11 +96,13 @@ impl AdminState {
             uptime_secs,
             databases,
             errors: self.0.recent.newest_first(),
-            // The hook for the Store's conflict history: `None` until it has one.
-            conflicts: None,
+            conflicts: Some(conflicts),
         }
     }
 }
+
+/// Conflicts shown on the status page at most (the newest, over all open databases).
+const RECENT_CONFLICTS: usize = 50;
 
 /// The admin routes, to be merged into a router or served alone.
 pub(crate) fn admin_routes(state: AdminState) -> Router {

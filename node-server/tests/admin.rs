@@ -195,8 +195,45 @@ async fn status_json_lists_databases_and_their_clients() -> Result<()> {
         "{client:?}"
     );
     ensure!(client.connected_since.is_some(), "{client:?}");
-    ensure!(report.conflicts.is_none(), "no conflict history yet");
+    ensure!(
+        report.conflicts.as_ref().is_some_and(|c| c.is_empty()),
+        "no conflicts yet: {:?}",
+        report.conflicts
+    );
     a.shutdown().await;
+    server.shutdown().await
+}
+
+#[tokio::test]
+async fn concurrent_writes_show_as_conflicts() -> Result<()> {
+    const DB: &str = "status_conflicts";
+    let mut server = admin_server().await?;
+    let dir = tempfile::tempdir()?;
+    // Both write row 1 before either syncs: the server keeps one, records the other.
+    let a = peer(client_store(&dir.path().join("a.db")).await?);
+    let b = peer(client_store(&dir.path().join("b.db")).await?);
+    insert(a.store(), 1, "from a").await?;
+    insert(b.store(), 1, "from b").await?;
+    a.add_dialer(SseDialer::new(server.url(&format!("/db/{DB}"))).with_token(ENV));
+    b.add_dialer(SseDialer::new(server.url(&format!("/db/{DB}"))).with_token(ENV));
+    wait_until(&a, "the server records the conflict", || async {
+        let report = status(&server).await?;
+        Ok(report.conflicts.as_ref().is_some_and(|c| !c.is_empty()))
+    })
+    .await?;
+    let report = status(&server).await?;
+    let conflicts = report.conflicts.context("conflicts")?;
+    let c = &conflicts[0];
+    ensure!(c["database"] == DB && c["table"] == "todo", "{c}");
+    let values = [c["lost"]["value"].to_string(), c["won"]["value"].to_string()];
+    ensure!(
+        values.iter().any(|v| v.contains("from a")) && values.iter().any(|v| v.contains("from b")),
+        "{c}"
+    );
+    let page = admin_get(&server, "/status").await?.text().await?;
+    ensure!(page.contains("<ul id=\"conflicts\">") && page.contains("from "), "{page}");
+    a.shutdown().await;
+    b.shutdown().await;
     server.shutdown().await
 }
 

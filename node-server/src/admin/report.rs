@@ -25,8 +25,8 @@ pub struct StatusReport {
     pub databases: Vec<DatabaseView>,
     /// The last refusals and failures, newest first (at most 50).
     pub errors: Vec<ErrorView>,
-    /// Recent conflicts, newest first, once the Store keeps a conflict
-    /// history (`None`: this server's Store does not).
+    /// Recent conflicts of the open databases, newest first (from each
+    /// Store's conflict history, [`Store::conflicts`](crsync_peer::Store::conflicts)).
     pub conflicts: Option<Vec<serde_json::Value>>,
 }
 
@@ -216,4 +216,38 @@ pub fn ago(at: u64, now: u64) -> String {
         60..3600 => format!("{}m {}s", secs / 60, secs % 60),
         _ => format!("{}h {}m", secs / 3600, (secs % 3600) / 60),
     }
+}
+
+/// The newest `limit` conflicts of an open database, as JSON objects.
+pub(crate) async fn recent_conflicts(host: &Arc<DbHost>, limit: usize) -> Vec<serde_json::Value> {
+    let query = crsync_peer::ConflictQuery::new().limit(limit);
+    let Ok(records) = host.peer().store().conflicts(query).await else {
+        return Vec::new();
+    };
+    let side = |s: &crsync_peer::ConflictSide| {
+        serde_json::json!({
+            "value": format!("{:?}", s.value),
+            "site": s.site.to_hex(),
+            "version": s.version.map(|v| v.0),
+            "col_version": s.col_version,
+        })
+    };
+    records
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "database": host.name(),
+                "table": c.table,
+                "pk": hex::encode(&c.pk.0),
+                "column": c.column,
+                "kind": c.kind.as_str(),
+                "lost": side(&c.lost),
+                "won": side(&c.won),
+                "recorded_at_ms": c.recorded_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+            })
+        })
+        .collect()
 }
