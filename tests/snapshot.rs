@@ -58,7 +58,7 @@ async fn start_server(dir: &Path, threshold: u64) -> Running {
     config.snapshot_threshold = threshold;
     config.shutdown_timeout = Duration::from_secs(2);
     let auth = Auth::new()
-        .with_token(RW, ["notes"], Access::ReadWrite)
+        .with_creating_token(RW, ["notes"])
         .with_token(RO, ["notes"], Access::ReadOnly)
         .with_token(OTHER, ["elsewhere"], Access::ReadWrite);
     let server = Server::bind_with_auth(config, auth).await.unwrap();

@@ -70,6 +70,7 @@ async fn start(threshold: u64) -> Result<TestServer> {
 
 /// Creates `notes` on the server (first use) and fills it with `rows` rows.
 async fn notes_with_rows(server: &TestServer, rows: i64) -> Result<()> {
+    server.create("notes").await?;
     let first = get(server, "/db/notes/snapshot/info", Some(RW)).await?;
     anyhow::ensure!(first.status() == 404, "{}", first.text().await?);
     write_rows(&server.replica("notes"), 0, rows)

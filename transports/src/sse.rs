@@ -94,6 +94,9 @@ pub struct SseDialer {
     http: Option<reqwest::Client>,
     /// The session secret of the last stream (presented on the next dial).
     session: Option<String>,
+    created: crate::CreationNotice,
+    #[cfg(feature = "tls")]
+    roots: Option<crate::tls::RootCertificates>,
 }
 
 impl std::fmt::Debug for SseDialer {
@@ -122,7 +125,24 @@ impl SseDialer {
             post_timeout: DEFAULT_POST_TIMEOUT,
             http: None,
             session: None,
+            created: crate::CreationNotice::default(),
+            #[cfg(feature = "tls")]
+            roots: None,
         }
+    }
+
+    /// Trusts these root certificates for `https://` (the stream and the
+    /// POSTs), besides the usual roots. Not applied to a client given with
+    /// [`with_http_client`](Self::with_http_client).
+    #[cfg(feature = "tls")]
+    pub fn with_root_certificates(mut self, roots: crate::tls::RootCertificates) -> Self {
+        self.roots = Some(roots);
+        self
+    }
+
+    /// Raised when a dial created the database on the server.
+    pub fn creation_notice(&self) -> crate::CreationNotice {
+        self.created.clone()
     }
 
     /// Sends `Authorization: Bearer <token>` on the stream and on every POST.
@@ -160,13 +180,16 @@ impl SseDialer {
         if let Some(client) = &self.http {
             return Ok(client.clone());
         }
-        let client = reqwest::Client::builder()
-            .timeout(self.post_timeout)
-            .build()
-            .map_err(|e| TransportError::Connect {
-                target: self.base.clone(),
-                source: Box::new(e),
-            })?;
+        let builder = reqwest::Client::builder().timeout(self.post_timeout);
+        #[cfg(feature = "tls")]
+        let builder = match &self.roots {
+            Some(roots) => roots.reqwest(builder),
+            None => builder,
+        };
+        let client = builder.build().map_err(|e| TransportError::Connect {
+            target: self.base.clone(),
+            source: Box::new(e),
+        })?;
         self.http = Some(client.clone());
         Ok(client)
     }
@@ -201,9 +224,12 @@ impl SseDialer {
                 .header(SESSION_HEADER, session)
                 .map_err(connect_error)?;
         }
-        #[cfg(feature = "rustls")]
+        #[cfg(feature = "tls")]
         if url.starts_with("https:") {
-            return Ok(builder.build().stream());
+            return Ok(match &self.roots {
+                Some(roots) => builder.build_with_conn(roots.sse_connector()).stream(),
+                None => builder.build().stream(),
+            });
         }
         Ok(builder.build_http().stream())
     }
@@ -216,9 +242,13 @@ impl SseDialer {
         let http = self.http_client()?;
         let mut events = self.open_events(local)?;
         let target = self.stream_target();
-        let first = tokio::time::timeout(self.dial_timeout, first_message(&mut events, &target))
-            .await
-            .map_err(|_| TransportError::Timeout(self.dial_timeout))??;
+        let created = self.created.clone();
+        let first = tokio::time::timeout(
+            self.dial_timeout,
+            first_message(&mut events, &target, &created),
+        )
+        .await
+        .map_err(|_| TransportError::Timeout(self.dial_timeout))??;
         if first.kind == MessageKind::Error {
             let message = first.error.unwrap_or_default();
             return Err(TransportError::Remote {
@@ -268,6 +298,7 @@ fn code_of(code: Option<&str>, message: &str) -> ErrorCode {
 async fn first_message(
     events: &mut EventStream,
     target: &str,
+    created: &crate::CreationNotice,
 ) -> Result<TransportMessage, TransportError> {
     while let Some(item) = events.next().await {
         match item {
@@ -286,7 +317,16 @@ async fn first_message(
                     }
                 });
             }
-            Ok(es::SSE::Connected(_) | es::SSE::Comment(_)) => continue,
+            Ok(es::SSE::Connected(details)) => {
+                created.raise_if(
+                    details
+                        .response()
+                        .get_header_value(crate::CREATED_HEADER)
+                        .ok()
+                        .flatten(),
+                );
+            }
+            Ok(es::SSE::Comment(_)) => continue,
             Err(es::Error::UnexpectedResponse(response, body)) => {
                 let status = response.status();
                 let body = match tokio::time::timeout(ERROR_BODY_TIMEOUT, body.body_bytes()).await {
