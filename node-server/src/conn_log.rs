@@ -53,7 +53,7 @@ impl ConnLog {
         tracing::info!(
             client = %log.client_text(),
             db = %log.db,
-            transport = log.transport,
+            transport = %log.transport,
             token = %log.token,
             "connection opened"
         );
@@ -93,7 +93,7 @@ impl Drop for ConnLog {
         tracing::info!(
             client = %self.client_text(),
             db = %self.db,
-            transport = self.transport,
+            transport = %self.transport,
             token = %self.token,
             changes_in = self.counts.received.load(Ordering::Relaxed),
             changes_out = self.counts.sent.load(Ordering::Relaxed),
