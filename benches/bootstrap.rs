@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use crsync::rusqlite::Connection;
-use crsync::server::{Access, Server, ServerConfig, TokenConfig};
+use crsync::server::{Server, ServerConfig, TokenConfig};
 use crsync::transports::snapshot::SnapshotClient;
 use crsync::transports::sse::SseDialer;
 use crsync::{Cursor, DbVersion, Peer, PeerEvent, SiteId, Store};
@@ -100,11 +100,9 @@ fn child_server(dir: &Path) -> anyhow::Result<()> {
     config.token_env = String::new();
     config.snapshot_threshold = THRESHOLD;
     config.shutdown_timeout = Duration::from_secs(5);
-    config.tokens = vec![TokenConfig {
-        token: TOKEN.into(),
-        databases: vec!["*".into()],
-        access: Access::ReadWrite,
-    }];
+    let mut token = TokenConfig::new(TOKEN, ["*"]);
+    token.create = true;
+    config.tokens = vec![token];
     runtime()?.block_on(async {
         let server = Server::bind(config).await?;
         println!("ADDR {}", server.local_addr());

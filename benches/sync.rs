@@ -46,7 +46,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail, ensure};
 use crsync::rusqlite::{Connection, OpenFlags};
-use crsync::server::{Access, Server, ServerConfig, TokenConfig};
+use crsync::server::{Server, ServerConfig, TokenConfig};
 use crsync::transports::{SseDialer, WebSocketDialer};
 use crsync::{ChangeSource, DbVersion, Peer, PeerEvent, SiteId, Store};
 use futures_util::{Stream, StreamExt};
@@ -192,11 +192,9 @@ fn child_server(dir: &Path) -> anyhow::Result<()> {
     config.allow_create = true;
     config.token_env = String::new();
     config.shutdown_timeout = Duration::from_secs(5);
-    config.tokens = vec![TokenConfig {
-        token: TOKEN.into(),
-        databases: vec!["*".into()],
-        access: Access::ReadWrite,
-    }];
+    let mut token = TokenConfig::new(TOKEN, ["*"]);
+    token.create = true;
+    config.tokens = vec![token];
     runtime()?.block_on(async {
         let server = Server::bind(config).await?;
         println!("ADDR {}", server.local_addr());

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use crsync::server::{Access, Auth, Server, ServerConfig};
+use crsync::server::{Auth, Server, ServerConfig};
 use crsync::transports::{SseDialer, WebSocketDialer};
 use crsync::{ChangeSource, Cursor, Peer, PeerEvent, Store};
 use futures_util::StreamExt;
@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
     config.data_dir = dir.join("server");
     config.schema = Some(schema_path);
     config.allow_create = true;
-    let auth = Auth::new().with_token(token.clone(), [DB_NAME], Access::ReadWrite);
+    let auth = Auth::new().with_creating_token(token.clone(), [DB_NAME]);
     let server = Server::bind_with_auth(config, auth).await?;
     let addr = server.local_addr();
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -12,7 +12,8 @@
 //! Exit codes: 0 success, 1 failure (the message says why), 2 bad usage,
 //! 130 interrupted (Ctrl-C or SIGTERM) before `sync --once` finished.
 //! Logs go to stderr and follow `RUST_LOG` (default: `info` for `serve`,
-//! `warn` otherwise); results go to stdout.
+//! `warn` otherwise), as text (coloured only on a terminal) or, with
+//! `--log-format json`, one JSON object per line; results go to stdout.
 
 use std::process::ExitCode;
 
@@ -66,8 +67,21 @@ const EXIT_INTERRUPTED: u8 = 130;
     crsync sync --db notes.db --url http://127.0.0.1:8080/db/notes --once\n  \
     crsync status --db notes.db")]
 struct Cli {
+    /// Log format on stderr: text (coloured only on a terminal) or json (one
+    /// object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`, `span`).
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,20 +118,25 @@ impl Command {
     }
 }
 
-fn init_logging(default_filter: &str) {
+fn init_logging(default_filter: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // Colours only for a person at a terminal, never into files or pipes.
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.command.default_log_filter());
+    init_logging(cli.command.default_log_filter(), cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => cli::serve::run(args).await,
         Command::Enable(args) => cli::enable::run(args).await,

@@ -396,7 +396,7 @@ fn read_only_token_cannot_send_changes() {
     std::fs::write(
         &config,
         format!(
-            "[[tokens]]\ntoken = \"{TOKEN}\"\ndatabases = [\"notes\"]\n\n\
+            "[[tokens]]\ntoken = \"{TOKEN}\"\ndatabases = [\"notes\"]\ncreate = true\n\n\
              [[tokens]]\ntoken = \"reader\"\ndatabases = [\"notes\"]\naccess = \"read-only\"\n"
         ),
     )

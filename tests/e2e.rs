@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crsync::server::{Access, Auth, Server, ServerConfig};
+use crsync::server::{Auth, Server, ServerConfig};
 use crsync::transports::{sse::SseDialer, ws::WebSocketDialer};
 use crsync::{Peer, Store};
 
@@ -29,7 +29,7 @@ async fn start_server(dir: &Path, bind: std::net::SocketAddr) -> Running {
     config.schema = Some(dir.join("schema.sql"));
     config.allow_create = true;
     config.ping_interval = Duration::from_millis(300);
-    let auth = Auth::new().with_token(TOKEN, ["todo"], Access::ReadWrite);
+    let auth = Auth::new().with_creating_token(TOKEN, ["todo"]);
     let server = Server::bind_with_auth(config, auth).await.unwrap();
     let addr = server.local_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

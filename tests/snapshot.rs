@@ -59,7 +59,7 @@ async fn start_server(dir: &Path, threshold: u64) -> Running {
     config.snapshot_threshold = threshold;
     config.shutdown_timeout = Duration::from_secs(2);
     let auth = Auth::new()
-        .with_token(RW, ["notes"], Access::ReadWrite)
+        .with_creating_token(RW, ["notes"])
         .with_token(RO, ["notes"], Access::ReadOnly)
         .with_token(OTHER, ["elsewhere"], Access::ReadWrite);
     let server = Server::bind_with_auth(config, auth).await.unwrap();
@@ -421,6 +421,14 @@ async fn tokens_without_read_access_are_refused_typed() {
     // Below the threshold there is no snapshot: a typed answer, not an error.
     let small_dir = tempfile::tempdir().unwrap();
     let mut small = start_server(small_dir.path(), 1_000_000).await;
+    // Only a stream creates the database (RW may create it).
+    let created = crsync::Dialer::dial(
+        &mut SseDialer::new(&small.url).with_token(RW),
+        SiteId::from_bytes([9; 16]),
+    )
+    .await
+    .unwrap();
+    drop(created);
     let client = SnapshotClient::new(&small.url).with_token(RW);
     assert_eq!(client.info().await.unwrap(), None);
     let err = client.clone_into(&target).await.expect_err("no snapshot");

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crsync::server::{Access, Auth, Server, ServerConfig};
+use crsync::server::{Auth, Server, ServerConfig};
 use crsync::transports::memory;
 use crsync::transports::sse::SseDialer;
 use crsync::{DialFailure, Peer, PeerEvent, Store, SyncPhase, SyncStatus, WaitError};
@@ -40,7 +40,7 @@ async fn start_server(dir: &Path, bind: std::net::SocketAddr, token: &str) -> Ru
     config.schema = Some(dir.join("schema.sql"));
     config.allow_create = true;
     config.ping_interval = Duration::from_millis(300);
-    let auth = Auth::new().with_token(token, ["todo"], Access::ReadWrite);
+    let auth = Auth::new().with_creating_token(token, ["todo"]);
     let server = Server::bind_with_auth(config, auth).await.unwrap();
     let addr = server.local_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::Access;
+use crate::auth::{Access, TokenError};
 use crate::limits::LimitsConfig;
 
 /// Default listen address: loopback only.
@@ -52,7 +52,9 @@ pub struct ServerConfig {
     /// SQL applied to a database when it is created; every table it creates
     /// becomes a CRR.
     pub schema: Option<PathBuf>,
-    /// Create a database on first use (default `false`: unknown names get 404).
+    /// Let the `token_env` token and anonymous clients create a database on
+    /// first use (default `false`). Tokens of `[[tokens]]` create only with
+    /// their own `create = true`.
     pub allow_create: bool,
     /// Serve requests without a token, read-write (default `false`). Required
     /// when no token is configured at all.
@@ -75,6 +77,8 @@ pub struct ServerConfig {
     pub cors: CorsConfig,
     /// Bearer tokens.
     pub tokens: Vec<TokenConfig>,
+    /// Serve HTTPS and WSS with this certificate (default: plain HTTP).
+    pub tls: Option<TlsConfig>,
     /// Connection caps, rate limits, outbound queues, stalled streams.
     pub limits: LimitsConfig,
     /// Snapshots for new replicas (`GET {base}/snapshot`): a database serves
@@ -121,6 +125,7 @@ impl Default for ServerConfig {
             extension_path: None,
             cors: CorsConfig::default(),
             tokens: Vec::new(),
+            tls: None,
             limits: LimitsConfig::default(),
             snapshot_threshold: DEFAULT_SNAPSHOT_THRESHOLD,
             admin: AdminConfig::default(),
@@ -138,16 +143,118 @@ pub struct CorsConfig {
 }
 
 /// One bearer token and what it may do.
+///
+/// ```
+/// use crsync_node_server::TokenConfig;
+/// let mut phone = TokenConfig::new("a-long-random-secret", ["notes"]);
+/// phone.name = Some("phone".into());
+/// phone.create = true;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct TokenConfig {
+    /// Its name in logs and metrics (never the secret); default `token-N`,
+    /// its position among the `[[tokens]]`. Names are unique.
+    #[serde(default)]
+    pub name: Option<String>,
     /// The secret, as sent in `Authorization: Bearer <token>`.
-    pub token: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the secret instead (one trailing newline is trimmed;
+    /// relative to the config file). Read at start and at each reload.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// Database names it serves, or `["*"]` for all.
     pub databases: Vec<String>,
     /// `read-write` (default) or `read-only`.
     #[serde(default)]
     pub access: Access,
+    /// May create a database it serves on first use (default `false`: a
+    /// name that does not exist is `404 UNKNOWN_DATABASE`).
+    #[serde(default)]
+    pub create: bool,
+}
+
+impl TokenConfig {
+    /// A read-write token with this secret serving `databases`, unnamed,
+    /// without `create`.
+    pub fn new<I, S>(token: impl Into<String>, databases: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        TokenConfig {
+            name: None,
+            token: Some(token.into()),
+            token_file: None,
+            databases: databases.into_iter().map(Into::into).collect(),
+            access: Access::default(),
+            create: false,
+        }
+    }
+
+    /// The secret: `token`, or the contents of `token_file` without its
+    /// trailing newline.
+    pub(crate) fn secret(&self, name: &str) -> Result<String, TokenError> {
+        let secret = match (&self.token, &self.token_file) {
+            (Some(token), None) => {
+                if token.is_empty() {
+                    return Err(TokenError::Empty {
+                        name: name.into(),
+                        what: "token".into(),
+                    });
+                }
+                return Ok(token.clone());
+            }
+            (None, Some(path)) => {
+                std::fs::read_to_string(path).map_err(|source| TokenError::File {
+                    name: name.into(),
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            _ => return Err(TokenError::Secret { name: name.into() }),
+        };
+        let trimmed = secret
+            .strip_suffix('\n')
+            .map(|s| s.strip_suffix('\r').unwrap_or(s))
+            .unwrap_or(&secret);
+        if trimmed.trim().is_empty() {
+            return Err(TokenError::Empty {
+                name: name.into(),
+                what: format!(
+                    "token_file {}",
+                    self.token_file
+                        .as_ref()
+                        .map_or_else(String::new, |p| p.display().to_string())
+                ),
+            });
+        }
+        Ok(trimmed.to_owned())
+    }
+}
+
+/// Serving HTTPS and WSS itself (`[tls]`): a certificate chain and its key,
+/// both PEM files (relative to the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// TLS from these PEM files.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        TlsConfig {
+            cert: cert.into(),
+            key: key.into(),
+        }
+    }
 }
 
 /// The configuration file could not be read.
@@ -205,6 +312,15 @@ impl ServerConfig {
         }
         if let Some(ext) = config.extension_path.as_mut() {
             rebase(ext);
+        }
+        for token in &mut config.tokens {
+            if let Some(file) = token.token_file.as_mut() {
+                rebase(file);
+            }
+        }
+        if let Some(tls) = config.tls.as_mut() {
+            rebase(&mut tls.cert);
+            rebase(&mut tls.key);
         }
         Ok(config)
     }

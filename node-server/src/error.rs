@@ -88,7 +88,24 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             ErrorCode::UnknownDatabase,
-            format!("no database named {name:?}"),
+            format!(
+                "no database named {name:?} on this server, and this token may not create \
+                 databases: check the name in the URL, or give the token create = true in \
+                 the server's [[tokens]] config"
+            ),
+        )
+    }
+
+    /// 404 `UNKNOWN_DATABASE` for a token that may create the database, on a
+    /// route that does not create (a `POST`, a snapshot).
+    pub(crate) fn unknown_database_yet(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownDatabase,
+            format!(
+                "no database named {name:?} yet: a stream or WebSocket opened with this \
+                 token creates it"
+            ),
         )
     }
 

@@ -200,6 +200,7 @@ impl DbHost {
         request: StreamRequest<'_>,
         io: Option<Arc<crate::limits::IoProgress>>,
         span: &tracing::Span,
+        log: &crate::conn_log::ConnLog,
     ) -> Result<SseSession, AlreadyConnected> {
         let StreamRequest {
             principal,
@@ -259,7 +260,7 @@ impl DbHost {
             label: format!("sse {}/{}{}", self.name, client, from_label(from)),
         };
         // Detached: the session ends when the SSE body is dropped or the Peer stops.
-        drop(self.accept(conn, span));
+        drop(self.accept(log.counted(conn), span));
         Ok(SseSession {
             outbound: out_rx,
             guard: StreamGuard {

@@ -12,21 +12,22 @@ use crate::config::{CorsConfig, DEFAULT_MAX_BODY_BYTES};
 use crate::error::ApiError;
 use crate::host::DbHost;
 use crate::limits::{Limits, LimitsConfig};
-use crate::routes::{Databases, database_routes, not_found};
+use crate::routes::{Databases, Opened, database_routes, not_found};
 use crate::snapshot::cache::SnapshotCache;
+use crate::tokens::AuthCell;
 
 #[derive(Clone)]
 struct SingleState(Arc<SingleInner>);
 
 struct SingleInner {
-    auth: Auth,
+    auth: AuthCell,
     host: Arc<DbHost>,
     max_body_bytes: usize,
     limits: Arc<Limits>,
 }
 
 impl Databases for SingleState {
-    fn auth(&self) -> &Auth {
+    fn auth(&self) -> &AuthCell {
         &self.0.auth
     }
 
@@ -42,8 +43,11 @@ impl Databases for SingleState {
         Some(self.0.host.name())
     }
 
-    async fn host(&self, _name: &str) -> Result<Arc<DbHost>, ApiError> {
-        Ok(Arc::clone(&self.0.host))
+    async fn host(&self, _name: &str, _create: bool) -> Result<Opened, ApiError> {
+        Ok(Opened {
+            host: Arc::clone(&self.0.host),
+            created: false,
+        })
     }
 }
 
@@ -147,7 +151,7 @@ impl PeerRouter {
             .map(|(dir, threshold)| SnapshotCache::new(dir, &name, threshold));
         let limits = Arc::new(Limits::new(self.limits));
         let state = SingleState(Arc::new(SingleInner {
-            auth: self.auth,
+            auth: AuthCell::new(self.auth),
             host: DbHost::new(name, self.peer, Arc::clone(&limits), snapshots),
             max_body_bytes: self.max_body_bytes,
             limits,

@@ -14,6 +14,7 @@ use crate::admin::RecentErrors;
 use crate::error::ApiError;
 use crate::host::DbHost;
 use crate::limits::Limits;
+use crate::routes::Opened;
 use crate::snapshot::SNAPSHOT_DIR;
 use crate::snapshot::cache::SnapshotCache;
 
@@ -45,7 +46,6 @@ pub fn valid_database_name(name: &str) -> bool {
 pub(crate) struct RegistryOptions {
     pub(crate) data_dir: PathBuf,
     pub(crate) schema_sql: Option<String>,
-    pub(crate) allow_create: bool,
     pub(crate) ping_interval: Duration,
     pub(crate) extension_path: Option<PathBuf>,
     pub(crate) limits: Arc<Limits>,
@@ -77,8 +77,9 @@ impl Registry {
         self.hosts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The host of database `name`, opening (or creating) it on first use.
-    pub(crate) async fn get(&self, name: &str) -> Result<Arc<DbHost>, ApiError> {
+    /// The host of database `name`, opening it on first use, or creating it
+    /// when `create` (the caller's token may create databases).
+    pub(crate) async fn get(&self, name: &str, create: bool) -> Result<Opened, ApiError> {
         if !valid_database_name(name) {
             return Err(ApiError::malformed(format!(
                 "invalid database name {name:?}: expected [A-Za-z0-9_-]{{1,{MAX_NAME_LEN}}}"
@@ -88,13 +89,24 @@ impl Registry {
             return Err(ApiError::shutting_down());
         }
         let cell = Arc::clone(self.lock().entry(name.to_string()).or_default());
-        match cell.get_or_try_init(|| self.open(name)).await {
+        let mut created = false;
+        let opened = cell
+            .get_or_try_init(|| async {
+                let (host, made) = self.open(name, create).await?;
+                created = made;
+                Ok::<_, ApiError>(host)
+            })
+            .await;
+        match opened {
             Ok(host) if self.closing.load(std::sync::atomic::Ordering::SeqCst) => {
                 // Opened while shutdown drained the registry: close it here.
                 host.shutdown().await;
                 Err(ApiError::shutting_down())
             }
-            Ok(host) => Ok(Arc::clone(host)),
+            Ok(host) => Ok(Opened {
+                host: Arc::clone(host),
+                created,
+            }),
             Err(e) => {
                 // Forget names that failed to open, so unknown names cannot grow the map.
                 let mut hosts = self.lock();
@@ -109,13 +121,14 @@ impl Registry {
         }
     }
 
-    async fn open(&self, name: &str) -> Result<Arc<DbHost>, ApiError> {
+    /// Opens (or, when `create`, creates) database `name`; whether it was created.
+    async fn open(&self, name: &str, create: bool) -> Result<(Arc<DbHost>, bool), ApiError> {
         let path = self.options.data_dir.join(format!("{name}.db"));
         let exists = tokio::fs::try_exists(&path)
             .await
             .map_err(|e| ApiError::internal(format!("cannot look for database {name:?}: {e}")))?;
         if !exists {
-            if !self.options.allow_create {
+            if !create {
                 return Err(ApiError::unknown_database(name));
             }
             self.create(name, &path).await.map_err(|e| {
@@ -166,7 +179,7 @@ impl Registry {
         drop(tokio::spawn(async move {
             recent.watch(database, events, closed).await;
         }));
-        Ok(host)
+        Ok((host, !exists))
     }
 
     /// The databases open now.

@@ -3,6 +3,7 @@
 //! multi-database server and [`PeerRouter`](crate::PeerRouter).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -11,7 +12,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::sse::{Event, Sse};
@@ -25,24 +26,42 @@ use serde::Deserialize;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
-use crate::auth::{Access, Auth, Principal};
+use crate::auth::{Access, Principal};
+use crate::conn_log::ConnLog;
 use crate::error::ApiError;
 use crate::host::{DbHost, SseSession, StreamRequest, admit};
 use crate::limits::{ConnKill, Limits};
+use crate::tokens::AuthCell;
 
 /// Where the handlers find the database a request addresses.
 pub(crate) trait Databases: Clone + Send + Sync + 'static {
-    /// The tokens.
-    fn auth(&self) -> &Auth;
+    /// The tokens (replaced at a reload).
+    fn auth(&self) -> &AuthCell;
     /// Connection caps and rate limits.
     fn limits(&self) -> &Limits;
     /// The body limit, for the 413 message.
     fn max_body_bytes(&self) -> usize;
     /// The database name when the path does not carry one.
     fn fixed_name(&self) -> Option<&str>;
-    /// The database `name`, opened (or created) if needed.
-    fn host(&self, name: &str) -> impl Future<Output = Result<Arc<DbHost>, ApiError>> + Send;
+    /// The database `name`, opened if needed, or created when `create`
+    /// (the caller's token may create it); whether this call created it.
+    fn host(
+        &self,
+        name: &str,
+        create: bool,
+    ) -> impl Future<Output = Result<Opened, ApiError>> + Send;
 }
+
+/// A database a request reached.
+pub(crate) struct Opened {
+    pub(crate) host: Arc<DbHost>,
+    /// This request created it (the client is told: [`CREATED_HEADER`]).
+    pub(crate) created: bool,
+}
+
+/// Response header on the stream and the WebSocket upgrade: `1` when the
+/// request created the database.
+pub const CREATED_HEADER: &str = "x-crsync-created";
 
 /// Counter naming WebSocket connections in logs.
 static NEXT_WS: AtomicU64 = AtomicU64::new(0);
@@ -53,19 +72,69 @@ pub(crate) struct Target<S> {
     name: String,
     access: Access,
     principal: Principal,
+    /// The token's name, for logs.
+    token_name: Arc<str>,
+    /// The token may create the database.
+    create: bool,
+    /// The client's address, when known.
+    client: Option<SocketAddr>,
     /// Cuts the request's TCP connection (a stalled stream).
     kill: ConnKill,
 }
 
 impl<S: Databases> Target<S> {
-    /// The database, after counting the request against its rate.
+    /// The database (never created here), after counting the request
+    /// against its rate.
     pub(crate) async fn host(&self) -> Result<Arc<DbHost>, ApiError> {
-        let host = self.state.host(&self.name).await?;
-        if host.is_closing() {
+        Ok(self.open(false).await?.host)
+    }
+
+    /// As [`host`](Self::host), creating the database when `create` and
+    /// the token may (only a stream or a WebSocket creates one), and saying
+    /// whether this request created it.
+    async fn open(&self, create: bool) -> Result<Opened, ApiError> {
+        let opened = self
+            .state
+            .host(&self.name, create && self.create)
+            .await
+            .map_err(|e| {
+                if self.create && matches!(e.code(), ErrorCode::UnknownDatabase) {
+                    ApiError::unknown_database_yet(&self.name)
+                } else {
+                    e
+                }
+            })?;
+        if opened.host.is_closing() {
             return Err(ApiError::shutting_down());
         }
-        host.check_rate()?;
-        Ok(host)
+        opened.host.check_rate()?;
+        Ok(opened)
+    }
+
+    /// Logs the connection's open now and its close when dropped.
+    fn conn_log(&self, transport: &'static str) -> ConnLog {
+        ConnLog::open(
+            self.client,
+            &self.name,
+            transport,
+            Arc::clone(&self.token_name),
+        )
+    }
+
+    /// Resolves when a token reload takes this request's access away.
+    fn revoked(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.state
+            .auth()
+            .revoked(self.principal, &self.name, self.access)
+    }
+}
+
+/// Marks a response to a request that created its database.
+fn mark_created(response: &mut Response, created: bool) {
+    if created {
+        response
+            .headers_mut()
+            .insert(CREATED_HEADER, HeaderValue::from_static("1"));
     }
 }
 
@@ -114,14 +183,24 @@ impl<S: Databases> FromRequestParts<S> for Target<S> {
             }
         };
         let token = bearer(parts)?;
-        let (access, principal) = state.auth().authorize(token.as_deref(), &name)?;
-        state.limits().check_rate(principal)?;
+        let caller = state.auth().current().authorize(token.as_deref(), &name)?;
+        state.limits().check_rate(caller.principal)?;
+        let kill = ConnKill::of(parts);
+        let client = kill.peer_addr().or_else(|| {
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|info| info.0)
+        });
         Ok(Target {
             state: state.clone(),
             name,
-            access,
-            principal,
-            kill: ConnKill::of(parts),
+            access: caller.access,
+            principal: caller.principal,
+            token_name: caller.name,
+            create: caller.create,
+            client,
+            kill,
         })
     }
 }
@@ -195,10 +274,12 @@ async fn stream<S: Databases>(
         .crsync
         .as_ref()
         .is_some_and(|c| c.split(',').any(|e| e.trim() == LOSSLESS));
-    let host = target.host().await?;
+    let Opened { host, created } = target.open(true).await?;
     // Refused before any stream starts.
     let permit = host.limits().connect(target.principal)?;
     let span = tracing::info_span!("sse", db = host.name(), peer = %client);
+    let log = target.conn_log("sse");
+    let revoked = target.revoked();
     let request = StreamRequest {
         principal: target.principal,
         client,
@@ -207,7 +288,7 @@ async fn stream<S: Databases>(
         presented: presented_secret(&headers),
         from: target.kill.remote_addr(),
     };
-    let mut response = match host.open_sse(request, target.kill.progress(), &span) {
+    let mut response = match host.open_sse(request, target.kill.progress(), &span, &log) {
         Ok(SseSession { outbound, guard }) => {
             let stall = outbound.stall();
             let kill = target.kill.clone();
@@ -251,12 +332,13 @@ async fn stream<S: Databases>(
             .map(move |queued| {
                 // The guard unregisters the stream when the body is
                 // dropped; the permit frees the connection slot; the
-                // watchdog is aborted.
-                let _ = (&guard, &permit, &watchdog);
+                // watchdog is aborted; the log says the stream closed.
+                let _ = (&guard, &permit, &watchdog, &log);
                 crate::telemetry::bytes_out(&database, "sse", queued.text().len());
                 Ok::<_, Infallible>(Event::default().data(queued.text()))
             })
-            .take_until(host.closed());
+            .take_until(host.closed())
+            .take_until(revoked);
             Sse::new(events).into_response()
         }
         Err(_) => {
@@ -272,6 +354,7 @@ async fn stream<S: Databases>(
     response
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    mark_created(&mut response, created);
     Ok(response)
 }
 
@@ -342,14 +425,19 @@ async fn websocket<S: Databases>(
 ) -> Result<Response, ApiError> {
     let upgrade =
         upgrade.map_err(|r| ApiError::new(r.status(), ErrorCode::Malformed, r.body_text()))?;
-    let host = target.host().await?;
+    let Opened { host, created } = target.open(true).await?;
     // Refused before the upgrade.
     let permit = host.limits().connect(target.principal)?;
-    let access = target.access;
-    let key = target.principal;
-    let kill = target.kill.clone();
-    let id = NEXT_WS.fetch_add(1, Ordering::Relaxed);
-    Ok(upgrade
+    let conn = crate::ws::WsConn {
+        access: target.access,
+        key: target.principal,
+        kill: target.kill.clone(),
+        id: NEXT_WS.fetch_add(1, Ordering::Relaxed),
+        permit,
+        revoked: Box::pin(target.revoked()),
+        log: target.conn_log("ws"),
+    };
+    let mut response = upgrade
         .max_message_size(state.max_body_bytes())
         // Frames go to the socket as they come: what waits is counted in our
         // byte-bounded queue, not in tungstenite's buffer.
@@ -357,5 +445,7 @@ async fn websocket<S: Databases>(
         // tungstenite reserves its read buffer up front (128 KiB by default);
         // a frame larger than this still arrives whole, the buffer grows.
         .read_buffer_size(WS_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| crate::ws::run(socket, host, access, key, kill, id, permit)))
+        .on_upgrade(move |socket| crate::ws::run(socket, host, conn));
+    mark_created(&mut response, created);
+    Ok(response)
 }

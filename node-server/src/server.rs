@@ -14,13 +14,13 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::admin::{AdminState, RecentErrors, admin_routes};
-use crate::auth::{Auth, NoTokens};
+use crate::auth::{Auth, NoTokens, TokenError};
 use crate::config::{CorsConfig, ServerConfig};
 use crate::error::ApiError;
-use crate::host::DbHost;
 use crate::limits::{ConnKill, KillableListener, Limits};
 use crate::registry::{Registry, RegistryOptions};
-use crate::routes::{Databases, database_routes, method_not_allowed, not_found};
+use crate::routes::{Databases, Opened, database_routes, method_not_allowed, not_found};
+use crate::tokens::{AuthCell, TokenHandle};
 
 /// Starting the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,12 @@ pub enum ServeError {
     /// No token is configured and anonymous access is not allowed.
     #[error(transparent)]
     NoTokens(#[from] NoTokens),
+    /// A configured token cannot be used (an unreadable or empty token file, ...).
+    #[error(transparent)]
+    Tokens(TokenError),
+    /// The `[tls]` certificate or key cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The schema file could not be read.
     #[error("cannot read schema file {path}: {source}")]
     Schema {
@@ -69,14 +75,14 @@ pub enum ServeError {
 struct ServerState(Arc<ServerInner>);
 
 struct ServerInner {
-    auth: Auth,
+    auth: AuthCell,
     registry: Arc<Registry>,
     max_body_bytes: usize,
     limits: Arc<Limits>,
 }
 
 impl Databases for ServerState {
-    fn auth(&self) -> &Auth {
+    fn auth(&self) -> &AuthCell {
         &self.0.auth
     }
 
@@ -92,8 +98,8 @@ impl Databases for ServerState {
         None
     }
 
-    async fn host(&self, name: &str) -> Result<Arc<DbHost>, ApiError> {
-        self.0.registry.get(name).await
+    async fn host(&self, name: &str, create: bool) -> Result<Opened, ApiError> {
+        self.0.registry.get(name, create).await
     }
 }
 
@@ -120,6 +126,7 @@ pub struct Server {
     state: ServerState,
     shutdown_timeout: Duration,
     send_buffer_bytes: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// The listener of `[admin] bind`, serving only the admin routes.
@@ -141,12 +148,16 @@ impl Server {
     /// Binds `config.bind` with the tokens from the config and the
     /// environment variable it names (`CRSYNC_TOKEN` by default).
     pub async fn bind(config: ServerConfig) -> Result<Server, ServeError> {
-        let auth = Auth::from_config_and_env(&config)?;
+        let auth = Auth::from_config_and_env(&config).map_err(|e| match e {
+            TokenError::NoTokens(e) => ServeError::NoTokens(e),
+            e => ServeError::Tokens(e),
+        })?;
         Self::bind_with_auth(config, auth).await
     }
 
     /// Binds `config.bind` with an explicit token set (the config's `tokens`,
-    /// `token_env` and `allow_anonymous` are ignored).
+    /// `token_env` and `allow_anonymous` are ignored; `allow_create` lets
+    /// anonymous clients create databases, if the set allows them).
     pub async fn bind_with_auth(config: ServerConfig, auth: Auth) -> Result<Server, ServeError> {
         if !auth.has_tokens() && !auth.allows_anonymous() {
             return Err(NoTokens {
@@ -164,7 +175,12 @@ impl Server {
             })?),
             None => None,
         };
-        let data_dir_result = if config.allow_create {
+        let auth = auth.allow_anonymous_create(config.allow_create);
+        let tls = match &config.tls {
+            Some(tls) => Some(crate::tls::acceptor(tls).map_err(ServeError::Tls)?),
+            None => None,
+        };
+        let data_dir_result = if auth.may_create_any() {
             tokio::fs::create_dir_all(&config.data_dir).await
         } else {
             tokio::fs::metadata(&config.data_dir).await.map(drop)
@@ -179,7 +195,6 @@ impl Server {
         let registry = Arc::new(Registry::new(RegistryOptions {
             data_dir: config.data_dir.clone(),
             schema_sql,
-            allow_create: config.allow_create,
             ping_interval: config.ping_interval,
             extension_path: config.extension_path.clone(),
             limits: Arc::clone(&limits),
@@ -192,7 +207,7 @@ impl Server {
             recent,
         ));
         let state = ServerState(Arc::new(ServerInner {
-            auth,
+            auth: AuthCell::new(auth),
             registry,
             max_body_bytes: config.max_body_bytes,
             limits,
@@ -233,7 +248,8 @@ impl Server {
             addr: config.bind,
             source,
         })?;
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "crsync server listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, data_dir = %config.data_dir.display(), "crsync server listening");
         let admin = match admin_listener {
             Some((listener, app)) => {
                 let admin_addr = listener.local_addr().map_err(|source| ServeError::Io {
@@ -257,6 +273,7 @@ impl Server {
             state,
             shutdown_timeout: config.shutdown_timeout,
             send_buffer_bytes: config.limits.socket_send_buffer_bytes,
+            tls,
         })
     }
 
@@ -269,6 +286,16 @@ impl Server {
     /// are served on: `[admin] bind` when set, else [`local_addr`](Self::local_addr).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.as_ref().map_or(self.addr, |a| a.addr)
+    }
+
+    /// Whether it serves HTTPS/WSS (`[tls]`), else plain HTTP/WS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// A handle that replaces the accepted tokens while the server runs.
+    pub fn tokens(&self) -> TokenHandle {
+        TokenHandle(self.state.0.auth.clone())
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, shuts every
@@ -286,6 +313,7 @@ impl Server {
             state,
             shutdown_timeout,
             send_buffer_bytes,
+            tls,
         } = self;
         let (began_tx, began_rx) = tokio::sync::watch::channel(false);
         let began_tx = Arc::new(began_tx);
@@ -337,6 +365,8 @@ impl Server {
         let listener = KillableListener {
             tcp: listener,
             send_buffer_bytes,
+            tls,
+            handshakes: tokio::task::JoinSet::new(),
         };
         let server = axum::serve(
             listener,

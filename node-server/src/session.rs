@@ -128,7 +128,7 @@ mod tests {
             .with_token("t1", ["*"], crate::Access::ReadOnly)
             .authorize(Some(["t0", "t1"][i]), "db")
             .expect("known token")
-            .1
+            .principal
     }
 
     #[test]

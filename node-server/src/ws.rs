@@ -1,6 +1,7 @@
 //! The WebSocket adapter: text frames of [`TransportMessage`] JSON both ways,
 //! one [`Connection`] per socket.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -14,26 +15,43 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::auth::Principal;
+use crate::conn_log::ConnLog;
 use crate::host::{DbHost, INBOUND_QUEUE_CAP, admit};
 use crate::limits::{ConnKill, ConnectionPermit, OutboundRx, outbound};
 use crate::{Access, telemetry};
 
-/// Runs one WebSocket until either side ends it; `permit` holds its
-/// connection slot until then.
-pub(crate) async fn run(
-    socket: WebSocket,
-    host: Arc<DbHost>,
-    access: Access,
-    key: Principal,
-    conn: ConnKill,
-    id: u64,
-    permit: ConnectionPermit,
-) {
-    let span = tracing::info_span!("ws", db = host.name(), conn = id);
-    serve_socket(socket, host, access, key, conn, span.clone())
+/// One accepted WebSocket: who opened it and what it holds.
+pub(crate) struct WsConn {
+    pub(crate) access: Access,
+    pub(crate) key: Principal,
+    pub(crate) kill: ConnKill,
+    /// Names it in logs.
+    pub(crate) id: u64,
+    /// Its connection slot, held until it ends.
+    pub(crate) permit: ConnectionPermit,
+    /// Resolves when a token reload takes its access away: it is closed.
+    pub(crate) revoked: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Logs its close (with what it moved) when dropped.
+    pub(crate) log: ConnLog,
+}
+
+/// Runs one WebSocket until either side ends it.
+pub(crate) async fn run(socket: WebSocket, host: Arc<DbHost>, conn: WsConn) {
+    let span = tracing::info_span!("ws", db = host.name(), conn = conn.id);
+    let WsConn {
+        access,
+        key,
+        kill,
+        permit,
+        revoked,
+        log,
+        ..
+    } = conn;
+    serve_socket(socket, host, access, key, kill, span.clone(), revoked, &log)
         .instrument(span)
         .await;
     drop(permit);
+    drop(log);
 }
 
 /// Writes what the queue gives to the socket, until the queue ends, the
@@ -72,6 +90,7 @@ async fn write_socket(
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_socket(
     socket: WebSocket,
     host: Arc<DbHost>,
@@ -79,6 +98,8 @@ async fn serve_socket(
     key: Principal,
     conn: ConnKill,
     span: tracing::Span,
+    mut revoked: Pin<Box<dyn Future<Output = ()> + Send>>,
+    log: &ConnLog,
 ) {
     let (ws_tx, mut ws_rx) = socket.split();
     let config = host.limits().config();
@@ -105,7 +126,7 @@ async fn serve_socket(
             crate::host::from_label(conn.remote_addr())
         ),
     };
-    let mut session = host.accept(conn, &span);
+    let mut session = host.accept(log.counted(conn), &span);
 
     let closed = host.closed();
     tokio::pin!(closed);
@@ -118,12 +139,20 @@ async fn serve_socket(
         };
         tokio::select! {
             () = admitted => {}
+            () = &mut revoked => {
+                tracing::info!("closing: a token reload revoked its token");
+                break;
+            }
             () = &mut closed => break,
             _ = &mut session => break,
             () = out_tx.closed() => break,
         }
         let frame = tokio::select! {
             frame = ws_rx.next() => frame,
+            () = &mut revoked => {
+                tracing::info!("closing: a token reload revoked its token");
+                break;
+            }
             () = &mut closed => break,
             // The Peer ended the session.
             _ = &mut session => break,

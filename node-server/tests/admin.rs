@@ -225,13 +225,19 @@ async fn concurrent_writes_show_as_conflicts() -> Result<()> {
     let conflicts = report.conflicts.context("conflicts")?;
     let c = &conflicts[0];
     ensure!(c["database"] == DB && c["table"] == "todo", "{c}");
-    let values = [c["lost"]["value"].to_string(), c["won"]["value"].to_string()];
+    let values = [
+        c["lost"]["value"].to_string(),
+        c["won"]["value"].to_string(),
+    ];
     ensure!(
         values.iter().any(|v| v.contains("from a")) && values.iter().any(|v| v.contains("from b")),
         "{c}"
     );
     let page = admin_get(&server, "/status").await?.text().await?;
-    ensure!(page.contains("<ul id=\"conflicts\">") && page.contains("from "), "{page}");
+    ensure!(
+        page.contains("<ul id=\"conflicts\">") && page.contains("from "),
+        "{page}"
+    );
     a.shutdown().await;
     b.shutdown().await;
     server.shutdown().await

@@ -59,6 +59,8 @@ async fn health_and_unknown_route() -> Result<()> {
 #[tokio::test]
 async fn auth_matrix() -> Result<()> {
     let server = TestServer::start().await?;
+    // Read-only tokens may not create it.
+    server.create("notes").await?;
     let stream = |peer: &str| format!("/db/notes/stream?peerId={peer}");
 
     // No token, wrong token: 401 with a JSON error.
@@ -141,11 +143,9 @@ async fn auth_matrix() -> Result<()> {
 async fn env_token_from_config() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut config = config(&dir);
-    config.tokens.push(crsync_node_server::TokenConfig {
-        token: "ro".into(),
-        databases: vec!["notes".into()],
-        access: crsync_node_server::Access::ReadOnly,
-    });
+    let mut ro = crsync_node_server::TokenConfig::new("ro", ["notes"]);
+    ro.access = crsync_node_server::Access::ReadOnly;
+    config.tokens.push(ro);
     let auth = crsync_node_server::Auth::from_config(&config, Some("from-env".into()))?;
     let server = crsync_node_server::Server::bind_with_auth(config, auth).await?;
     let addr = server.local_addr();
@@ -153,6 +153,9 @@ async fn env_token_from_config() -> Result<()> {
     let client = reqwest::Client::new();
     for (token, db, expected) in [
         ("from-env", "x", 200),
+        // The read-only token may not create notes: 404, then the env token does.
+        ("ro", "notes", 404),
+        ("from-env", "notes", 200),
         ("ro", "notes", 200),
         ("ro", "x", 403),
     ] {
@@ -281,6 +284,13 @@ async fn second_stream_is_refused_then_allowed_after_close() -> Result<()> {
 #[tokio::test]
 async fn post_without_stream_is_not_connected() -> Result<()> {
     let server = TestServer::start().await?;
+    // A POST never creates a database: 404 until a stream created it.
+    let (status, body) = server.post("notes", "sync", RW, sync_body(PEER_A)).await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("UNKNOWN_DATABASE"))
+    );
+    server.create("notes").await?;
     let (status, body) = server.post("notes", "sync", RW, sync_body(PEER_A)).await?;
     assert_eq!(
         (status, body["code"].as_str()),
@@ -337,14 +347,20 @@ async fn oversized_body_is_413_json() -> Result<()> {
 }
 
 #[tokio::test]
-async fn unknown_database_without_allow_create() -> Result<()> {
+async fn unknown_database_for_a_token_without_create() -> Result<()> {
     let server = TestServer::start_with(|c| c.allow_create = false).await?;
     let (status, body) = get_status(
         &server,
         &format!("/db/notes/stream?peerId={PEER_A}"),
-        Some(RW),
+        Some(RO),
     )
     .await?;
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("create = true")),
+        "{body}"
+    );
     assert_eq!(
         (status, body["code"].as_str()),
         (404, Some("UNKNOWN_DATABASE"))

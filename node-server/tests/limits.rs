@@ -344,6 +344,7 @@ async fn rate_limits_answer_429_with_retry_after_and_spare_others() -> Result<()
         auth_with_third(),
     )
     .await?;
+    server.create("notes").await?;
     let sync = || sync_everything(&peer_id(9));
     for _ in 0..2 {
         let (code, body) = server.post("notes", "sync", RW, sync()).await?;
@@ -379,9 +380,12 @@ async fn rate_limits_answer_429_with_retry_after_and_spare_others() -> Result<()
     let server = TestServer::start_with(|c| {
         c.limits.rate_per_token = 0;
         c.limits.rate_per_database = 1;
-        c.limits.burst_per_database = 2;
+        // One for the stream that creates the database, two for the POSTs.
+        c.limits.burst_per_database = 3;
     })
     .await?;
+    server.create("notes").await?;
+    server.create("todo").await?;
     for token in [RW, ENV] {
         let (_, body) = server.post("notes", "sync", token, sync()).await?;
         assert_eq!(body["code"], "NOT_CONNECTED");

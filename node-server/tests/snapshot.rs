@@ -70,6 +70,7 @@ async fn start(threshold: u64) -> Result<TestServer> {
 
 /// Creates `notes` on the server (first use) and fills it with `rows` rows.
 async fn notes_with_rows(server: &TestServer, rows: i64) -> Result<()> {
+    server.create("notes").await?;
     let first = get(server, "/db/notes/snapshot/info", Some(RW)).await?;
     anyhow::ensure!(first.status() == 404, "{}", first.text().await?);
     write_rows(&server.replica("notes"), 0, rows)
@@ -260,6 +261,17 @@ async fn the_cache_outlives_a_restart() -> Result<()> {
         }
     };
     let (addr, stop, task) = serve(config.clone()).await?;
+    // A stream of a token with `create` creates the database (a snapshot
+    // request never does).
+    let created = client
+        .get(format!(
+            "http://{addr}/db/notes/stream?peerId=0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f"
+        ))
+        .bearer_auth(RW)
+        .send()
+        .await?;
+    assert_eq!(created.status(), 200);
+    drop(created);
     assert_eq!(info_at(addr).await?.0, 404);
     write_rows(&dir.path().join("data").join("notes.db"), 0, 80)?;
     let (status, before) = info_at(addr).await?;

@@ -82,6 +82,8 @@ async fn websocket_auth() -> Result<()> {
 #[tokio::test]
 async fn websocket_exchange_and_refusals() -> Result<()> {
     let server = TestServer::start().await?;
+    // A read-only token may not create it.
+    server.create("notes").await?;
     let mut socket = connect(&server, "notes", RO).await?;
     let connect_msg = next_message(&mut socket).await?.context("connect")?;
     assert_eq!(connect_msg.kind, MessageKind::Connect);

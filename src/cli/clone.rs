@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 use crsync::Cursor;
 use crsync::transports::snapshot::{CloneError, CloneReport, DownloadError, SnapshotClient};
+use crsync::transports::tls::RootCertificates;
 
 use super::{Outcome, count, db};
 
@@ -29,6 +30,10 @@ pub(crate) struct CloneArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// Also trust the root certificate(s) in this PEM file for https:// and
+    /// wss:// (a private CA or a self-signed server certificate).
+    #[arg(long, value_name = "FILE", env = "CRSYNC_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Download at most this many bytes a second.
     #[arg(long, value_name = "BYTES")]
     limit_rate: Option<u64>,
@@ -36,7 +41,8 @@ pub(crate) struct CloneArgs {
 
 /// Runs `crsync clone`.
 pub(crate) async fn run(args: CloneArgs) -> anyhow::Result<Outcome> {
-    let mut client = snapshot_client(&args.url, args.token.as_deref());
+    let roots = super::remote::root_certificates(args.ca_cert.as_deref())?;
+    let mut client = snapshot_client(&args.url, args.token.as_deref(), roots.as_ref());
     if let Some(rate) = args.limit_rate {
         client = client.with_max_bytes_per_sec(rate);
     }
@@ -54,8 +60,16 @@ pub(crate) async fn run(args: CloneArgs) -> anyhow::Result<Outcome> {
 }
 
 /// The snapshot client for a sync URL and token.
-pub(crate) fn snapshot_client(url: &str, token: Option<&str>) -> SnapshotClient {
+pub(crate) fn snapshot_client(
+    url: &str,
+    token: Option<&str>,
+    roots: Option<&RootCertificates>,
+) -> SnapshotClient {
     let client = SnapshotClient::new(url);
+    let client = match roots {
+        Some(roots) => client.with_root_certificates(roots.clone()),
+        None => client,
+    };
     match token.filter(|t| !t.is_empty()) {
         Some(token) => client.with_token(token),
         None => client,
@@ -130,8 +144,13 @@ pub(crate) async fn wants_bootstrap(path: &Path) -> anyhow::Result<bool> {
 /// The automatic bootstrap of `crsync sync`: a snapshot if the server
 /// offers one (it does past its `snapshot_threshold`), else nothing (the
 /// sync replays). Returns whether it cloned.
-pub(crate) async fn bootstrap(path: &Path, url: &str, token: Option<&str>) -> anyhow::Result<bool> {
-    let client = snapshot_client(url, token);
+pub(crate) async fn bootstrap(
+    path: &Path,
+    url: &str,
+    token: Option<&str>,
+    roots: Option<&RootCertificates>,
+) -> anyhow::Result<bool> {
+    let client = snapshot_client(url, token, roots);
     let started = Instant::now();
     let info = match client.info().await {
         Ok(Some(info)) => info,

@@ -2,7 +2,8 @@
 //! wrapper that reports why connections fail, as typed [`Problem`]s.
 
 use crsync::proto::ErrorCode;
-use crsync::transports::{SseDialer, WebSocketDialer};
+use crsync::transports::tls::RootCertificates;
+use crsync::transports::{CreationNotice, SseDialer, WebSocketDialer};
 use crsync::wire::MessageKind;
 use crsync::{Connection, Dialer, SiteId, TransportError};
 use futures_util::future::{BoxFuture, FutureExt};
@@ -65,11 +66,38 @@ impl Endpoint {
         }
     }
 
+    /// The database's name: the URL's last path segment (before `/ws`).
+    pub(crate) fn database_name(&self) -> &str {
+        let url = self.url().trim_end_matches('/');
+        let url = match self {
+            Endpoint::Ws(_) => url.strip_suffix("/ws").unwrap_or(url),
+            Endpoint::Sse(_) => url,
+        };
+        url.rsplit('/').next().unwrap_or(url)
+    }
+
     /// The transport's name.
     pub(crate) fn transport(&self) -> &'static str {
         match self {
             Endpoint::Sse(_) => "HTTP+SSE",
             Endpoint::Ws(_) => "WebSocket",
+        }
+    }
+
+    /// Trusts these root certificates too (`--ca-cert`).
+    pub(crate) fn with_roots(self, roots: Option<&RootCertificates>) -> Endpoint {
+        let Some(roots) = roots else { return self };
+        match self {
+            Endpoint::Sse(d) => Endpoint::Sse(d.with_root_certificates(roots.clone())),
+            Endpoint::Ws(d) => Endpoint::Ws(d.with_root_certificates(roots.clone())),
+        }
+    }
+
+    /// Raised when a dial created the database on the server.
+    pub(crate) fn creation_notice(&self) -> CreationNotice {
+        match self {
+            Endpoint::Sse(d) => d.creation_notice(),
+            Endpoint::Ws(d) => d.creation_notice(),
         }
     }
 
@@ -80,6 +108,18 @@ impl Endpoint {
             Endpoint::Ws(d) => Box::new(d.clone()),
         }
     }
+}
+
+/// The certificates of `--ca-cert FILE` (PEM), if given.
+pub(crate) fn root_certificates(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<RootCertificates>> {
+    let Some(file) = file else { return Ok(None) };
+    let pem = std::fs::read(file)
+        .map_err(|e| anyhow::anyhow!("cannot read --ca-cert {}: {e}", file.display()))?;
+    let roots = RootCertificates::from_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("--ca-cert {}: {e}", file.display()))?;
+    Ok(Some(roots))
 }
 
 fn ws_dialer(url: String, token: Option<&str>) -> WebSocketDialer {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
-use crsync::server::{Server, ServerConfig};
+use crsync::server::{Server, ServerConfig, TlsConfig, TokenHandle};
 
 use super::{Outcome, signal};
 
@@ -37,6 +37,13 @@ pub(crate) struct ServeArgs {
     /// once a database moved on by as many; 0 turns them off [default: 100000].
     #[arg(long, value_name = "CHANGES")]
     snapshot_threshold: Option<u64>,
+    /// Serve HTTPS and WSS with this certificate chain (PEM; with --tls-key),
+    /// like `[tls] cert` in the config.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -60,8 +67,49 @@ impl ServeArgs {
             config.snapshot_threshold = threshold;
         }
         config.allow_anonymous |= self.allow_anonymous;
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls = Some(TlsConfig::new(cert, key));
+        }
         Ok(config)
     }
+}
+
+/// On every SIGHUP, reads the config's tokens again (and their token files)
+/// and uses them; a config that fails keeps the tokens in use.
+async fn reload_on_hangup(args: ServeArgs, tokens: TokenHandle) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP: tokens will not be reloaded: {e}");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            // Also on stdout, for the operator (and scripts) who sent it.
+            let line = match args.config().map(|c| tokens.reload(&c)) {
+                Ok(Ok(names)) => {
+                    tracing::info!(tokens = ?names, "SIGHUP: tokens reloaded");
+                    format!("tokens reloaded: {}", names.join(", "))
+                }
+                Ok(Err(e)) => {
+                    tracing::error!("SIGHUP: tokens not reloaded, the previous ones stay: {e}");
+                    format!("tokens not reloaded (the previous ones stay): {e}")
+                }
+                Err(e) => {
+                    tracing::error!("SIGHUP: tokens not reloaded, the previous ones stay: {e:#}");
+                    format!("tokens not reloaded (the previous ones stay): {e:#}")
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
+    #[cfg(not(unix))]
+    drop((args, tokens));
 }
 
 /// Runs `crsync serve` until Ctrl-C or SIGTERM.
@@ -73,13 +121,18 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         .await
         .context("cannot start the server")?;
     let addr = server.local_addr();
+    let (http, ws) = if server.is_tls() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     {
         // Scripts and tests read the address from this first line.
         let mut out = std::io::stdout().lock();
-        writeln!(out, "crsync server listening on http://{addr}")?;
+        writeln!(out, "crsync server listening on {http}://{addr}")?;
         writeln!(
             out,
-            "databases in {} at http://{addr}/db/<name> (WebSocket: ws://{addr}/db/<name>/ws)",
+            "databases in {} at {http}://{addr}/db/<name> (WebSocket: {ws}://{addr}/db/<name>/ws)",
             data_dir.display()
         )?;
         if anonymous {
@@ -87,10 +140,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         }
         out.flush()?;
     }
-    server
-        .serve(signal::interrupted())
-        .await
-        .context("the server failed")?;
+    let reloader = tokio::spawn(reload_on_hangup(args, server.tokens()));
+    let served = server.serve(signal::interrupted()).await;
+    reloader.abort();
+    served.context("the server failed")?;
     println!("crsync server stopped");
     Ok(Outcome::Done)
 }

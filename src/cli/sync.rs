@@ -49,6 +49,10 @@ pub(crate) struct SyncArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// Also trust the root certificate(s) in this PEM file for https:// and
+    /// wss:// (a private CA or a self-signed server certificate).
+    #[arg(long, value_name = "FILE", env = "CRSYNC_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Sync until both sides hold everything, report, and exit.
     #[arg(long, conflicts_with = "watch")]
     once: bool,
@@ -66,11 +70,19 @@ pub(crate) async fn run(args: SyncArgs) -> anyhow::Result<Outcome> {
         .ok()
         .filter(|t| !t.is_zero())
         .ok_or_else(|| anyhow::anyhow!("--timeout must be a positive number of seconds"))?;
-    let endpoint = Endpoint::new(&args.url, args.ws, args.token.as_deref())?;
+    let roots = super::remote::root_certificates(args.ca_cert.as_deref())?;
+    let endpoint =
+        Endpoint::new(&args.url, args.ws, args.token.as_deref())?.with_roots(roots.as_ref());
     // A new (or empty) file starts from the server's snapshot when it
     // offers one, before any Store opens the file.
     if clone::wants_bootstrap(&args.db).await?
-        && !clone::bootstrap(&args.db, endpoint.url(), args.token.as_deref()).await?
+        && !clone::bootstrap(
+            &args.db,
+            endpoint.url(),
+            args.token.as_deref(),
+            roots.as_ref(),
+        )
+        .await?
         && !args.db.exists()
     {
         anyhow::bail!(
@@ -142,6 +154,9 @@ async fn watch(store: &Store, endpoint: &Endpoint, args: &SyncArgs) -> anyhow::R
             () = &mut interrupted => break Ok(Outcome::Done),
             Some(event) = session.events.next() => {
                 println!("[{:>8.2}s] {}", began.elapsed().as_secs_f64(), describe(&event));
+                if matches!(event, PeerEvent::Connected { .. }) {
+                    say_if_created(endpoint);
+                }
                 if let PeerEvent::SiteIdConflict { message, .. } = event {
                     break Err(anyhow::anyhow!("{message}"));
                 }
@@ -269,10 +284,23 @@ async fn once(
         synced.server,
         began.elapsed().as_secs_f64()
     );
+    say_if_created(endpoint);
     println!("received {}", counted(&received));
     println!("sent     {}", counted(&sent));
     println!("downloaded {transferred} {}", plural(transferred, "change"));
     Ok(Outcome::Done)
+}
+
+/// Says so when our connection created the database on the server (its
+/// token has `create`): a mistyped name shows here instead of going unnoticed.
+fn say_if_created(endpoint: &Endpoint) {
+    if endpoint.creation_notice().take() {
+        println!(
+            "created database {} on the server (it did not exist; if the name is a typo, \
+             fix the URL)",
+            endpoint.database_name()
+        );
+    }
 }
 
 fn plural(n: u64, noun: &str) -> String {

@@ -160,6 +160,15 @@ impl Running {
     }
 
     /// Whether the child has exited.
+    /// Sends `signal` (such as `HUP`) to the child with `kill -s`.
+    pub(crate) fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} failed");
+    }
+
     pub(crate) fn has_exited(&mut self) -> bool {
         self.exited().is_some()
     }
@@ -296,10 +305,10 @@ impl TestServer {
             cmd.env("CRSYNC_TOKEN", token);
         }
         let mut running = Running::start(cmd);
-        let line = running.wait_for_line("listening on http://");
+        let line = running.wait_for_line("crsync server listening on ");
         let base = line
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .expect("address in the line")
             .to_owned();
         TestServer { running, base }
@@ -312,7 +321,9 @@ impl TestServer {
 
     /// `127.0.0.1:<port>`.
     pub(crate) fn addr(&self) -> &str {
-        self.base.trim_start_matches("http://")
+        self.base
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
     }
 }
 

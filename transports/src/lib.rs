@@ -61,6 +61,31 @@ use std::time::Duration;
 /// server's first message.
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Response header by which a crsync server says that this connection's
+/// request created the database (`1`).
+pub const CREATED_HEADER: &str = "x-crsync-created";
+
+/// Raised when a dial reached a database that the server created for it on
+/// first use (its token has `create`): the client can say so, since a
+/// mistyped name would otherwise sync into a new, empty database unnoticed.
+/// Clones of a dialer share it.
+#[derive(Debug, Clone, Default)]
+pub struct CreationNotice(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CreationNotice {
+    /// Whether a dial created the database since the last `take` (and clears it).
+    pub fn take(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    #[cfg(any(feature = "sse", feature = "websocket"))]
+    pub(crate) fn raise_if(&self, created: Option<&str>) {
+        if created.is_some_and(|v| v.trim() == "1") {
+            self.0.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
 #[cfg(any(feature = "http", feature = "websocket"))]
 mod http_status;
 pub mod memory;
@@ -69,6 +94,8 @@ mod serial_sink;
 pub mod snapshot;
 #[cfg(feature = "sse")]
 pub mod sse;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "websocket")]
 pub mod ws;
 

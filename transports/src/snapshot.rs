@@ -92,6 +92,8 @@ pub struct SnapshotClient {
     read_timeout: Duration,
     max_bytes_per_sec: Option<u64>,
     extension_path: Option<PathBuf>,
+    #[cfg(feature = "tls")]
+    roots: Option<crate::tls::RootCertificates>,
 }
 
 impl std::fmt::Debug for SnapshotClient {
@@ -114,7 +116,16 @@ impl SnapshotClient {
             read_timeout: DEFAULT_READ_TIMEOUT,
             max_bytes_per_sec: None,
             extension_path: None,
+            #[cfg(feature = "tls")]
+            roots: None,
         }
+    }
+
+    /// Trusts these root certificates for `https://`, besides the webpki roots.
+    #[cfg(feature = "tls")]
+    pub fn with_root_certificates(mut self, roots: crate::tls::RootCertificates) -> Self {
+        self.roots = Some(roots);
+        self
     }
 
     /// Sends `Authorization: Bearer <token>`.
@@ -157,10 +168,15 @@ impl SnapshotClient {
     }
 
     fn http(&self) -> Result<reqwest::Client, reqwest::Error> {
-        reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
-            .read_timeout(self.read_timeout)
-            .build()
+            .read_timeout(self.read_timeout);
+        #[cfg(feature = "tls")]
+        let builder = match &self.roots {
+            Some(roots) => roots.reqwest(builder),
+            None => builder,
+        };
+        builder.build()
     }
 
     fn get(&self, http: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {

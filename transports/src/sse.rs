@@ -95,6 +95,9 @@ pub struct SseDialer {
     http: Option<reqwest::Client>,
     /// The session secret of the last stream (presented on the next dial).
     session: Option<String>,
+    created: crate::CreationNotice,
+    #[cfg(feature = "tls")]
+    roots: Option<crate::tls::RootCertificates>,
 }
 
 impl std::fmt::Debug for SseDialer {
@@ -123,7 +126,24 @@ impl SseDialer {
             post_timeout: DEFAULT_POST_TIMEOUT,
             http: None,
             session: None,
+            created: crate::CreationNotice::default(),
+            #[cfg(feature = "tls")]
+            roots: None,
         }
+    }
+
+    /// Trusts these root certificates for `https://` (the stream and the
+    /// POSTs), besides the usual roots. Not applied to a client given with
+    /// [`with_http_client`](Self::with_http_client).
+    #[cfg(feature = "tls")]
+    pub fn with_root_certificates(mut self, roots: crate::tls::RootCertificates) -> Self {
+        self.roots = Some(roots);
+        self
+    }
+
+    /// Raised when a dial created the database on the server.
+    pub fn creation_notice(&self) -> crate::CreationNotice {
+        self.created.clone()
     }
 
     /// Sends `Authorization: Bearer <token>` on the stream and on every POST.
@@ -161,13 +181,16 @@ impl SseDialer {
         if let Some(client) = &self.http {
             return Ok(client.clone());
         }
-        let client = reqwest::Client::builder()
-            .timeout(self.post_timeout)
-            .build()
-            .map_err(|e| TransportError::Connect {
-                target: self.base.clone(),
-                source: Box::new(e),
-            })?;
+        let builder = reqwest::Client::builder().timeout(self.post_timeout);
+        #[cfg(feature = "tls")]
+        let builder = match &self.roots {
+            Some(roots) => roots.reqwest(builder),
+            None => builder,
+        };
+        let client = builder.build().map_err(|e| TransportError::Connect {
+            target: self.base.clone(),
+            source: Box::new(e),
+        })?;
         self.http = Some(client.clone());
         Ok(client)
     }
@@ -175,14 +198,18 @@ impl SseDialer {
     /// The client of the stream: no overall timeout (a stream lasts), no
     /// redirects; the dial timeout bounds connecting and the first message.
     fn stream_client(&self) -> Result<reqwest::Client, TransportError> {
-        reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(self.dial_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| TransportError::Connect {
-                target: self.stream_target(),
-                source: Box::new(e),
-            })
+            .redirect(reqwest::redirect::Policy::none());
+        #[cfg(feature = "tls")]
+        let builder = match &self.roots {
+            Some(roots) => roots.reqwest(builder),
+            None => builder,
+        };
+        builder.build().map_err(|e| TransportError::Connect {
+            target: self.stream_target(),
+            source: Box::new(e),
+        })
     }
 
     /// Opens `GET {base}/stream`; a refusal (any status but 2xx) is mapped
@@ -209,7 +236,14 @@ impl SseDialer {
             source: Box::new(e),
         })?;
         let status = response.status();
-        if !status.is_success() {
+        if status.is_success() {
+            self.created.raise_if(
+                response
+                    .headers()
+                    .get(crate::CREATED_HEADER)
+                    .and_then(|v| v.to_str().ok()),
+            );
+        } else {
             let retry_after = response
                 .headers()
                 .get("retry-after")

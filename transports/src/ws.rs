@@ -61,6 +61,9 @@ pub struct WebSocketDialer {
     url: String,
     token: Option<String>,
     dial_timeout: Duration,
+    created: crate::CreationNotice,
+    #[cfg(feature = "tls")]
+    roots: Option<crate::tls::RootCertificates>,
 }
 
 impl std::fmt::Debug for WebSocketDialer {
@@ -80,7 +83,22 @@ impl WebSocketDialer {
             url: url.into(),
             token: None,
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            created: crate::CreationNotice::default(),
+            #[cfg(feature = "tls")]
+            roots: None,
         }
+    }
+
+    /// Trusts these root certificates for `wss://`, besides the webpki roots.
+    #[cfg(feature = "tls")]
+    pub fn with_root_certificates(mut self, roots: crate::tls::RootCertificates) -> Self {
+        self.roots = Some(roots);
+        self
+    }
+
+    /// Raised when a dial created the database on the server.
+    pub fn creation_notice(&self) -> crate::CreationNotice {
+        self.created.clone()
     }
 
     /// Limit on connecting and completing the upgrade (default
@@ -119,8 +137,19 @@ impl WebSocketDialer {
                 .map_err(|e| connect_error(Box::new(e)))?;
             request.headers_mut().insert(AUTHORIZATION, value);
         }
+        #[cfg(feature = "tls")]
+        let handshake = {
+            let connector = match &self.roots {
+                Some(roots) => Some(tokio_tungstenite::Connector::Rustls(
+                    roots.rustls().map_err(|e| connect_error(Box::new(e)))?,
+                )),
+                None => None,
+            };
+            tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
+        };
+        #[cfg(not(feature = "tls"))]
         let handshake = tokio_tungstenite::connect_async(request);
-        let (socket, _response) = tokio::time::timeout(self.dial_timeout, handshake)
+        let (socket, response) = tokio::time::timeout(self.dial_timeout, handshake)
             .await
             .map_err(|_| TransportError::Timeout(self.dial_timeout))?
             .map_err(|e| match e {
@@ -139,6 +168,12 @@ impl WebSocketDialer {
                 other => connect_error(Box::new(other)),
             })?;
         tracing::debug!(url = %self.url, "websocket connected");
+        self.created.raise_if(
+            response
+                .headers()
+                .get(crate::CREATED_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        );
         Ok(connection_from_ws(socket, self.label()))
     }
 }

@@ -55,10 +55,10 @@ pub fn config(dir: &tempfile::TempDir) -> ServerConfig {
 
 pub fn auth() -> Auth {
     Auth::new()
-        .with_token(RW, ["notes", "todo"], Access::ReadWrite)
+        .with_creating_token(RW, ["notes", "todo"])
         .with_token(RO, ["notes"], Access::ReadOnly)
         .with_token(OTHER, ["elsewhere"], Access::ReadWrite)
-        .with_token(ENV, ["*"], Access::ReadWrite)
+        .with_creating_token(ENV, ["*"])
 }
 
 impl TestServer {
@@ -92,6 +92,23 @@ impl TestServer {
             stop: Some(stop),
             task: Some(task),
         })
+    }
+
+    /// Creates database `db` (a stream of the `ENV` token, which may create,
+    /// opened for a peer no test uses, then closed).
+    pub async fn create(&self, db: &str) -> Result<()> {
+        let response = self
+            .client
+            .get(self.url(&format!(
+                "/db/{db}/stream?peerId=0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f"
+            )))
+            .bearer_auth(ENV)
+            .send()
+            .await?;
+        if response.status() != 200 {
+            bail!("creating {db}: HTTP {}", response.status());
+        }
+        Ok(())
     }
 
     pub fn url(&self, path: &str) -> String {
