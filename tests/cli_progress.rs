@@ -53,6 +53,13 @@ fn sync_args(db: &Path, url: &str) -> Vec<String> {
         .collect()
 }
 
+/// `crsync sync --once` of `db` with the server at `url`, without a terminal.
+fn sync_once(db: &Path, url: &str) -> support::Output {
+    let mut cmd = crsync();
+    cmd.args(sync_args(db, url)).env("CRSYNC_TOKEN", TOKEN);
+    run(cmd)
+}
+
 /// The `N` of a line "`verb` N/N changes (100%)", if `text` has one.
 fn completed(text: &str, verb: &str) -> Option<u64> {
     text.split(['\n', '\r']).find_map(|line| {
@@ -69,9 +76,7 @@ fn without_a_terminal_progress_is_plain_lines_that_end_at_100_percent() {
     let server = fx.server(Some(TOKEN), &[]);
     let url = server.db_url("notes");
     let a = written(&fx, "a.db");
-    let mut up = crsync();
-    up.args(sync_args(&a, &url)).env("CRSYNC_TOKEN", TOKEN);
-    let out = run(up);
+    let out = sync_once(&a, &url);
     out.assert_success();
     let uploaded = completed(&out.stderr, "uploaded").unwrap_or_else(|| panic!("{out:#?}"));
     assert!(uploaded >= ROWS as u64 * 3, "{out:#?}");
@@ -82,9 +87,7 @@ fn without_a_terminal_progress_is_plain_lines_that_end_at_100_percent() {
     );
 
     let b = fx.client_db("b.db");
-    let mut down = crsync();
-    down.args(sync_args(&b, &url)).env("CRSYNC_TOKEN", TOKEN);
-    let out = run(down);
+    let out = sync_once(&b, &url);
     out.assert_success();
     let downloaded = completed(&out.stderr, "downloaded").unwrap_or_else(|| panic!("{out:#?}"));
     assert!(downloaded >= ROWS as u64 * 3, "{out:#?}");
@@ -127,9 +130,7 @@ fn status_shows_each_remote_with_its_last_sync_and_what_it_lacks() {
             });
     };
     write(1);
-    let mut sync = crsync();
-    sync.args(sync_args(&a, &url)).env("CRSYNC_TOKEN", TOKEN);
-    run(sync).assert_success();
+    sync_once(&a, &url).assert_success();
     let text = status(false);
     assert!(text.contains(&format!("via sse {url}")), "{text}");
     assert!(
@@ -156,9 +157,7 @@ fn on_a_terminal_progress_is_a_bar() {
     let server = fx.server(Some(TOKEN), &[]);
     let url = server.db_url("notes");
     let a = written(&fx, "a.db");
-    let mut up = crsync();
-    up.args(sync_args(&a, &url)).env("CRSYNC_TOKEN", TOKEN);
-    run(up).assert_success();
+    sync_once(&a, &url).assert_success();
 
     // `script` runs the command on a new pseudo-terminal and copies what it
     // printed there to its own stdout.

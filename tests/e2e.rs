@@ -4,71 +4,17 @@
 // Test helpers: a failed setup step should panic with its error.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::time::Duration;
 
-use crsync::server::{Auth, Server, ServerConfig};
+use crsync::Store;
 use crsync::transports::{sse::SseDialer, ws::WebSocketDialer};
-use crsync::{Peer, Store};
+use inprocess::{peer, start_server, store as client};
 
-const SCHEMA: &str = "CREATE TABLE todo (id INTEGER PRIMARY KEY NOT NULL, title TEXT, done INTEGER NOT NULL DEFAULT 0);";
+#[path = "support/inprocess.rs"]
+mod inprocess;
+
 const TOKEN: &str = "e2e-secret";
 const WAIT: Duration = Duration::from_secs(20);
-
-struct Running {
-    addr: std::net::SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn start_server(dir: &Path, bind: std::net::SocketAddr) -> Running {
-    std::fs::write(dir.join("schema.sql"), SCHEMA).unwrap();
-    let mut config = ServerConfig::default();
-    config.bind = bind;
-    config.data_dir = dir.join("data");
-    config.schema = Some(dir.join("schema.sql"));
-    config.allow_create = true;
-    config.ping_interval = Duration::from_millis(300);
-    let auth = Auth::new().with_creating_token(TOKEN, ["todo"]);
-    let server = Server::bind_with_auth(config, auth).await.unwrap();
-    let addr = server.local_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .serve(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running { addr, stop, task }
-}
-
-async fn client(path: &Path) -> Store {
-    let store = Store::builder(path)
-        .poll_interval(Duration::from_millis(20))
-        .open()
-        .await
-        .unwrap();
-    store
-        .write(|tx| tx.execute_batch(&SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS")))
-        .await
-        .unwrap();
-    store.enable_crr(&["todo"]).await.unwrap();
-    store
-}
-
-fn peer(store: Store) -> Peer {
-    Peer::builder(store)
-        .ack_timeout(Duration::from_secs(2))
-        .liveness_timeout(Duration::from_secs(2))
-        .reconnect(crsync::ReconnectPolicy {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-            multiplier: 2.0,
-        })
-        .build()
-}
 
 async fn rows(store: &Store) -> Vec<(i64, String, i64)> {
     store
@@ -112,7 +58,7 @@ async fn insert(store: &Store, id: i64, title: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_peer_catches_up_both_ways() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let server = start_server(dir.path(), "127.0.0.1:0".parse().unwrap(), TOKEN).await;
     let base = format!("http://{}/db/todo", server.addr);
     let a = peer(client(&dir.path().join("a.db")).await);
     a.add_dialer(SseDialer::new(&base).with_token(TOKEN));
@@ -160,14 +106,13 @@ async fn an_offline_peer_catches_up_both_ways() {
 
     a.shutdown().await;
     b.shutdown().await;
-    let _ = server.stop.send(());
-    server.task.await.unwrap();
+    server.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_reconnect_after_the_server_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let server = start_server(dir.path(), "127.0.0.1:0".parse().unwrap(), TOKEN).await;
     let addr = server.addr;
     let base = format!("http://{addr}/db/todo");
     let a = peer(client(&dir.path().join("a.db")).await);
@@ -177,15 +122,13 @@ async fn peers_reconnect_after_the_server_restarts() {
     insert(a.store(), 1, "before restart").await;
     wait_same(&[a.store(), b.store()], 1).await;
 
-    let _ = server.stop.send(());
-    server.task.await.unwrap();
+    server.kill().await;
     insert(a.store(), 2, "while the server is down").await;
     insert(b.store(), 3, "while the server is down").await;
-    let server = start_server(dir.path(), addr).await;
+    let server = start_server(dir.path(), addr, TOKEN).await;
     wait_same(&[a.store(), b.store()], 3).await;
 
     a.shutdown().await;
     b.shutdown().await;
-    let _ = server.stop.send(());
-    server.task.await.unwrap();
+    server.kill().await;
 }

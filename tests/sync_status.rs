@@ -5,81 +5,20 @@
 // Test helpers: a failed setup step should panic with its error.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::time::Duration;
 
-use crsync::server::{Auth, Server, ServerConfig};
 use crsync::transports::memory;
 use crsync::transports::sse::SseDialer;
 use crsync::{DialFailure, Peer, PeerEvent, Store, SyncPhase, SyncStatus, WaitError};
 use futures_util::StreamExt;
+use inprocess::{peer, start_server, store};
 
-const SCHEMA: &str = "CREATE TABLE todo (id INTEGER PRIMARY KEY NOT NULL, title TEXT);";
+#[path = "support/inprocess.rs"]
+mod inprocess;
+
 const TOKEN: &str = "status-secret";
 const OTHER_TOKEN: &str = "status-other";
 const WAIT: Duration = Duration::from_secs(20);
-
-struct Running {
-    addr: std::net::SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn kill(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-    }
-}
-
-async fn start_server(dir: &Path, bind: std::net::SocketAddr, token: &str) -> Running {
-    std::fs::write(dir.join("schema.sql"), SCHEMA).unwrap();
-    let mut config = ServerConfig::default();
-    config.bind = bind;
-    config.data_dir = dir.join("data");
-    config.schema = Some(dir.join("schema.sql"));
-    config.allow_create = true;
-    config.ping_interval = Duration::from_millis(300);
-    let auth = Auth::new().with_creating_token(token, ["todo"]);
-    let server = Server::bind_with_auth(config, auth).await.unwrap();
-    let addr = server.local_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        server
-            .serve(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running { addr, stop, task }
-}
-
-async fn store(path: &Path) -> Store {
-    let store = Store::builder(path)
-        .poll_interval(Duration::from_millis(20))
-        .open()
-        .await
-        .unwrap();
-    store
-        .write(|tx| tx.execute_batch(&SCHEMA.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS")))
-        .await
-        .unwrap();
-    store.enable_crr(&["todo"]).await.unwrap();
-    store
-}
-
-fn peer(store: Store) -> Peer {
-    Peer::builder(store)
-        .ack_timeout(Duration::from_secs(2))
-        .liveness_timeout(Duration::from_secs(2))
-        .reconnect(crsync::ReconnectPolicy {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(300),
-            multiplier: 2.0,
-        })
-        .build()
-}
 
 async fn insert(store: &Store, id: i64) -> crsync::DbVersion {
     let (_, version) = store
