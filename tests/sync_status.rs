@@ -220,11 +220,18 @@ async fn an_initial_download_reports_its_total_and_ends_at_100_percent() {
         }
     };
     let (fraction, progress) = partial.expect("a status during the download, with its total");
-    assert!(progress.total.unwrap() >= 20_000, "{progress:?}");
+    assert!(progress.total.unwrap() > progress.done, "{progress:?}");
     assert!(fraction < 1.0);
+    // Complete: the total is what came (a loaded machine may have redialed
+    // mid-way, and a new session downloads only the rest).
     assert_eq!(done.download.total, Some(done.download.done), "{done:#?}");
-    assert!(done.download.done >= 20_000);
+    assert!(done.download.done > 0, "{done:#?}");
     assert_eq!(done.download.fraction(), Some(1.0));
+    let rows: i64 = sink
+        .read(|c| c.query_row("SELECT count(*) FROM todo", [], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(rows, 20_000);
     a.shutdown().await;
     b.shutdown().await;
     source.close().await.unwrap();
