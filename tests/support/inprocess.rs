@@ -66,9 +66,11 @@ pub(crate) async fn store(path: &Path) -> Store {
     store
 }
 
-/// A Peer with short timeouts and quick redials.
+/// A Peer with short timeouts and quick redials; it pings every 300 ms, so
+/// a remote with the same 2 s liveness timeout never drops an idle link.
 pub(crate) fn peer(store: Store) -> Peer {
     Peer::builder(store)
+        .ping_interval(Duration::from_millis(300))
         .ack_timeout(Duration::from_secs(2))
         .liveness_timeout(Duration::from_secs(2))
         .reconnect(crsync::ReconnectPolicy {
