@@ -250,10 +250,10 @@ impl Inner {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Records a session's status (`None`: it ended).
-    pub(crate) fn publish(&self, id: u64, status: Option<SessionStatus>) {
+    /// Records the status of session `id` on `link` (`None`: it ended).
+    pub(crate) fn publish(&self, id: u64, link: u64, status: Option<SessionStatus>) {
         if let Some(s) = &status {
-            self.note_acknowledged(id, s);
+            self.note_acknowledged(link, s);
         }
         self.sessions.send_if_modified(|m| match status {
             Some(s) if m.get(&id) != Some(&s) => {
@@ -267,7 +267,7 @@ impl Inner {
 
     /// Raises what the session's remote acknowledged of ours, and notes
     /// when we were in sync with it.
-    fn note_acknowledged(&self, id: u64, s: &SessionStatus) {
+    fn note_acknowledged(&self, link: u64, s: &SessionStatus) {
         let Some(remote) = s.remote else { return };
         let local = self.store.site_id();
         let acked = s.acknowledged.get(&local);
@@ -290,7 +290,7 @@ impl Inner {
         }
         let now = SystemTime::now();
         let mut links = self.lock_links();
-        let Some(link) = links.values_mut().find(|l| l.session == Some(id)) else {
+        let Some(link) = links.get_mut(&link) else {
             return;
         };
         let newly_synced = in_sync

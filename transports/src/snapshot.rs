@@ -172,10 +172,7 @@ impl SnapshotClient {
             .connect_timeout(self.connect_timeout)
             .read_timeout(self.read_timeout);
         #[cfg(feature = "tls")]
-        let builder = match &self.roots {
-            Some(roots) => roots.reqwest(builder),
-            None => builder,
-        };
+        let builder = crate::tls::RootCertificates::trusted(builder, self.roots.as_ref());
         builder.build()
     }
 

@@ -183,10 +183,7 @@ impl SseDialer {
         }
         let builder = reqwest::Client::builder().timeout(self.post_timeout);
         #[cfg(feature = "tls")]
-        let builder = match &self.roots {
-            Some(roots) => roots.reqwest(builder),
-            None => builder,
-        };
+        let builder = crate::tls::RootCertificates::trusted(builder, self.roots.as_ref());
         let client = builder.build().map_err(|e| TransportError::Connect {
             target: self.base.clone(),
             source: Box::new(e),
@@ -202,10 +199,7 @@ impl SseDialer {
             .connect_timeout(self.dial_timeout)
             .redirect(reqwest::redirect::Policy::none());
         #[cfg(feature = "tls")]
-        let builder = match &self.roots {
-            Some(roots) => roots.reqwest(builder),
-            None => builder,
-        };
+        let builder = crate::tls::RootCertificates::trusted(builder, self.roots.as_ref());
         builder.build().map_err(|e| TransportError::Connect {
             target: self.stream_target(),
             source: Box::new(e),

@@ -43,9 +43,21 @@ impl RootCertificates {
         self.0.is_empty()
     }
 
+    /// Adds `roots`, if any, to a reqwest client.
+    #[cfg(feature = "http")]
+    pub(crate) fn trusted(
+        builder: reqwest::ClientBuilder,
+        roots: Option<&RootCertificates>,
+    ) -> reqwest::ClientBuilder {
+        match roots {
+            Some(roots) => roots.reqwest(builder),
+            None => builder,
+        }
+    }
+
     /// Adds them to a reqwest client.
     #[cfg(feature = "http")]
-    pub(crate) fn reqwest(&self, mut builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+    fn reqwest(&self, mut builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
         for cert in self.0.iter() {
             if let Ok(cert) = reqwest::Certificate::from_der(cert) {
                 builder = builder.add_root_certificate(cert);

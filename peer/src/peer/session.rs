@@ -277,7 +277,7 @@ async fn run_inner(
             noted_own = acked_own;
             inner.store.note_acknowledged(acked_own);
         }
-        inner.publish(id, Some(status));
+        inner.publish(id, link, Some(status));
         let want_transmit = core.has_transmit();
         let want_batch = core.wants_batch() && reading.is_some();
         // A stream the session takes nothing from (the remote does not read)
@@ -390,7 +390,7 @@ async fn run_inner(
     };
     tracing::debug!(%reason, "session ended");
     drop(gauges);
-    inner.publish(id, None);
+    inner.publish(id, link, None);
     inner.session_closed(link, core.status().last_error);
     inner.emit(PeerEvent::Disconnected {
         peer: remote,
