@@ -44,7 +44,8 @@ pub use store::{
     EVENT_CHANNEL_CAP, EnableError, ExportError, ForkError, ForkReport, InstallError,
     InstallReport, InvalidChange, MergeError, MergeReport, OpenError, READER_POOL_CAP,
     RemoteRecord, SNAPSHOT_PLACEHOLDER_SITE, STREAM_READ_AHEAD, SnapshotExport, Store,
-    StoreBuilder, StoreError, StoreEvent,
+    StoreBuilder, StoreError, StoreEvent, TAIL_MAX_BYTES, TAIL_MAX_COMMIT_CHANGES,
+    TAIL_MAX_COMMITS,
 };
 pub use value::{Affinity, SqlValue, normalize_js};
 

@@ -15,6 +15,7 @@ mod remotes;
 mod schema;
 mod snapshot;
 mod staging;
+mod tail;
 mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,6 +33,7 @@ pub use remotes::RemoteRecord;
 pub use snapshot::{
     ExportError, InstallError, InstallReport, SNAPSHOT_PLACEHOLDER_SITE, SnapshotExport,
 };
+pub use tail::{TAIL_MAX_BYTES, TAIL_MAX_COMMIT_CHANGES, TAIL_MAX_COMMITS};
 
 use crate::proto::batch::BatchLimits;
 use crate::{ChangeBatch, Cursor, DbVersion, ReadHint, SiteId};
@@ -119,9 +121,29 @@ pub struct StoreBuilder {
     origin_gc_slack: u64,
     stage_in_memory_below: usize,
     conflicts: conflicts::Retention,
+    live_tail: bool,
+    max_readers: usize,
 }
 
 impl StoreBuilder {
+    /// Whether sessions that are caught up send new commits from the shared
+    /// live tail (default `true`): each commit's rows are kept in memory
+    /// once, for every session, instead of each session reading them from
+    /// the file. Off, every stream reads the file (to compare, or to save
+    /// the tail's memory, at most [`TAIL_MAX_BYTES`] of rows).
+    pub fn live_tail(mut self, on: bool) -> Self {
+        self.live_tail = on;
+        self
+    }
+
+    /// How many change streams may read the file at once (default
+    /// [`READER_POOL_CAP`]); each holds a thread and a read connection with
+    /// a small page cache. More streams wait for one to finish.
+    pub fn max_readers(mut self, n: usize) -> Self {
+        self.max_readers = n.max(1);
+        self
+    }
+
     /// The cr-sqlite library to load (default: `CRSQLITE_PATH`, then the install dir).
     pub fn extension_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.extension_path = Some(path.into());
@@ -201,6 +223,7 @@ pub struct Store {
     /// Cancelled when the writer thread has ended.
     writer_gone: tokio_util::sync::CancellationToken,
     readers: std::sync::Arc<reader::ReaderPool>,
+    tail: Option<std::sync::Arc<tail::LiveTail>>,
     events: broadcast::Sender<StoreEvent>,
     site_id: SiteId,
     path: PathBuf,
@@ -219,6 +242,8 @@ impl Store {
             origin_gc_slack: DEFAULT_ORIGIN_GC_SLACK,
             stage_in_memory_below: staging::MEMORY_STAGE_BYTES,
             conflicts: conflicts::Retention::default(),
+            live_tail: true,
+            max_readers: READER_POOL_CAP,
         }
     }
 
@@ -238,7 +263,11 @@ impl Store {
             origin_gc_slack: options.origin_gc_slack,
             stage_in_memory_below: options.stage_in_memory_below,
             conflicts: options.conflicts,
+            tail: options
+                .live_tail
+                .then(|| std::sync::Arc::new(tail::LiveTail::new())),
         };
+        let tail = config.tail.clone();
         let thread_events = events.clone();
         let writer_gone = tokio_util::sync::CancellationToken::new();
         let gone = writer_gone.clone();
@@ -257,7 +286,11 @@ impl Store {
         Ok(Store {
             commands,
             writer_gone,
-            readers: std::sync::Arc::new(reader::ReaderPool::new(options.path.clone())),
+            readers: std::sync::Arc::new(reader::ReaderPool::new(
+                options.path.clone(),
+                options.max_readers,
+            )),
+            tail,
             events,
             site_id,
             path: options.path,
@@ -476,7 +509,9 @@ impl Store {
                 txn.commit()?;
                 Ok(value)
             })();
-            let _ = tx.send(result.map_err(StoreError::Sqlite));
+            Box::new(move || {
+                let _ = tx.send(result.map_err(StoreError::Sqlite));
+            })
         });
         self.commands
             .send_async(Command::Write(job))
@@ -555,6 +590,7 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         let job: writer::WriteJob = Box::new(move |conn| {
             let _ = tx.send(f(conn).map_err(StoreError::Sqlite));
+            Box::new(|| ())
         });
         self.commands
             .send_async(Command::Write(job))
@@ -593,6 +629,13 @@ impl Store {
         hint: &ReadHint,
         limits: BatchLimits,
     ) -> Result<ChangeStream, StoreError> {
+        if let Some(stream) = self
+            .tail
+            .as_ref()
+            .and_then(|t| t.stream(self.site_id, cursor, hint, limits))
+        {
+            return Ok(ChangeStream::from_tail(stream, hint.after_local));
+        }
         reader::start(
             self.readers.clone(),
             self.site_id,

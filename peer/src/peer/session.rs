@@ -127,6 +127,7 @@ fn is_refusal(e: &TransportError) -> bool {
 }
 
 type MergeFuture = BoxFuture<'static, Result<MergeReport, MergeError>>;
+type OpenFuture = BoxFuture<'static, Result<ChangeStream, crate::StoreError>>;
 
 async fn run_inner(
     inner: Arc<Inner>,
@@ -196,6 +197,7 @@ async fn run_inner(
     let mut replies: HashMap<ReplyId, oneshot::Sender<Result<(), Rejection>>> = HashMap::new();
     let mut next_reply: ReplyId = 0;
     let mut reading: Option<ChangeStream> = None;
+    let mut opening: Option<OpenFuture> = None;
     let mut stalled_since: Option<tokio::time::Instant> = None;
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
@@ -215,19 +217,19 @@ async fn run_inner(
                     merging = Some(Box::pin(async move { store.merge(batch).await }));
                 }
                 Output::Read { from, hint } => {
-                    match inner.store.changes_since_hinted(&from, &hint, limits).await {
-                        Ok(s) => {
-                            let total = s.total();
-                            reading = Some(s);
-                            core.handle(Input::StreamOpened { total }, Instant::now());
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot read changes; will retry");
-                            core.handle(Input::StreamFailed(e.to_string()), Instant::now());
-                        }
-                    }
+                    // From the live tail at once, or from the file once one
+                    // of the Store's readers is free: meanwhile the session
+                    // goes on receiving.
+                    reading = None;
+                    let store = inner.store.clone();
+                    opening = Some(Box::pin(async move {
+                        store.changes_since_hinted(&from, &hint, limits).await
+                    }));
                 }
-                Output::CancelRead => reading = None,
+                Output::CancelRead => {
+                    reading = None;
+                    opening = None;
+                }
                 Output::Reply { id, result } => {
                     if let Some(reply) = replies.remove(&id) {
                         let _ = reply.send(result);
@@ -297,6 +299,20 @@ async fn run_inner(
             biased;
             _ = stop.token.cancelled() => break stop.reason(),
             _ = writer_failed.cancelled() => break "connection closed while sending".into(),
+            Some(opened) = OptionFuture::from(opening.as_mut()), if opening.is_some() => {
+                opening = None;
+                match opened {
+                    Ok(s) => {
+                        let total = s.total();
+                        reading = Some(s);
+                        core.handle(Input::StreamOpened { total }, Instant::now());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read changes; will retry");
+                        core.handle(Input::StreamFailed(e.to_string()), Instant::now());
+                    }
+                }
+            }
             Some(result) = OptionFuture::from(merging.as_mut()), if merging.is_some() => {
                 merging = None;
                 core.handle(Input::Merged(merge_result(result)), Instant::now());
@@ -373,6 +389,7 @@ async fn run_inner(
     };
 
     drop(reading);
+    drop(opening);
     drop(outbox);
     // Let the writer flush what is queued, but not forever.
     let write_error = match tokio::time::timeout(FLUSH_TIMEOUT, writer).await {

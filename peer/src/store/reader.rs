@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::STREAM_READ_AHEAD;
 use super::error::StoreError;
 use super::schema::load_remote_cursor;
+use super::tail::TailStream;
 use super::writer::{close_connection, db_version};
 use crate::proto::batch::ClaimLimits;
 use crate::{
@@ -21,23 +22,47 @@ use crate::{
 /// The batches that bring a cursor up to date, read from one snapshot.
 ///
 /// Reading runs ahead by at most [`STREAM_READ_AHEAD`] batches; dropping the
-/// stream stops it.
+/// stream stops it. A stream whose changes are all in the Store's live tail
+/// is built from memory instead, with no thread or read connection.
 #[derive(Debug)]
 pub struct ChangeStream {
-    batches: mpsc::Receiver<Result<(ChangeBatch, i64), StoreError>>,
+    source: Source,
     snapshot: Cursor,
     read_upto: i64,
     total: Option<u64>,
 }
 
+#[derive(Debug)]
+enum Source {
+    File(mpsc::Receiver<Result<(ChangeBatch, i64), StoreError>>),
+    Tail(Box<TailStream>),
+}
+
 impl ChangeStream {
+    pub(super) fn from_tail(tail: TailStream, after_local: i64) -> Self {
+        ChangeStream {
+            snapshot: tail.snapshot().clone(),
+            source: Source::Tail(Box::new(tail)),
+            read_upto: after_local,
+            total: None,
+        }
+    }
+
     /// The next batch, or `None` when the stream is complete.
     pub async fn next_batch(&mut self) -> Option<Result<ChangeBatch, StoreError>> {
-        let item = self.batches.recv().await?;
+        let item = match &mut self.source {
+            Source::File(batches) => batches.recv().await?,
+            Source::Tail(tail) => Ok(tail.next_batch()?),
+        };
         Some(item.map(|(batch, upto)| {
             self.read_upto = upto;
             batch
         }))
+    }
+
+    /// Whether the stream comes from the live tail (memory) rather than the file.
+    pub fn from_memory(&self) -> bool {
+        matches!(self.source, Source::Tail(_))
     }
 
     /// The sender's cursor at the snapshot the stream reads from.
@@ -63,20 +88,27 @@ impl futures_core::Stream for ChangeStream {
     type Item = Result<ChangeBatch, StoreError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.batches.poll_recv(cx) {
-            Poll::Ready(Some(Ok((batch, upto)))) => {
+        let item = match &mut self.source {
+            Source::File(batches) => match batches.poll_recv(cx) {
+                Poll::Ready(item) => item,
+                Poll::Pending => return Poll::Pending,
+            },
+            Source::Tail(tail) => tail.next_batch().map(Ok),
+        };
+        Poll::Ready(item.map(|item| {
+            item.map(|(batch, upto)| {
                 self.read_upto = upto;
-                Poll::Ready(Some(Ok(batch)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
+                batch
+            })
+        }))
     }
 }
 
-/// Idle read connections kept for reuse (opening one costs about a millisecond).
-pub const READER_POOL_CAP: usize = 4;
+/// Default number of change streams read from the file at once
+/// ([`StoreBuilder::max_readers`](super::StoreBuilder::max_readers)): each
+/// holds a thread and a read connection; more wait for one to finish.
+/// Idle connections are kept for reuse, as many (opening one costs about a millisecond).
+pub const READER_POOL_CAP: usize = 8;
 
 /// Page cache of each read connection, in KiB.
 const READER_CACHE_KIB: u32 = 256;
@@ -86,13 +118,19 @@ const READER_CACHE_KIB: u32 = 256;
 pub(super) struct ReaderPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// One permit per stream reading: the bound on threads and connections.
+    permits: Arc<tokio::sync::Semaphore>,
+    cap: usize,
 }
 
 impl ReaderPool {
-    pub(super) fn new(path: PathBuf) -> Self {
+    pub(super) fn new(path: PathBuf, cap: usize) -> Self {
+        let cap = cap.max(1);
         ReaderPool {
             path,
             idle: Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(cap)),
+            cap,
         }
     }
 
@@ -122,7 +160,7 @@ impl ReaderPool {
 
     fn give(&self, conn: Connection) {
         let mut idle = self.lock();
-        if idle.len() < READER_POOL_CAP {
+        if idle.len() < self.cap {
             idle.push(conn);
         } else {
             drop(idle);
@@ -157,11 +195,19 @@ pub(super) async fn start(
     limits: BatchLimits,
 ) -> Result<ChangeStream, StoreError> {
     let after_local = hint.after_local;
+    // Wait for a reader rather than open one more.
+    let permit = pool
+        .permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| StoreError::Closed)?;
     let (tx, rx) = mpsc::channel(STREAM_READ_AHEAD);
     let (ready_tx, ready_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("crsync-store-reader".into())
         .spawn(move || {
+            let _permit = permit;
             let mut ready = Some(ready_tx);
             let result = read(&pool, own_site, receiver, &hint, limits, &tx, &mut ready);
             if let Err(e) = result {
@@ -178,7 +224,7 @@ pub(super) async fn start(
         .map_err(StoreError::Thread)?;
     let (snapshot, total) = ready_rx.await.map_err(|_| StoreError::Closed)??;
     Ok(ChangeStream {
-        batches: rx,
+        source: Source::File(rx),
         snapshot,
         read_upto: after_local,
         total,

@@ -13,15 +13,18 @@ use super::identity::{self, CopiedFile};
 use super::remotes::{self, RemoteRecord};
 use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
 use super::staging::{self, HeldPart, HeldParts, Staged};
+use super::tail::{CommitRows, LiveTail, TAIL_MAX_COMMIT_CHANGES};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
 use crate::proto::batch::{MergePlan, PartAction, check_part, completed_by, plan_merge};
-use crate::{ChangeBatch, Cursor, DbVersion, SiteId, telemetry};
+use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId, telemetry};
 
 /// Prepared statements the writer keeps (rusqlite's default is 16).
 const STATEMENT_CACHE: usize = 128;
 
-/// A closure run on the writer connection.
-pub(super) type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+/// A closure run on the writer connection; it returns its reply, sent
+/// once the writer has noticed what it committed (so a caller that reads
+/// right after its write sees it in the live tail too).
+pub(super) type WriteJob = Box<dyn FnOnce(&mut Connection) -> Box<dyn FnOnce() + Send> + Send>;
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// The commands the writer thread understands.
@@ -54,6 +57,8 @@ pub(super) struct WriterConfig {
     pub(super) origin_gc_slack: u64,
     pub(super) stage_in_memory_below: usize,
     pub(super) conflicts: Retention,
+    /// Where the rows of each commit go for the sessions to send (`None`: off).
+    pub(super) tail: Option<std::sync::Arc<LiveTail>>,
 }
 
 struct Writer {
@@ -105,6 +110,8 @@ pub(super) fn run(
             return;
         }
     };
+    // The tail starts empty at the file's version.
+    writer.feed_tail(CommitRows::too_large());
     let _ = ready.send(Ok((writer.site, writer.copied.clone())));
     let mut next_poll = Instant::now() + writer.config.poll_interval;
     loop {
@@ -230,7 +237,9 @@ impl Writer {
                 let _ = reply.send(self.cursor().map_err(StoreError::from));
             }
             Command::EnableCrr(tables, reply) => {
-                let _ = reply.send(self.enable_crr(&tables));
+                let result = self.enable_crr(&tables);
+                self.notice_own_commits(ChangeSource::Local);
+                let _ = reply.send(result);
             }
             Command::Merge(batch, reply) => {
                 let started = Instant::now();
@@ -238,7 +247,11 @@ impl Writer {
                 self.record_merge(started, &result);
                 let _ = reply.send(result);
             }
-            Command::Write(job) => job(&mut self.conn),
+            Command::Write(job) => {
+                let reply = job(&mut self.conn);
+                self.notice_own_commits(ChangeSource::Local);
+                reply();
+            }
             Command::Acknowledged(version) => {
                 self.verified = self.verified.max(version.min(self.own_version));
             }
@@ -424,11 +437,21 @@ impl Writer {
         // (they are holes in our own versions), once they are on disk.
         // Only versions that hold rows: cr-sqlite hands a version that wrote
         // nothing (every change lost or was equal) to the next transaction.
-        let (_, newest) = self.rows_since(base)?;
+        // Read once for every session that relays them (the live tail),
+        // what cr-sqlite kept: a change that lost its conflict is not relayed.
+        let keep = self.config.tail.is_some() && report.applied <= TAIL_MAX_COMMIT_CHANGES;
+        let (newest, rows) = if keep {
+            let (rows, newest) = committed_rows(&self.conn, self.site, base)?;
+            self.own_version = self.own_version.max(newest.unwrap_or(0));
+            (newest, rows)
+        } else {
+            (self.rows_since(base)?.1, CommitRows::too_large())
+        };
         report.local_versions = newest.map(|newest| (base + 1, newest));
         report.cursor = self.cursor()?;
         // Merged rows are reported here, as merges, not as local writes.
         self.last_reported = db_version(&self.conn)?;
+        self.feed_tail(rows);
         if !report.tables.is_empty() {
             let _ = self.events.send(StoreEvent::Changed {
                 tables: report.tables.clone(),
@@ -620,7 +643,24 @@ impl Writer {
             if now <= self.last_reported {
                 return Ok((BTreeSet::new(), now));
             }
-            Ok((self.rows_since(self.last_reported)?.0, now))
+            let since = self.last_reported;
+            let (tables, _, count) = self.rows_since_counted(since)?;
+            if self.config.tail.is_some() {
+                // Another connection's commit may have moved the stored
+                // cursor too: only a read of the file knows.
+                let rows = match source {
+                    ChangeSource::External => CommitRows::too_large(),
+                    _ if count > TAIL_MAX_COMMIT_CHANGES => CommitRows::too_large(),
+                    _ => committed_rows(&self.conn, self.site, since)
+                        .map(|(rows, _)| rows)
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "reading a commit's rows failed");
+                            CommitRows::too_large()
+                        }),
+                };
+                self.feed_tail(rows);
+            }
+            Ok((tables, now))
         })();
         match result {
             Ok((tables, now)) => {
@@ -633,22 +673,60 @@ impl Writer {
         }
     }
 
+    /// Hands a commit's rows to the live tail, with the cursor a stream
+    /// from the file would claim from now (our own entry at `crsql_db_version()`).
+    /// If that cannot be read, the tail is emptied: streams read the file.
+    fn feed_tail(&mut self, rows: CommitRows) {
+        let Some(tail) = &self.config.tail else {
+            return;
+        };
+        let state = (|| -> rusqlite::Result<(i64, i64)> {
+            let head = db_version(&self.conn)?;
+            let schema_version = self
+                .conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            Ok((head, schema_version))
+        })();
+        match state {
+            Ok((head, schema_version)) => {
+                let mut sender = self.remote.clone();
+                sender.advance(self.site, DbVersion(head));
+                tail.append(rows, head, sender, schema_version);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the version after a commit failed");
+                tail.clear_all();
+            }
+        }
+    }
+
     /// The tables with rows at local versions above `since`, and the highest
     /// such version; raises our own cursor entry to it (rows on disk survive a restart).
     fn rows_since(&mut self, since: i64) -> rusqlite::Result<(BTreeSet<String>, Option<i64>)> {
+        let (tables, newest, _) = self.rows_since_counted(since)?;
+        Ok((tables, newest))
+    }
+
+    /// As [`rows_since`](Self::rows_since), with the number of rows.
+    fn rows_since_counted(
+        &mut self,
+        since: i64,
+    ) -> rusqlite::Result<(BTreeSet<String>, Option<i64>, usize)> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT \"table\", max(db_version) FROM crsql_changes WHERE db_version > ?1 GROUP BY \"table\"",
+            "SELECT \"table\", max(db_version), count(*) FROM crsql_changes WHERE db_version > ?1 GROUP BY \"table\"",
         )?;
         let mut tables = BTreeSet::new();
         let mut newest = None;
+        let mut count = 0usize;
         let mut rows = stmt.query([since])?;
         while let Some(row) = rows.next()? {
             tables.insert(row.get::<_, String>(0)?);
             let version: i64 = row.get(1)?;
+            count += row.get::<_, i64>(2)?.max(0) as usize;
             newest = newest.max(Some(version));
             self.own_version = self.own_version.max(version);
         }
-        Ok((tables, newest))
+        Ok((tables, newest, count))
     }
 
     /// Saves the acknowledged own version, if it moved (a copy of the file
@@ -693,6 +771,52 @@ impl Writer {
         }
         close_connection(self.conn)
     }
+}
+
+/// The rows at local versions above `since`, as a change stream reads them
+/// (origin versions from `crsync_origin`), in `(local version, seq)` order,
+/// and the highest local version among them.
+fn committed_rows(
+    conn: &Connection,
+    own_site: SiteId,
+    since: i64,
+) -> rusqlite::Result<(CommitRows, Option<i64>)> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT c.\"table\", c.pk, c.cid, c.val, c.col_version, c.db_version, c.site_id, c.cl, c.seq, o.origin_version \
+         FROM crsql_changes AS c LEFT JOIN crsync_origin AS o ON o.local_version = c.db_version \
+         WHERE c.db_version > ?1 ORDER BY c.db_version, c.seq",
+    )?;
+    let mut rows = stmt.query([since])?;
+    let mut out = CommitRows::default();
+    let mut newest = None;
+    while let Some(row) = rows.next()? {
+        let site_bytes: Vec<u8> = row.get(6)?;
+        let site = SiteId::from_slice(&site_bytes).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Blob, Box::new(e))
+        })?;
+        let local: i64 = row.get(5)?;
+        newest = newest.max(Some(local));
+        let origin = if site == own_site {
+            local
+        } else {
+            row.get::<_, Option<i64>>(9)?.unwrap_or(local)
+        };
+        out.push(
+            local,
+            Change {
+                table: row.get(0)?,
+                pk: PackedPk(row.get(1)?),
+                cid: row.get(2)?,
+                val: row.get(3)?,
+                col_version: row.get(4)?,
+                db_version: DbVersion(origin),
+                site_id: site,
+                cl: row.get(7)?,
+                seq: row.get(8)?,
+            },
+        );
+    }
+    Ok((out, newest))
 }
 
 /// Runs `crsql_finalize()` (required by cr-sqlite) and closes the connection.

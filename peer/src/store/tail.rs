@@ -1,0 +1,375 @@
+//! The live tail: the rows of the latest commits, read once by the writer
+//! and shared by every session that is caught up.
+//!
+//! Without it, every session woken by a commit opened a change stream of its
+//! own (a thread, a read connection, a read transaction, the cursor and
+//! origin lookups) to read the same few rows again. The writer already reads
+//! what each commit wrote (to tell which tables changed), so it keeps those
+//! rows here, in commit order, up to a bound. A stream whose rows all lie in
+//! the tail ([`LiveTail::stream`]) is built from memory, with the same batch
+//! builder and the same claims as a stream read from the file, and costs no
+//! SQLite work at all; one that starts before the tail reads from the file.
+//!
+//! The tail holds every row at the local versions `(base, head]` as
+//! `crsql_changes` lists them: a row a later commit overwrote (the same
+//! cell, or any cell of a row deleted since) is marked superseded and no
+//! longer sent, as it is gone from `crsql_changes` too (a stream that began
+//! before the overwrite then leaves the cell to the next stream, which
+//! holds the new value). Commits the writer did not make itself (another
+//! process on the file), or too large to keep, empty the tail: the next
+//! streams read from the file.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::proto::batch::ClaimLimits;
+use crate::{
+    BatchBuilder, BatchLimits, Change, ChangeBatch, Cursor, PackedPk, ReadHint, SENTINEL_CID,
+    SiteId,
+};
+
+/// Commits kept at most.
+pub const TAIL_MAX_COMMITS: usize = 4096;
+/// Estimated wire bytes of the rows kept at most.
+pub const TAIL_MAX_BYTES: usize = 16 << 20;
+/// A commit with more changes than this is not kept (it empties the tail).
+pub const TAIL_MAX_COMMIT_CHANGES: usize = 8192;
+
+/// One row of a commit: the change as sent (origin version) and the local
+/// version it is stored at.
+#[derive(Debug)]
+pub(super) struct TailRow {
+    pub(super) local: i64,
+    pub(super) change: Change,
+    /// A later commit overwrote this cell (or deleted its row).
+    superseded: AtomicBool,
+}
+
+impl TailRow {
+    fn live(&self) -> bool {
+        !self.superseded.load(Ordering::Relaxed)
+    }
+}
+
+/// Where the latest rows of one database row are in the tail: per column,
+/// the commit (by sequence number) and the row's index in it.
+type RowCells = Vec<(String, u64, usize)>;
+
+/// The rows one commit wrote, in `(local version, seq)` order.
+#[derive(Debug)]
+pub(super) struct TailCommit {
+    /// The highest local version of the commit.
+    last_local: i64,
+    rows: Vec<TailRow>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct TailState {
+    /// Every row at a local version in `(base, head]` is in `commits`.
+    base: i64,
+    head: i64,
+    commits: VecDeque<Arc<TailCommit>>,
+    /// Sequence number of the first of `commits`.
+    first_seq: u64,
+    /// The tail's rows of each database row, to mark what a commit overwrites.
+    cells: HashMap<(String, PackedPk), RowCells>,
+    bytes: usize,
+    /// The sender's cursor at `head` (what a stream may claim).
+    sender: Cursor,
+    schema_version: i64,
+}
+
+/// The shared live tail of one Store (see the module docs).
+#[derive(Debug)]
+pub(super) struct LiveTail {
+    state: RwLock<TailState>,
+}
+
+/// Collects the rows of one commit; gives up (and keeps nothing) past
+/// [`TAIL_MAX_COMMIT_CHANGES`].
+#[derive(Debug, Default)]
+pub(super) struct CommitRows {
+    rows: Vec<TailRow>,
+    bytes: usize,
+    overflowed: bool,
+}
+
+impl CommitRows {
+    /// A commit not kept: it empties the tail.
+    pub(super) fn too_large() -> Self {
+        CommitRows {
+            overflowed: true,
+            ..CommitRows::default()
+        }
+    }
+
+    /// Adds a row, unless the commit is already too large to keep.
+    pub(super) fn push(&mut self, local: i64, change: Change) {
+        if self.overflowed {
+            return;
+        }
+        if self.rows.len() >= TAIL_MAX_COMMIT_CHANGES {
+            self.overflowed = true;
+            self.rows = Vec::new();
+            self.bytes = 0;
+            return;
+        }
+        self.bytes += change.approx_wire_size();
+        self.rows.push(TailRow {
+            local,
+            change,
+            superseded: AtomicBool::new(false),
+        });
+    }
+}
+
+impl LiveTail {
+    /// A tail that serves nothing until the writer's first
+    /// [`append`](Self::append) tells it where it starts.
+    pub(super) fn new() -> Self {
+        LiveTail {
+            state: RwLock::new(TailState {
+                base: i64::MAX,
+                head: 0,
+                commits: VecDeque::new(),
+                first_seq: 0,
+                cells: HashMap::new(),
+                bytes: 0,
+                sender: Cursor::new(),
+                schema_version: 0,
+            }),
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, TailState> {
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, TailState> {
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a commit of the writer: `rows` are every row at local
+    /// versions above the previous head up to `head`; `sender` and
+    /// `schema_version` are the Store's at `head`.
+    pub(super) fn append(&self, rows: CommitRows, head: i64, sender: Cursor, schema_version: i64) {
+        let mut state = self.write();
+        state.sender = sender;
+        state.schema_version = schema_version;
+        if rows.overflowed || state.base > state.head {
+            state.clear(head);
+            return;
+        }
+        if head <= state.head && rows.rows.is_empty() {
+            return; // only the cursor moved (a claim merged)
+        }
+        state.head = state.head.max(head);
+        if rows.rows.is_empty() {
+            return;
+        }
+        let last_local = rows.rows.last().map_or(head, |r| r.local);
+        state.bytes += rows.bytes;
+        let commit = Arc::new(TailCommit {
+            last_local,
+            rows: rows.rows,
+            bytes: rows.bytes,
+        });
+        let seq = state.first_seq + state.commits.len() as u64;
+        state.supersede(&commit, seq);
+        state.commits.push_back(commit);
+        while state.commits.len() > TAIL_MAX_COMMITS || state.bytes > TAIL_MAX_BYTES {
+            state.evict_first();
+        }
+    }
+
+    /// Forgets every commit, and where it stands: every stream reads the
+    /// file until the next commit.
+    pub(super) fn clear_all(&self) {
+        let mut state = self.write();
+        state.commits.clear();
+        state.bytes = 0;
+        state.base = i64::MAX;
+    }
+
+    /// A stream of what a receiver at `receiver` lacks above local version
+    /// `hint.after_local`, if the tail holds all of it; `None` otherwise
+    /// (read from the file). Counting ([`ReadHint::count`]) is the file's job.
+    pub(super) fn stream(
+        &self,
+        own_site: SiteId,
+        receiver: &Cursor,
+        hint: &ReadHint,
+        limits: BatchLimits,
+    ) -> Option<TailStream> {
+        if hint.count {
+            return None;
+        }
+        let state = self.read();
+        let after = hint.after_local;
+        if after < state.base {
+            return None;
+        }
+        let first = state.commits.partition_point(|c| c.last_local <= after);
+        let commits: Vec<Arc<TailCommit>> = state.commits.range(first..).cloned().collect();
+        let end = state.head.max(after);
+        let sender = state.sender.clone();
+        let schema_version = state.schema_version;
+        drop(state);
+        let rows = || {
+            commits
+                .iter()
+                .flat_map(|c| c.rows.iter())
+                .filter(|r| r.local > after && !hint.skips(r.local) && r.live())
+        };
+        let mut claims = ClaimLimits::new(receiver.clone());
+        for row in rows() {
+            if row.change.site_id != own_site {
+                claims.note(row.local, row.change.site_id, row.change.db_version);
+            }
+        }
+        let builder = BatchBuilder::new(receiver.clone(), sender.clone(), limits.max_changes)
+            .with_max_bytes(limits.max_bytes)
+            .with_claim_limits(claims.finish())
+            .with_staged(hint.staged.clone());
+        Some(TailStream {
+            commits,
+            at: (0, 0),
+            after,
+            hint: hint.clone(),
+            last_local: after,
+            end,
+            schema_version,
+            builder: Some(builder),
+            snapshot: sender,
+        })
+    }
+}
+
+impl TailState {
+    fn clear(&mut self, head: i64) {
+        self.first_seq += self.commits.len() as u64;
+        self.commits.clear();
+        self.cells.clear();
+        self.bytes = 0;
+        self.head = self.head.max(head);
+        self.base = self.head;
+    }
+
+    /// Marks the rows `commit` (number `seq`) overwrites, and indexes its own.
+    fn supersede(&mut self, commit: &TailCommit, seq: u64) {
+        for (index, row) in commit.rows.iter().enumerate() {
+            let c = &row.change;
+            let cells = self
+                .cells
+                .entry((c.table.clone(), c.pk.clone()))
+                .or_default();
+            // A deleted row (an even causal length) keeps only its marker.
+            let deletes = c.cid == SENTINEL_CID && c.cl % 2 == 0;
+            let first_seq = self.first_seq;
+            let commits = &self.commits;
+            cells.retain(|(cid, at, i)| {
+                let overwritten = deletes || *cid == c.cid;
+                if overwritten {
+                    let old = if *at == seq {
+                        commit.rows.get(*i)
+                    } else {
+                        commits
+                            .get((*at - first_seq) as usize)
+                            .and_then(|old| old.rows.get(*i))
+                    };
+                    if let Some(old) = old {
+                        old.superseded.store(true, Ordering::Relaxed);
+                    }
+                }
+                !overwritten
+            });
+            cells.push((c.cid.clone(), seq, index));
+        }
+    }
+
+    /// Drops the oldest commit; its rows leave the index.
+    fn evict_first(&mut self) {
+        let Some(old) = self.commits.pop_front() else {
+            return;
+        };
+        let seq = self.first_seq;
+        self.first_seq += 1;
+        self.bytes -= old.bytes;
+        self.base = old.last_local;
+        for row in &old.rows {
+            let key = (row.change.table.clone(), row.change.pk.clone());
+            if let Some(cells) = self.cells.get_mut(&key) {
+                cells.retain(|(_, at, _)| *at != seq);
+                if cells.is_empty() {
+                    self.cells.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// A change stream built from the tail: the batches a read of the file at
+/// the tail's head would give.
+#[derive(Debug)]
+pub(super) struct TailStream {
+    commits: Vec<Arc<TailCommit>>,
+    /// The next row: commit index, row index.
+    at: (usize, usize),
+    after: i64,
+    hint: ReadHint,
+    last_local: i64,
+    end: i64,
+    schema_version: i64,
+    /// `None` once the last batch was returned.
+    builder: Option<BatchBuilder>,
+    snapshot: Cursor,
+}
+
+impl TailStream {
+    /// The sender's cursor the stream claims from.
+    pub(super) fn snapshot(&self) -> &Cursor {
+        &self.snapshot
+    }
+
+    /// The next batch and the local version it covers (as the file reader's).
+    pub(super) fn next_batch(&mut self) -> Option<(ChangeBatch, i64)> {
+        let builder = self.builder.as_mut()?;
+        let stamp = |mut batch: ChangeBatch, version: i64| {
+            batch.schema_version = Some(version);
+            batch
+        };
+        while let Some(commit) = self.commits.get(self.at.0) {
+            let Some(row) = commit.rows.get(self.at.1) else {
+                self.at = (self.at.0 + 1, 0);
+                continue;
+            };
+            self.at.1 += 1;
+            if row.local <= self.after || self.hint.skips(row.local) || !row.live() {
+                continue;
+            }
+            let read_before = self.last_local;
+            self.last_local = row.local;
+            // As the file reader: a batch covers versions below this row's,
+            // or below its transaction when it continues one.
+            let upto = if read_before < row.local {
+                read_before
+            } else {
+                row.local - 1
+            };
+            if let Some(batch) = builder.push(row.change.clone()) {
+                return Some((stamp(batch, self.schema_version), upto));
+            }
+        }
+        let last = self.builder.take()?.finish()?;
+        Some((
+            stamp(last, self.schema_version),
+            self.end.max(self.last_local),
+        ))
+    }
+}

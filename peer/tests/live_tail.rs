@@ -1,0 +1,272 @@
+//! The live tail: a stream of what was committed since a receiver's last
+//! read is built from memory, and carries exactly what a read of the file
+//! would (same changes, same claims, same `read_upto`), for local writes,
+//! merges, rows merged from the receiver itself, and large transactions.
+
+mod support;
+
+use crsync_peer::{BatchLimits, ChangeBatch, Cursor, ReadHint, Store};
+use support::{dump, open_store, open_store_with, sync};
+
+/// Every batch of a hinted stream, the stream's `read_upto`, and whether it
+/// came from memory.
+async fn collect(
+    store: &Store,
+    from: &Cursor,
+    hint: &ReadHint,
+    limits: BatchLimits,
+) -> (Vec<ChangeBatch>, i64, bool) {
+    let mut s = store
+        .changes_since_hinted(from, hint, limits)
+        .await
+        .unwrap();
+    let memory = s.from_memory();
+    let mut batches = Vec::new();
+    while let Some(b) = s.next_batch().await {
+        batches.push(b.unwrap());
+    }
+    (batches, s.read_upto(), memory)
+}
+
+/// The file's view of the same database: a second Store on it, tail off.
+async fn file_view(dir: &std::path::Path, name: &str) -> Store {
+    open_store_with(dir, name, |b| b.live_tail(false)).await
+}
+
+#[tokio::test]
+async fn a_caught_up_stream_comes_from_memory_and_equals_a_read_of_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    let c = open_store(dir.path(), "c.db").await;
+    a.write(|tx| tx.execute_batch("INSERT INTO items VALUES (1, 'a', 1, NULL)"))
+        .await
+        .unwrap();
+    // b catches up from the file, as a session's first stream does.
+    let limits = BatchLimits::default();
+    let (first, upto, _) = collect(&a, &Cursor::new(), &ReadHint::default(), limits).await;
+    for batch in first {
+        b.merge(batch).await.unwrap();
+    }
+    // Then a commits local writes and merges c's (a relay).
+    for i in 10..20 {
+        a.write(move |tx| tx.execute("INSERT INTO items VALUES (?1, 'x', ?1, x'01')", [i as i64]))
+            .await
+            .unwrap();
+    }
+    c.write(|tx| {
+        tx.execute_batch(
+            "INSERT INTO items VALUES (100, 'c', 1, NULL); INSERT INTO tags VALUES (100, 't', 'n')",
+        )
+    })
+    .await
+    .unwrap();
+    sync(&c, &a).await;
+    a.write(|tx| tx.execute_batch("DELETE FROM items WHERE id = 1"))
+        .await
+        .unwrap();
+
+    let hint = ReadHint {
+        after_local: upto,
+        ..ReadHint::default()
+    };
+    let from = b.cursor().await.unwrap();
+    let (tail, tail_upto, memory) = collect(&a, &from, &hint, limits).await;
+    assert!(memory, "a caught-up stream comes from the live tail");
+    let file = file_view(dir.path(), "a.db").await;
+    let (read, read_upto, memory) = collect(&file, &from, &hint, limits).await;
+    assert!(!memory);
+    assert_eq!(tail, read, "the tail's batches are the file's");
+    assert_eq!(tail_upto, read_upto);
+    for batch in tail {
+        b.merge(batch).await.unwrap();
+    }
+    assert_eq!(dump(&a).await, dump(&b).await);
+    let (held, source) = (b.cursor().await.unwrap(), a.cursor().await.unwrap());
+    assert!(held.covers(&source), "{held:?} lacks some of {source:?}");
+}
+
+#[tokio::test]
+async fn rows_merged_from_the_receiver_are_left_out_without_reading_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let c = open_store(dir.path(), "c.db").await;
+    let limits = BatchLimits::default();
+    let (_, upto, _) = collect(&a, &c.cursor().await.unwrap(), &ReadHint::default(), limits).await;
+    c.write(|tx| tx.execute_batch("INSERT INTO items VALUES (7, 'c', 7, NULL)"))
+        .await
+        .unwrap();
+    let mut spans = Vec::new();
+    for batch in support::batches_for(&c, &a.cursor().await.unwrap()).await {
+        let report = a.merge(batch).await.unwrap();
+        spans.extend(report.local_versions);
+    }
+    let (lo, hi) = (spans[0].0, spans[spans.len() - 1].1);
+    a.write(|tx| tx.execute_batch("INSERT INTO items VALUES (8, 'a', 8, NULL)"))
+        .await
+        .unwrap();
+    let mut hint = ReadHint {
+        after_local: upto,
+        ..ReadHint::default()
+    };
+    hint.skip(lo, hi);
+    let from = c.cursor().await.unwrap();
+    let (tail, _, memory) = collect(&a, &from, &hint, limits).await;
+    assert!(memory);
+    let file = file_view(dir.path(), "a.db").await;
+    let (read, _, _) = collect(&file, &from, &hint, limits).await;
+    assert_eq!(tail, read);
+    let sent: Vec<i64> = tail
+        .iter()
+        .flat_map(|b| &b.changes)
+        .map(|ch| ch.db_version.0)
+        .collect();
+    assert!(!sent.is_empty());
+    assert!(
+        tail.iter()
+            .flat_map(|b| &b.changes)
+            .all(|ch| ch.site_id == a.site_id()),
+        "c's own rows are not sent back to c: {tail:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_larger_than_a_batch_goes_in_the_same_parts_as_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let limits = BatchLimits::default();
+    let (_, upto, _) = collect(&a, &Cursor::new(), &ReadHint::default(), limits).await;
+    a.write(|tx| {
+        for i in 0..500i64 {
+            tx.execute(
+                "INSERT INTO items VALUES (?1, 'a row of some length', ?1, NULL)",
+                [i],
+            )?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let hint = ReadHint {
+        after_local: upto,
+        ..ReadHint::default()
+    };
+    // Small batches: the transaction (1,500 changes) goes in parts.
+    let small = BatchLimits {
+        max_changes: 64,
+        max_bytes: 4 << 10,
+    };
+    let (tail, tail_upto, memory) = collect(&a, &Cursor::new(), &hint, small).await;
+    assert!(memory);
+    assert!(tail.len() > 2 && tail[0].part.is_some(), "{}", tail.len());
+    let file = file_view(dir.path(), "a.db").await;
+    let (read, read_upto, _) = collect(&file, &Cursor::new(), &hint, small).await;
+    assert_eq!(tail, read);
+    assert_eq!(tail_upto, read_upto);
+}
+
+#[tokio::test]
+async fn a_commit_too_large_to_keep_or_from_another_process_is_read_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    let limits = BatchLimits::default();
+    let (_, upto, _) = collect(&a, &Cursor::new(), &ReadHint::default(), limits).await;
+    let rows = crsync_peer::TAIL_MAX_COMMIT_CHANGES as i64 / 3 + 10;
+    a.write(move |tx| {
+        for i in 0..rows {
+            tx.execute("INSERT INTO items VALUES (?1, 'big', ?1, NULL)", [i])?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let hint = ReadHint {
+        after_local: upto,
+        ..ReadHint::default()
+    };
+    let (big, big_upto, memory) = collect(&a, &Cursor::new(), &hint, limits).await;
+    assert!(
+        !memory,
+        "a commit over the tail's limit is read from the file"
+    );
+    for batch in big {
+        b.merge(batch).await.unwrap();
+    }
+    // The next commit is kept again.
+    a.write(|tx| tx.execute_batch("UPDATE items SET name = 'small' WHERE id = 1"))
+        .await
+        .unwrap();
+    let hint = ReadHint {
+        after_local: big_upto,
+        ..ReadHint::default()
+    };
+    let (small, small_upto, memory) = collect(&a, &b.cursor().await.unwrap(), &hint, limits).await;
+    assert!(memory);
+    for batch in small {
+        b.merge(batch).await.unwrap();
+    }
+    // A write by another connection (another process) empties the tail.
+    let mut events = a.subscribe();
+    let other = support::side_connection(&dir.path().join("a.db"));
+    other
+        .execute_batch("UPDATE items SET name = 'other' WHERE id = 2")
+        .unwrap();
+    // a notices it on its next poll
+    tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
+        .await
+        .expect("a notices the other writer")
+        .unwrap();
+    let hint = ReadHint {
+        after_local: small_upto,
+        ..ReadHint::default()
+    };
+    let (ext, _, memory) = collect(&a, &b.cursor().await.unwrap(), &hint, limits).await;
+    assert!(!memory, "another writer's commit is read from the file");
+    for batch in ext {
+        b.merge(batch).await.unwrap();
+    }
+    assert_eq!(dump(&a).await, dump(&b).await);
+}
+
+#[tokio::test]
+async fn overwritten_and_deleted_rows_are_sent_as_the_file_lists_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let b = open_store(dir.path(), "b.db").await;
+    let c = open_store(dir.path(), "c.db").await;
+    let limits = BatchLimits::default();
+    let (_, upto, _) = collect(&a, &Cursor::new(), &ReadHint::default(), limits).await;
+    for sql in [
+        "INSERT INTO items VALUES (50, 'first', 1, NULL), (51, 'x', 1, NULL), (52, 'y', 1, NULL)",
+        "UPDATE items SET name = 'second' WHERE id = 50",
+        "DELETE FROM items WHERE id = 51",
+        "INSERT INTO items VALUES (51, 'back', 2, NULL)",
+        "DELETE FROM items WHERE id = 52",
+        "INSERT INTO tags VALUES (50, 't', 'n'); UPDATE tags SET note = 'm' WHERE item = 50",
+    ] {
+        a.write(move |tx| tx.execute_batch(sql)).await.unwrap();
+    }
+    // and a remote overwrites one of them
+    c.write(|tx| tx.execute_batch("INSERT INTO items VALUES (50, 'zzz-remote', 9, NULL)"))
+        .await
+        .unwrap();
+    sync(&c, &a).await;
+    let hint = ReadHint {
+        after_local: upto,
+        ..ReadHint::default()
+    };
+    let (tail, tail_upto, memory) = collect(&a, &Cursor::new(), &hint, limits).await;
+    assert!(memory);
+    let file = file_view(dir.path(), "a.db").await;
+    let (read, read_upto, _) = collect(&file, &Cursor::new(), &hint, limits).await;
+    assert_eq!(
+        tail, read,
+        "superseded rows are left out as the file leaves them out"
+    );
+    assert_eq!(tail_upto, read_upto);
+    for batch in tail {
+        b.merge(batch).await.unwrap();
+    }
+    assert_eq!(dump(&a).await, dump(&b).await);
+}
