@@ -34,7 +34,9 @@
 //! only these parts, transports and sizes), `CRSYNC_BENCH_OUT` (also write the
 //! tables to this file), `CRSYNC_BENCH_LOG` (a tracing filter for the
 //! children's logs on stderr), `CRSYNC_BENCH_CONFLICTS=off` (the in-process
-//! Store merge without conflict recording, to measure what it costs). Results and how to read them:
+//! Store merge without conflict recording, to measure what it costs),
+//! `CRSYNC_BENCH_TOP_PAD` (glibc's `MALLOC_TOP_PAD_` of every child, default
+//! 16 MiB, the same for every contender: see [`MALLOC_TOP_PAD`]). Results and how to read them:
 //! `benches/SYNC_RESULTS.md`.
 
 use std::ffi::OsString;
@@ -57,6 +59,15 @@ use common::{
     ROWS_PER_TXN, SCHEMA, close_raw, copy_raw, create_schema, open_raw, peak_rss_kib, store_copy,
     write_source,
 };
+
+/// glibc's `MALLOC_TOP_PAD_` for every child process (16 MiB). With the
+/// default (128 KiB) glibc gives freed heap back to the kernel and faults it
+/// in again: the single-threaded raw copy spent about half its CPU in those
+/// page faults, while the Store (its allocations spread over threads and
+/// arenas) hardly did. The same setting for every contender keeps the
+/// comparison about the work, not the allocator; `CRSYNC_BENCH_TOP_PAD`
+/// overrides it (`131072`: glibc's default).
+const MALLOC_TOP_PAD: &str = "16777216";
 
 const TOKEN: &str = "bench-token";
 const DB_NAME: &str = "bench";
@@ -363,6 +374,10 @@ impl Proc {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("child")
             .args(args)
+            .env(
+                "MALLOC_TOP_PAD_",
+                std::env::var("CRSYNC_BENCH_TOP_PAD").unwrap_or_else(|_| MALLOC_TOP_PAD.into()),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

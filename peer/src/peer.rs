@@ -229,6 +229,9 @@ pub(crate) struct Inner {
     next_link: AtomicU64,
     /// Per remote site, the newest of our own versions it acknowledged.
     acknowledged: watch::Sender<BTreeMap<SiteId, DbVersion>>,
+    /// The same values counted, so the lowest is found without scanning
+    /// every remote (updated under `acknowledged`'s lock).
+    acknowledged_levels: Mutex<BTreeMap<DbVersion, usize>>,
     /// Own versions with the time they were first seen.
     noticed: Mutex<Noticed>,
     /// Sync is paused for the whole Peer.
@@ -271,14 +274,35 @@ impl Inner {
         let Some(remote) = s.remote else { return };
         let local = self.store.site_id();
         let acked = s.acknowledged.get(&local);
+        let mut floor = None;
         let raised = self.acknowledged.send_if_modified(|m| {
-            let entry = m.entry(remote).or_insert(DbVersion::ZERO);
-            let raised = acked > *entry;
-            *entry = (*entry).max(acked);
-            raised
+            let mut levels = self
+                .acknowledged_levels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let old = match m.get(&remote) {
+                Some(old) => *old,
+                None => {
+                    *levels.entry(DbVersion::ZERO).or_default() += 1;
+                    DbVersion::ZERO
+                }
+            };
+            if acked <= old {
+                m.entry(remote).or_insert(old);
+                return false;
+            }
+            m.insert(remote, acked);
+            if let Some(count) = levels.get_mut(&old) {
+                *count -= 1;
+                if *count == 0 {
+                    levels.remove(&old);
+                }
+            }
+            *levels.entry(acked).or_default() += 1;
+            floor = levels.keys().next().copied();
+            true
         });
         if raised {
-            let floor = self.acknowledged.borrow().values().min().copied();
             if let Some(floor) = floor {
                 self.lock_noticed().forget_upto(floor);
             }
@@ -457,6 +481,7 @@ impl Peer {
             links_changed: watch::channel(0).0,
             next_link: AtomicU64::new(0),
             acknowledged: watch::channel(BTreeMap::new()).0,
+            acknowledged_levels: Mutex::new(BTreeMap::new()),
             noticed: Mutex::new(Noticed::default()),
             paused: watch::channel(false).0,
             started: SystemTime::now(),

@@ -674,27 +674,25 @@ impl Writer {
     }
 
     /// Hands a commit's rows to the live tail, with the cursor a stream
-    /// from the file would claim from now (our own entry at `crsql_db_version()`).
-    /// If that cannot be read, the tail is emptied: streams read the file.
+    /// from the file would claim from now: our own entry at the newest
+    /// version that holds rows (a read connection's `crsql_db_version()`;
+    /// this connection's also counts transactions that wrote nothing).
     fn feed_tail(&mut self, rows: CommitRows) {
         let Some(tail) = &self.config.tail else {
             return;
         };
-        let state = (|| -> rusqlite::Result<(i64, i64)> {
-            let head = db_version(&self.conn)?;
-            let schema_version = self
-                .conn
-                .query_row("PRAGMA user_version", [], |r| r.get(0))?;
-            Ok((head, schema_version))
-        })();
-        match state {
-            Ok((head, schema_version)) => {
+        let schema_version = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0));
+        match schema_version {
+            Ok(schema_version) => {
+                let head = self.own_version;
                 let mut sender = self.remote.clone();
                 sender.advance(self.site, DbVersion(head));
                 tail.append(rows, head, sender, schema_version);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "reading the version after a commit failed");
+                tracing::warn!(error = %e, "reading the schema version after a commit failed");
                 tail.clear_all();
             }
         }
