@@ -49,7 +49,9 @@
 
 pub mod value;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -223,6 +225,100 @@ pub struct PeerMessage {
     /// The message is one part of a large origin transaction (crsync extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part: Option<WirePart>,
+    /// The changes, already encoded (then `data` is empty): what a message
+    /// built from the Store's live tail carries, written out by
+    /// [`TransportMessage::to_json`] as the `data` array. Never on the wire
+    /// as a field; read the changes with [`changes`](Self::changes).
+    #[serde(skip)]
+    pub encoded: Option<EncodedChanges>,
+}
+
+/// Changes already encoded as wire JSON: the elements of a `data` array,
+/// comma-separated, encoded once for every message that carries them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedChanges {
+    json: Arc<str>,
+    count: usize,
+}
+
+impl EncodedChanges {
+    /// How many changes.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The JSON text of the elements (without the brackets).
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+}
+
+/// Encodes changes as wire JSON from what it keeps (the Store's live tail
+/// encodes each change once, for every session that sends it).
+pub trait ChangeEncoder: Send + Sync {
+    /// Appends each change's wire JSON to `out`, comma-separated.
+    fn write_json(&self, changes: &[Change], encoding: Encoding, out: &mut String);
+}
+
+/// A batch's [`ChangeEncoder`], if it came from one. It never affects a
+/// batch's equality or (de)serialization.
+#[derive(Clone, Default)]
+pub struct WireCache(Option<Arc<dyn ChangeEncoder>>);
+
+impl WireCache {
+    /// Encodes with `encoder`.
+    pub fn new(encoder: Arc<dyn ChangeEncoder>) -> Self {
+        WireCache(Some(encoder))
+    }
+
+    /// Whether there is an encoder.
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl std::fmt::Debug for WireCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "WireCache(shared)"
+        } else {
+            "WireCache(none)"
+        })
+    }
+}
+
+impl PartialEq for WireCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl PeerMessage {
+    /// The changes, decoding [`encoded`](Self::encoded) ones.
+    pub fn changes(&self) -> Result<Cow<'_, [PeerChange]>, DecodeError> {
+        match &self.encoded {
+            Some(e) if self.data.is_empty() => {
+                let text = format!("[{}]", e.json);
+                let changes: Vec<PeerChange> = serde_json::from_str(&text)
+                    .map_err(|err| DecodeError::Malformed(err.to_string()))?;
+                Ok(Cow::Owned(changes))
+            }
+            _ => Ok(Cow::Borrowed(&self.data)),
+        }
+    }
+
+    /// How many changes it carries.
+    pub fn change_count(&self) -> usize {
+        match &self.encoded {
+            Some(e) if self.data.is_empty() => e.count,
+            _ => self.data.len(),
+        }
+    }
 }
 
 /// [`TxnPart`](crate::TxnPart) as on the wire.
@@ -387,7 +483,27 @@ impl TransportMessage {
     /// Serializes to JSON text.
     pub fn to_json(&self) -> String {
         // Serializing these types cannot fail: all map keys are strings.
-        serde_json::to_string(self).unwrap_or_default()
+        let text = serde_json::to_string(self).unwrap_or_default();
+        match self.data.as_ref().and_then(|d| d.encoded.as_ref()) {
+            Some(encoded) if self.data.as_ref().is_some_and(|d| d.data.is_empty()) => {
+                splice_changes(text, encoded)
+            }
+            _ => text,
+        }
+    }
+
+    /// Decodes [`PeerMessage::encoded`] changes into `data`, for code that
+    /// reads the message's fields directly (a transport that hands messages
+    /// over in memory does this before delivering them).
+    pub fn materialize(&mut self) -> Result<(), DecodeError> {
+        if let Some(data) = &mut self.data {
+            if data.encoded.is_some() {
+                let changes = data.changes()?.into_owned();
+                data.data = changes;
+                data.encoded = None;
+            }
+        }
+        Ok(())
     }
 
     fn bare(kind: MessageKind, peer: SiteId) -> Self {
@@ -459,11 +575,14 @@ impl TransportMessage {
             } else {
                 PeerMessageKind::Changes
             },
-            data: batch
-                .changes
-                .iter()
-                .map(|c| encode_change(c, encoding))
-                .collect(),
+            data: match batch.wire.0 {
+                Some(_) => Vec::new(),
+                None => batch
+                    .changes
+                    .iter()
+                    .map(|c| encode_change(c, encoding))
+                    .collect(),
+            },
             schema_version: Some(schema_version),
             ranges: Some(
                 batch
@@ -478,6 +597,14 @@ impl TransportMessage {
                 after: p.after_seq,
                 upto: p.upto_seq,
                 more: p.more,
+            }),
+            encoded: batch.wire.0.as_ref().map(|encoder| {
+                let mut json = String::with_capacity(batch.changes.len() * 160);
+                encoder.write_json(&batch.changes, encoding, &mut json);
+                EncodedChanges {
+                    json: json.into(),
+                    count: batch.changes.len(),
+                }
             }),
         };
         TransportMessage {
@@ -498,6 +625,29 @@ fn parse_site(hex_text: &str, field: &'static str) -> Result<SiteId, DecodeError
         field,
         reason: e.reason,
     })
+}
+
+/// Writes `encoded` into the empty `data` array of a serialized `data`
+/// message. The array is the first `"data":[]` after the `data` object's
+/// `type` (the message's own fields before it hold no such text: hex ids,
+/// a cursor of hex keys and numbers).
+fn splice_changes(mut text: String, encoded: &EncodedChanges) -> String {
+    for marker in [
+        "{\"type\":\"changes\",\"data\":[",
+        "{\"type\":\"eose\",\"data\":[",
+    ] {
+        if let Some(at) = text.find(marker) {
+            text.insert_str(at + marker.len(), &encoded.json);
+            return text;
+        }
+    }
+    text
+}
+
+/// The wire JSON of one change (what [`TransportMessage::to_json`] writes
+/// for it in a `data` array).
+pub fn change_json(c: &Change, encoding: Encoding) -> String {
+    serde_json::to_string(&encode_change(c, encoding)).unwrap_or_default()
 }
 
 /// Encodes one change.

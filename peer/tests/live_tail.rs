@@ -270,3 +270,49 @@ async fn overwritten_and_deleted_rows_are_sent_as_the_file_lists_them() {
     }
     assert_eq!(dump(&a).await, dump(&b).await);
 }
+
+#[tokio::test]
+async fn a_message_from_the_tail_is_the_same_json_as_one_encoded_per_session() {
+    use crsync_peer::wire::{Encoding, TransportMessage};
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let limits = BatchLimits::default();
+    let (_, upto, _) = collect(&a, &Cursor::new(), &ReadHint::default(), limits).await;
+    a.write(|tx| {
+        tx.execute_batch(
+            "INSERT INTO items VALUES (1, 'quote \" and \\ and é', 9007199254740993, x'00ff'), \
+             (2, NULL, -1, NULL); INSERT INTO tags VALUES (1, 't', 'n')",
+        )
+    })
+    .await
+    .unwrap();
+    let hint = ReadHint {
+        after_local: upto,
+        ..ReadHint::default()
+    };
+    let (tail, _, memory) = collect(&a, &Cursor::new(), &hint, limits).await;
+    assert!(memory);
+    let file = file_view(dir.path(), "a.db").await;
+    let (read, _, _) = collect(&file, &Cursor::new(), &hint, limits).await;
+    assert!(!tail.is_empty() && tail.iter().all(|b| b.wire.is_set()));
+    assert!(read.iter().all(|b| !b.wire.is_set()));
+    for encoding in [Encoding::V1, Encoding::Lossless] {
+        for eose in [false, true] {
+            for (shared, own) in tail.iter().zip(&read) {
+                let site = a.site_id();
+                let mut m1 = TransportMessage::data(site, shared, eose, 3, encoding);
+                m1.n = Some((1, 2));
+                let mut m2 = TransportMessage::data(site, own, eose, 3, encoding);
+                m2.n = Some((1, 2));
+                // Twice: the second time from what the first encoded.
+                assert_eq!(m1.to_json(), m2.to_json());
+                assert_eq!(m1.to_json(), m2.to_json());
+                let decoded = TransportMessage::from_json(&m1.to_json()).unwrap();
+                assert_eq!(decoded, m2);
+                let mut materialized = m1.clone();
+                materialized.materialize().unwrap();
+                assert_eq!(materialized, m2);
+            }
+        }
+    }
+}

@@ -212,6 +212,7 @@ async fn push(app: &App, peer: SiteId, data: String) {
 fn data_message(from: SiteId, n: i64, text_len: usize) -> TransportMessage {
     TransportMessage {
         data: Some(PeerMessage {
+            encoded: None,
             kind: PeerMessageKind::Changes,
             data: vec![PeerChange {
                 table: "notes".into(),

@@ -420,9 +420,9 @@ async fn run_inner(
 /// Counts the changes a `data` message carries under `name`.
 fn count_changes(name: &'static str, database: &str, message: &TransportMessage) {
     if let Some(data) = &message.data {
-        if !data.data.is_empty() {
-            metrics::counter!(name, "database" => database.to_owned())
-                .increment(data.data.len() as u64);
+        let count = data.change_count();
+        if count > 0 {
+            metrics::counter!(name, "database" => database.to_owned()).increment(count as u64);
         }
     }
 }

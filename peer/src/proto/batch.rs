@@ -154,6 +154,10 @@ pub struct ChangeBatch {
     /// The batch is one part of an origin transaction too large for one
     /// batch: it holds only that transaction's changes.
     pub part: Option<TxnPart>,
+    /// Where its changes' wire JSON is kept, if they came from the Store's
+    /// live tail (encoded once for every session). Not part of equality.
+    #[serde(skip)]
+    pub wire: crate::wire::WireCache,
 }
 
 /// One part of an origin transaction sent over several batches.

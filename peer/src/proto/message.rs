@@ -87,7 +87,7 @@ impl ParsedData {
         } else {
             ValueDialect::Crsync
         };
-        for (index, change) in data.data.iter().enumerate() {
+        for (index, change) in data.changes()?.iter().enumerate() {
             match decode_change_with(change, index, dialect) {
                 Ok((c, note)) => {
                     parsed.notes.extend(note);

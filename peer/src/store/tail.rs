@@ -21,9 +21,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::proto::batch::ClaimLimits;
+use crate::wire::{ChangeEncoder, Encoding, WireCache, change_json};
 use crate::{
     BatchBuilder, BatchLimits, Change, ChangeBatch, Cursor, PackedPk, ReadHint, SENTINEL_CID,
     SiteId,
@@ -44,6 +45,8 @@ pub(super) struct TailRow {
     pub(super) change: Change,
     /// A later commit overwrote this cell (or deleted its row).
     superseded: AtomicBool,
+    /// Its wire JSON, per [`Encoding`], encoded by the first session that sends it.
+    json: [OnceLock<Box<str>>; 2],
 }
 
 impl TailRow {
@@ -75,6 +78,8 @@ struct TailState {
     first_seq: u64,
     /// The tail's rows of each database row, to mark what a commit overwrites.
     cells: HashMap<(String, PackedPk), RowCells>,
+    /// Each change by its origin (site, version, `seq`): commit number and row index.
+    by_origin: HashMap<(SiteId, i64, i64), (u64, usize)>,
     bytes: usize,
     /// The sender's cursor at `head` (what a stream may claim).
     sender: Cursor,
@@ -121,6 +126,7 @@ impl CommitRows {
             local,
             change,
             superseded: AtomicBool::new(false),
+            json: Default::default(),
         });
     }
 }
@@ -136,6 +142,7 @@ impl LiveTail {
                 commits: VecDeque::new(),
                 first_seq: 0,
                 cells: HashMap::new(),
+                by_origin: HashMap::new(),
                 bytes: 0,
                 sender: Cursor::new(),
                 schema_version: 0,
@@ -201,7 +208,7 @@ impl LiveTail {
     /// `hint.after_local`, if the tail holds all of it; `None` otherwise
     /// (read from the file). Counting ([`ReadHint::count`]) is the file's job.
     pub(super) fn stream(
-        &self,
+        self: &Arc<Self>,
         own_site: SiteId,
         receiver: &Cursor,
         hint: &ReadHint,
@@ -238,6 +245,7 @@ impl LiveTail {
             .with_claim_limits(claims.finish())
             .with_staged(hint.staged.clone());
         Some(TailStream {
+            wire: WireCache::new(self.clone()),
             commits,
             at: (0, 0),
             after,
@@ -256,6 +264,7 @@ impl TailState {
         self.first_seq += self.commits.len() as u64;
         self.commits.clear();
         self.cells.clear();
+        self.by_origin.clear();
         self.bytes = 0;
         self.head = self.head.max(head);
         self.base = self.head;
@@ -290,6 +299,8 @@ impl TailState {
                 !overwritten
             });
             cells.push((c.cid.clone(), seq, index));
+            self.by_origin
+                .insert((c.site_id, c.db_version.0, c.seq), (seq, index));
         }
     }
 
@@ -303,6 +314,15 @@ impl TailState {
         self.bytes -= old.bytes;
         self.base = old.last_local;
         for row in &old.rows {
+            let c = &row.change;
+            let origin = (c.site_id, c.db_version.0, c.seq);
+            if self
+                .by_origin
+                .get(&origin)
+                .is_some_and(|(at, _)| *at == seq)
+            {
+                self.by_origin.remove(&origin);
+            }
             let key = (row.change.table.clone(), row.change.pk.clone());
             if let Some(cells) = self.cells.get_mut(&key) {
                 cells.retain(|(_, at, _)| *at != seq);
@@ -329,6 +349,8 @@ pub(super) struct TailStream {
     /// `None` once the last batch was returned.
     builder: Option<BatchBuilder>,
     snapshot: Cursor,
+    /// The tail, as the batches' encoder.
+    wire: WireCache,
 }
 
 impl TailStream {
@@ -340,8 +362,10 @@ impl TailStream {
     /// The next batch and the local version it covers (as the file reader's).
     pub(super) fn next_batch(&mut self) -> Option<(ChangeBatch, i64)> {
         let builder = self.builder.as_mut()?;
+        let wire = &self.wire;
         let stamp = |mut batch: ChangeBatch, version: i64| {
             batch.schema_version = Some(version);
+            batch.wire = wire.clone();
             batch
         };
         while let Some(commit) = self.commits.get(self.at.0) {
@@ -371,5 +395,35 @@ impl TailStream {
             stamp(last, self.schema_version),
             self.end.max(self.last_local),
         ))
+    }
+}
+
+impl ChangeEncoder for LiveTail {
+    /// Each change's JSON as kept with its row (encoded by the first session
+    /// that sends it); a change the tail no longer holds is encoded here.
+    fn write_json(&self, changes: &[Change], encoding: Encoding, out: &mut String) {
+        let slot = match encoding {
+            Encoding::V1 => 0,
+            Encoding::Lossless => 1,
+        };
+        let state = self.read();
+        for (i, change) in changes.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let key = (change.site_id, change.db_version.0, change.seq);
+            let row = state.by_origin.get(&key).and_then(|&(seq, index)| {
+                let commit = state
+                    .commits
+                    .get(seq.checked_sub(state.first_seq)? as usize)?;
+                commit.rows.get(index).filter(|row| row.change == *change)
+            });
+            match row {
+                Some(row) => out.push_str(
+                    row.json[slot].get_or_init(|| change_json(change, encoding).into_boxed_str()),
+                ),
+                None => out.push_str(&change_json(change, encoding)),
+            }
+        }
     }
 }

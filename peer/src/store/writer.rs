@@ -363,6 +363,7 @@ impl Writer {
                 schema_version: batch.schema_version,
                 javascript: batch.javascript,
                 part: batch.part,
+                wire: Default::default(),
             };
             for change in &batch.changes {
                 match self.schema.check(change) {

@@ -383,6 +383,7 @@ pub fn message(
                 schema_version: Some(1),
                 javascript: false,
                 part: None,
+                ..ChangeBatch::default()
             };
             (data(batch, false), written)
         }

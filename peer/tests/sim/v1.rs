@@ -197,6 +197,7 @@ impl V1Peer {
     pub fn data(&self, changes: Vec<PeerChange>, eose: bool) -> TransportMessage {
         TransportMessage {
             data: Some(PeerMessage {
+                encoded: None,
                 kind: if eose {
                     PeerMessageKind::Eose
                 } else {

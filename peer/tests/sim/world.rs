@@ -814,7 +814,13 @@ impl World {
                 continue;
             }
             if e.session.has_transmit() {
-                if let Some(message) = e.session.poll_transmit(now) {
+                if let Some(mut message) = e.session.poll_transmit(now) {
+                    if message.data.as_ref().is_some_and(|d| d.encoded.is_some()) {
+                        // Encoded once in the live tail: through wire JSON,
+                        // as every real transport sends it.
+                        message = TransportMessage::from_json(&message.to_json())
+                            .expect("a message encoded from the live tail decodes");
+                    }
                     self.send(conn, end, message);
                     continue;
                 }

@@ -121,6 +121,12 @@ impl Writer {
         let payload = if self.config.json {
             Payload::Json(message.to_json())
         } else {
+            // Handed over as it is: its changes decoded, as a receiver
+            // reading the fields expects.
+            let mut message = message;
+            if let Err(e) = message.materialize() {
+                return Err(TransportError::Decode(e));
+            }
             Payload::Message(Box::new(message))
         };
         let envelope = Envelope { payload, due };

@@ -46,6 +46,7 @@ fn v1_data(kind: PeerMessageKind, versions: &[i64]) -> TransportMessage {
     TransportMessage {
         kind: MessageKind::Data,
         data: Some(PeerMessage {
+            encoded: None,
             kind,
             data: versions.iter().map(change).collect(),
             schema_version: Some(0),
