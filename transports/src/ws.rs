@@ -145,10 +145,12 @@ impl WebSocketDialer {
                 )),
                 None => None,
             };
-            tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
+            // Nagle off (`true`): a small frame (a live change, an ack)
+            // must not wait for the server's delayed ACK.
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
         };
         #[cfg(not(feature = "tls"))]
-        let handshake = tokio_tungstenite::connect_async(request);
+        let handshake = tokio_tungstenite::connect_async_with_config(request, None, true);
         let (socket, response) = tokio::time::timeout(self.dial_timeout, handshake)
             .await
             .map_err(|_| TransportError::Timeout(self.dial_timeout))?
