@@ -11,7 +11,8 @@ use crsync::transports::nostr::{self, DeviceFile, Invitation, NostrDialer, Pairi
 use crsync::{Peer, ReconnectPolicy, SqlValue, Store};
 use nostr_relay_builder::prelude::{LocalRelay, RateLimit, RelayBuilder};
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY NOT NULL, body TEXT)";
+const SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY NOT NULL, body TEXT)";
 /// Every wait in these tests gives up after this long.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -36,7 +37,10 @@ async fn relay() -> (LocalRelay, String) {
 }
 
 fn port_of(url: &str) -> u16 {
-    url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port")
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
 }
 
 struct Device {
@@ -51,7 +55,10 @@ async fn device(dir: &Path, name: &str) -> Device {
         .open()
         .await
         .expect("open");
-    store.write(|tx| tx.execute_batch(SCHEMA)).await.expect("schema");
+    store
+        .write(|tx| tx.execute_batch(SCHEMA))
+        .await
+        .expect("schema");
     store.enable_crr(&["items"]).await.expect("crr");
     let file = DeviceFile::open_for_db(&path).expect("device file");
     Device { store, file }
@@ -59,11 +66,19 @@ async fn device(dir: &Path, name: &str) -> Device {
 
 /// Pairs `a` (inviting) and `b` (joining) through `relays`.
 async fn pair(a: &Device, b: &Device, relays: &[String]) -> (String, String) {
-    let mut invite = Invitation::new(&a.file, a.store.site_id(), "a", relays.to_vec(), Duration::from_secs(600))
-        .expect("invitation");
+    let mut invite = Invitation::new(
+        &a.file,
+        a.store.site_id(),
+        "a",
+        relays.to_vec(),
+        Duration::from_secs(600),
+    )
+    .expect("invitation");
     let code = invite.code().clone();
     let waiting = tokio::spawn(async move { invite.next(WAIT).await });
-    let joined = nostr::join(&b.file, &code, b.store.site_id(), "b", WAIT).await.expect("joins");
+    let joined = nostr::join(&b.file, &code, b.store.site_id(), "b", WAIT)
+        .await
+        .expect("joins");
     let PairingOutcome::Paired(on_a) = waiting.await.expect("task").expect("answers") else {
         panic!("refused")
     };
@@ -96,7 +111,12 @@ fn peer(d: &Device, remotes: &[&str], relays: Option<&[String]>) -> Peer {
 async fn write(d: &Device, id: i64, body: &str) {
     let body = body.to_owned();
     d.store
-        .write(move |tx| tx.execute("INSERT OR REPLACE INTO items (id, body) VALUES (?1, ?2)", (id, body)))
+        .write(move |tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO items (id, body) VALUES (?1, ?2)",
+                (id, body),
+            )
+        })
         .await
         .expect("write");
 }
@@ -150,7 +170,11 @@ async fn two_and_three_devices_sync_through_one_relay() {
     let dir = tempfile::tempdir().expect("dir");
     let (_relay, url) = relay().await;
     let relays = vec![url];
-    let (a, b, c) = (device(dir.path(), "a").await, device(dir.path(), "b").await, device(dir.path(), "c").await);
+    let (a, b, c) = (
+        device(dir.path(), "a").await,
+        device(dir.path(), "b").await,
+        device(dir.path(), "c").await,
+    );
     let (b_on_a, a_on_b) = pair(&a, &b, &relays).await;
     let (c_on_a, a_on_c) = pair(&a, &c, &relays).await;
     assert_eq!(a.file.devices().len(), 2);
@@ -169,7 +193,10 @@ async fn two_and_three_devices_sync_through_one_relay() {
     b.store
         .write(move |tx| {
             for i in 100..110 {
-                tx.execute("INSERT INTO items (id, body) VALUES (?1, ?2)", (i, body.as_str()))?;
+                tx.execute(
+                    "INSERT INTO items (id, body) VALUES (?1, ?2)",
+                    (i, body.as_str()),
+                )?;
             }
             Ok(())
         })
@@ -258,21 +285,38 @@ async fn unrelated_pairs_on_one_relay_do_not_mix_and_codes_work_once() {
     let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
     let (c, d) = (device(dir.path(), "c").await, device(dir.path(), "d").await);
     // A's invitation: B pairs; D replays the same code and is refused.
-    let mut invite = Invitation::new(&a.file, a.store.site_id(), "a", relays.clone(), Duration::from_secs(600))
-        .expect("invitation");
+    let mut invite = Invitation::new(
+        &a.file,
+        a.store.site_id(),
+        "a",
+        relays.clone(),
+        Duration::from_secs(600),
+    )
+    .expect("invitation");
     let code = invite.code().clone();
     let first = tokio::spawn(async move {
         let outcome = invite.next(WAIT).await;
         (invite, outcome)
     });
-    let a_on_b = nostr::join(&b.file, &code, b.store.site_id(), "b", WAIT).await.expect("joins").remote_key;
+    let a_on_b = nostr::join(&b.file, &code, b.store.site_id(), "b", WAIT)
+        .await
+        .expect("joins")
+        .remote_key;
     let (mut invite, outcome) = first.await.expect("task");
-    let PairingOutcome::Paired(on_a) = outcome.expect("answers") else { panic!("refused") };
+    let PairingOutcome::Paired(on_a) = outcome.expect("answers") else {
+        panic!("refused")
+    };
     let b_on_a = on_a.remote_key;
     let second = tokio::spawn(async move { invite.next(WAIT).await });
     let replay = nostr::join(&d.file, &code, d.store.site_id(), "d", WAIT).await;
-    assert!(matches!(replay, Err(nostr::PairingError::Refused(_))), "{replay:?}");
-    assert!(matches!(second.await.expect("task"), Ok(PairingOutcome::Refused(_))));
+    assert!(
+        matches!(replay, Err(nostr::PairingError::Refused(_))),
+        "{replay:?}"
+    );
+    assert!(matches!(
+        second.await.expect("task"),
+        Ok(PairingOutcome::Refused(_))
+    ));
     assert!(d.file.devices().is_empty());
     // An expired code is refused before anything is sent.
     let mut expired = code.clone();

@@ -10,7 +10,8 @@ use std::path::Path;
 use nostr_relay_builder::prelude::{LocalRelay, RateLimit, RelayBuilder};
 use support::{Fixture, Running, crsync, run, write_sql};
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY NOT NULL, body TEXT);";
+const SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY NOT NULL, body TEXT);";
 
 /// A relay running on its own runtime for the whole test.
 fn relay() -> (tokio::runtime::Runtime, LocalRelay, String) {
@@ -65,11 +66,18 @@ fn pair_sync_list_and_unpair_through_a_relay() {
     let (_rt, _relay, url) = relay();
     let fx = Fixture::new(SCHEMA);
     let (a, b) = (fx.client_db("a.db"), fx.client_db("b.db"));
-    let mut invite = Running::start(cmd(&["pair", "invite", "--relay", &url, "--name", "alice"], &a));
+    let mut invite = Running::start(cmd(
+        &["pair", "invite", "--relay", &url, "--name", "alice"],
+        &a,
+    ));
     let code = invite.wait_for_line("crsync-pair:");
     let joined = run(cmd(&["pair", "join", code.trim(), "--name", "bob"], &b));
     joined.assert_success();
-    assert!(joined.stdout.contains("paired with alice"), "{}", joined.stdout);
+    assert!(
+        joined.stdout.contains("paired with alice"),
+        "{}",
+        joined.stdout
+    );
     invite.wait_for_line("paired with bob");
     invite.wait_exit().assert_success();
 
@@ -78,21 +86,41 @@ fn pair_sync_list_and_unpair_through_a_relay() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&file).expect("device file").permissions().mode();
+        let mode = std::fs::metadata(&file)
+            .expect("device file")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json");
-    let secret = json["devices"]["bob"]["local_secret"].as_str().expect("secret").to_owned();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json");
+    let secret = json["devices"]["bob"]["local_secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
     assert!(!joined.stdout.contains(&secret) && !joined.stderr.contains(&secret));
 
     // The code works once.
-    let again = run(cmd(&["pair", "join", code.trim(), "--timeout", "3"], &fx.client_db("c.db")));
-    assert!(again.code() != Some(0), "a used code paired again: {}", again.stdout);
+    let again = run(cmd(
+        &["pair", "join", code.trim(), "--timeout", "3"],
+        &fx.client_db("c.db"),
+    ));
+    assert!(
+        again.code() != Some(0),
+        "a used code paired again: {}",
+        again.stdout
+    );
 
     write_sql(&a, "INSERT INTO notes (id, body) VALUES (1, 'from a')");
     write_sql(&b, "INSERT INTO notes (id, body) VALUES (2, 'from b')");
-    let sa = Running::start(cmd(&["sync", "--relay", &url, "--once", "--timeout", "30"], &a));
-    let sb = Running::start(cmd(&["sync", "--relay", &url, "--once", "--timeout", "30"], &b));
+    let sa = Running::start(cmd(
+        &["sync", "--relay", &url, "--once", "--timeout", "30"],
+        &a,
+    ));
+    let sb = Running::start(cmd(
+        &["sync", "--relay", &url, "--once", "--timeout", "30"],
+        &b,
+    ));
     let (oa, ob) = (sa.wait_exit(), sb.wait_exit());
     oa.assert_success();
     ob.assert_success();
@@ -105,7 +133,11 @@ fn pair_sync_list_and_unpair_through_a_relay() {
     assert!(list.stdout.contains("bob"), "{}", list.stdout);
     let status = run(cmd(&["status"], &a));
     status.assert_success();
-    assert!(status.stdout.contains("paired devices") && status.stdout.contains("bob"), "{}", status.stdout);
+    assert!(
+        status.stdout.contains("paired devices") && status.stdout.contains("bob"),
+        "{}",
+        status.stdout
+    );
     run(cmd(&["pair", "remove", "bob"], &a)).assert_success();
     let list = run(cmd(&["pair", "list"], &a));
     assert!(list.stdout.contains("no paired devices"), "{}", list.stdout);

@@ -56,6 +56,5 @@ pub use peer::{
 pub use rusqlite;
 pub use transport::{
     Backoff, BoxError, Connection, Dialer, LinkSettings, MessageSink, MessageStream, Received,
-    ReconnectPolicy,
-    Rejection, TransportError,
+    ReconnectPolicy, Rejection, TransportError,
 };

@@ -64,11 +64,18 @@ pub(crate) async fn run(args: PairArgs) -> anyhow::Result<Outcome> {
         PairCommand::List => {
             let devices = file.devices();
             if devices.is_empty() {
-                println!("no paired devices (pair with `crsync pair --db FILE invite --relay URL`)");
+                println!(
+                    "no paired devices (pair with `crsync pair --db FILE invite --relay URL`)"
+                );
             }
             for d in devices {
                 let site = d.remote_site.as_deref().unwrap_or("?");
-                println!("{}  site {site}  key {}  relays {}", d.name, d.remote_key, d.relays.join(" "));
+                println!(
+                    "{}  site {site}  key {}  relays {}",
+                    d.name,
+                    d.remote_key,
+                    d.relays.join(" ")
+                );
             }
             Ok(Outcome::Done)
         }
@@ -82,13 +89,20 @@ pub(crate) async fn run(args: PairArgs) -> anyhow::Result<Outcome> {
             let ttl = Duration::from_secs(ttl.max(1));
             let mut invite = Invitation::new(&file, site, &name, relays, ttl)?;
             println!("{}", invite.code());
-            println!("waiting for a device to join (valid for {}s)...", ttl.as_secs());
+            println!(
+                "waiting for a device to join (valid for {}s)...",
+                ttl.as_secs()
+            );
             let deadline = tokio::time::Instant::now() + ttl;
             loop {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 match invite.next(left).await? {
                     PairingOutcome::Paired(d) => {
-                        println!("paired with {} (site {})", d.name, d.remote_site.as_deref().unwrap_or("?"));
+                        println!(
+                            "paired with {} (site {})",
+                            d.name,
+                            d.remote_site.as_deref().unwrap_or("?")
+                        );
                         return Ok(Outcome::Done);
                     }
                     PairingOutcome::Refused(why) => eprintln!("refused a request: {why}"),
@@ -96,11 +110,26 @@ pub(crate) async fn run(args: PairArgs) -> anyhow::Result<Outcome> {
                 }
             }
         }
-        PairCommand::Join { code, name, timeout } => {
+        PairCommand::Join {
+            code,
+            name,
+            timeout,
+        } => {
             let site = site_id(&args.db).await?;
             let code: nostr::PairingCode = code.parse()?;
-            let d = nostr::join(&file, &code, site, &name, Duration::from_secs(timeout.max(1))).await?;
-            println!("paired with {} (site {})", d.name, d.remote_site.as_deref().unwrap_or("?"));
+            let d = nostr::join(
+                &file,
+                &code,
+                site,
+                &name,
+                Duration::from_secs(timeout.max(1)),
+            )
+            .await?;
+            println!(
+                "paired with {} (site {})",
+                d.name,
+                d.remote_site.as_deref().unwrap_or("?")
+            );
             Ok(Outcome::Done)
         }
     }

@@ -82,8 +82,7 @@ pub(crate) async fn run(args: SyncArgs) -> anyhow::Result<Outcome> {
         return result;
     };
     let roots = super::remote::root_certificates(args.ca_cert.as_deref())?;
-    let endpoint =
-        Endpoint::new(url, args.ws, args.token.as_deref())?.with_roots(roots.as_ref());
+    let endpoint = Endpoint::new(url, args.ws, args.token.as_deref())?.with_roots(roots.as_ref());
     // A new (or empty) file starts from the server's snapshot when it
     // offers one, before any Store opens the file.
     if clone::wants_bootstrap(&args.db).await?

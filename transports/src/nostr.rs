@@ -78,7 +78,9 @@ pub enum PairingError {
     #[error("pairing refused: {0}")]
     Refused(String),
     /// No answer in time.
-    #[error("no answer from the other device in time (is `crsync pair invite` still running there?)")]
+    #[error(
+        "no answer from the other device in time (is `crsync pair invite` still running there?)"
+    )]
     NoAnswer,
     /// The relays failed us.
     #[error("relay: {0}")]
@@ -234,11 +236,19 @@ impl NostrDialer {
             device.paired_at
         };
         let since = start.saturating_sub(JITTER_SECS + 60);
-        let (pool, incoming) =
-            relay::RelayPool::connect(&relays, keys.public_key(), since, self.seen.clone(), self.dial_timeout)
-                .await?;
+        let (pool, incoming) = relay::RelayPool::connect(
+            &relays,
+            keys.public_key(),
+            since,
+            self.seen.clone(),
+            self.dial_timeout,
+        )
+        .await?;
         let known_epoch = device.remote_epoch.as_ref().and_then(|(id, started)| {
-            u64::from_str_radix(id, 16).ok().map(|id| Epoch { started: *started, id })
+            u64::from_str_radix(id, 16).ok().map(|id| Epoch {
+                started: *started,
+                id,
+            })
         });
         Ok(link::connection(link::LinkParts {
             keys,

@@ -64,7 +64,9 @@ fn decode(s: &str) -> Result<String, super::PairingError> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or_else(|| bad("truncated %-escape"))?;
+            let hex = s
+                .get(i + 1..i + 3)
+                .ok_or_else(|| bad("truncated %-escape"))?;
             out.push(u8::from_str_radix(hex, 16).map_err(|_| bad("bad %-escape"))?);
             i += 3;
         } else {
@@ -107,7 +109,9 @@ impl std::str::FromStr for PairingCode {
         let key = PublicKey::from_hex(key).map_err(|_| bad("bad public key"))?;
         let (mut relays, mut secret, mut expires, mut name) = (Vec::new(), None, None, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or_else(|| bad("parameter without value"))?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| bad("parameter without value"))?;
             let v = decode(v)?;
             match k {
                 "relay" => relays.push(super::check_relay_url(&v).map_err(|e| bad(&e))?),

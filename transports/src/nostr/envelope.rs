@@ -187,7 +187,10 @@ pub(crate) async fn wrap_pairing(
 
 /// Unwraps a gift wrap: the seal's signer and the rumor, checked (the
 /// wrapper's signature and id, the seal's, the rumor's author).
-pub(crate) async fn unwrap(keys: &Keys, event: &Event) -> Result<(PublicKey, UnsignedEvent), OpenError> {
+pub(crate) async fn unwrap(
+    keys: &Keys,
+    event: &Event,
+) -> Result<(PublicKey, UnsignedEvent), OpenError> {
     if event.kind != Kind::GiftWrap {
         return Err(OpenError::NotGiftWrap);
     }
@@ -213,7 +216,11 @@ fn number<T: std::str::FromStr>(v: Option<&String>) -> Option<T> {
 }
 
 /// Opens a sync fragment from `sender` (our paired device).
-pub(crate) async fn open(keys: &Keys, sender: &PublicKey, event: &Event) -> Result<Opened, OpenError> {
+pub(crate) async fn open(
+    keys: &Keys,
+    sender: &PublicKey,
+    event: &Event,
+) -> Result<Opened, OpenError> {
     let (from, rumor) = unwrap(keys, event).await?;
     if &from != sender {
         return Err(OpenError::ForeignSender);
@@ -221,7 +228,11 @@ pub(crate) async fn open(keys: &Keys, sender: &PublicKey, event: &Event) -> Resu
     if rumor.kind != Kind::Custom(SYNC_KIND) {
         return Err(OpenError::Foreign("another kind"));
     }
-    if values(&rumor, "crsync").and_then(|v| v.first().cloned()).as_deref() != Some("1") {
+    if values(&rumor, "crsync")
+        .and_then(|v| v.first().cloned())
+        .as_deref()
+        != Some("1")
+    {
         return Err(OpenError::Foreign("no crsync tag"));
     }
     let bad = OpenError::Foreign;
@@ -238,8 +249,8 @@ pub(crate) async fn open(keys: &Keys, sender: &PublicKey, event: &Event) -> Resu
     if count == 0 || count > MAX_FRAGMENTS || index >= count {
         return Err(bad("fragment out of range"));
     }
-    let to = values(&rumor, "to")
-        .and_then(|v| v.first().and_then(|s| u64::from_str_radix(s, 16).ok()));
+    let to =
+        values(&rumor, "to").and_then(|v| v.first().and_then(|s| u64::from_str_radix(s, 16).ok()));
     Ok(Opened {
         header: Header {
             epoch: Epoch { started, id },
@@ -358,7 +369,10 @@ impl Reassembly {
         if let Some(key) = self.order.pop_front() {
             if let Some(p) = self.partial.remove(&key) {
                 self.bytes -= p.pieces.values().map(String::len).sum::<usize>();
-                tracing::debug!(seq = key.1, "dropping an incomplete message: reassembly is full");
+                tracing::debug!(
+                    seq = key.1,
+                    "dropping an incomplete message: reassembly is full"
+                );
             }
         }
     }
@@ -381,9 +395,17 @@ mod tests {
         let (a, b) = (Keys::generate(), Keys::generate());
         let json = "x\"y".repeat(40_000);
         let epoch = Epoch::new();
-        let events = wrap_message(&a, &b.public_key(), epoch, 3, Some(9), &json, Duration::from_secs(60))
-            .await
-            .expect("wraps");
+        let events = wrap_message(
+            &a,
+            &b.public_key(),
+            epoch,
+            3,
+            Some(9),
+            &json,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("wraps");
         assert!(events.len() > 1);
         assert!(events.iter().all(|e| e.as_json().len() <= MAX_EVENT_BYTES));
         let mut re = Reassembly::new(4, 1 << 20);
@@ -399,7 +421,10 @@ mod tests {
         assert_eq!(re.held_bytes(), 0);
         // Not from the paired key: refused; not for us: cannot be unwrapped.
         let c = Keys::generate();
-        assert!(matches!(open(&b, &c.public_key(), &events[0]).await, Err(OpenError::ForeignSender)));
+        assert!(matches!(
+            open(&b, &c.public_key(), &events[0]).await,
+            Err(OpenError::ForeignSender)
+        ));
         assert!(open(&c, &a.public_key(), &events[0]).await.is_err());
     }
 
@@ -408,9 +433,17 @@ mod tests {
         let (a, b) = (Keys::generate(), Keys::generate());
         let mut re = Reassembly::new(2, 100_000);
         for seq in 0..10 {
-            let events = wrap_message(&a, &b.public_key(), Epoch::new(), seq, None, &"z".repeat(60_000), Duration::from_secs(60))
-                .await
-                .expect("wraps");
+            let events = wrap_message(
+                &a,
+                &b.public_key(),
+                Epoch::new(),
+                seq,
+                None,
+                &"z".repeat(60_000),
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("wraps");
             // Only the first fragment of each: none completes.
             let opened = open(&b, &a.public_key(), &events[0]).await.expect("opens");
             assert!(re.add(opened).is_none());
@@ -421,9 +454,17 @@ mod tests {
     #[tokio::test]
     async fn a_modified_event_is_refused() {
         let (a, b) = (Keys::generate(), Keys::generate());
-        let events = wrap_message(&a, &b.public_key(), Epoch::new(), 0, None, "{}", Duration::from_secs(60))
-            .await
-            .expect("wraps");
+        let events = wrap_message(
+            &a,
+            &b.public_key(),
+            Epoch::new(),
+            0,
+            None,
+            "{}",
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("wraps");
         let mut json: serde_json::Value = serde_json::from_str(&events[0].as_json()).expect("json");
         json["created_at"] = serde_json::json!(1);
         let tampered = Event::from_json(json.to_string()).expect("parses");

@@ -102,10 +102,11 @@ pub(crate) fn connection(parts: LinkParts) -> Connection {
         dirty: false,
     };
     let task = tokio::spawn(reader.run(parts.incoming));
-    let stream = futures_util::stream::unfold((rx, AbortOnDrop(task)), |(mut rx, guard)| async move {
-        let item = rx.recv().await?;
-        Some((item, (rx, guard)))
-    });
+    let stream =
+        futures_util::stream::unfold((rx, AbortOnDrop(task)), |(mut rx, guard)| async move {
+            let item = rx.recv().await?;
+            Some((item, (rx, guard)))
+        });
     let writer = Writer {
         keys: parts.keys,
         remote: parts.remote,
@@ -252,7 +253,9 @@ impl Reader {
                     stored_from.insert(index);
                     if replaying && stored_from.len() >= self.pool.up().max(1) {
                         replaying = false;
-                        if self.end_replay(std::mem::take(&mut replay)).await.is_err() { break None }
+                        if self.end_replay(std::mem::take(&mut replay)).await.is_err() {
+                            break None;
+                        }
                     }
                 }
                 Some(FromRelay::Event(event)) => {
@@ -263,7 +266,9 @@ impl Reader {
                             continue;
                         }
                     };
-                    let Some(whole) = self.reassembly.add(opened) else { continue };
+                    let Some(whole) = self.reassembly.add(opened) else {
+                        continue;
+                    };
                     if whole.created_at < self.skip_before {
                         continue; // processed in an earlier run
                     }
@@ -271,7 +276,9 @@ impl Reader {
                         replay.push(whole);
                     } else {
                         self.take(whole);
-                        if self.drain_all(false).await.is_err() { break None }
+                        if self.drain_all(false).await.is_err() {
+                            break None;
+                        }
                     }
                 }
             }
@@ -346,8 +353,7 @@ impl Reader {
     async fn drain_all(&mut self, all: bool) -> Result<(), Gone> {
         let keys: Vec<Epoch> = self.epochs.keys().copied().collect();
         for key in keys {
-            loop {
-                let Some(epoch) = self.epochs.get_mut(&key) else { break };
+            while let Some(epoch) = self.epochs.get_mut(&key) {
                 let Some((&first, _)) = epoch.waiting.first_key_value() else {
                     epoch.hole_since = None;
                     break;
@@ -372,13 +378,17 @@ impl Reader {
         }
         // Forget sessions older than the one followed once they are drained.
         if let Some(current) = self.current {
-            self.epochs.retain(|e, s| *e >= current || !s.waiting.is_empty());
+            self.epochs
+                .retain(|e, s| *e >= current || !s.waiting.is_empty());
         }
         Ok(())
     }
 
     async fn deliver(&mut self, message: TransportMessage) -> Result<(), Gone> {
-        self.out.send(Ok(Received::new(message))).await.map_err(|_| Gone)
+        self.out
+            .send(Ok(Received::new(message)))
+            .await
+            .map_err(|_| Gone)
     }
 
     /// Applies the rules of the module docs to one message in order.
@@ -418,7 +428,9 @@ impl Reader {
         let offset = self.epochs.get(&whole.epoch).map_or(0, |e| e.offset);
         if let Some(cursor) = &message.cursor {
             if message.kind == MessageKind::Sync {
-                self.remote_cursor.get_or_insert_with(Cursor::new).join(cursor);
+                self.remote_cursor
+                    .get_or_insert_with(Cursor::new)
+                    .join(cursor);
             }
         }
         let take = match message.kind {

@@ -126,12 +126,21 @@ impl Invitation {
         if self.pool.is_none() {
             let since = unix_now().saturating_sub(JITTER_SECS + 60);
             let seen = Default::default();
-            let pool = RelayPool::connect(&self.code.relays, self.keys.public_key(), since, seen, CONNECT_TIMEOUT).await?;
+            let pool = RelayPool::connect(
+                &self.code.relays,
+                self.keys.public_key(),
+                since,
+                seen,
+                CONNECT_TIMEOUT,
+            )
+            .await?;
             self.pool = Some(pool);
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let Some((pool, incoming)) = self.pool.as_mut() else { return Err(PairingError::NoAnswer) };
+            let Some((pool, incoming)) = self.pool.as_mut() else {
+                return Err(PairingError::NoAnswer);
+            };
             let item = tokio::time::timeout_at(deadline, incoming.recv())
                 .await
                 .map_err(|_| PairingError::NoAnswer)?;
@@ -141,11 +150,19 @@ impl Invitation {
                 }
                 continue;
             };
-            let Ok((sender, rumor)) = envelope::unwrap(&self.keys, &event).await else { continue };
+            let Ok((sender, rumor)) = envelope::unwrap(&self.keys, &event).await else {
+                continue;
+            };
             if rumor.kind != Kind::Custom(PAIR_KIND) {
                 continue;
             }
-            let Ok(PairMessage::Request { secret, site, name, relays }) = serde_json::from_str(&rumor.content) else {
+            let Ok(PairMessage::Request {
+                secret,
+                site,
+                name,
+                relays,
+            }) = serde_json::from_str(&rumor.content)
+            else {
                 continue;
             };
             let answer = match self.file.take_invite(&secret)? {
@@ -173,15 +190,24 @@ impl Invitation {
                         remote_cursor: None,
                     };
                     self.file.add(device.clone())?;
-                    let reply = PairMessage::Accepted { site: self.site.to_hex(), name: self.name.clone() };
+                    let reply = PairMessage::Accepted {
+                        site: self.site.to_hex(),
+                        name: self.name.clone(),
+                    };
                     (reply, PairingOutcome::Paired(device))
                 }
                 Err(reason) => {
                     tracing::info!(%reason, "pairing request refused");
-                    (PairMessage::Refused { reason: reason.into() }, PairingOutcome::Refused(reason.into()))
+                    (
+                        PairMessage::Refused {
+                            reason: reason.into(),
+                        },
+                        PairingOutcome::Refused(reason.into()),
+                    )
                 }
             };
-            let json = serde_json::to_string(&reply).map_err(|e| PairingError::Relay(e.to_string()))?;
+            let json =
+                serde_json::to_string(&reply).map_err(|e| PairingError::Relay(e.to_string()))?;
             let event = envelope::wrap_pairing(&self.keys, &sender, json, PAIRING_EXPIRY)
                 .await
                 .map_err(PairingError::Relay)?;
@@ -197,7 +223,11 @@ fn sanitize(name: &str) -> String {
         .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'))
         .take(40)
         .collect();
-    if name.is_empty() { "device".into() } else { name }
+    if name.is_empty() {
+        "device".into()
+    } else {
+        name
+    }
 }
 
 /// Joins the device that printed `code`: publishes the pairing request and
@@ -224,8 +254,14 @@ pub async fn join(
     }
     let keys = Keys::generate();
     let since = unix_now().saturating_sub(JITTER_SECS + 60);
-    let (pool, mut incoming) =
-        RelayPool::connect(&code.relays, keys.public_key(), since, std::sync::Arc::new(std::sync::Mutex::new(Seen::default())), CONNECT_TIMEOUT).await?;
+    let (pool, mut incoming) = RelayPool::connect(
+        &code.relays,
+        keys.public_key(),
+        since,
+        std::sync::Arc::new(std::sync::Mutex::new(Seen::default())),
+        CONNECT_TIMEOUT,
+    )
+    .await?;
     let request = PairMessage::Request {
         secret: code.secret.clone(),
         site: site.to_hex(),
@@ -247,16 +283,25 @@ pub async fn join(
             Some(FromRelay::Event(e)) => e,
             Some(_) => continue,
         };
-        let Ok((sender, rumor)) = envelope::unwrap(&keys, &event).await else { continue };
+        let Ok((sender, rumor)) = envelope::unwrap(&keys, &event).await else {
+            continue;
+        };
         if sender != code.key || rumor.kind != Kind::Custom(PAIR_KIND) {
             continue;
         }
         match serde_json::from_str(&rumor.content) {
-            Ok(PairMessage::Accepted { site: remote_site, name: remote_name }) => {
+            Ok(PairMessage::Accepted {
+                site: remote_site,
+                name: remote_name,
+            }) => {
                 let remote_site: SiteId = remote_site
                     .parse()
                     .map_err(|_| PairingError::Relay("the answer has a bad site id".into()))?;
-                let base = if remote_name.is_empty() { code.name.clone() } else { remote_name };
+                let base = if remote_name.is_empty() {
+                    code.name.clone()
+                } else {
+                    remote_name
+                };
                 let device = PairedDevice {
                     name: file.free_name(&sanitize(&base)),
                     local_secret: keys.secret_key().to_secret_hex(),

@@ -149,7 +149,9 @@ impl RelayPool {
         let pool = RelayPool { relays, since };
         let mut ups: Vec<_> = pool.relays.iter().map(|r| r.up.clone()).collect();
         let any_up = async {
-            let waits = ups.iter_mut().map(|u| Box::pin(async move { u.wait_for(|v| *v).await.is_ok() }));
+            let waits = ups
+                .iter_mut()
+                .map(|u| Box::pin(async move { u.wait_for(|v| *v).await.is_ok() }));
             let _ = futures_util::future::select_all(waits).await;
         };
         if urls.is_empty() || tokio::time::timeout(timeout, any_up).await.is_err() {
@@ -166,7 +168,6 @@ impl RelayPool {
         self.relays.iter().filter(|r| *r.up.borrow()).count()
     }
 
-
     /// Later (re)subscriptions ask only for events since this time.
     pub(crate) fn set_since(&self, since: u64) {
         self.since.fetch_max(since, Ordering::Relaxed);
@@ -174,7 +175,11 @@ impl RelayPool {
 
     /// Publishes `event` to every relay that is up; done at the first that
     /// accepts it. Fails when none accepted within `timeout`.
-    pub(crate) async fn publish(&self, event: &Event, timeout: Duration) -> Result<(), TransportError> {
+    pub(crate) async fn publish(
+        &self,
+        event: &Event,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
         let mut replies = Vec::new();
         for r in &self.relays {
             if !*r.up.borrow() {
@@ -205,7 +210,9 @@ impl RelayPool {
         };
         match tokio::time::timeout(timeout, wait).await {
             Ok(true) => Ok(()),
-            Ok(false) if errors.is_empty() => Err(TransportError::Io("no relay is connected".into())),
+            Ok(false) if errors.is_empty() => {
+                Err(TransportError::Io("no relay is connected".into()))
+            }
             Ok(false) => Err(TransportError::Io(
                 format!("no relay accepted the event: {}", errors.join("; ")).into(),
             )),
@@ -296,7 +303,10 @@ where
     loop {
         let ok_deadline = in_flight.as_ref().map(|(_, at, _)| *at + OK_TIMEOUT);
         let can_send = in_flight.is_none() && paused_until.is_none();
-        let wake = [ok_deadline, paused_until, resubscribe_at].into_iter().flatten().min();
+        let wake = [ok_deadline, paused_until, resubscribe_at]
+            .into_iter()
+            .flatten()
+            .min();
         let sleep = futures_util::future::OptionFuture::from(wake.map(tokio::time::sleep_until));
         tokio::select! {
             p = publish.recv(), if can_send => {
@@ -363,10 +373,11 @@ where
                             return "pool closed".into();
                         }
                     }
-                    RelayMessage::EndOfStoredEvents(id) if *id == sub => {
-                        if shared.incoming.send(FromRelay::Stored(index)).await.is_err() {
-                            return "pool closed".into();
-                        }
+                    RelayMessage::EndOfStoredEvents(id)
+                        if *id == sub
+                            && shared.incoming.send(FromRelay::Stored(index)).await.is_err() =>
+                    {
+                        return "pool closed".into();
                     }
                     RelayMessage::Ok { event_id, status, message } => {
                         let ack = if status || message.starts_with("duplicate:") {

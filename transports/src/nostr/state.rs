@@ -254,7 +254,11 @@ impl DeviceFile {
     ) -> Result<(), StateError> {
         {
             let mut data = self.lock();
-            let Some(d) = data.devices.values_mut().find(|d| d.remote_key == remote_key) else {
+            let Some(d) = data
+                .devices
+                .values_mut()
+                .find(|d| d.remote_key == remote_key)
+            else {
                 return Ok(());
             };
             f(d);
@@ -274,7 +278,10 @@ impl DeviceFile {
 
     /// Takes the invitation with this secret: `Ok(invite)` if it is open,
     /// else why not. A taken invitation is used up (saved before returning).
-    pub(crate) fn take_invite(&self, secret: &str) -> Result<Result<Invite, &'static str>, StateError> {
+    pub(crate) fn take_invite(
+        &self,
+        secret: &str,
+    ) -> Result<Result<Invite, &'static str>, StateError> {
         let now = super::unix_now();
         let outcome = {
             let mut data = self.lock();
