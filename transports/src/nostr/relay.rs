@@ -239,7 +239,8 @@ async fn run_relay(
 ) {
     let mut backoff = shared.reconnect.backoff();
     loop {
-        match tokio_tungstenite::connect_async(url.as_str()).await {
+        // Nagle off: a small event must not wait for the relay's delayed ACK.
+        match tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await {
             Ok((socket, _)) => {
                 tracing::debug!(relay = %url, "relay connected");
                 backoff.reset();
