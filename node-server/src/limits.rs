@@ -90,6 +90,15 @@ pub struct LimitsConfig {
     /// Sites in one cursor or one batch's ranges at most (default 16,384);
     /// a larger claim is refused with `LIMIT_EXCEEDED` (HTTP 413).
     pub max_claim_sites: usize,
+    /// Each database's change streams reading its file at once (default 8):
+    /// a thread and a read connection each; more wait for one. Clients that
+    /// are caught up never read the file (see `live_tail`).
+    pub max_readers: usize,
+    /// Caught-up clients get new commits from each database's shared live
+    /// tail, read and encoded once for all of them (default `true`; `false`:
+    /// every client's stream reads the file, to compare or to save the
+    /// tail's memory, at most 16 MiB of rows per database).
+    pub live_tail: bool,
 }
 
 impl Default for LimitsConfig {
@@ -106,6 +115,8 @@ impl Default for LimitsConfig {
             rate_per_database: DEFAULT_RATE_PER_DATABASE.0,
             burst_per_database: DEFAULT_RATE_PER_DATABASE.1,
             max_claim_sites: crsync_peer::proto::DEFAULT_MAX_CLAIM_SITES,
+            max_readers: crsync_peer::READER_POOL_CAP,
+            live_tail: true,
         }
     }
 }

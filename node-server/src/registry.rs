@@ -209,8 +209,11 @@ impl Registry {
     }
 
     fn store_builder(&self, path: &Path) -> crsync_peer::StoreBuilder {
-        let builder =
-            Store::builder(path).max_batch_bytes(self.options.limits.config().batch_bytes);
+        let limits = self.options.limits.config();
+        let builder = Store::builder(path)
+            .max_batch_bytes(limits.batch_bytes)
+            .max_readers(limits.max_readers)
+            .live_tail(limits.live_tail);
         match &self.options.extension_path {
             Some(ext) => builder.extension_path(ext),
             None => builder,
