@@ -63,43 +63,29 @@
 //! --all-targets`) it runs a smoke size in a few seconds: 20 clients per
 //! transport, 3 rounds, a 1 s burst, 50 idle clients.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use crsync::rusqlite::{Connection, OpenFlags};
-use crsync::server::{Server, ServerConfig, TokenConfig};
-use crsync::transports::{SseDialer, WebSocketDialer};
-use crsync::{Peer, PeerEvent, Store};
-use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
-use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+// A bench root resolves modules beside it, not in a folder named after it.
+#[path = "fanout/children.rs"]
+mod children;
 mod common;
+#[path = "fanout/light.rs"]
+mod light;
 
 use common::{
-    Proc, SCHEMA, STEP_TIMEOUT, cpu_secs, init_logging, items_checksum, os, percentile,
-    print_usage, proc_cpu_secs, proc_status_kib, runtime, stdin_closed,
+    Proc, STEP_TIMEOUT, cpu_secs, init_logging, items_checksum, os, percentile, proc_cpu_secs,
+    proc_status_kib,
 };
+use light::Clients;
 
 const TOKEN: &str = "bench-token";
 const DB_NAME: &str = "fan";
-/// Handshakes (SSE `GET` or WebSocket upgrade) in flight at once.
-const CONNECTS_IN_FLIGHT: usize = 256;
-/// `POST /sync` requests in flight at once (each may hold a pooled connection).
-const POSTS_IN_FLIGHT: usize = 64;
-/// Idle connections the shared HTTP pool keeps for the `POST`s.
-const POOL_IDLE: usize = 256;
-/// Caps given to the server: far above any client count here.
-const SERVER_MAX_CONNECTIONS: usize = 50_000;
 /// Spacing of the one-write rounds.
 const ROUND_SPACING: Duration = Duration::from_millis(200);
 /// How often the orchestrator samples the server's RSS and the clients' state.
@@ -138,530 +124,13 @@ fn raise_nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
-// ---------------------------------------------------------------- child roles
-
-/// `child server DIR`: the node-server on 127.0.0.1:0 with raised limits;
-/// prints `ADDR <addr>`, serves until stdin closes, then prints `PEAK`.
-fn child_server(dir: &Path) -> anyhow::Result<()> {
-    let schema = dir.join("schema.sql");
-    std::fs::write(&schema, format!("{SCHEMA};\n"))?;
-    let mut config = ServerConfig::default();
-    config.bind = "127.0.0.1:0".parse()?;
-    config.data_dir = dir.join("data");
-    config.schema = Some(schema);
-    config.allow_create = true;
-    config.token_env = String::new();
-    config.shutdown_timeout = Duration::from_secs(5);
-    config.limits.max_connections = SERVER_MAX_CONNECTIONS;
-    config.limits.max_connections_per_token = SERVER_MAX_CONNECTIONS;
-    config.limits.rate_per_token = 0;
-    config.limits.rate_per_database = 0;
-    let mut token = TokenConfig::new(TOKEN, ["*"]);
-    token.create = true;
-    config.tokens = vec![token];
-    runtime()?.block_on(async {
-        let server = Server::bind(config).await?;
-        println!("ADDR {}", server.local_addr());
-        let stop = stdin_closed();
-        server
-            .serve(async move {
-                let _ = stop.await;
-            })
-            .await?;
-        anyhow::Ok(())
-    })?;
-    print_usage();
-    Ok(())
-}
-
-/// `child peer TRANSPORT ADDR DB`: a full Peer dialing the server. Prints
-/// `READY` once caught up, then takes commands on stdin, one a line:
-/// `write ID` (prints `WROTE ID <commit µs>`), `burst FIRST COUNT PER_SEC`
-/// (paced single-row transactions; prints `BURST <first µs> <last µs>`),
-/// `check ROWS` (waits until it holds ROWS rows; prints `CHECK <rows>
-/// <checksum>`). Stdin closing stops it.
-fn child_peer(args: &[String]) -> anyhow::Result<()> {
-    let [transport, addr, db] = args else {
-        bail!("usage: child peer TRANSPORT ADDR DB")
-    };
-    crsync::advanced::load_extension(None)?;
-    let (tx, mut commands) = tokio::sync::mpsc::channel::<String>(16);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lines() {
-            let Ok(line) = line else { break };
-            if tx.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
-    runtime()?.block_on(async {
-        let store = Store::open(db).await?;
-        store.write(|tx| tx.execute_batch(SCHEMA)).await?;
-        store.enable_crr(&["items"]).await?;
-        let peer = Peer::builder(store.clone()).build();
-        let mut events = peer.events();
-        match transport.as_str() {
-            "sse" => peer.add_dialer(
-                SseDialer::new(format!("http://{addr}/db/{DB_NAME}")).with_token(TOKEN),
-            ),
-            "ws" => peer.add_dialer(
-                WebSocketDialer::new(format!("ws://{addr}/db/{DB_NAME}/ws")).with_token(TOKEN),
-            ),
-            other => bail!("unknown transport {other:?}"),
-        };
-        let server = loop {
-            match tokio::time::timeout(Duration::from_secs(60), events.next())
-                .await
-                .context("no connection to the server")?
-            {
-                Some(PeerEvent::Connected { peer, .. }) => break peer,
-                Some(PeerEvent::DialFailed { reason, .. }) => eprintln!("dial failed: {reason}"),
-                Some(_) => {}
-                None => bail!("event stream ended"),
-            }
-        };
-        peer.wait_caught_up(server, STEP_TIMEOUT).await?;
-        // Nobody reads the events from here on.
-        drop(events);
-        println!("READY");
-        while let Some(line) = commands.recv().await {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            match f.as_slice() {
-                ["write", id] => {
-                    let id: i64 = id.parse()?;
-                    insert(&store, id).await?;
-                    println!("WROTE {id} {}", now_us());
-                }
-                ["burst", first, count, per_sec] => {
-                    let (first, count, per_sec): (i64, u64, u64) =
-                        (first.parse()?, count.parse()?, per_sec.parse()?);
-                    // Each write is handed to the Store at its due time without
-                    // waiting for the one before (the Store commits them in order,
-                    // one transaction each), so the pace holds while a commit
-                    // takes longer than the interval.
-                    let start = tokio::time::Instant::now();
-                    let began = now_us();
-                    let mut writes = tokio::task::JoinSet::new();
-                    for i in 0..count {
-                        tokio::time::sleep_until(
-                            start + Duration::from_micros(i * 1_000_000 / per_sec.max(1)),
-                        )
-                        .await;
-                        let store = store.clone();
-                        writes.spawn(async move { insert(&store, first + i as i64).await });
-                    }
-                    while let Some(done) = writes.join_next().await {
-                        done??;
-                    }
-                    println!("BURST {began} {}", now_us());
-                }
-                ["check", rows] => {
-                    let rows: i64 = rows.parse()?;
-                    let start = Instant::now();
-                    let (n, sum) = loop {
-                        let (n, sum) = store.read(items_checksum).await?;
-                        if n >= rows || start.elapsed() > CATCHUP_TIMEOUT {
-                            break (n, sum);
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    };
-                    println!("CHECK {n} {sum:016x}");
-                }
-                other => bail!("unknown command {other:?}"),
-            }
-        }
-        peer.shutdown().await;
-        store.close().await?;
-        anyhow::Ok(())
-    })?;
-    print_usage();
-    Ok(())
-}
-
-/// One single-row transaction: row `id`, its `qty` the id too (what the
-/// light clients look for).
-async fn insert(store: &Store, id: i64) -> anyhow::Result<()> {
-    store
-        .write(move |tx| {
-            tx.execute(
-                "INSERT INTO items VALUES (?1, 'fan', ?1, 'a fan-out probe row')",
-                [id],
-            )
-        })
-        .await?;
-    Ok(())
-}
-
-// ---------------------------------------------------------------- light clients
-
-/// What one light client has seen, read by the orchestrator.
-#[derive(Default)]
-struct ClientStats {
-    /// When its first `eose` came (µs; 0: not yet).
-    eose_at: AtomicU64,
-    /// Rows seen (changes of the `qty` column).
-    rows: AtomicU64,
-    /// When the row with the highest id so far first came (µs).
-    last_at: AtomicU64,
-    /// The highest row id seen (-1: none).
-    last_id: AtomicI64,
-    /// Streams or sockets that ended and were opened again.
-    reconnects: AtomicU32,
-    /// `error` messages, failed requests and undecodable frames.
-    errors: AtomicU32,
-}
-
-impl ClientStats {
-    fn new() -> Self {
-        let s = ClientStats::default();
-        s.last_id.store(-1, Ordering::Relaxed);
-        s
-    }
-
-    fn last(&self) -> (i64, u64) {
-        let id = self.last_id.load(Ordering::Acquire);
-        (id, self.last_at.load(Ordering::Relaxed))
-    }
-}
-
-/// A transport message as a minimal v1 client reads it.
-#[derive(Deserialize)]
-struct WireMessage<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    data: Option<WireData<'a>>,
-}
-
-#[derive(Deserialize)]
-struct WireData<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    data: Vec<WireChange<'a>>,
-}
-
-#[derive(Deserialize)]
-struct WireChange<'a> {
-    #[serde(borrow)]
-    cid: Cow<'a, str>,
-    #[serde(default)]
-    val: serde_json::Value,
-    db_version: i64,
-    #[serde(borrow)]
-    site_id: Cow<'a, str>,
-}
-
-/// One light client's protocol state: its site id and per-site cursor.
-struct LightClient {
-    site: String,
-    cursor: HashMap<String, i64>,
-    stats: Arc<ClientStats>,
-}
-
-/// What the connection should do after a message.
-enum Reply {
-    Nothing,
-    /// The server's `connect`: send our `sync` with this body.
-    Sync(String),
-}
-
-impl LightClient {
-    fn new(stats: Arc<ClientStats>) -> Self {
-        LightClient {
-            site: hex(&rand::random::<[u8; 16]>()),
-            cursor: HashMap::new(),
-            stats,
-        }
-    }
-
-    fn sync_body(&self) -> String {
-        serde_json::json!({"type": "sync", "peerId": self.site, "cursor": {"peers": self.cursor}})
-            .to_string()
-    }
-
-    fn on_message(&mut self, text: &str) -> Reply {
-        let Ok(message) = serde_json::from_str::<WireMessage<'_>>(text) else {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            return Reply::Nothing;
-        };
-        match message.kind.as_ref() {
-            "connect" => return Reply::Sync(self.sync_body()),
-            "error" => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            "data" => {
-                let Some(data) = message.data else {
-                    return Reply::Nothing;
-                };
-                let now = now_us();
-                for change in &data.data {
-                    match self.cursor.get_mut(change.site_id.as_ref()) {
-                        Some(v) => *v = (*v).max(change.db_version),
-                        None => {
-                            self.cursor
-                                .insert(change.site_id.to_string(), change.db_version);
-                        }
-                    }
-                    if change.cid == "qty" {
-                        let Some(id) = change.val.as_i64() else {
-                            continue;
-                        };
-                        self.stats.rows.fetch_add(1, Ordering::Relaxed);
-                        if id > self.stats.last_id.load(Ordering::Relaxed) {
-                            self.stats.last_at.store(now, Ordering::Relaxed);
-                            self.stats.last_id.store(id, Ordering::Release);
-                        }
-                    }
-                }
-                if data.kind == "eose" && self.stats.eose_at.load(Ordering::Relaxed) == 0 {
-                    self.stats.eose_at.store(now, Ordering::Release);
-                }
-            }
-            _ => {}
-        }
-        Reply::Nothing
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// What every light client shares.
-struct Shared {
-    http: reqwest::Client,
-    addr: String,
-    connects: Semaphore,
-    posts: Semaphore,
-}
-
-/// An SSE light client, reconnecting with its cursor when its stream ends.
-async fn run_sse(shared: Arc<Shared>, stats: Arc<ClientStats>) {
-    let mut client = LightClient::new(stats.clone());
-    let base = format!("http://{}/db/{DB_NAME}", shared.addr);
-    let mut first = true;
-    loop {
-        if !first {
-            stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        first = false;
-        let response = {
-            let _permit = shared.connects.acquire().await;
-            shared
-                .http
-                .get(format!("{base}/stream?peerId={}", client.site))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-        };
-        let mut response = match response {
-            Ok(r) if r.status().is_success() => r,
-            _ => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-        };
-        let mut buf: Vec<u8> = Vec::new();
-        // Where the search for the next frame's end resumes.
-        let mut scanned = 0;
-        while let Ok(Some(chunk)) = response.chunk().await {
-            buf.extend_from_slice(&chunk);
-            let mut start = 0;
-            while let Some(end) = buf[scanned.max(start)..]
-                .windows(2)
-                .position(|w| w == b"\n\n")
-                .map(|p| p + scanned.max(start))
-            {
-                let frame = &buf[start..end];
-                start = end + 2;
-                scanned = start;
-                let Some(text) = sse_data(frame) else {
-                    continue;
-                };
-                if let Reply::Sync(body) = client.on_message(&text) {
-                    let shared = shared.clone();
-                    let stats = stats.clone();
-                    let url = format!("{base}/sync");
-                    tokio::spawn(async move {
-                        let _permit = shared.posts.acquire().await;
-                        let sent = shared
-                            .http
-                            .post(url)
-                            .bearer_auth(TOKEN)
-                            .header("content-type", "application/json")
-                            .body(body)
-                            .send()
-                            .await;
-                        if !sent.is_ok_and(|r| r.status().is_success()) {
-                            stats.errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    });
-                }
-            }
-            buf.drain(..start);
-            scanned = scanned
-                .saturating_sub(start)
-                .max(buf.len().saturating_sub(1));
-        }
-    }
-}
-
-/// The `data:` lines of one SSE frame, joined (comments and other fields skipped).
-fn sse_data(frame: &[u8]) -> Option<Cow<'_, str>> {
-    let text = std::str::from_utf8(frame).ok()?;
-    let mut lines = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|l| l.strip_prefix(' ').unwrap_or(l));
-    let first = lines.next()?;
-    match lines.next() {
-        None => Some(Cow::Borrowed(first)),
-        Some(second) => {
-            let mut all = format!("{first}\n{second}");
-            for l in lines {
-                all.push('\n');
-                all.push_str(l);
-            }
-            Some(Cow::Owned(all))
-        }
-    }
-}
-
-/// A WebSocket light client, reconnecting with its cursor when its socket ends.
-async fn run_ws(shared: Arc<Shared>, stats: Arc<ClientStats>) {
-    let mut client = LightClient::new(stats.clone());
-    let url = format!("ws://{}/db/{DB_NAME}/ws", shared.addr);
-    let mut first = true;
-    loop {
-        if !first {
-            stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        first = false;
-        let socket = {
-            let _permit = shared.connects.acquire().await;
-            ws_connect(&url, &client.site).await
-        };
-        let Ok(socket) = socket else {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let (mut tx, mut rx) = socket.split();
-        let connect = serde_json::json!({"type": "connect", "peerId": client.site}).to_string();
-        if tx
-            .send(tungstenite::Message::Text(connect.into()))
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        while let Some(Ok(frame)) = rx.next().await {
-            let reply = match &frame {
-                tungstenite::Message::Text(text) => client.on_message(text.as_str()),
-                tungstenite::Message::Close(_) => break,
-                _ => Reply::Nothing,
-            };
-            if let Reply::Sync(body) = reply {
-                if tx
-                    .send(tungstenite::Message::Text(body.into()))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        }
-    }
-}
-
-type WsStream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn ws_connect(url: &str, site: &str) -> anyhow::Result<WsStream> {
-    let mut request = format!("{url}?peerId={site}").into_client_request()?;
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse()?);
-    // Small buffers, as a minimal client would keep (tungstenite reserves
-    // 128 KiB per socket by default).
-    let config = WebSocketConfig::default()
-        .read_buffer_size(8 << 10)
-        .write_buffer_size(0);
-    let (socket, _) =
-        tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
-    Ok(socket)
-}
-
-/// N light clients on the orchestrator's runtime; dropping them ends them.
-struct Clients {
-    stats: Vec<Arc<ClientStats>>,
-    _tasks: tokio::task::JoinSet<()>,
-}
-
-impl Clients {
-    fn start(rt: &tokio::runtime::Runtime, transport: &str, addr: &str, n: usize) -> Self {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(POOL_IDLE)
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_default();
-        let shared = Arc::new(Shared {
-            http,
-            addr: addr.to_string(),
-            connects: Semaphore::new(CONNECTS_IN_FLIGHT),
-            posts: Semaphore::new(POSTS_IN_FLIGHT),
-        });
-        let mut tasks = tokio::task::JoinSet::new();
-        let stats: Vec<_> = (0..n).map(|_| Arc::new(ClientStats::new())).collect();
-        for s in &stats {
-            if transport == "ws" {
-                tasks.spawn_on(run_ws(shared.clone(), s.clone()), rt.handle());
-            } else {
-                tasks.spawn_on(run_sse(shared.clone(), s.clone()), rt.handle());
-            }
-        }
-        Clients {
-            stats,
-            _tasks: tasks,
-        }
-    }
-
-    fn count(&self, pred: impl Fn(&ClientStats) -> bool) -> usize {
-        self.stats.iter().filter(|s| pred(s)).count()
-    }
-
-    /// Waits until `pred` holds for every client (sampling the server's RSS
-    /// meanwhile); returns how many it holds for.
-    fn wait_all(
-        &self,
-        pred: impl Fn(&ClientStats) -> bool,
-        timeout: Duration,
-        rss: &mut RssSampler,
-    ) -> usize {
-        let start = Instant::now();
-        loop {
-            let n = self.count(&pred);
-            if n == self.stats.len() || start.elapsed() > timeout {
-                return n;
-            }
-            rss.sample();
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn sum(&self, f: impl Fn(&ClientStats) -> u64) -> u64 {
-        self.stats.iter().map(|s| f(s)).sum()
-    }
-}
-
 // ---------------------------------------------------------------- orchestration
 
-/// The highest `VmRSS` of a process among the samples taken.
+/// The highest `VmRSS` and thread count of a process among the samples taken.
 struct RssSampler {
     pid: u32,
     max_kib: u64,
+    max_threads: u64,
     last: Instant,
 }
 
@@ -670,9 +139,10 @@ impl RssSampler {
         let mut s = RssSampler {
             pid,
             max_kib: 0,
+            max_threads: 0,
             last: Instant::now(),
         };
-        s.max_kib = s.now();
+        s.reset();
         s
     }
 
@@ -680,15 +150,22 @@ impl RssSampler {
         proc_status_kib(self.pid, "VmRSS:").unwrap_or(0)
     }
 
+    /// `Threads:` of `/proc/<pid>/status` (the same parser: a bare number).
+    fn threads(&self) -> u64 {
+        proc_status_kib(self.pid, "Threads:").unwrap_or(0)
+    }
+
     fn sample(&mut self) {
         if self.last.elapsed() >= SAMPLE_EVERY {
             self.last = Instant::now();
             self.max_kib = self.max_kib.max(self.now());
+            self.max_threads = self.max_threads.max(self.threads());
         }
     }
 
     fn reset(&mut self) {
         self.max_kib = self.now();
+        self.max_threads = self.threads();
     }
 }
 
@@ -769,6 +246,7 @@ struct Live {
     server_cpu_burst: f64,
     server_cpu_total: f64,
     burst_rss_max_kib: u64,
+    burst_threads_max: u64,
     burst_client_cpu: f64,
     burst_wall: f64,
     server_hwm_kib: u64,
@@ -939,6 +417,7 @@ fn live(
         server_cpu_burst,
         server_cpu_total,
         burst_rss_max_kib: rss.max_kib,
+        burst_threads_max: rss.max_threads,
         burst_client_cpu,
         burst_wall,
         server_hwm_kib,
@@ -1051,8 +530,8 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("child") {
         init_logging();
         return match args.get(2).map(String::as_str).unwrap_or_default() {
-            "server" => child_server(Path::new(args.get(3).context("missing DIR")?)),
-            "peer" => child_peer(&args[3..]),
+            "server" => children::server(Path::new(args.get(3).context("missing DIR")?)),
+            "peer" => children::peer(&args[3..]),
             other => bail!("unknown child role {other:?}"),
         };
     }
@@ -1171,8 +650,8 @@ fn main() -> anyhow::Result<()> {
             plan.burst_writes, plan.burst_rate
         ));
         say(String::new());
-        say("| transport | clients | burst (achieved) | catch-up: last client | p50 / p99 client | server CPU: burst / until caught up | server peak RSS: burst (sampled) / VmHWM | client process CPU (cores) |".into());
-        say("|---|---|---|---|---|---|---|---|".into());
+        say("| transport | clients | burst (achieved) | catch-up: last client | p50 / p99 client | server CPU: burst / until caught up | server peak RSS: burst (sampled) / VmHWM | server threads (max sampled) | client process CPU (cores) |".into());
+        say("|---|---|---|---|---|---|---|---|---|".into());
         for r in &mut results {
             let (p50, p99, max) = spread(&mut r.catchup_ms);
             let last = if r.caught_up == r.n {
@@ -1186,7 +665,7 @@ fn main() -> anyhow::Result<()> {
                 )
             };
             say(format!(
-                "| {} | {} | {:.1} s ({:.0}/s) | {last} | {:.2} s / {:.2} s | {:.1} s / {:.1} s | {} / {} | {:.1} s in {:.1} s ({:.2}) |",
+                "| {} | {} | {:.1} s ({:.0}/s) | {last} | {:.2} s / {:.2} s | {:.1} s / {:.1} s | {} / {} | {} | {:.1} s in {:.1} s ({:.2}) |",
                 name(r.transport),
                 r.n,
                 r.burst_s,
@@ -1197,6 +676,7 @@ fn main() -> anyhow::Result<()> {
                 r.server_cpu_total,
                 mb(r.burst_rss_max_kib),
                 mb(r.server_hwm_kib),
+                r.burst_threads_max,
                 r.burst_client_cpu,
                 r.burst_wall,
                 r.burst_client_cpu / r.burst_wall.max(1e-9),
@@ -1209,7 +689,7 @@ fn main() -> anyhow::Result<()> {
         say("|---|---|---|---|---|---|---|".into());
         for r in &results {
             say(format!(
-                "| {} | {} | {} | {}/{} | {} / {} | {} | {:.1} MiB, {:.1} s |",
+                "| {} | {} | {} | {}/{} | {} / {} | {} | {:.1} MB, {:.1} s |",
                 name(r.transport),
                 r.n,
                 r.rows,
@@ -1218,7 +698,7 @@ fn main() -> anyhow::Result<()> {
                 r.reconnects,
                 r.errors,
                 r.peers_equal,
-                r.server_end.mib,
+                r.server_end.mib * 1.048_576,
                 r.server_end.cpu,
             ));
         }
