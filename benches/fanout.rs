@@ -5,13 +5,13 @@
 //! issue's target beside each measurement. Processes:
 //!
 //! - `server` (this binary re-executed as `child server DIR`): the
-//!   node-server through its public API ([`Server`]), one database (`fan`,
+//!   node-server through its public API (`crsync::server::Server`), one database (`fan`,
 //!   the `items` table of `benches/common`), connection caps raised to 50,000
 //!   (whole server and per token) and both rate limits off; everything else
 //!   is the default config. Its CPU time (utime + stime of
 //!   `/proc/<pid>/stat`) and memory (`VmRSS`, sampled every 50 ms, and
 //!   `VmHWM`) are read from `/proc` by the orchestrator.
-//! - three full [`Peer`]s (`child peer TRANSPORT ADDR DB`), each over a file
+//! - three full `Peer`s (`child peer TRANSPORT ADDR DB`), each over a file
 //!   of its own: the **writer**, dialing the server with the scenario's
 //!   transport, and two followers, one over SSE and one over WebSocket. The
 //!   writer makes every write: single-row transactions through its Store,
@@ -29,8 +29,11 @@
 //!   each row (its `qty` column holds the row id). WebSocket: the same over
 //!   `{base}/ws` (it sends `connect`, then `sync` on the server's `connect`).
 //!   This process's own CPU time is printed next to every phase: if it
-//!   approaches one core per core left over by the server, the clients are
-//!   what is measured, not the server.
+//!   approaches a full core, the clients, not the server, set the pace, and
+//!   they should be split across processes.
+//!
+//! The light clients are in `fanout/light.rs`, the child roles in
+//! `fanout/children.rs`.
 //!
 //! All instants are wall-clock microseconds on this one machine
 //! (`SystemTime`), so the writer's instant and a client's are comparable.
@@ -48,7 +51,11 @@
 //!    (paced); **catch-up** is the time from the burst's last commit until
 //!    the last client has the last row (p50 / p99 over clients too); server
 //!    CPU seconds during the burst and until catch-up, peak RSS (the highest
-//!    sample and `VmHWM`).
+//!    sample and `VmHWM`), and the most server threads sampled.
+//!
+//! At the end of each of these runs: how many light clients hold every row,
+//! their reconnects and errors, and whether the three full Peers' replicas
+//! equal the server's (row count and checksum).
 //!
 //! Then, 4. **idle**: 10,000 SSE clients connect to a fresh server; its RSS
 //! before and with them, per connection, how many got their `eose`, and one
