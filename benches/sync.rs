@@ -40,11 +40,9 @@
 //! `benches/SYNC_RESULTS.md`.
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use crsync::rusqlite::{Connection, OpenFlags};
@@ -56,8 +54,9 @@ use futures_util::{Stream, StreamExt};
 mod common;
 
 use common::{
-    ROWS_PER_TXN, SCHEMA, close_raw, copy_raw, create_schema, open_raw, peak_rss_kib, store_copy,
-    write_source,
+    Proc, ROWS_PER_TXN, SCHEMA, STEP_TIMEOUT, Usage, close_raw, copy_raw, create_schema,
+    init_logging, mib, now_ns, open_raw, os, percentile, print_usage, remove_db, runtime,
+    stdin_closed, store_copy, write_source,
 };
 
 /// glibc's `MALLOC_TOP_PAD_` for every child process (16 MiB). With the
@@ -73,68 +72,8 @@ const TOKEN: &str = "bench-token";
 const DB_NAME: &str = "bench";
 const LATENCY_WARMUP: usize = 20;
 const LATENCY_INTERVAL: Duration = Duration::from_millis(10);
-/// Longest any single step may take before the benchmark gives up.
-const STEP_TIMEOUT: Duration = Duration::from_secs(900);
 
 // ---------------------------------------------------------------- helpers
-
-/// User + system CPU time of this process so far, in seconds.
-fn cpu_secs() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.to_string();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            Some(ticks as f64 / 100.0)
-        })
-        .unwrap_or(0.0)
-}
-
-/// Printed by every child at its end: peak RSS and CPU time.
-fn print_usage() {
-    println!("PEAK {} {}", peak_rss_kib(), cpu_secs());
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
-fn remove_db(path: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
-}
-
-/// Blocks until stdin closes (the orchestrator's "stop" signal).
-fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
-        let _ = tx.send(());
-    });
-    rx
-}
-
-/// `CRSYNC_BENCH_LOG=<filter>` (e.g. `info,crsync_peer=debug`) logs a child's tracing to stderr.
-fn init_logging() {
-    if let Ok(filter) = std::env::var("CRSYNC_BENCH_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
-}
-
 // ---------------------------------------------------------------- child roles
 
 /// `child gen PATH ROWS`: the source database, `ROWS` rows x 3 columns in
@@ -360,106 +299,10 @@ fn child_peer(args: &[String]) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- orchestration
 
-/// A child process whose stdout lines arrive, timestamped, on a channel.
-struct Proc {
-    name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<(Instant, String)>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn spawn(name: &str, args: &[OsString]) -> anyhow::Result<Proc> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("child")
-            .args(args)
-            .env(
-                "MALLOC_TOP_PAD_",
-                std::env::var("CRSYNC_BENCH_TOP_PAD").unwrap_or_else(|_| MALLOC_TOP_PAD.into()),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let stdin = child.stdin.take();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send((Instant::now(), line)).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Proc {
-            name: name.into(),
-            child,
-            stdin,
-            lines,
-            seen: Vec::new(),
-        })
-    }
-
-    /// The next line starting with `prefix`, waiting at most `wait`.
-    fn line(&mut self, prefix: &str, wait: Duration) -> anyhow::Result<Option<(Instant, String)>> {
-        let deadline = Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok((at, line)) if line.starts_with(prefix) => return Ok(Some((at, line))),
-                Ok((_, line)) => self.seen.push(line),
-                Err(mpsc::RecvTimeoutError::Timeout) => return Ok(None),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.wait()?;
-                    bail!("{} exited ({status}) before printing {prefix}", self.name)
-                }
-            }
-        }
-    }
-
-    fn expect(&mut self, prefix: &str) -> anyhow::Result<(Instant, String)> {
-        self.line(prefix, STEP_TIMEOUT)?
-            .with_context(|| format!("{} did not print {prefix} in time", self.name))
-    }
-
-    /// Closes stdin (the stop signal), collects the rest of the output, and
-    /// returns every line not consumed yet plus its peak RSS and CPU time.
-    fn finish(mut self) -> anyhow::Result<(Vec<String>, Usage)> {
-        drop(self.stdin.take());
-        while let Ok((_, line)) = self.lines.recv_timeout(STEP_TIMEOUT) {
-            self.seen.push(line);
-        }
-        let status = self.child.wait()?;
-        ensure!(status.success(), "{} failed: {status}", self.name);
-        let usage = self
-            .seen
-            .iter()
-            .find_map(|l| l.strip_prefix("PEAK "))
-            .with_context(|| format!("{} printed no PEAK", self.name))?;
-        let f: Vec<&str> = usage.split_whitespace().collect();
-        ensure!(f.len() == 2, "bad PEAK line {usage:?}");
-        let peak = Usage {
-            mib: f[0].parse::<f64>()? / 1024.0,
-            cpu: f[1].parse()?,
-        };
-        Ok((std::mem::take(&mut self.seen), peak))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Only on an error path: the child is still running.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn os(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
-    args.iter().map(|a| a.as_ref().to_os_string()).collect()
+/// A child process, with [`MALLOC_TOP_PAD`] (or `CRSYNC_BENCH_TOP_PAD`).
+fn spawn_child(name: &str, args: &[OsString]) -> anyhow::Result<Proc> {
+    let pad = std::env::var("CRSYNC_BENCH_TOP_PAD").unwrap_or_else(|_| MALLOC_TOP_PAD.into());
+    Proc::spawn_env(name, args, &[("MALLOC_TOP_PAD_", pad)])
 }
 
 struct Source {
@@ -477,7 +320,7 @@ struct ServerProc {
 
 fn start_server(dir: &Path) -> anyhow::Result<ServerProc> {
     std::fs::create_dir_all(dir)?;
-    let mut proc = Proc::spawn("server", &os(&[&"server", &dir]))?;
+    let mut proc = spawn_child("server", &os(&[&"server", &dir]))?;
     let (_, line) = proc.expect("ADDR ")?;
     Ok(ServerProc {
         proc,
@@ -527,7 +370,7 @@ fn in_process(kind: &str, source: &Source, work: &Path) -> anyhow::Result<(f64, 
     remove_db(&src);
     remove_db(&dst);
     std::fs::copy(&source.path, &src)?;
-    let p = Proc::spawn(kind, &os(&[&kind, &src, &dst]))?;
+    let p = spawn_child(kind, &os(&[&kind, &src, &dst]))?;
     let (lines, peak) = p.finish()?;
     let result = lines
         .iter()
@@ -557,7 +400,7 @@ fn spawn_source(transport: &str, addr: &str, source: &Source, dir: &Path) -> any
     let db = dir.join("a.db");
     remove_db(&db);
     std::fs::copy(&source.path, &db)?;
-    Proc::spawn(
+    spawn_child(
         "source peer",
         &os(&[&"peer", &"source", &transport, &addr, &db]),
     )
@@ -567,7 +410,7 @@ fn spawn_dest(transport: &str, addr: &str, source: &Source, dir: &Path) -> anyho
     let db = dir.join("b.db");
     remove_db(&db);
     let version = source.version.to_string();
-    Proc::spawn(
+    spawn_child(
         "dest peer",
         &os(&[
             &"peer",
@@ -682,12 +525,12 @@ fn latency(transport: &str, writes: usize, work: &Path) -> anyhow::Result<Latenc
     let total = (writes + LATENCY_WARMUP).to_string();
     let (a_db, b_db) = (dir.join("a.db"), dir.join("b.db"));
     let addr = &server.addr;
-    let mut b = Proc::spawn(
+    let mut b = spawn_child(
         "reader peer",
         &os(&[&"peer", &"reader", &transport, addr, &b_db, &total]),
     )?;
     b.expect("READY")?;
-    let mut a = Proc::spawn(
+    let mut a = spawn_child(
         "writer peer",
         &os(&[&"peer", &"writer", &transport, addr, &a_db, &total]),
     )?;
@@ -718,18 +561,10 @@ fn latency(transport: &str, writes: usize, work: &Path) -> anyhow::Result<Latenc
     })
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn generate(work: &Path, rows: usize) -> anyhow::Result<Source> {
     let path = work.join(format!("source-{rows}.db"));
     let start = Instant::now();
-    let p = Proc::spawn("generator", &os(&[&"gen", &path, &rows.to_string()]))?;
+    let p = spawn_child("generator", &os(&[&"gen", &path, &rows.to_string()]))?;
     let mut p = p;
     let (_, line) = p.expect("SOURCE ")?;
     drop(p.stdin.take());
@@ -747,17 +582,6 @@ fn generate(work: &Path, rows: usize) -> anyhow::Result<Source> {
         version: f[2].parse()?,
         changes: rows * 3,
     })
-}
-
-/// Peak RSS and CPU time of one child process.
-#[derive(Debug, Clone, Copy)]
-struct Usage {
-    mib: f64,
-    cpu: f64,
-}
-
-fn mib(u: Usage) -> String {
-    format!("{:.1} MiB ({:.1} s CPU)", u.mib, u.cpu)
 }
 
 fn main() -> anyhow::Result<()> {
