@@ -19,11 +19,11 @@ async fn collect(
     let mut s = store
         .changes_since_hinted(from, hint, limits)
         .await
-        .unwrap();
+        .expect("open a change stream");
     let memory = s.from_memory();
     let mut batches = Vec::new();
     while let Some(b) = s.next_batch().await {
-        batches.push(b.unwrap());
+        batches.push(b.expect("read a batch"));
     }
     (batches, s.read_upto(), memory)
 }

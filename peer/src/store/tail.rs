@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// Commits kept at most.
-pub const TAIL_MAX_COMMITS: usize = 4096;
+pub const TAIL_MAX_COMMITS: usize = 65536;
 /// Estimated wire bytes of the rows kept at most.
 pub const TAIL_MAX_BYTES: usize = 16 << 20;
 /// A commit with more changes than this is not kept (it empties the tail).
