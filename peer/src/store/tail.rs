@@ -416,7 +416,10 @@ impl ChangeEncoder for LiveTail {
                 let commit = state
                     .commits
                     .get(seq.checked_sub(state.first_seq)? as usize)?;
-                commit.rows.get(index).filter(|row| row.change == *change)
+                commit
+                    .rows
+                    .get(index)
+                    .filter(|row| same_cell_write(&row.change, change))
             });
             match row {
                 Some(row) => out.push_str(
@@ -426,4 +429,14 @@ impl ChangeEncoder for LiveTail {
             }
         }
     }
+}
+
+/// Whether two changes of the same origin (site, version, `seq`) are the same
+/// write: the same cell at the same clock (its value follows from those).
+fn same_cell_write(a: &Change, b: &Change) -> bool {
+    a.col_version == b.col_version
+        && a.cl == b.cl
+        && a.cid == b.cid
+        && a.pk == b.pk
+        && a.table == b.table
 }
