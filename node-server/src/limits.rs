@@ -97,7 +97,7 @@ pub struct LimitsConfig {
     /// Caught-up clients get new commits from each database's shared live
     /// tail, read and encoded once for all of them (default `true`; `false`:
     /// every client's stream reads the file, to compare or to save the
-    /// tail's memory, at most 16 MiB of rows per database).
+    /// tail's memory, about 32 MiB at most per database).
     pub live_tail: bool,
 }
 

@@ -20,7 +20,7 @@
 //! streams read from the file.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::proto::batch::ClaimLimits;
@@ -32,8 +32,9 @@ use crate::{
 
 /// Commits kept at most.
 pub const TAIL_MAX_COMMITS: usize = 65536;
-/// Estimated wire bytes of the rows kept at most.
-pub const TAIL_MAX_BYTES: usize = 16 << 20;
+/// Estimated memory of the rows kept at most (rows, their encodings and
+/// their index entries).
+pub const TAIL_MAX_BYTES: usize = 32 << 20;
 /// A commit with more changes than this is not kept (it empties the tail).
 pub const TAIL_MAX_COMMIT_CHANGES: usize = 8192;
 
@@ -62,10 +63,14 @@ type RowCells = Vec<(String, u64, usize)>;
 /// The rows one commit wrote, in `(local version, seq)` order.
 #[derive(Debug)]
 pub(super) struct TailCommit {
-    /// The highest local version of the commit.
+    /// The local versions of the commit.
+    first_local: i64,
     last_local: i64,
     rows: Vec<TailRow>,
     bytes: usize,
+    /// A merge whose rows were not read (no session has wanted a merge's
+    /// rows yet): a stream that needs them reads the file.
+    unread: bool,
 }
 
 #[derive(Debug)]
@@ -90,7 +95,14 @@ struct TailState {
 #[derive(Debug)]
 pub(super) struct LiveTail {
     state: RwLock<TailState>,
+    /// Streams that found a merge's rows unread and needed them.
+    needed_unread: AtomicU32,
 }
+
+/// After this many streams needed a merge's unread rows, every merge's rows
+/// are read into the tail (a few, since a session can ask before it has
+/// recorded its own merge as one to leave out).
+const WANTED_AFTER: u32 = 4;
 
 /// Collects the rows of one commit; gives up (and keeps nothing) past
 /// [`TAIL_MAX_COMMIT_CHANGES`].
@@ -99,9 +111,27 @@ pub(super) struct CommitRows {
     rows: Vec<TailRow>,
     bytes: usize,
     overflowed: bool,
+    /// Not read: a merge at these local versions.
+    unread: Option<(i64, i64)>,
+}
+
+/// What a row costs the tail: the change and its strings, its wire JSON once
+/// encoded, and its entries in the cell and origin indexes (measured about
+/// 700-800 bytes for a small change, whose wire estimate is about 200).
+fn row_memory(change: &Change) -> usize {
+    2 * change.approx_wire_size() + 400
 }
 
 impl CommitRows {
+    /// A merge at local versions `first..=last` whose rows are not read
+    /// (see [`LiveTail::wants_merged_rows`]).
+    pub(super) fn unread(first: i64, last: i64) -> Self {
+        CommitRows {
+            unread: Some((first, last)),
+            ..CommitRows::default()
+        }
+    }
+
     /// A commit not kept: it empties the tail.
     pub(super) fn too_large() -> Self {
         CommitRows {
@@ -121,7 +151,7 @@ impl CommitRows {
             self.bytes = 0;
             return;
         }
-        self.bytes += change.approx_wire_size();
+        self.bytes += row_memory(&change);
         self.rows.push(TailRow {
             local,
             change,
@@ -147,7 +177,15 @@ impl LiveTail {
                 sender: Cursor::new(),
                 schema_version: 0,
             }),
+            needed_unread: AtomicU32::new(0),
         }
+    }
+
+    /// Whether a merge's rows should be read into the tail: some session
+    /// relays merges (a server, a device with several remotes). A replica
+    /// whose only remote is where its merges come from never reads them back.
+    pub(super) fn wants_merged_rows(&self) -> bool {
+        self.needed_unread.load(Ordering::Relaxed) >= WANTED_AFTER
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, TailState> {
@@ -177,15 +215,32 @@ impl LiveTail {
             return; // only the cursor moved (a claim merged)
         }
         state.head = state.head.max(head);
+        if let Some((first_local, last_local)) = rows.unread {
+            let commit = TailCommit {
+                first_local,
+                last_local,
+                rows: Vec::new(),
+                bytes: 0,
+                unread: true,
+            };
+            state.commits.push_back(Arc::new(commit));
+            while state.commits.len() > TAIL_MAX_COMMITS {
+                state.evict_first();
+            }
+            return;
+        }
         if rows.rows.is_empty() {
             return;
         }
+        let first_local = rows.rows.first().map_or(head, |r| r.local);
         let last_local = rows.rows.last().map_or(head, |r| r.local);
         state.bytes += rows.bytes;
         let commit = Arc::new(TailCommit {
+            first_local,
             last_local,
             rows: rows.rows,
             bytes: rows.bytes,
+            unread: false,
         });
         let seq = state.first_seq + state.commits.len() as u64;
         state.supersede(&commit, seq);
@@ -199,8 +254,8 @@ impl LiveTail {
     /// file until the next commit.
     pub(super) fn clear_all(&self) {
         let mut state = self.write();
-        state.commits.clear();
-        state.bytes = 0;
+        let head = state.head;
+        state.clear(head);
         state.base = i64::MAX;
     }
 
@@ -224,6 +279,13 @@ impl LiveTail {
         }
         let first = state.commits.partition_point(|c| c.last_local <= after);
         let commits: Vec<Arc<TailCommit>> = state.commits.range(first..).cloned().collect();
+        let needs_unread = commits.iter().any(|c| {
+            c.unread && (c.first_local.max(after + 1)..=c.last_local).any(|v| !hint.skips(v))
+        });
+        if needs_unread {
+            self.needed_unread.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         let end = state.head.max(after);
         let sender = state.sender.clone();
         let schema_version = state.schema_version;

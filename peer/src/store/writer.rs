@@ -440,13 +440,21 @@ impl Writer {
         // nothing (every change lost or was equal) to the next transaction.
         // Read once for every session that relays them (the live tail),
         // what cr-sqlite kept: a change that lost its conflict is not relayed.
-        let keep = self.config.tail.is_some() && report.applied <= TAIL_MAX_COMMIT_CHANGES;
-        let (newest, rows) = if keep {
+        // Only when some session relays merges (see `LiveTail::wants_merged_rows`).
+        let small = report.applied <= TAIL_MAX_COMMIT_CHANGES;
+        let tail = self.config.tail.as_ref();
+        let (newest, rows) = if small && tail.is_some_and(|t| t.wants_merged_rows()) {
             let (rows, newest) = committed_rows(&self.conn, self.site, base)?;
             self.own_version = self.own_version.max(newest.unwrap_or(0));
             (newest, rows)
         } else {
-            (self.rows_since(base)?.1, CommitRows::too_large())
+            let newest = self.rows_since(base)?.1;
+            let rows = match newest {
+                Some(newest) if small => CommitRows::unread(base + 1, newest),
+                Some(_) => CommitRows::too_large(),
+                None => CommitRows::default(),
+            };
+            (newest, rows)
         };
         report.local_versions = newest.map(|newest| (base + 1, newest));
         report.cursor = self.cursor()?;
