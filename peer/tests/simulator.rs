@@ -22,12 +22,19 @@
 //!   the attacks `CRSYNC_SIM_HOSTILE` lists (default
 //!   `ranges,own-range,changes,cursors`; add `many` for a message naming
 //!   12,000 sites in 2.5% of them; `off` for none).
+//! - Nostr relay links ([`sim::relay`]: store-and-forward, expiry, a size
+//!   limit, reordering and copies across two relays, peers offline for
+//!   hours) in `CRSYNC_SIM_RELAY_SHARE` percent of the scenarios (default
+//!   25; 100 for all, 0 for none). Knob for known issues:
+//!   `CRSYNC_SIM_RELAY_ORDER=raw` (the relay transport hands events on as
+//!   they come, not in its sender's order).
 
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
 mod sim {
     pub mod check;
     pub mod hostile;
+    pub mod relay;
     pub mod scenario;
     pub mod store;
     pub mod trace;
@@ -50,6 +57,8 @@ use sim::world::{Knobs, Stats, World};
 const DEFAULT_SCENARIOS: u64 = 10_000;
 /// Percent of the scenarios with a hostile peer.
 const DEFAULT_HOSTILE_SHARE: u64 = 12;
+/// Percent of the scenarios with relay links.
+const DEFAULT_RELAY_SHARE: u64 = 25;
 
 /// Straight to stderr: the test harness captures `eprintln!` of passing tests.
 macro_rules! say {
@@ -71,6 +80,8 @@ struct Failure {
 fn run_seed(seed: u64, trace: Option<usize>) -> (Scenario, Result<Stats, (String, String)>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut scenario = Scenario::generate(seed, &mut rng);
+    let relay_share = env_u64("CRSYNC_SIM_RELAY_SHARE").unwrap_or(DEFAULT_RELAY_SHARE);
+    sim::relay::add(&mut scenario, relay_share);
     let (share, kinds) = hostile_knobs();
     scenario.hostile = sim::hostile::add(&mut scenario, share, &kinds);
     // Against a hostile peer only the default trust of accepted connections holds.
@@ -93,6 +104,7 @@ fn knobs() -> Knobs {
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     Knobs {
         v1_interleaved_paging: var("CRSYNC_SIM_V1_PAGING") == "interleaved",
+        relay_raw_order: var("CRSYNC_SIM_RELAY_ORDER") == "raw",
     }
 }
 
@@ -120,6 +132,9 @@ fn describe(scenario: &Scenario) -> String {
             "    link {i}: p{} -> p{} {:?} {:?}\n",
             l.dialer, l.acceptor, l.kind, l.faults
         ));
+        if let Some(r) = &l.relay {
+            out.push_str(&format!("      relays: {r:?}\n"));
+        }
     }
     if let Some(h) = &scenario.hostile {
         out.push_str(&format!(
