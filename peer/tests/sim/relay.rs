@@ -67,7 +67,7 @@ pub fn add(scenario: &mut Scenario, share_percent: u64) {
     let active = scenario.heal_at.as_millis() as u64;
     let mut end = Duration::ZERO;
     let mut ops: Vec<(Duration, Op)> = Vec::new();
-    // Offline periods of the relay links' peers, minutes to hours.
+    // Offline periods of the relay links' peers, seconds to an hour.
     let ends: Vec<usize> = chosen
         .iter()
         .flat_map(|&l| [scenario.links[l].dialer, scenario.links[l].acceptor])
@@ -75,7 +75,7 @@ pub fn add(scenario: &mut Scenario, share_percent: u64) {
     for _ in 0..rng.random_range(1..=4) {
         let peer = ends[rng.random_range(0..ends.len())];
         let at = Duration::from_millis(rng.random_range(0..=active));
-        let long = Duration::from_secs(rng.random_range(10..7_200));
+        let long = Duration::from_secs(rng.random_range(10..3_600));
         end = end.max(at + long);
         ops.push((at, offline(&mut rng, peer, long)));
         // Writes meanwhile (by anyone: an asleep peer's write waits for it

@@ -48,7 +48,7 @@ use super::{Conn, End, Event, World};
 /// on a relay link: the remote may be away for hours, so the connection
 /// never times out, and resends are few.
 pub(super) const SESSION_TIMINGS: (Duration, Duration, Option<Duration>) =
-    (Duration::from_secs(30), Duration::from_secs(60), None);
+    (Duration::from_secs(120), Duration::from_secs(300), None);
 /// Events stored per direction at most (a relay's storage limit): the
 /// oldest go first.
 const MAX_STORED: usize = 4096;
@@ -90,6 +90,11 @@ pub(super) struct Relays {
     held: [BTreeMap<u64, (TransportMessage, Duration)>; 2],
     /// Per direction (from end d), the stored events, oldest first.
     stored: [VecDeque<Stored>; 2],
+    /// Paired once already: a new pairing starts a new conversation.
+    paired: bool,
+    /// Per end, at the heal: its conversation and last sequence number (a
+    /// hole up to there, found after the heal, is a fault from before it).
+    at_heal: [Option<(u64, u64)>; 2],
 }
 
 impl Relays {
@@ -101,6 +106,8 @@ impl Relays {
             expect: [1; 2],
             held: [BTreeMap::new(), BTreeMap::new()],
             stored: [VecDeque::new(), VecDeque::new()],
+            paired: false,
+            at_heal: [None; 2],
         }
     }
 }
@@ -139,6 +146,16 @@ impl World {
     /// end whose peer is down gets one when it is up.
     pub(super) fn relay_dial(&mut self, link: usize) {
         let (dialer, acceptor) = (self.links[link].dialer, self.links[link].acceptor);
+        if let Some(relays) = self.links[link].relay.as_mut() {
+            if std::mem::replace(&mut relays.paired, true) {
+                // Paired again (after a refusal): both devices start afresh.
+                let conv = relays.conv[0].max(relays.conv[1]) + 1;
+                relays.conv = [conv; 2];
+                relays.sent = [0; 2];
+                relays.expect = [1; 2];
+                relays.held = [BTreeMap::new(), BTreeMap::new()];
+            }
+        }
         let a = self.relay_end(dialer, 0);
         let b = self.relay_end(acceptor, 1);
         let id = self.next_conn;
@@ -276,10 +293,24 @@ impl World {
         }
     }
 
+    /// At the heal: what each end had sent until then.
+    pub(super) fn relay_heal(&mut self) {
+        for link in &mut self.links {
+            if let Some(r) = link.relay.as_mut() {
+                r.at_heal = [Some((r.conv[0], r.sent[0])), Some((r.conv[1], r.sent[1]))];
+            }
+        }
+    }
+
     /// Publishes a message from end `from` to the relays.
     pub(super) fn relay_publish(&mut self, conn: u64, from: usize, msg: TransportMessage) {
         let now = self.now;
-        let size = msg.to_json().len();
+        // Only messages with changes can outgrow an event (the others are
+        // a few hundred bytes): measured as JSON, as they go.
+        let size = match &msg.data {
+            Some(data) if !data.data.is_empty() => msg.to_json().len(),
+            _ => 0,
+        };
         let Some(relays) = self.relays(conn) else {
             return;
         };
@@ -486,7 +517,17 @@ impl World {
         let Some((msg, sent_at)) = relays.held[to].remove(&first) else {
             return;
         };
+        // A hole of events sent before the heal counts as one message from
+        // before it (it costs the session a rewind, as a late one would).
+        let from = 1 - to;
+        let before_heal = relays.at_heal[from]
+            .is_some_and(|(conv, last)| conv == relays.conv[to] && expect <= last);
         relays.expect[to] = first;
+        if before_heal {
+            if let Some(link) = self.conns.get(&conn).map(|c| c.link) {
+                self.links[link].stale_received[to] += 1;
+            }
+        }
         self.note(|| {
             Entry::Note(format!(
                 "conn {conn} end {to}: events {expect}..{first} never came; goes on"
