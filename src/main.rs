@@ -28,7 +28,9 @@ mod cli {
     pub(crate) mod enable;
     pub(crate) mod extension;
     pub(crate) mod fork;
+    pub(crate) mod pair;
     pub(crate) mod progress;
+    pub(crate) mod relay_sync;
     pub(crate) mod remote;
     pub(crate) mod serve;
     pub(crate) mod signal;
@@ -94,6 +96,8 @@ enum Command {
     Status(cli::status::StatusArgs),
     /// Replicate a database file with a server, once (--once) or live (--watch).
     Sync(cli::sync::SyncArgs),
+    /// Pair with another device through Nostr relays (invite / join / list / remove).
+    Pair(cli::pair::PairArgs),
     /// Give a copied database file (cp, a restored backup, a VM image) a new
     /// site id, so that it and the original both sync without losing writes.
     Fork(cli::fork::ForkArgs),
@@ -142,6 +146,7 @@ async fn main() -> ExitCode {
         Command::Enable(args) => cli::enable::run(args).await,
         Command::Status(args) => cli::status::run(args).await,
         Command::Sync(args) => cli::sync::run(args).await,
+        Command::Pair(args) => cli::pair::run(args).await,
         Command::Fork(args) => cli::fork::run(args).await,
         Command::Clone(args) => cli::clone::run(args).await,
         Command::Extension(args) => cli::extension::run(args),

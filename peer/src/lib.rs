@@ -55,6 +55,6 @@ pub use peer::{
 /// Re-exported so callers of [`Store::write`] use the same rusqlite.
 pub use rusqlite;
 pub use transport::{
-    Backoff, BoxError, Connection, Dialer, MessageSink, MessageStream, Received, ReconnectPolicy,
-    Rejection, TransportError,
+    Backoff, BoxError, Connection, Dialer, LinkSettings, MessageSink, MessageStream, Received,
+    ReconnectPolicy, Rejection, TransportError,
 };

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::proto::{SessionStatus, Side, Trust};
 use crate::store::ChangeSource;
-use crate::transport::{Connection, Dialer, ReconnectPolicy};
+use crate::transport::{Connection, Dialer, LinkSettings, ReconnectPolicy};
 use crate::{Cursor, DbVersion, SiteId, Store, StoreEvent};
 pub use dialer::{DialFailure, DialerHandle};
 use status::{Link, Noticed};
@@ -500,7 +500,8 @@ impl Peer {
             }
             let link = inner.add_link(connection.label.clone(), false);
             let stop = inner.lock_accepted_stop().clone();
-            session::run(inner.clone(), connection, Side::Accepted, link, stop).await;
+            let side = (Side::Accepted, LinkSettings::default());
+            session::run(inner.clone(), connection, side, link, stop).await;
             inner.remove_link(link);
         })
     }

@@ -185,6 +185,74 @@ pub trait Dialer: Send + 'static {
     fn set_token(&mut self, token: &str) {
         let _ = token;
     }
+
+    /// Session timings and limits for this dialer's connections, where they
+    /// differ from the Peer's (a store-and-forward relay link waits far
+    /// longer for acknowledgements than a socket). The default changes
+    /// nothing.
+    fn link_settings(&self) -> LinkSettings {
+        LinkSettings::default()
+    }
+}
+
+/// Per-connection overrides of the Peer's session settings
+/// ([`Dialer::link_settings`]); every `None` keeps the Peer's own.
+///
+/// ```
+/// use crsync_peer::LinkSettings;
+/// use std::time::Duration;
+/// let relay = LinkSettings::default()
+///     .with_liveness_timeout(None)
+///     .with_ack_timeout(Duration::from_secs(3600))
+///     .with_max_batch_bytes(16 * 1024);
+/// assert_eq!(relay.liveness_timeout, Some(None));
+/// assert_eq!(LinkSettings::default().ack_timeout, None);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LinkSettings {
+    /// How often to ping the remote.
+    pub ping_interval: Option<Duration>,
+    /// Drop the connection after this long without a message (`Some(None)`: never).
+    pub liveness_timeout: Option<Option<Duration>>,
+    /// Resend from the acknowledged point after this long without an acknowledgement.
+    pub ack_timeout: Option<Duration>,
+    /// Batches in flight.
+    pub window: Option<usize>,
+    /// Soft limit on a batch's estimated wire size (the carrier's message size).
+    pub max_batch_bytes: Option<usize>,
+}
+
+impl LinkSettings {
+    /// Pings at this interval.
+    pub fn with_ping_interval(mut self, d: Duration) -> Self {
+        self.ping_interval = Some(d);
+        self
+    }
+
+    /// Liveness timeout (`None`: a quiet remote is never dropped).
+    pub fn with_liveness_timeout(mut self, d: Option<Duration>) -> Self {
+        self.liveness_timeout = Some(d);
+        self
+    }
+
+    /// Acknowledgement timeout.
+    pub fn with_ack_timeout(mut self, d: Duration) -> Self {
+        self.ack_timeout = Some(d);
+        self
+    }
+
+    /// Batches in flight (at least 1).
+    pub fn with_window(mut self, batches: usize) -> Self {
+        self.window = Some(batches.max(1));
+        self
+    }
+
+    /// Soft limit on a batch's estimated wire size (at least 1 byte).
+    pub fn with_max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.max_batch_bytes = Some(bytes.max(1));
+        self
+    }
 }
 
 /// Exponential backoff with jitter for redialing.

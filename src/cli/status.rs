@@ -38,6 +38,8 @@ struct Status {
     copied: Option<String>,
     /// The remotes it synced with, with how many of our transactions each lacks.
     remotes: Vec<(RemoteRecord, u64)>,
+    /// Devices paired through Nostr relays (`crsync pair`).
+    paired: Vec<crsync::transports::nostr::PairedDevice>,
 }
 
 /// Runs `crsync status`.
@@ -62,7 +64,6 @@ async fn read(store: &Store, path: PathBuf) -> anyhow::Result<Status> {
     let pending = store.own_versions_after(&acked, own).await?;
     let remotes = records.into_iter().zip(pending).collect();
     Ok(Status {
-        path,
         site_id: store.site_id(),
         schema_version: store.schema_version().await?,
         db_version: db::db_version(store).await?,
@@ -71,6 +72,10 @@ async fn read(store: &Store, path: PathBuf) -> anyhow::Result<Status> {
         bookkeeping: store.bookkeeping_stats().await?,
         copied: store.copied().map(ToString::to_string),
         remotes,
+        paired: crsync::transports::nostr::DeviceFile::open_for_db(&path)
+            .map(|f| f.devices())
+            .unwrap_or_default(),
+        path,
     })
 }
 
@@ -119,6 +124,13 @@ fn to_json(s: &Status) -> serde_json::Value {
             "acknowledged": r.acknowledged.0,
             "pending_transactions": pending,
             "last_synced_at_ms": r.synced_at.map(unix_millis),
+        })).collect::<Vec<_>>(),
+        "paired_devices": s.paired.iter().map(|d| json!({
+            "name": d.name,
+            "public_key": d.remote_key,
+            "site_id": d.remote_site,
+            "relays": d.relays,
+            "last_message_at": (d.seen_until > 0).then_some(d.seen_until),
         })).collect::<Vec<_>>(),
     })
 }
@@ -195,6 +207,13 @@ fn to_text(s: &Status) -> String {
                 "  {} via {}: {when}; holds ours up to {}, {pending} local {noun} pending",
                 r.site, r.transport, r.acknowledged
             );
+        }
+    }
+    if !s.paired.is_empty() {
+        let _ = writeln!(out, "paired devices (Nostr relays):");
+        for d in &s.paired {
+            let site = d.remote_site.as_deref().unwrap_or("site unknown");
+            let _ = writeln!(out, "  {} ({site}) via {}", d.name, d.relays.join(" "));
         }
     }
     out

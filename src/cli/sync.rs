@@ -35,8 +35,12 @@ pub(crate) struct SyncArgs {
     #[arg(long, value_name = "FILE")]
     db: PathBuf,
     /// The database on the server, e.g. http://127.0.0.1:8080/db/notes.
-    #[arg(long, value_name = "URL")]
-    url: String,
+    #[arg(long, value_name = "URL", required_unless_present = "relays")]
+    url: Option<String>,
+    /// Sync with the paired devices (`crsync pair`) through this Nostr relay
+    /// (ws:// or wss://) instead of a server; repeat for more relays.
+    #[arg(long = "relay", value_name = "URL", conflicts_with_all = ["url", "ws", "token"])]
+    relays: Vec<String>,
     /// Use WebSocket: an http(s)://{base} URL becomes ws(s)://{base}/ws
     /// (a ws:// URL implies it and is used as given).
     #[arg(long)]
@@ -70,9 +74,15 @@ pub(crate) async fn run(args: SyncArgs) -> anyhow::Result<Outcome> {
         .ok()
         .filter(|t| !t.is_zero())
         .ok_or_else(|| anyhow::anyhow!("--timeout must be a positive number of seconds"))?;
+    let Some(url) = args.url.as_deref() else {
+        let store = db::open_existing(&args.db).await?;
+        let result =
+            super::relay_sync::run(&store, &args.db, &args.relays, args.once, timeout).await;
+        db::close(store).await;
+        return result;
+    };
     let roots = super::remote::root_certificates(args.ca_cert.as_deref())?;
-    let endpoint =
-        Endpoint::new(&args.url, args.ws, args.token.as_deref())?.with_roots(roots.as_ref());
+    let endpoint = Endpoint::new(url, args.ws, args.token.as_deref())?.with_roots(roots.as_ref());
     // A new (or empty) file starts from the server's snapshot when it
     // offers one, before any Store opens the file.
     if clone::wants_bootstrap(&args.db).await?
@@ -191,7 +201,7 @@ async fn watch(store: &Store, endpoint: &Endpoint, args: &SyncArgs) -> anyhow::R
 }
 
 /// One line for an event.
-fn describe(event: &PeerEvent) -> String {
+pub(crate) fn describe(event: &PeerEvent) -> String {
     match event {
         PeerEvent::Connected { peer, transport } => format!("connect    {peer} via {transport}"),
         PeerEvent::Sync { peer } => {

@@ -20,6 +20,8 @@
 //!   crsync's node-server. POSTs are sent in order, one at a time, and a send
 //!   completes when the server answered.
 //!
+//! - `nostr` (feature `nostr`): sync through Nostr relays, end-to-end
+//!   encrypted and store-and-forward, with pairing codes.
 //! - [`snapshot`]: snapshot bootstrap: a new replica of a large database
 //!   downloads the server's snapshot (streamed, resumable, checked) and
 //!   installs it instead of replaying every change
@@ -89,6 +91,8 @@ impl CreationNotice {
 #[cfg(any(feature = "http", feature = "websocket"))]
 mod http_status;
 pub mod memory;
+#[cfg(feature = "nostr")]
+pub mod nostr;
 mod serial_sink;
 #[cfg(feature = "http")]
 pub mod snapshot;

@@ -178,7 +178,14 @@ async fn dial_loop(
         };
         delay = match attempt {
             Ok(connection) => {
-                let run = session::run(inner.clone(), connection, Side::Dialed, link, stop.clone());
+                let settings = dialer.link_settings();
+                let run = session::run(
+                    inner.clone(),
+                    connection,
+                    (Side::Dialed, settings),
+                    link,
+                    stop.clone(),
+                );
                 tokio::pin!(run);
                 let ended = tokio::select! {
                     ended = &mut run => ended,

@@ -24,7 +24,7 @@ use crate::proto::{
     SessionConfig, SessionEvent, Side, SiteConflict, Trust,
 };
 use crate::store::MergeError;
-use crate::transport::{Connection, Received, Rejection, TransportError};
+use crate::transport::{Connection, LinkSettings, Received, Rejection, TransportError};
 use crate::wire::TransportMessage;
 use crate::{ChangeStream, MergeReport, SiteId, telemetry};
 
@@ -85,10 +85,11 @@ impl Stop {
 
 /// Runs a session over `connection` until it ends; `link` is the Peer's
 /// record of the dialer or accepted connection it belongs to.
+/// `side` comes with the link's overrides of the Peer's settings.
 pub(crate) async fn run(
     inner: Arc<Inner>,
     connection: Connection,
-    side: Side,
+    side: (Side, LinkSettings),
     link: u64,
     stop: Stop,
 ) -> Ended {
@@ -131,7 +132,7 @@ type MergeFuture = BoxFuture<'static, Result<MergeReport, MergeError>>;
 async fn run_inner(
     inner: Arc<Inner>,
     connection: Connection,
-    side: Side,
+    (side, settings): (Side, LinkSettings),
     link: u64,
     stop: Stop,
 ) -> Ended {
@@ -142,10 +143,12 @@ async fn run_inner(
     } = connection;
     let local = inner.store.site_id();
     let config = SessionConfig {
-        window: inner.config.window,
-        ack_timeout: inner.config.ack_timeout,
-        ping_interval: inner.config.ping_interval,
-        liveness_timeout: inner.config.liveness_timeout,
+        window: settings.window.unwrap_or(inner.config.window),
+        ack_timeout: settings.ack_timeout.unwrap_or(inner.config.ack_timeout),
+        ping_interval: settings.ping_interval.unwrap_or(inner.config.ping_interval),
+        liveness_timeout: settings
+            .liveness_timeout
+            .unwrap_or(inner.config.liveness_timeout),
         side,
         trust: match side {
             Side::Dialed => Trust::Full,
@@ -192,7 +195,10 @@ async fn run_inner(
         result
     });
 
-    let limits = inner.store.batch_limits();
+    let mut limits = inner.store.batch_limits();
+    if let Some(bytes) = settings.max_batch_bytes {
+        limits.max_bytes = bytes;
+    }
     let mut replies: HashMap<ReplyId, oneshot::Sender<Result<(), Rejection>>> = HashMap::new();
     let mut next_reply: ReplyId = 0;
     let mut reading: Option<ChangeStream> = None;

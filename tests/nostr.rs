@@ -1,0 +1,350 @@
+//! The Nostr relay transport end to end: real Stores, real Peers, real
+//! relays (nostr-relay-builder, in process, on 127.0.0.1 port 0), pairing
+//! through the relays, devices that are offline, a relay killed or
+//! restarted empty, unrelated pairs on one relay, foreign and replayed events.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use crsync::transports::nostr::{self, DeviceFile, Invitation, NostrDialer, PairingOutcome};
+use crsync::{Peer, ReconnectPolicy, SqlValue, Store};
+use nostr_relay_builder::prelude::{LocalRelay, RateLimit, RelayBuilder};
+
+const SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY NOT NULL, body TEXT)";
+/// Every wait in these tests gives up after this long.
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn relay_on(port: u16) -> (LocalRelay, String) {
+    let mut builder = RelayBuilder::default()
+        .addr(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .rate_limit(RateLimit {
+            max_reqs: 500,
+            notes_per_minute: 1_000_000,
+        });
+    if port != 0 {
+        builder = builder.port(port);
+    }
+    let relay = LocalRelay::new(builder);
+    relay.run().await.expect("relay starts");
+    let url = relay.url().await.to_string();
+    (relay, url.trim_end_matches('/').to_owned())
+}
+
+async fn relay() -> (LocalRelay, String) {
+    relay_on(0).await
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
+struct Device {
+    store: Store,
+    file: DeviceFile,
+}
+
+async fn device(dir: &Path, name: &str) -> Device {
+    let path = dir.join(format!("{name}.db"));
+    let store = Store::builder(&path)
+        .poll_interval(Duration::from_millis(20))
+        .open()
+        .await
+        .expect("open");
+    store
+        .write(|tx| tx.execute_batch(SCHEMA))
+        .await
+        .expect("schema");
+    store.enable_crr(&["items"]).await.expect("crr");
+    let file = DeviceFile::open_for_db(&path).expect("device file");
+    Device { store, file }
+}
+
+/// Pairs `a` (inviting) and `b` (joining) through `relays`.
+async fn pair(a: &Device, b: &Device, relays: &[String]) -> (String, String) {
+    let mut invite = Invitation::new(
+        &a.file,
+        a.store.site_id(),
+        "a",
+        relays.to_vec(),
+        Duration::from_secs(600),
+    )
+    .expect("invitation");
+    let code = invite.code().clone();
+    let waiting = tokio::spawn(async move { invite.next(WAIT).await });
+    let joined = nostr::join(&b.file, &code, b.store.site_id(), "b", WAIT)
+        .await
+        .expect("joins");
+    let PairingOutcome::Paired(on_a) = waiting.await.expect("task").expect("answers") else {
+        panic!("refused")
+    };
+    assert_eq!(on_a.site(), Some(b.store.site_id()));
+    assert_eq!(joined.site(), Some(a.store.site_id()));
+    (on_a.remote_key, joined.remote_key)
+}
+
+fn peer(d: &Device, remotes: &[&str], relays: Option<&[String]>) -> Peer {
+    let peer = Peer::builder(d.store.clone())
+        .reconnect(ReconnectPolicy {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            multiplier: 2.0,
+        })
+        .build();
+    for r in remotes {
+        let mut dialer = NostrDialer::new(d.file.clone(), r)
+            .expect("paired")
+            .with_ack_timeout(Duration::from_secs(2))
+            .with_dial_timeout(Duration::from_secs(5));
+        if let Some(relays) = relays {
+            dialer = dialer.with_relays(relays.to_vec());
+        }
+        drop(peer.add_dialer(dialer));
+    }
+    peer
+}
+
+async fn write(d: &Device, id: i64, body: &str) {
+    let body = body.to_owned();
+    d.store
+        .write(move |tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO items (id, body) VALUES (?1, ?2)",
+                (id, body),
+            )
+        })
+        .await
+        .expect("write");
+}
+
+async fn dump(store: &Store) -> Vec<(i64, String)> {
+    store
+        .read(|c| {
+            let mut stmt = c.prepare("SELECT id, body FROM items ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<crsync::rusqlite::Result<Vec<_>>>()
+        })
+        .await
+        .expect("read")
+}
+
+/// Waits until every store holds exactly `expected`.
+async fn converge(stores: &[&Store], expected: &[(i64, String)]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut all = true;
+        for s in stores {
+            if dump(s).await != expected {
+                all = false;
+            }
+        }
+        if all {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            for s in stores {
+                eprintln!("{:?}", dump(s).await);
+            }
+            panic!("no convergence within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn rows(ids: impl IntoIterator<Item = i64>) -> Vec<(i64, String)> {
+    ids.into_iter().map(|i| (i, format!("row {i}"))).collect()
+}
+
+async fn write_rows(d: &Device, ids: impl IntoIterator<Item = i64>) {
+    for i in ids {
+        write(d, i, &format!("row {i}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_and_three_devices_sync_through_one_relay() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_relay, url) = relay().await;
+    let relays = vec![url];
+    let (a, b, c) = (
+        device(dir.path(), "a").await,
+        device(dir.path(), "b").await,
+        device(dir.path(), "c").await,
+    );
+    let (b_on_a, a_on_b) = pair(&a, &b, &relays).await;
+    let (c_on_a, a_on_c) = pair(&a, &c, &relays).await;
+    assert_eq!(a.file.devices().len(), 2);
+    write_rows(&a, 1..=3).await;
+    write_rows(&b, 10..=12).await;
+    let pa = peer(&a, &[&b_on_a, &c_on_a], None);
+    let pb = peer(&b, &[&a_on_b], None);
+    let pc = peer(&c, &[&a_on_c], None);
+    write_rows(&c, 20..=21).await;
+    let expected = rows((1..=3).chain(10..=12).chain(20..=21));
+    converge(&[&a.store, &b.store, &c.store], &expected).await;
+    // Live writes after the initial sync, and a large transaction (more
+    // than one event's worth) in one go.
+    let big = "x".repeat(200_000);
+    let body = big.clone();
+    b.store
+        .write(move |tx| {
+            for i in 100..110 {
+                tx.execute(
+                    "INSERT INTO items (id, body) VALUES (?1, ?2)",
+                    (i, body.as_str()),
+                )?;
+            }
+            Ok(())
+        })
+        .await
+        .expect("big write");
+    let mut expected = expected;
+    expected.extend((100..110).map(|i| (i, big.clone())));
+    converge(&[&a.store, &b.store, &c.store], &expected).await;
+    for p in [pa, pb, pc] {
+        p.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_never_online_together_converge_through_stored_events() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_relay, url) = relay().await;
+    let relays = vec![url];
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (b_on_a, a_on_b) = pair(&a, &b, &relays).await;
+    // Once together, so that each knows the other's cursor.
+    write_rows(&a, [1]).await;
+    let (pa, pb) = (peer(&a, &[&b_on_a], None), peer(&b, &[&a_on_b], None));
+    converge(&[&a.store, &b.store], &rows([1])).await;
+    pb.shutdown().await;
+    // B is away while A writes; A goes away before B is back.
+    write_rows(&a, 2..=5).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pa.shutdown().await;
+    let pb = peer(&b, &[&a_on_b], None);
+    converge(&[&b.store], &rows(1..=5)).await;
+    // And the other way round.
+    write_rows(&b, 6..=7).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pb.shutdown().await;
+    let pa = peer(&a, &[&b_on_a], None);
+    converge(&[&a.store], &rows(1..=7)).await;
+    pa.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_one_killed_mid_way() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (r1, u1) = relay().await;
+    let (_r2, u2) = relay().await;
+    let relays = vec![u1, u2];
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (b_on_a, a_on_b) = pair(&a, &b, &relays).await;
+    let (pa, pb) = (peer(&a, &[&b_on_a], None), peer(&b, &[&a_on_b], None));
+    write_rows(&a, 1..=3).await;
+    converge(&[&a.store, &b.store], &rows(1..=3)).await;
+    r1.shutdown();
+    write_rows(&b, 4..=6).await;
+    write_rows(&a, 7..=8).await;
+    converge(&[&a.store, &b.store], &rows(1..=8)).await;
+    pa.shutdown().await;
+    pb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_restarts_empty_still_converges_by_a_fresh_stream() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (r, url) = relay().await;
+    let port = port_of(&url);
+    let relays = vec![url];
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (b_on_a, a_on_b) = pair(&a, &b, &relays).await;
+    let pa = peer(&a, &[&b_on_a], None);
+    write_rows(&a, 1..=4).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Everything A published is lost with the relay.
+    r.shutdown();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_r, _) = relay_on(port).await;
+    let pb = peer(&b, &[&a_on_b], None);
+    converge(&[&a.store, &b.store], &rows(1..=4)).await;
+    pa.shutdown().await;
+    pb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrelated_pairs_on_one_relay_do_not_mix_and_codes_work_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_relay, url) = relay().await;
+    let relays = vec![url];
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (c, d) = (device(dir.path(), "c").await, device(dir.path(), "d").await);
+    // A's invitation: B pairs; D replays the same code and is refused.
+    let mut invite = Invitation::new(
+        &a.file,
+        a.store.site_id(),
+        "a",
+        relays.clone(),
+        Duration::from_secs(600),
+    )
+    .expect("invitation");
+    let code = invite.code().clone();
+    let first = tokio::spawn(async move {
+        let outcome = invite.next(WAIT).await;
+        (invite, outcome)
+    });
+    let a_on_b = nostr::join(&b.file, &code, b.store.site_id(), "b", WAIT)
+        .await
+        .expect("joins")
+        .remote_key;
+    let (mut invite, outcome) = first.await.expect("task");
+    let PairingOutcome::Paired(on_a) = outcome.expect("answers") else {
+        panic!("refused")
+    };
+    let b_on_a = on_a.remote_key;
+    let second = tokio::spawn(async move { invite.next(WAIT).await });
+    let replay = nostr::join(&d.file, &code, d.store.site_id(), "d", WAIT).await;
+    assert!(
+        matches!(replay, Err(nostr::PairingError::Refused(_))),
+        "{replay:?}"
+    );
+    assert!(matches!(
+        second.await.expect("task"),
+        Ok(PairingOutcome::Refused(_))
+    ));
+    assert!(d.file.devices().is_empty());
+    // An expired code is refused before anything is sent.
+    let mut expired = code.clone();
+    expired.expires = 1;
+    assert!(matches!(
+        nostr::join(&d.file, &expired, d.store.site_id(), "d", WAIT).await,
+        Err(nostr::PairingError::Refused(_))
+    ));
+    let (d_on_c, c_on_d) = pair(&c, &d, &relays).await;
+    write_rows(&a, 1..=2).await;
+    write_rows(&c, 50..=51).await;
+    let peers = [
+        peer(&a, &[&b_on_a], None),
+        peer(&b, &[&a_on_b], None),
+        peer(&c, &[&d_on_c], None),
+        peer(&d, &[&c_on_d], None),
+    ];
+    converge(&[&a.store, &b.store], &rows(1..=2)).await;
+    converge(&[&c.store, &d.store], &rows(50..=51)).await;
+    // A device of the other pair cannot speak for B: its key is not B's.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(dump(&a.store).await, rows(1..=2));
+    assert_eq!(dump(&c.store).await, rows(50..=51));
+    for p in peers {
+        p.shutdown().await;
+    }
+    // Unpairing: gone from the file, and the dialer refuses to dial it.
+    a.file.remove(&b_on_a).expect("unpairs");
+    assert!(NostrDialer::new(a.file.clone(), &b_on_a).is_err());
+    let _ = SqlValue::Null;
+}

@@ -1,0 +1,428 @@
+//! A small Nostr relay client (NIP-01 over tokio-tungstenite): one socket per
+//! relay, one subscription per socket, publishing with `OK` handling.
+//!
+//! - Each relay has its own task: it connects, subscribes to the gift wraps
+//!   for one key (`since` the pool's current value), forwards events whose
+//!   signature checks out, and reconnects with backoff when the socket ends.
+//! - [`RelayPool::publish`] hands an event to every relay that is up and
+//!   succeeds at the first `OK true` (or `duplicate:`); a relay that answers
+//!   `rate-limited:` (or sends a `NOTICE` about rate limits) gets the event
+//!   again after a growing pause, without holding up the others.
+//! - Duplicates from several relays are dropped by event id (bounded memory).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crsync_peer::TransportError;
+use futures_util::{SinkExt, StreamExt};
+use nostr::{
+    Alphabet, ClientMessage, Event, EventId, Filter, JsonUtil, Kind, PublicKey, RelayMessage,
+    SingleLetterTag, SubscriptionId, Timestamp,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Events received from all relays, waiting for the link, at most.
+const INCOMING_CAP: usize = 256;
+/// Publications queued per relay at most; a relay further behind misses events.
+const OUTGOING_CAP: usize = 64;
+/// How long one relay may take to answer `OK`.
+const OK_TIMEOUT: Duration = Duration::from_secs(15);
+/// Retries of one event a relay refused as rate-limited.
+const RATE_LIMIT_RETRIES: u32 = 8;
+/// First pause after a rate limit; it doubles up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(500);
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+/// Events remembered for dropping duplicates.
+const SEEN_CAP: usize = 16_384;
+/// Stored events asked for per subscription.
+const STORED_LIMIT: usize = 5_000;
+
+/// Something from the relays.
+#[derive(Debug)]
+pub(crate) enum FromRelay {
+    /// A new (not yet seen) event, signature checked.
+    Event(Box<Event>),
+    /// Relay `index` sent all its stored events (`EOSE`).
+    Stored(usize),
+}
+
+/// Event ids seen recently (bounded, oldest forgotten first).
+#[derive(Debug, Default)]
+pub(crate) struct Seen {
+    set: HashSet<EventId>,
+    order: VecDeque<EventId>,
+}
+
+impl Seen {
+    /// Whether `id` is new (and remembers it).
+    pub(crate) fn insert(&mut self, id: EventId) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > SEEN_CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+struct Publish {
+    event: Event,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+struct Relay {
+    url: String,
+    up: watch::Receiver<bool>,
+    publish: mpsc::Sender<Publish>,
+    task: JoinHandle<()>,
+}
+
+/// Sockets to a set of relays, subscribed to the gift wraps for one key.
+/// Dropping it closes every socket.
+pub(crate) struct RelayPool {
+    relays: Vec<Relay>,
+    /// `since` of every (re)subscription, Unix seconds.
+    since: Arc<AtomicU64>,
+}
+
+impl Drop for RelayPool {
+    fn drop(&mut self) {
+        for r in &self.relays {
+            r.task.abort();
+        }
+    }
+}
+
+/// Settings shared by the relay tasks of a pool.
+#[derive(Clone)]
+struct Shared {
+    to: PublicKey,
+    since: Arc<AtomicU64>,
+    seen: Arc<Mutex<Seen>>,
+    incoming: mpsc::Sender<FromRelay>,
+    reconnect: crsync_peer::ReconnectPolicy,
+}
+
+impl RelayPool {
+    /// Connects to `urls` and subscribes to gift wraps for `to` created
+    /// since `since`. Waits up to `timeout` for at least one relay to be up.
+    pub(crate) async fn connect(
+        urls: &[String],
+        to: PublicKey,
+        since: u64,
+        seen: Arc<Mutex<Seen>>,
+        timeout: Duration,
+    ) -> Result<(Self, mpsc::Receiver<FromRelay>), TransportError> {
+        let (tx, incoming) = mpsc::channel(INCOMING_CAP);
+        let since = Arc::new(AtomicU64::new(since));
+        let shared = Shared {
+            to,
+            since: since.clone(),
+            seen,
+            incoming: tx,
+            reconnect: crsync_peer::ReconnectPolicy {
+                initial: Duration::from_millis(250),
+                max: Duration::from_secs(30),
+                multiplier: 2.0,
+            },
+        };
+        let mut relays = Vec::with_capacity(urls.len());
+        for (index, url) in urls.iter().enumerate() {
+            let (up_tx, up) = watch::channel(false);
+            let (publish, rx) = mpsc::channel(OUTGOING_CAP);
+            let task = tokio::spawn(run_relay(index, url.clone(), shared.clone(), up_tx, rx));
+            relays.push(Relay {
+                url: url.clone(),
+                up,
+                publish,
+                task,
+            });
+        }
+        let pool = RelayPool { relays, since };
+        let mut ups: Vec<_> = pool.relays.iter().map(|r| r.up.clone()).collect();
+        let any_up = async {
+            let waits = ups
+                .iter_mut()
+                .map(|u| Box::pin(async move { u.wait_for(|v| *v).await.is_ok() }));
+            let _ = futures_util::future::select_all(waits).await;
+        };
+        if urls.is_empty() || tokio::time::timeout(timeout, any_up).await.is_err() {
+            return Err(TransportError::Connect {
+                target: urls.join(" "),
+                source: "no relay reachable".into(),
+            });
+        }
+        Ok((pool, incoming))
+    }
+
+    /// How many relays are connected now.
+    pub(crate) fn up(&self) -> usize {
+        self.relays.iter().filter(|r| *r.up.borrow()).count()
+    }
+
+    /// Later (re)subscriptions ask only for events since this time.
+    pub(crate) fn set_since(&self, since: u64) {
+        self.since.fetch_max(since, Ordering::Relaxed);
+    }
+
+    /// Publishes `event` to every relay that is up; done at the first that
+    /// accepts it. Fails when none accepted within `timeout`.
+    pub(crate) async fn publish(
+        &self,
+        event: &Event,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
+        let mut replies = Vec::new();
+        for r in &self.relays {
+            if !*r.up.borrow() {
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            match r.publish.try_send(Publish {
+                event: event.clone(),
+                reply,
+            }) {
+                Ok(()) => replies.push(rx),
+                Err(_) => tracing::debug!(relay = %r.url, "relay is behind: it misses an event"),
+            }
+        }
+        let mut errors = Vec::new();
+        let wait = async {
+            let mut pending: Vec<_> = replies.into_iter().map(Box::pin).collect();
+            while !pending.is_empty() {
+                let (result, _, rest) = futures_util::future::select_all(pending).await;
+                match result {
+                    Ok(Ok(())) => return true,
+                    Ok(Err(e)) => errors.push(e),
+                    Err(_) => errors.push("relay connection lost".into()),
+                }
+                pending = rest;
+            }
+            false
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(true) => Ok(()),
+            Ok(false) if errors.is_empty() => {
+                Err(TransportError::Io("no relay is connected".into()))
+            }
+            Ok(false) => Err(TransportError::Io(
+                format!("no relay accepted the event: {}", errors.join("; ")).into(),
+            )),
+            Err(_) => Err(TransportError::Timeout(timeout)),
+        }
+    }
+}
+
+fn filter(to: PublicKey, since: u64) -> Filter {
+    Filter::new()
+        .kind(Kind::GiftWrap)
+        .custom_tag(SingleLetterTag::lowercase(Alphabet::P), to.to_hex())
+        .since(Timestamp::from(since))
+        .limit(STORED_LIMIT)
+}
+
+/// One relay's loop: connect, subscribe, serve, reconnect with backoff.
+async fn run_relay(
+    index: usize,
+    url: String,
+    shared: Shared,
+    up: watch::Sender<bool>,
+    mut publish: mpsc::Receiver<Publish>,
+) {
+    let mut backoff = shared.reconnect.backoff();
+    loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((socket, _)) => {
+                tracing::debug!(relay = %url, "relay connected");
+                backoff.reset();
+                up.send_replace(true);
+                let why = serve(index, &url, socket, &shared, &mut publish).await;
+                up.send_replace(false);
+                tracing::debug!(relay = %url, reason = %why, "relay connection ended");
+                if shared.incoming.is_closed() {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(relay = %url, error = %e, "cannot reach relay"),
+        }
+        // Refuse what is queued meanwhile: the others may take it.
+        let pause = backoff.next_delay(rand::random::<f64>());
+        let sleep = tokio::time::sleep(pause);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                p = publish.recv() => match p {
+                    Some(p) => { let _ = p.reply.send(Err(format!("{url}: not connected"))); }
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+/// What one relay's `OK` said.
+enum Ack {
+    Accepted,
+    RateLimited(String),
+    Refused(String),
+}
+
+async fn serve<S>(
+    index: usize,
+    url: &str,
+    socket: S,
+    shared: &Shared,
+    publish: &mut mpsc::Receiver<Publish>,
+) -> String
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
+        + Unpin,
+{
+    let (mut tx, mut rx) = socket.split();
+    let sub = SubscriptionId::new("crsync");
+    let since = shared.since.load(Ordering::Relaxed);
+    let req = ClientMessage::req(sub.clone(), vec![filter(shared.to, since)]);
+    if let Err(e) = tx.send(Message::text(req.as_json())).await {
+        return format!("cannot subscribe: {e}");
+    }
+    // The event being published, waiting for its OK, and its retries.
+    let mut in_flight: Option<(Publish, tokio::time::Instant, u32)> = None;
+    let mut pause = FIRST_PAUSE;
+    let mut paused_until: Option<tokio::time::Instant> = None;
+    let mut resubscribe_at: Option<tokio::time::Instant> = None;
+    loop {
+        let ok_deadline = in_flight.as_ref().map(|(_, at, _)| *at + OK_TIMEOUT);
+        let can_send = in_flight.is_none() && paused_until.is_none();
+        let wake = [ok_deadline, paused_until, resubscribe_at]
+            .into_iter()
+            .flatten()
+            .min();
+        let sleep = futures_util::future::OptionFuture::from(wake.map(tokio::time::sleep_until));
+        tokio::select! {
+            p = publish.recv(), if can_send => {
+                let Some(p) = p else { return "pool closed".into() };
+                let msg = ClientMessage::event(p.event.clone()).as_json();
+                if let Err(e) = tx.send(Message::text(msg)).await {
+                    let _ = p.reply.send(Err(format!("{url}: {e}")));
+                    return e.to_string();
+                }
+                in_flight = Some((p, tokio::time::Instant::now(), 0));
+            }
+            Some(()) = sleep => {
+                let now = tokio::time::Instant::now();
+                if paused_until.is_some_and(|at| at <= now) {
+                    paused_until = None;
+                    if let Some((p, _, tries)) = in_flight.take() {
+                        // Send the rate-limited event again.
+                        let msg = ClientMessage::event(p.event.clone()).as_json();
+                        if let Err(e) = tx.send(Message::text(msg)).await {
+                            let _ = p.reply.send(Err(format!("{url}: {e}")));
+                            return e.to_string();
+                        }
+                        in_flight = Some((p, now, tries));
+                    }
+                }
+                if resubscribe_at.is_some_and(|at| at <= now) {
+                    resubscribe_at = None;
+                    let since = shared.since.load(Ordering::Relaxed);
+                    let req = ClientMessage::req(sub.clone(), vec![filter(shared.to, since)]);
+                    if let Err(e) = tx.send(Message::text(req.as_json())).await {
+                        return e.to_string();
+                    }
+                }
+                let overdue = in_flight.as_ref().is_some_and(|(_, at, _)| *at + OK_TIMEOUT <= now);
+                if paused_until.is_none() && overdue {
+                    if let Some((p, _, _)) = in_flight.take() {
+                        let _ = p.reply.send(Err(format!("{url}: no OK within {OK_TIMEOUT:?}")));
+                    }
+                    return "no OK from the relay".into();
+                }
+            }
+            frame = rx.next() => {
+                let text = match frame {
+                    None => return "closed by the relay".into(),
+                    Some(Err(e)) => return e.to_string(),
+                    Some(Ok(Message::Text(t))) => t.as_str().to_owned(),
+                    Some(Ok(Message::Binary(b))) => String::from_utf8_lossy(&b).into_owned(),
+                    Some(Ok(Message::Close(_))) => return "closed by the relay".into(),
+                    Some(Ok(_)) => continue,
+                };
+                let Ok(message) = RelayMessage::from_json(&text) else {
+                    tracing::debug!(relay = %url, "undecodable relay message");
+                    continue;
+                };
+                match message {
+                    RelayMessage::Event { subscription_id, event } if *subscription_id == sub => {
+                        let event = event.into_owned();
+                        if event.verify().is_err() {
+                            tracing::debug!(relay = %url, "event with a bad id or signature dropped");
+                            continue;
+                        }
+                        let new = shared.seen.lock().map(|mut s| s.insert(event.id)).unwrap_or(true);
+                        if new && shared.incoming.send(FromRelay::Event(Box::new(event))).await.is_err() {
+                            return "pool closed".into();
+                        }
+                    }
+                    RelayMessage::EndOfStoredEvents(id)
+                        if *id == sub
+                            && shared.incoming.send(FromRelay::Stored(index)).await.is_err() =>
+                    {
+                        return "pool closed".into();
+                    }
+                    RelayMessage::Ok { event_id, status, message } => {
+                        let ack = if status || message.starts_with("duplicate:") {
+                            Ack::Accepted
+                        } else if message.starts_with("rate-limited:") {
+                            Ack::RateLimited(message.into_owned())
+                        } else {
+                            Ack::Refused(message.into_owned())
+                        };
+                        let ours = in_flight.as_ref().is_some_and(|(p, _, _)| p.event.id == event_id);
+                        if !ours {
+                            continue;
+                        }
+                        let Some((p, at, tries)) = in_flight.take() else { continue };
+                        match ack {
+                            Ack::Accepted => {
+                                pause = FIRST_PAUSE;
+                                let _ = p.reply.send(Ok(()));
+                            }
+                            Ack::RateLimited(m) if tries < RATE_LIMIT_RETRIES => {
+                                tracing::debug!(relay = %url, message = %m, ?pause, "rate-limited: pausing");
+                                paused_until = Some(tokio::time::Instant::now() + pause);
+                                pause = (pause * 2).min(MAX_PAUSE);
+                                in_flight = Some((p, at, tries + 1));
+                            }
+                            Ack::RateLimited(m) | Ack::Refused(m) => {
+                                let _ = p.reply.send(Err(format!("{url}: {m}")));
+                            }
+                        }
+                    }
+                    RelayMessage::Notice(m) => {
+                        tracing::debug!(relay = %url, notice = %m, "relay notice");
+                        if m.to_ascii_lowercase().contains("rate") && paused_until.is_none() {
+                            paused_until = Some(tokio::time::Instant::now() + pause);
+                            pause = (pause * 2).min(MAX_PAUSE);
+                        }
+                    }
+                    RelayMessage::Closed { subscription_id, message } if *subscription_id == sub => {
+                        tracing::debug!(relay = %url, reason = %message, "subscription closed by the relay; asking again later");
+                        resubscribe_at = Some(tokio::time::Instant::now() + pause);
+                        pause = (pause * 2).min(MAX_PAUSE);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
