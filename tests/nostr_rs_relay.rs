@@ -10,104 +10,12 @@
 #[path = "support/nostr_relay.rs"]
 mod support;
 
-use std::time::Duration;
-
-use futures_util::{SinkExt, StreamExt};
 use nostr::{
-    ClientMessage, Event, EventBuilder, Filter, JsonUtil, Keys, Kind, RelayMessage, SubscriptionId,
-    Tag, Timestamp,
+    ClientMessage, Event, EventBuilder, Filter, Keys, Kind, RelayMessage, SubscriptionId, Tag,
+    Timestamp,
 };
+use support::client::{Published, RelayClient as Conn};
 use support::{NostrRsRelay, RelayConfig};
-use tokio::net::TcpStream;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
-
-/// Limit on waiting for one message from the relay.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// One WebSocket connection to a relay.
-struct Conn {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-/// What the relay said about a published event (the texts are shown in
-/// failure messages).
-#[derive(Debug)]
-#[allow(dead_code)]
-enum Published {
-    Ok(bool, String),
-    /// A NOTICE instead, or the connection closed.
-    Refused(String),
-}
-
-impl Conn {
-    async fn open(url: &str) -> Conn {
-        let (ws, _) = tokio::time::timeout(REPLY_TIMEOUT, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connect in time")
-            .expect("connect");
-        Conn { ws }
-    }
-
-    async fn send(&mut self, msg: ClientMessage<'_>) {
-        self.ws
-            .send(Message::text(msg.as_json()))
-            .await
-            .expect("send");
-    }
-
-    /// The next relay message; `None` when the connection closed.
-    async fn next(&mut self) -> Option<RelayMessage<'static>> {
-        loop {
-            let frame = tokio::time::timeout(REPLY_TIMEOUT, self.ws.next())
-                .await
-                .expect("an answer from the relay in time");
-            match frame {
-                Some(Ok(Message::Text(text))) => {
-                    return Some(RelayMessage::from_json(text.as_str()).expect("relay message"));
-                }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-                Some(Ok(_)) => {}
-            }
-        }
-    }
-
-    async fn publish(&mut self, event: &Event) -> Published {
-        self.send(ClientMessage::event(event.clone())).await;
-        loop {
-            match self.next().await {
-                Some(RelayMessage::Ok {
-                    event_id,
-                    status,
-                    message,
-                }) if event_id == event.id => return Published::Ok(status, message.into_owned()),
-                Some(RelayMessage::Notice(n)) => return Published::Refused(n.into_owned()),
-                None => return Published::Refused("connection closed".into()),
-                Some(_) => {}
-            }
-        }
-    }
-
-    /// Stored events matching `filter`, up to the relay's EOSE.
-    async fn fetch(&mut self, filter: Filter) -> Vec<Event> {
-        let id = SubscriptionId::generate();
-        self.send(ClientMessage::req(id.clone(), vec![filter]))
-            .await;
-        let mut events = Vec::new();
-        loop {
-            match self.next().await.expect("relay open") {
-                RelayMessage::Event {
-                    subscription_id,
-                    event,
-                } if *subscription_id == id => events.push(event.into_owned()),
-                RelayMessage::EndOfStoredEvents(sid) if *sid == id => break,
-                RelayMessage::Closed { message, .. } => panic!("subscription closed: {message}"),
-                _ => {}
-            }
-        }
-        self.send(ClientMessage::close(id)).await;
-        events
-    }
-}
 
 fn note(keys: &Keys, content: &str) -> Event {
     EventBuilder::text_note(content)
@@ -236,4 +144,213 @@ async fn oversized_and_expired_events_are_refused() {
         !ids.contains(&expired.id) && !ids.contains(&big.id),
         "an expired or oversized event is stored ({answer:?}): {ids:?}"
     );
+}
+
+// ---- two crsync devices through the nostr-rs-relay process
+
+mod devices {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use crsync::transports::nostr::{
+        self as relay_transport, DeviceFile, Invitation, NostrDialer, PairingOutcome,
+    };
+    use crsync::{Peer, ReconnectPolicy, Store};
+    use nostr::{Filter, Kind, PublicKey};
+
+    use super::Conn;
+
+    const SCHEMA: &str =
+        "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY NOT NULL, body TEXT)";
+    /// Every wait gives up after this long.
+    pub(super) const WAIT: Duration = Duration::from_secs(60);
+
+    pub(super) struct Device {
+        pub(super) store: Store,
+        pub(super) file: DeviceFile,
+    }
+
+    pub(super) async fn device(dir: &Path, name: &str) -> Device {
+        let path = dir.join(format!("{name}.db"));
+        let store = Store::builder(&path)
+            .poll_interval(Duration::from_millis(20))
+            .open()
+            .await
+            .expect("open");
+        store
+            .write(|tx| tx.execute_batch(SCHEMA))
+            .await
+            .expect("schema");
+        store.enable_crr(&["items"]).await.expect("crr");
+        let file = DeviceFile::open_for_db(&path).expect("device file");
+        Device { store, file }
+    }
+
+    /// Pairs `a` (inviting) and `b` (joining) through `relays`; returns
+    /// (b's key as a knows it, a's key as b knows it).
+    pub(super) async fn pair(a: &Device, b: &Device, relays: &[String]) -> (String, String) {
+        let mut invite = Invitation::new(
+            &a.file,
+            a.store.site_id(),
+            "a",
+            relays.to_vec(),
+            Duration::from_secs(600),
+        )
+        .expect("invitation");
+        let code = invite.code().clone();
+        let waiting = tokio::spawn(async move { invite.next(WAIT).await });
+        let joined = relay_transport::join(&b.file, &code, b.store.site_id(), "b", WAIT)
+            .await
+            .expect("joins");
+        let PairingOutcome::Paired(on_a) = waiting.await.expect("task").expect("answers") else {
+            panic!("refused")
+        };
+        (on_a.remote_key, joined.remote_key)
+    }
+
+    pub(super) fn peer(d: &Device, remote: &str) -> Peer {
+        let peer = Peer::builder(d.store.clone())
+            .reconnect(ReconnectPolicy {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(500),
+                multiplier: 2.0,
+            })
+            .build();
+        let dialer = NostrDialer::new(d.file.clone(), remote)
+            .expect("paired")
+            .with_ack_timeout(Duration::from_secs(2))
+            .with_dial_timeout(Duration::from_secs(5));
+        drop(peer.add_dialer(dialer));
+        peer
+    }
+
+    pub(super) async fn write_rows(d: &Device, ids: impl IntoIterator<Item = i64>) {
+        for id in ids {
+            d.store
+                .write(move |tx| {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO items (id, body) VALUES (?1, ?2)",
+                        (id, format!("row {id}")),
+                    )
+                })
+                .await
+                .expect("write");
+        }
+    }
+
+    /// The rows in one transaction: one batch, one message.
+    pub(super) async fn write_txn(d: &Device, ids: std::ops::RangeInclusive<i64>) {
+        d.store
+            .write(move |tx| {
+                for id in ids {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO items (id, body) VALUES (?1, ?2)",
+                        (id, format!("row {id}")),
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .expect("write");
+    }
+
+    pub(super) fn rows(ids: impl IntoIterator<Item = i64>) -> Vec<(i64, String)> {
+        ids.into_iter().map(|i| (i, format!("row {i}"))).collect()
+    }
+
+    async fn dump(store: &Store) -> Vec<(i64, String)> {
+        store
+            .read(|c| {
+                let mut stmt = c.prepare("SELECT id, body FROM items ORDER BY id")?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<crsync::rusqlite::Result<Vec<_>>>()
+            })
+            .await
+            .expect("read")
+    }
+
+    /// Waits until every store holds exactly `expected`.
+    pub(super) async fn converge(stores: &[&Store], expected: &[(i64, String)]) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut all = true;
+            for s in stores {
+                all &= dump(s).await == expected;
+            }
+            if all {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let mut seen = Vec::new();
+                for s in stores {
+                    seen.push(dump(s).await);
+                }
+                panic!("no convergence within {WAIT:?}: {seen:?}, expected {expected:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Gift wraps (NIP-59, kind 1059) the relay stores for the pairing key `to`.
+    pub(super) async fn wraps_for(url: &str, to: &str) -> u64 {
+        let key = PublicKey::from_hex(to).expect("pairing key");
+        let mut conn = Conn::open(url).await;
+        conn.count(Filter::new().kind(Kind::GiftWrap).pubkey(key))
+            .await
+            .0
+    }
+
+    /// Waits until the relay stores more than `before` gift wraps for `to`.
+    pub(super) async fn more_wraps_for(url: &str, to: &str, before: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while wraps_for(url, to).await <= before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing published for {to} within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Two devices pair and sync through a real nostr-rs-relay process; then
+/// each writes while the other is away and goes away before the other is
+/// back (the relay restarted meanwhile, its database kept): they converge
+/// through the events it stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_sync_through_nostr_rs_relay_never_online_together() {
+    use devices::*;
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = NostrRsRelay::start();
+    let url = relay.url();
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (b_on_a, a_on_b) = pair(&a, &b, std::slice::from_ref(&url)).await;
+
+    write_rows(&a, 1..=3).await;
+    write_rows(&b, 10..=11).await;
+    let (pa, pb) = (peer(&a, &b_on_a), peer(&b, &a_on_b));
+    let mut expected = rows((1..=3).chain(10..=11));
+    converge(&[&a.store, &b.store], &expected).await;
+
+    // B is away while A writes; A goes away once the relay holds it for B.
+    pb.shutdown().await;
+    let before = wraps_for(&url, &b_on_a).await;
+    write_txn(&a, 20..=24).await;
+    more_wraps_for(&url, &b_on_a, before).await;
+    pa.shutdown().await;
+    relay.restart(true);
+    assert_eq!(relay.url(), url, "the relay came back on its port");
+    let pb = peer(&b, &a_on_b);
+    expected.extend(rows(20..=24));
+    converge(&[&b.store], &expected).await;
+
+    // And the other way round.
+    let before = wraps_for(&url, &a_on_b).await;
+    write_txn(&b, 30..=31).await;
+    more_wraps_for(&url, &a_on_b, before).await;
+    pb.shutdown().await;
+    let pa = peer(&a, &b_on_a);
+    expected.extend(rows(30..=31));
+    converge(&[&a.store], &expected).await;
+    pa.shutdown().await;
 }

@@ -308,3 +308,118 @@ fn probe(port: u16) -> Result<String, String> {
         .map(str::to_owned)
         .ok_or_else(|| format!("no name in {info}"))
 }
+
+/// A plain Nostr client over one WebSocket (`tokio-tungstenite` and the
+/// `nostr` crate's message types): publishes, fetches, counts what a relay
+/// stores.
+pub(crate) mod client {
+    use std::time::Duration;
+
+    use futures_util::{SinkExt, StreamExt};
+    use nostr::{ClientMessage, Event, Filter, JsonUtil, RelayMessage, SubscriptionId};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+    /// Limit on waiting for one message from the relay.
+    pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+    /// What the relay said about a published event (the texts are shown in
+    /// failure messages).
+    #[derive(Debug)]
+    #[allow(dead_code)]
+    pub(crate) enum Published {
+        /// `OK` with its status and message.
+        Ok(bool, String),
+        /// A NOTICE instead, or the connection closed.
+        Refused(String),
+    }
+
+    /// One WebSocket connection to a relay.
+    pub(crate) struct RelayClient {
+        ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    }
+
+    impl RelayClient {
+        pub(crate) async fn open(url: &str) -> RelayClient {
+            let (ws, _) =
+                tokio::time::timeout(REPLY_TIMEOUT, tokio_tungstenite::connect_async(url))
+                    .await
+                    .expect("connect in time")
+                    .expect("connect");
+            RelayClient { ws }
+        }
+
+        pub(crate) async fn send(&mut self, msg: ClientMessage<'_>) {
+            self.ws
+                .send(Message::text(msg.as_json()))
+                .await
+                .expect("send");
+        }
+
+        /// The next relay message; `None` when the connection closed.
+        pub(crate) async fn next(&mut self) -> Option<RelayMessage<'static>> {
+            loop {
+                let frame = tokio::time::timeout(REPLY_TIMEOUT, self.ws.next())
+                    .await
+                    .expect("an answer from the relay in time");
+                match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        return Some(
+                            RelayMessage::from_json(text.as_str()).expect("relay message"),
+                        );
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
+
+        pub(crate) async fn publish(&mut self, event: &Event) -> Published {
+            self.send(ClientMessage::event(event.clone())).await;
+            loop {
+                match self.next().await {
+                    Some(RelayMessage::Ok {
+                        event_id,
+                        status,
+                        message,
+                    }) if event_id == event.id => {
+                        return Published::Ok(status, message.into_owned());
+                    }
+                    Some(RelayMessage::Notice(n)) => return Published::Refused(n.into_owned()),
+                    None => return Published::Refused("connection closed".into()),
+                    Some(_) => {}
+                }
+            }
+        }
+
+        /// Stored events matching `filter`, up to the relay's EOSE.
+        pub(crate) async fn fetch(&mut self, filter: Filter) -> Vec<Event> {
+            let id = SubscriptionId::generate();
+            self.send(ClientMessage::req(id.clone(), vec![filter]))
+                .await;
+            let mut events = Vec::new();
+            loop {
+                match self.next().await.expect("relay open") {
+                    RelayMessage::Event {
+                        subscription_id,
+                        event,
+                    } if *subscription_id == id => events.push(event.into_owned()),
+                    RelayMessage::EndOfStoredEvents(sid) if *sid == id => break,
+                    RelayMessage::Closed { message, .. } => {
+                        panic!("subscription closed: {message}")
+                    }
+                    _ => {}
+                }
+            }
+            self.send(ClientMessage::close(id)).await;
+            events
+        }
+
+        /// How many stored events match `filter`, and their size as JSON.
+        pub(crate) async fn count(&mut self, filter: Filter) -> (u64, u64) {
+            let events = self.fetch(filter).await;
+            let bytes = events.iter().map(|e| e.as_json().len() as u64).sum();
+            (events.len() as u64, bytes)
+        }
+    }
+}

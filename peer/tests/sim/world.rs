@@ -89,9 +89,8 @@ pub struct CrsyncEnd {
     pub open_replies: BTreeSet<ReplyId>,
     next_reply: ReplyId,
     timeout: Option<Instant>,
-    /// `after_local` of the last read since the stream was last asked for
-    /// (a read from 0 after one is a rewind).
-    last_read_after: Option<i64>,
+    /// `after_local` of the last read (a drop to 0 is a rewind).
+    last_read_after: i64,
 }
 
 pub struct V1End {
@@ -938,10 +937,10 @@ impl World {
                 self.stats.reads += 1;
                 self.last_activity = self.now;
                 let link = c.link;
-                let previous = self.crsync_end(conn, end).and_then(|e| {
-                    std::mem::replace(&mut e.last_read_after, Some(hint.after_local))
+                let previous = self.crsync_end(conn, end).map_or(0, |e| {
+                    std::mem::replace(&mut e.last_read_after, hint.after_local)
                 });
-                if self.healed.is_some() && hint.after_local == 0 && previous.is_some() {
+                if self.healed.is_some() && hint.after_local == 0 && previous > 0 {
                     // a rewind (gap, ack timeout, pause); a new request counts below
                     self.links[link].healed_restarts[end] += 1;
                 }
@@ -1044,7 +1043,7 @@ impl World {
                 if self.healed.is_some() && event == SessionEvent::SyncRequested {
                     self.links[c.link].healed_restarts[end] += 1;
                     if let Some(e) = self.crsync_end(conn, end) {
-                        e.last_read_after = None;
+                        e.last_read_after = 0;
                     }
                 }
                 self.note(|| Entry::Note(format!("p{peer} conn {conn}: {event:?}")));
@@ -1457,7 +1456,7 @@ impl World {
             open_replies: BTreeSet::new(),
             next_reply: 0,
             timeout: None,
-            last_read_after: None,
+            last_read_after: 0,
         })
     }
 
