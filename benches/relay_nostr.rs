@@ -28,7 +28,6 @@ use futures_util::StreamExt;
 use nostr::{Filter, Kind};
 
 mod common;
-#[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/nostr_relay.rs"]
 mod nostr_relay;
 
