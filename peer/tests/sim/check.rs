@@ -21,7 +21,10 @@ fn components(world: &World) -> Vec<usize> {
     }
     let mut c: Vec<usize> = (0..world.peers.len()).collect();
     for link in &world.links {
-        if matches!(link.kind, LinkKind::Stream | LinkKind::SseCrsync) {
+        if matches!(
+            link.kind,
+            LinkKind::Stream | LinkKind::SseCrsync | LinkKind::Relay
+        ) {
             let (a, b) = (root(&mut c, link.dialer), root(&mut c, link.acceptor));
             c[a] = b;
         }

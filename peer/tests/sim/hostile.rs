@@ -208,6 +208,7 @@ pub fn add(scenario: &mut Scenario, share_percent: u64, kinds: &[Kind]) -> Optio
             LinkKind::Stream
         },
         faults: faults(&mut rng),
+        relay: None,
     });
     let everyone = scenario.peers.len();
     let count = rng.random_range(2..=10);

@@ -38,6 +38,24 @@ pub enum LinkKind {
     V1Client,
     /// A crsync client of a v1 server: serial POSTs, ordered SSE.
     V1Server,
+    /// Two crsync peers paired through Nostr relays ([`LinkSpec::relay`]):
+    /// store-and-forward, unordered both ways, the ends need not be online
+    /// together (see `world/relay.rs`).
+    Relay,
+}
+
+/// The relays of a [`LinkKind::Relay`] link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelaySpec {
+    /// How many relays carry every event (1 or 2): a second one delivers
+    /// copies, in its own order.
+    pub relays: usize,
+    /// Stored events expire this long after they were published (NIP-40).
+    pub ttl: Duration,
+    /// Largest event the relays take, in bytes of message JSON: a larger
+    /// message goes as numbered parts, reassembled by the receiver, and is
+    /// lost if any part is.
+    pub max_bytes: usize,
 }
 
 /// Seeded faults of one link while the scenario runs (none after the heal).
@@ -73,6 +91,8 @@ pub struct LinkSpec {
     pub acceptor: usize,
     pub kind: LinkKind,
     pub faults: Faults,
+    /// The relays, for a [`LinkKind::Relay`] link.
+    pub relay: Option<RelaySpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +162,7 @@ pub fn faults(rng: &mut StdRng) -> Faults {
     }
 }
 
-fn random_key(rng: &mut StdRng, keys: i64) -> CellKey {
+pub fn random_key(rng: &mut StdRng, keys: i64) -> CellKey {
     CellKey {
         table: rng.random_range(0..2),
         pk: rng.random_range(0..keys),
@@ -241,6 +261,7 @@ impl Scenario {
                     acceptor,
                     kind,
                     faults: faults(rng),
+                    relay: None,
                 }
             })
             .collect::<Vec<_>>();

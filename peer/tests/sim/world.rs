@@ -22,6 +22,8 @@ use super::trace::{Entry, Summary, Trace};
 use super::v1::V1Peer;
 use super::values::{CellKey, Version, cmp_versions};
 
+mod relay;
+
 /// After the heal, the run is quiescent once nothing but pings moved for this long.
 pub const QUIET: Duration = Duration::from_secs(120);
 /// The heal must reach quiescence within this much virtual time.
@@ -73,9 +75,13 @@ pub struct Link {
     pub healed_restarts: [u64; 2],
     /// and messages the sending end received that were sent before the heal.
     pub stale_received: [u64; 2],
+    /// The relays of a [`LinkKind::Relay`] link and what they store.
+    relay: Option<relay::Relays>,
 }
 
 pub struct CrsyncEnd {
+    /// Unique per session: events of a session that was replaced are void.
+    epoch: u64,
     pub session: Session,
     pub stream: Option<VecDeque<(ChangeBatch, i64)>>,
     feeding: bool,
@@ -102,6 +108,8 @@ pub struct V1End {
 pub enum End {
     Crsync(Box<CrsyncEnd>),
     V1(V1End),
+    /// A relay link's end whose peer is down: the other end goes on.
+    Down,
 }
 
 pub struct Conn {
@@ -121,22 +129,27 @@ enum Event {
         msg: Box<TransportMessage>,
         post: bool,
         sent_at: Duration,
+        /// Carried by a relay: its envelope.
+        relay: Option<relay::Envelope>,
     },
     MergeExec {
         peer: usize,
         inc: u64,
         conn: u64,
         end: usize,
+        epoch: u64,
         batch: ChangeBatch,
     },
     MergeDone {
         conn: u64,
         end: usize,
+        epoch: u64,
         result: Result<MergeOutcome, MergeFailure>,
     },
     FeedBatch {
         conn: u64,
         end: usize,
+        epoch: u64,
     },
     Notify {
         peer: usize,
@@ -174,6 +187,13 @@ enum Event {
     Heal,
     /// The hostile peer sends its `n`th forged message.
     Attack(usize),
+    /// A relay end's reorder buffer stops waiting for event `expect`.
+    RelayHold {
+        conn: u64,
+        to: usize,
+        epoch: u64,
+        expect: u64,
+    },
 }
 
 struct Scheduled {
@@ -224,6 +244,13 @@ fn direction(kind: LinkKind, from: usize) -> Dir {
         skips_control: true,
     };
     match (kind, from) {
+        // Not used: relays carry messages their own way (`relay.rs`).
+        (LinkKind::Relay, _) => Dir {
+            ordered: false,
+            serial: false,
+            post: false,
+            skips_control: false,
+        },
         (LinkKind::Stream, _) | (_, 1) => stream,
         (LinkKind::SseCrsync | LinkKind::V1Server, _) => serial_post,
         (LinkKind::V1Client, _) => Dir {
@@ -270,6 +297,9 @@ pub struct Knobs {
     /// A v1 peer reads each page of a `sync` answer separately, so merges
     /// can run between pages and shift its OFFSETs.
     pub v1_interleaved_paging: bool,
+    /// A relay link's transport hands events on in the order they come,
+    /// copies included, instead of in its sender's order.
+    pub relay_raw_order: bool,
 }
 
 pub struct World {
@@ -297,6 +327,7 @@ pub struct World {
     pub forged: BTreeMap<CellKey, Vec<Version>>,
     error: Option<String>,
     spin: (Duration, u32),
+    next_epoch: u64,
 }
 
 impl World {
@@ -346,6 +377,7 @@ impl World {
                 healed_changes: [0; 2],
                 healed_restarts: [0; 2],
                 stale_received: [0; 2],
+                relay: l.relay.map(relay::Relays::new),
             })
             .collect();
         let mut world = World {
@@ -369,6 +401,7 @@ impl World {
             forged: BTreeMap::new(),
             error: None,
             spin: (Duration::ZERO, 0),
+            next_epoch: 1,
         };
         for (at, op) in &scenario.ops {
             world.schedule_at(*at, Event::Op(op.clone()));
@@ -433,8 +466,13 @@ impl World {
     fn crsync_end(&mut self, conn: u64, end: usize) -> Option<&mut CrsyncEnd> {
         match self.conns.get_mut(&conn)?.ends.get_mut(end)? {
             End::Crsync(e) => Some(e),
-            End::V1(_) => None,
+            End::V1(_) | End::Down => None,
         }
+    }
+
+    /// The session at an end, if it is still the one of `epoch`.
+    fn crsync_end_of(&mut self, conn: u64, end: usize, epoch: u64) -> Option<&mut CrsyncEnd> {
+        self.crsync_end(conn, end).filter(|e| e.epoch == epoch)
     }
 
     fn store(&mut self, peer: usize) -> Option<&mut Store> {
@@ -461,9 +499,10 @@ impl World {
             | Event::V1Poll { peer, .. }
             | Event::PeerUp { peer, .. } => Some(*peer),
             Event::MergeDone { conn, end, .. }
-            | Event::FeedBatch { conn, end }
+            | Event::FeedBatch { conn, end, .. }
             | Event::V1Page { conn, end, .. }
-            | Event::V1Ping { conn, end } => at_end(conn, end),
+            | Event::V1Ping { conn, end }
+            | Event::RelayHold { conn, to: end, .. } => at_end(conn, end),
             Event::Redial { link, .. } => Some(self.links[*link].dialer),
             Event::Op(
                 Op::Write { peer, .. }
@@ -590,7 +629,12 @@ impl World {
                 msg,
                 post,
                 sent_at,
+                relay,
             } => {
+                if let Some(envelope) = relay {
+                    // counted as stale when its session takes it
+                    return self.relay_receive(conn, to, *msg, envelope, sent_at);
+                }
                 if let (Some(healed), Some(c)) = (self.healed, self.conns.get(&conn)) {
                     if sent_at < healed {
                         self.links[c.link].stale_received[to] += 1;
@@ -603,10 +647,14 @@ impl World {
                 inc,
                 conn,
                 end,
+                epoch,
                 batch,
             } => {
                 if self.peers[peer].inc != inc || !self.peers[peer].up {
                     return; // the process died before the merge committed
+                }
+                if self.crsync_end_of(conn, end, epoch).is_none() {
+                    return; // the session that asked is gone (a relay end restarted)
                 }
                 // Now and then the store fails (busy, disk): nothing applied.
                 let fails = self.healed.is_none() && self.rng.random_bool(STORE_FAILURE);
@@ -652,20 +700,26 @@ impl World {
                     Event::MergeDone {
                         conn,
                         end,
+                        epoch,
                         result: merged.result,
                     },
                 );
             }
-            Event::MergeDone { conn, end, result } => {
+            Event::MergeDone {
+                conn,
+                end,
+                epoch,
+                result,
+            } => {
                 let now = self.instant();
-                if let Some(e) = self.crsync_end(conn, end) {
+                if let Some(e) = self.crsync_end_of(conn, end, epoch) {
                     e.session.handle(Input::Merged(result), now);
                     self.pump(conn, end);
                 }
             }
-            Event::FeedBatch { conn, end } => {
+            Event::FeedBatch { conn, end, epoch } => {
                 let now = self.instant();
-                let Some(e) = self.crsync_end(conn, end) else {
+                let Some(e) = self.crsync_end_of(conn, end, epoch) else {
                     return;
                 };
                 e.feeding = false;
@@ -718,7 +772,13 @@ impl World {
                     self.schedule_in(Duration::from_secs(30), Event::V1Ping { conn, end });
                 }
             }
-            Event::Cut { conn } => self.close_conn(conn, "connection lost"),
+            Event::Cut { conn } => {
+                if self.is_relay(conn) {
+                    self.relay_resubscribe(conn);
+                } else {
+                    self.close_conn(conn, "connection lost")
+                }
+            }
             Event::Redial { link, token } => {
                 if self.links[link].token == token && self.links[link].conn.is_none() {
                     self.dial(link);
@@ -737,6 +797,12 @@ impl World {
             Event::Op(op) => self.op(op),
             Event::Heal => self.heal(),
             Event::Attack(n) => self.attack(n),
+            Event::RelayHold {
+                conn,
+                to,
+                epoch,
+                expect,
+            } => self.relay_hold_ends(conn, to, epoch, expect),
         }
     }
 
@@ -839,8 +905,9 @@ impl World {
             }
             if e.session.wants_batch() && e.stream.is_some() && !e.feeding {
                 e.feeding = true;
+                let epoch = e.epoch;
                 let delay = self.jitter(2);
-                self.schedule_in(delay, Event::FeedBatch { conn, end });
+                self.schedule_in(delay, Event::FeedBatch { conn, end, epoch });
                 continue;
             }
             e.timeout = e.session.poll_timeout();
@@ -858,6 +925,7 @@ impl World {
         match output {
             Output::Merge(batch) => {
                 let inc = self.peers[peer].inc;
+                let epoch = self.crsync_end(conn, end).map_or(0, |e| e.epoch);
                 let delay = self.jitter(20);
                 self.schedule_in(
                     delay,
@@ -866,6 +934,7 @@ impl World {
                         inc,
                         conn,
                         end,
+                        epoch,
                         batch,
                     },
                 );
@@ -999,6 +1068,11 @@ impl World {
                     let link = c.link;
                     self.links[link].given_up = true;
                 }
+                if !conflict && self.is_relay(conn) {
+                    // The relays stay: the Peer dials anew, a new session.
+                    self.relay_new_session(conn, end, None);
+                    return;
+                }
                 self.close_conn(conn, "closed by a session");
             }
         }
@@ -1067,6 +1141,10 @@ impl World {
             to: to_peer,
             msg: Summary::of(&msg),
         });
+        if kind == LinkKind::Relay {
+            self.relay_publish(conn, from, msg);
+            return;
+        }
         let faults = self.faults(conn);
         let latency = self.latency(conn);
         if dir.ordered {
@@ -1104,6 +1182,7 @@ impl World {
                     msg: Box::new(msg),
                     post: dir.post,
                     sent_at: self.now,
+                    relay: None,
                 },
             );
         } else {
@@ -1139,6 +1218,7 @@ impl World {
                         msg: Box::new(msg.clone()),
                         post: dir.post,
                         sent_at: self.now,
+                        relay: None,
                     },
                 );
             }
@@ -1168,6 +1248,7 @@ impl World {
                 }
                 self.pump(conn, to);
             }
+            End::Down => {}
             End::V1(_) => {
                 if self.trace.is_some() {
                     let msg = Summary::of(&msg);
@@ -1188,7 +1269,7 @@ impl World {
     fn v1_end(&mut self, conn: u64, end: usize) -> Option<&mut V1End> {
         match self.conns.get_mut(&conn)?.ends.get_mut(end)? {
             End::V1(e) => Some(e),
-            End::Crsync(_) => None,
+            End::Crsync(_) | End::Down => None,
         }
     }
 
@@ -1334,15 +1415,28 @@ impl World {
 
     // ---- connections
 
-    fn crsync_session(&self, peer: usize, side: Side) -> Option<CrsyncEnd> {
+    /// A new session at `peer`; `relay`: with the timings of a relay link
+    /// (see `relay::SESSION_TIMINGS`).
+    fn crsync_session(&mut self, peer: usize, side: Side, relay: bool) -> Option<CrsyncEnd> {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
         let Node::Crsync(store) = &self.peers[peer].node else {
             return None;
         };
+        let (ack_timeout, ping_interval, liveness_timeout) = if relay {
+            relay::SESSION_TIMINGS
+        } else {
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(30),
+                Some(Duration::from_secs(75)),
+            )
+        };
         let config = SessionConfig {
             window: self.peers[peer].window,
-            ack_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(30),
-            liveness_timeout: Some(Duration::from_secs(75)),
+            ack_timeout,
+            ping_interval,
+            liveness_timeout,
             side,
             trust: if self.own_site_trust {
                 Trust::default_for(side)
@@ -1360,6 +1454,7 @@ impl World {
         );
         session.set_staged(store.staged_seqs());
         Some(CrsyncEnd {
+            epoch,
             session,
             stream: None,
             feeding: false,
@@ -1389,6 +1484,10 @@ impl World {
             let l = &self.links[link];
             (l.dialer, l.acceptor, l.kind)
         };
+        if kind == LinkKind::Relay {
+            self.relay_dial(link);
+            return;
+        }
         if !self.peers[dialer].up {
             return; // dials again when it is back
         }
@@ -1399,27 +1498,28 @@ impl World {
         }
         let ends = match kind {
             LinkKind::Stream => (
-                self.crsync_session(dialer, Side::Dialed)
+                self.crsync_session(dialer, Side::Dialed, false)
                     .map(|e| End::Crsync(Box::new(e))),
-                self.crsync_session(acceptor, Side::Accepted)
+                self.crsync_session(acceptor, Side::Accepted, false)
                     .map(|e| End::Crsync(Box::new(e))),
             ),
             LinkKind::SseCrsync => (
-                self.crsync_session(dialer, Side::Dialed)
+                self.crsync_session(dialer, Side::Dialed, false)
                     .map(|e| End::Crsync(Box::new(e))),
-                self.crsync_session(acceptor, Side::Accepted)
+                self.crsync_session(acceptor, Side::Accepted, false)
                     .map(|e| End::Crsync(Box::new(e))),
             ),
             LinkKind::V1Client => (
                 self.v1_conn_end(dialer, false).map(End::V1),
-                self.crsync_session(acceptor, Side::Accepted)
+                self.crsync_session(acceptor, Side::Accepted, false)
                     .map(|e| End::Crsync(Box::new(e))),
             ),
             LinkKind::V1Server => (
-                self.crsync_session(dialer, Side::Dialed)
+                self.crsync_session(dialer, Side::Dialed, false)
                     .map(|e| End::Crsync(Box::new(e))),
                 self.v1_conn_end(acceptor, true).map(End::V1),
             ),
+            LinkKind::Relay => (None, None),
         };
         let (Some(a), Some(b)) = ends else {
             self.fail(format!("link {link}: peer kinds do not fit {kind:?}"));
@@ -1446,7 +1546,7 @@ impl World {
         });
         let dialer_site = self.peers[dialer].site;
         match kind {
-            LinkKind::Stream => {}
+            LinkKind::Stream | LinkKind::Relay => {}
             // The SSE server synthesizes the client's `connect` (node-server host.rs).
             LinkKind::SseCrsync | LinkKind::V1Client => {
                 let connect = TransportMessage {
@@ -1497,6 +1597,7 @@ impl World {
     fn peer_up(&mut self, peer: usize) {
         self.peers[peer].up = true;
         self.note(|| Entry::Note(format!("p{peer} is up")));
+        self.relay_peer_up(peer);
         if matches!(self.peers[peer].node, Node::V1(_)) {
             let inc = self.peers[peer].inc;
             let delay = self.jitter(5_000);
@@ -1569,7 +1670,11 @@ impl World {
             }
             Op::Cut { link } => {
                 if let Some(conn) = self.links[link].conn {
-                    self.close_conn(conn, "cut");
+                    if self.is_relay(conn) {
+                        self.relay_resubscribe(conn);
+                    } else {
+                        self.close_conn(conn, "cut");
+                    }
                 }
             }
             Op::Restart { peer, down } => {
@@ -1583,7 +1688,11 @@ impl World {
                     .map(|(id, _)| *id)
                     .collect();
                 for conn in conns {
-                    self.close_conn(conn, "peer restarts");
+                    if self.is_relay(conn) {
+                        self.relay_end_down(conn, peer);
+                    } else {
+                        self.close_conn(conn, "peer restarts");
+                    }
                 }
                 if let Some(store) = self.store(peer) {
                     store.restart();
@@ -1629,6 +1738,7 @@ impl World {
     fn heal(&mut self) {
         self.healed = Some(self.now);
         self.last_activity = self.now;
+        self.relay_heal();
         // What waits at an end from before the heal counts as stale too:
         // messages queued behind a merge, and the merge itself.
         let backlog: Vec<(usize, usize, u64)> = self
@@ -1644,7 +1754,7 @@ impl World {
                             e,
                             x.inbox.len() as u64 + u64::from(x.session.is_busy()),
                         )),
-                        End::V1(_) => None,
+                        End::V1(_) | End::Down => None,
                     })
             })
             .collect();
