@@ -42,7 +42,7 @@ async fn warm_up_relaying(dir: &std::path::Path, store: &Store) {
     for i in 0..8i64 {
         w.write(move |tx| tx.execute("INSERT INTO tags VALUES (?1, 'warm', NULL)", [9000 + i]))
             .await
-            .unwrap();
+            .expect("write on the warm-up store");
         sync(&w, store).await;
         let hint = ReadHint {
             after_local,
