@@ -4,17 +4,15 @@
 //! restarted empty, unrelated pairs on one relay, foreign and replayed events.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 use std::time::Duration;
 
-use crsync::transports::nostr::{self, DeviceFile, Invitation, NostrDialer, PairingOutcome};
-use crsync::{Peer, ReconnectPolicy, SqlValue, Store};
+use crsync::transports::nostr::{self, Invitation, NostrDialer, PairingOutcome};
+use crsync::{SqlValue, Store};
 use nostr_relay_builder::prelude::{LocalRelay, RateLimit, RelayBuilder};
 
-const SCHEMA: &str =
-    "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY NOT NULL, body TEXT)";
-/// Every wait in these tests gives up after this long.
-const WAIT: Duration = Duration::from_secs(60);
+#[path = "support/nostr_devices.rs"]
+mod devices;
+use devices::{Device, WAIT, device, pair, peer};
 
 async fn relay_on(port: u16) -> (LocalRelay, String) {
     let mut builder = RelayBuilder::default()
@@ -41,71 +39,6 @@ fn port_of(url: &str) -> u16 {
         .next()
         .and_then(|p| p.parse().ok())
         .expect("port")
-}
-
-struct Device {
-    store: Store,
-    file: DeviceFile,
-}
-
-async fn device(dir: &Path, name: &str) -> Device {
-    let path = dir.join(format!("{name}.db"));
-    let store = Store::builder(&path)
-        .poll_interval(Duration::from_millis(20))
-        .open()
-        .await
-        .expect("open");
-    store
-        .write(|tx| tx.execute_batch(SCHEMA))
-        .await
-        .expect("schema");
-    store.enable_crr(&["items"]).await.expect("crr");
-    let file = DeviceFile::open_for_db(&path).expect("device file");
-    Device { store, file }
-}
-
-/// Pairs `a` (inviting) and `b` (joining) through `relays`.
-async fn pair(a: &Device, b: &Device, relays: &[String]) -> (String, String) {
-    let mut invite = Invitation::new(
-        &a.file,
-        a.store.site_id(),
-        "a",
-        relays.to_vec(),
-        Duration::from_secs(600),
-    )
-    .expect("invitation");
-    let code = invite.code().clone();
-    let waiting = tokio::spawn(async move { invite.next(WAIT).await });
-    let joined = nostr::join(&b.file, &code, b.store.site_id(), "b", WAIT)
-        .await
-        .expect("joins");
-    let PairingOutcome::Paired(on_a) = waiting.await.expect("task").expect("answers") else {
-        panic!("refused")
-    };
-    assert_eq!(on_a.site(), Some(b.store.site_id()));
-    assert_eq!(joined.site(), Some(a.store.site_id()));
-    (on_a.remote_key, joined.remote_key)
-}
-
-fn peer(d: &Device, remotes: &[&str], relays: Option<&[String]>) -> Peer {
-    let peer = Peer::builder(d.store.clone())
-        .reconnect(ReconnectPolicy {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-            multiplier: 2.0,
-        })
-        .build();
-    for r in remotes {
-        let mut dialer = NostrDialer::new(d.file.clone(), r)
-            .expect("paired")
-            .with_ack_timeout(Duration::from_secs(2))
-            .with_dial_timeout(Duration::from_secs(5));
-        if let Some(relays) = relays {
-            dialer = dialer.with_relays(relays.to_vec());
-        }
-        drop(peer.add_dialer(dialer));
-    }
-    peer
 }
 
 async fn write(d: &Device, id: i64, body: &str) {

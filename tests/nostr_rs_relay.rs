@@ -148,80 +148,22 @@ async fn oversized_and_expired_events_are_refused() {
 
 // ---- two crsync devices through the nostr-rs-relay process
 
+#[path = "support/nostr_devices.rs"]
+mod shared_devices;
+
 mod devices {
-    use std::path::Path;
     use std::time::Duration;
 
-    use crsync::transports::nostr::{
-        self as relay_transport, DeviceFile, Invitation, NostrDialer, PairingOutcome,
-    };
-    use crsync::{Peer, ReconnectPolicy, Store};
+    use crsync::{Peer, Store};
     use nostr::{Filter, Kind, PublicKey};
 
     use super::Conn;
 
-    const SCHEMA: &str =
-        "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY NOT NULL, body TEXT)";
-    /// Every wait gives up after this long.
-    pub(super) const WAIT: Duration = Duration::from_secs(60);
+    pub(super) use super::shared_devices::{Device, WAIT, device, pair};
 
-    pub(super) struct Device {
-        pub(super) store: Store,
-        pub(super) file: DeviceFile,
-    }
-
-    pub(super) async fn device(dir: &Path, name: &str) -> Device {
-        let path = dir.join(format!("{name}.db"));
-        let store = Store::builder(&path)
-            .poll_interval(Duration::from_millis(20))
-            .open()
-            .await
-            .expect("open");
-        store
-            .write(|tx| tx.execute_batch(SCHEMA))
-            .await
-            .expect("schema");
-        store.enable_crr(&["items"]).await.expect("crr");
-        let file = DeviceFile::open_for_db(&path).expect("device file");
-        Device { store, file }
-    }
-
-    /// Pairs `a` (inviting) and `b` (joining) through `relays`; returns
-    /// (b's key as a knows it, a's key as b knows it).
-    pub(super) async fn pair(a: &Device, b: &Device, relays: &[String]) -> (String, String) {
-        let mut invite = Invitation::new(
-            &a.file,
-            a.store.site_id(),
-            "a",
-            relays.to_vec(),
-            Duration::from_secs(600),
-        )
-        .expect("invitation");
-        let code = invite.code().clone();
-        let waiting = tokio::spawn(async move { invite.next(WAIT).await });
-        let joined = relay_transport::join(&b.file, &code, b.store.site_id(), "b", WAIT)
-            .await
-            .expect("joins");
-        let PairingOutcome::Paired(on_a) = waiting.await.expect("task").expect("answers") else {
-            panic!("refused")
-        };
-        (on_a.remote_key, joined.remote_key)
-    }
-
+    /// A Peer on `d` dialing the paired device `remote` through its relays.
     pub(super) fn peer(d: &Device, remote: &str) -> Peer {
-        let peer = Peer::builder(d.store.clone())
-            .reconnect(ReconnectPolicy {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(500),
-                multiplier: 2.0,
-            })
-            .build();
-        let dialer = NostrDialer::new(d.file.clone(), remote)
-            .expect("paired")
-            .with_ack_timeout(Duration::from_secs(2))
-            .with_dial_timeout(Duration::from_secs(5));
-        drop(peer.add_dialer(dialer));
-        peer
+        super::shared_devices::peer(d, &[remote], None)
     }
 
     pub(super) async fn write_rows(d: &Device, ids: impl IntoIterator<Item = i64>) {
