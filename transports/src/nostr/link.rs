@@ -59,6 +59,57 @@ struct Following {
     epoch: Option<(Epoch, u64)>,
 }
 
+/// What is saved of the paired device: the reader keeps it up to date as it
+/// hands messages on; it is written every [`SAVE_EVERY`] and when the link
+/// ends, also when the Peer drops the stream (which aborts the reader).
+#[derive(Debug, Default)]
+struct Progress {
+    epoch: Option<Epoch>,
+    seen_until: u64,
+    cursor: Option<Cursor>,
+    site: Option<SiteId>,
+    dirty: bool,
+}
+
+struct Record {
+    file: DeviceFile,
+    remote: String,
+    pool: Arc<RelayPool>,
+    progress: Mutex<Progress>,
+}
+
+impl Record {
+    /// Writes what changed since the last save, if anything did.
+    fn save(&self) {
+        let Ok(mut p) = self.progress.lock() else {
+            return;
+        };
+        if !std::mem::replace(&mut p.dirty, false) {
+            return;
+        }
+        let epoch = p.epoch.map(|e| (e.id_hex(), e.started));
+        let (seen, cursor) = (p.seen_until, p.cursor.clone());
+        let site = p.site.map(|s| s.to_hex());
+        drop(p);
+        let result = self.file.update(&self.remote, |d| {
+            d.seen_until = d.seen_until.max(seen);
+            if epoch.is_some() {
+                d.remote_epoch = epoch;
+            }
+            if cursor.is_some() {
+                d.remote_cursor = cursor;
+            }
+            if d.remote_site.is_none() {
+                d.remote_site = site;
+            }
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot save the paired device's record");
+        }
+        self.pool.set_since(seen.saturating_sub(super::JITTER_SECS));
+    }
+}
+
 /// Everything a link needs; built by the dialer.
 pub(crate) struct LinkParts {
     pub(crate) keys: Keys,
@@ -81,13 +132,22 @@ pub(crate) fn connection(parts: LinkParts) -> Connection {
     let local_epoch = Epoch::new();
     let following = Arc::new(Mutex::new(Following::default()));
     let (tx, rx) = mpsc::channel(DELIVER_CAP);
+    let record = Arc::new(Record {
+        file: parts.file,
+        remote: parts.remote.to_hex(),
+        pool: parts.pool.clone(),
+        progress: Mutex::new(Progress {
+            seen_until: parts.seen_until,
+            ..Progress::default()
+        }),
+    });
     let reader = Reader {
         local_epoch,
         keys: parts.keys.clone(),
         remote: parts.remote,
         remote_site: parts.remote_site,
         pool: parts.pool.clone(),
-        file: parts.file,
+        record: record.clone(),
         following: following.clone(),
         out: tx,
         reassembly: Reassembly::new(REASSEMBLY_MESSAGES, REASSEMBLY_BYTES),
@@ -99,14 +159,13 @@ pub(crate) fn connection(parts: LinkParts) -> Connection {
         skip_before: parts.seen_until,
         seen_until: parts.seen_until,
         request_delivered: false,
-        dirty: false,
     };
     let task = tokio::spawn(reader.run(parts.incoming));
-    let stream =
-        futures_util::stream::unfold((rx, AbortOnDrop(task)), |(mut rx, guard)| async move {
-            let item = rx.recv().await?;
-            Some((item, (rx, guard)))
-        });
+    let guard = EndOnDrop { task, record };
+    let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        let item = rx.recv().await?;
+        Some((item, (rx, guard)))
+    });
     let writer = Writer {
         keys: parts.keys,
         remote: parts.remote,
@@ -127,11 +186,17 @@ pub(crate) fn connection(parts: LinkParts) -> Connection {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Ends the reader with the stream, and saves what it processed before the
+/// Peer goes on (a next session, even in this process, must find it).
+struct EndOnDrop {
+    task: tokio::task::JoinHandle<()>,
+    record: Arc<Record>,
+}
 
-impl Drop for AbortOnDrop {
+impl Drop for EndOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
+        self.record.save();
     }
 }
 
@@ -196,7 +261,7 @@ struct Reader {
     remote: PublicKey,
     remote_site: Option<SiteId>,
     pool: Arc<RelayPool>,
-    file: DeviceFile,
+    record: Arc<Record>,
     following: Arc<Mutex<Following>>,
     out: mpsc::Sender<Result<Received, TransportError>>,
     reassembly: Reassembly,
@@ -208,7 +273,6 @@ struct Reader {
     skip_before: u64,
     seen_until: u64,
     request_delivered: bool,
-    dirty: bool,
 }
 
 /// The reader stops: the Peer dropped the stream.
@@ -240,8 +304,8 @@ impl Reader {
                     } else {
                         down_since = None;
                     }
-                    if self.dirty && last_save.elapsed() >= SAVE_EVERY {
-                        self.save();
+                    if last_save.elapsed() >= SAVE_EVERY {
+                        self.record.save();
                         last_save = Instant::now();
                     }
                     continue;
@@ -283,33 +347,10 @@ impl Reader {
                 }
             }
         };
-        self.save();
+        self.record.save();
         if let Some(e) = end {
             let _ = self.out.send(Err(e)).await;
         }
-    }
-
-    fn save(&mut self) {
-        self.dirty = false;
-        let epoch = self.current.map(|e| (e.id_hex(), e.started));
-        let (seen, cursor) = (self.seen_until, self.remote_cursor.clone());
-        let site = self.remote_site.map(|s| s.to_hex());
-        let result = self.file.update(&self.remote.to_hex(), |d| {
-            d.seen_until = d.seen_until.max(seen);
-            if epoch.is_some() {
-                d.remote_epoch = epoch;
-            }
-            if cursor.is_some() {
-                d.remote_cursor = cursor;
-            }
-            if d.remote_site.is_none() {
-                d.remote_site = site;
-            }
-        });
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "cannot save the paired device's record");
-        }
-        self.pool.set_since(seen.saturating_sub(super::JITTER_SECS));
     }
 
     /// Puts the stored messages in order and hands them on; stands in for
@@ -411,7 +452,6 @@ impl Reader {
             _ => {}
         }
         self.seen_until = self.seen_until.max(whole.created_at);
-        self.dirty = true;
         if self.current.is_none_or(|c| whole.epoch > c) {
             self.current = Some(whole.epoch);
             let offset = self.high_water;
@@ -432,6 +472,13 @@ impl Reader {
                     .get_or_insert_with(Cursor::new)
                     .join(cursor);
             }
+        }
+        if let Ok(mut p) = self.record.progress.lock() {
+            p.epoch = self.current;
+            p.seen_until = self.seen_until;
+            p.cursor.clone_from(&self.remote_cursor);
+            p.site = self.remote_site;
+            p.dirty = true;
         }
         let take = match message.kind {
             MessageKind::Connect => {
