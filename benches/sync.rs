@@ -46,7 +46,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use crsync::rusqlite::{Connection, OpenFlags};
-use crsync::server::{Server, ServerConfig, TokenConfig};
 use crsync::transports::{SseDialer, WebSocketDialer};
 use crsync::{ChangeSource, DbVersion, Peer, PeerEvent, SiteId, Store};
 use futures_util::{Stream, StreamExt};
@@ -133,31 +132,7 @@ fn child_store(src: &Path, dst: &Path) -> anyhow::Result<()> {
 /// `child server DIR`: the node-server on 127.0.0.1:0; prints `ADDR <addr>`,
 /// serves until stdin closes, then prints `PEAK <kib> <cpu secs>`.
 fn child_server(dir: &Path) -> anyhow::Result<()> {
-    let schema = dir.join("schema.sql");
-    std::fs::write(&schema, format!("{SCHEMA};\n"))?;
-    let mut config = ServerConfig::default();
-    config.bind = "127.0.0.1:0".parse()?;
-    config.data_dir = dir.join("data");
-    config.schema = Some(schema);
-    config.allow_create = true;
-    config.token_env = String::new();
-    config.shutdown_timeout = Duration::from_secs(5);
-    let mut token = TokenConfig::new(TOKEN, ["*"]);
-    token.create = true;
-    config.tokens = vec![token];
-    runtime()?.block_on(async {
-        let server = Server::bind(config).await?;
-        println!("ADDR {}", server.local_addr());
-        let stop = stdin_closed();
-        server
-            .serve(async move {
-                let _ = stop.await;
-            })
-            .await?;
-        anyhow::Ok(())
-    })?;
-    print_usage();
-    Ok(())
+    common::serve_until_stdin_closes(common::bench_server_config(dir, TOKEN)?)
 }
 
 fn add_dialer(peer: &Peer, transport: &str, addr: &str) -> anyhow::Result<()> {

@@ -388,3 +388,43 @@ pub(crate) struct Usage {
 pub(crate) fn mib(u: Usage) -> String {
     format!("{:.1} MiB ({:.1} s CPU)", u.mib, u.cpu)
 }
+
+/// The benchmarks' server: 127.0.0.1:0, databases under `dir/data` created
+/// on first use with the bench table, one bearer token (`token`) that may
+/// create them.
+pub(crate) fn bench_server_config(
+    dir: &Path,
+    token: &str,
+) -> anyhow::Result<crsync::server::ServerConfig> {
+    let schema = dir.join("schema.sql");
+    std::fs::write(&schema, format!("{SCHEMA};\n"))?;
+    let mut config = crsync::server::ServerConfig::default();
+    config.bind = "127.0.0.1:0".parse()?;
+    config.data_dir = dir.join("data");
+    config.schema = Some(schema);
+    config.allow_create = true;
+    config.token_env = String::new();
+    config.shutdown_timeout = Duration::from_secs(5);
+    let mut bearer = crsync::server::TokenConfig::new(token, ["*"]);
+    bearer.create = true;
+    config.tokens = vec![bearer];
+    Ok(config)
+}
+
+/// A `child server` role: serves `config`, printing `ADDR <addr>` once it
+/// listens, until stdin closes; then prints `PEAK <kib> <cpu secs>`.
+pub(crate) fn serve_until_stdin_closes(config: crsync::server::ServerConfig) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let server = crsync::server::Server::bind(config).await?;
+        println!("ADDR {}", server.local_addr());
+        let stop = stdin_closed();
+        server
+            .serve(async move {
+                let _ = stop.await;
+            })
+            .await?;
+        anyhow::Ok(())
+    })?;
+    print_usage();
+    Ok(())
+}

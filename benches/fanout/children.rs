@@ -4,12 +4,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use crsync::server::{Server, ServerConfig, TokenConfig};
 use crsync::transports::{SseDialer, WebSocketDialer};
 use crsync::{Peer, PeerEvent, Store};
 use futures_util::StreamExt;
 
-use crate::common::{SCHEMA, STEP_TIMEOUT, items_checksum, print_usage, runtime, stdin_closed};
+use crate::common::{SCHEMA, STEP_TIMEOUT, items_checksum, print_usage, runtime};
 use crate::{CATCHUP_TIMEOUT, DB_NAME, TOKEN, now_us};
 
 /// Caps given to the server: far above any client count here.
@@ -18,35 +17,12 @@ const SERVER_MAX_CONNECTIONS: usize = 50_000;
 /// `child server DIR`: the node-server on 127.0.0.1:0 with raised limits;
 /// prints `ADDR <addr>`, serves until stdin closes, then prints `PEAK`.
 pub(crate) fn server(dir: &Path) -> anyhow::Result<()> {
-    let schema = dir.join("schema.sql");
-    std::fs::write(&schema, format!("{SCHEMA};\n"))?;
-    let mut config = ServerConfig::default();
-    config.bind = "127.0.0.1:0".parse()?;
-    config.data_dir = dir.join("data");
-    config.schema = Some(schema);
-    config.allow_create = true;
-    config.token_env = String::new();
-    config.shutdown_timeout = Duration::from_secs(5);
+    let mut config = crate::common::bench_server_config(dir, TOKEN)?;
     config.limits.max_connections = SERVER_MAX_CONNECTIONS;
     config.limits.max_connections_per_token = SERVER_MAX_CONNECTIONS;
     config.limits.rate_per_token = 0;
     config.limits.rate_per_database = 0;
-    let mut token = TokenConfig::new(TOKEN, ["*"]);
-    token.create = true;
-    config.tokens = vec![token];
-    runtime()?.block_on(async {
-        let server = Server::bind(config).await?;
-        println!("ADDR {}", server.local_addr());
-        let stop = stdin_closed();
-        server
-            .serve(async move {
-                let _ = stop.await;
-            })
-            .await?;
-        anyhow::Ok(())
-    })?;
-    print_usage();
-    Ok(())
+    crate::common::serve_until_stdin_closes(config)
 }
 
 /// `child peer TRANSPORT ADDR DB`: a full Peer dialing the server. Prints
