@@ -276,11 +276,7 @@ fn read_snapshot(
         .with_max_bytes(limits.max_bytes)
         .with_claim_limits(claim_limits)
         .with_staged(hint.staged.clone());
-    let mut stmt = conn.prepare(
-        "SELECT c.\"table\", c.pk, c.cid, c.val, c.col_version, c.db_version, c.site_id, c.cl, c.seq, o.origin_version \
-         FROM crsql_changes AS c LEFT JOIN crsync_origin AS o ON o.local_version = c.db_version \
-         WHERE c.db_version > ?1 ORDER BY c.db_version, c.seq",
-    )?;
+    let mut stmt = conn.prepare(CHANGES_AFTER_SQL)?;
     let mut rows = stmt.query(params![from])?;
     // The local version of the last row pushed: a batch returned by `push`
     // holds rows up to the one before the current.
@@ -290,42 +286,13 @@ fn read_snapshot(
         batch
     };
     while let Some(row) = rows.next()? {
-        let site_bytes: Vec<u8> = row.get(6)?;
-        let site = SiteId::from_slice(&site_bytes).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Blob, Box::new(e))
-        })?;
         let local: i64 = row.get(5)?;
         if hint.skips(local) {
             continue;
         }
-        let origin_version = if site == own_site {
-            local
-        } else {
-            // Rows merged by something other than crsync have no origin record:
-            // their local version is the best we know.
-            row.get::<_, Option<i64>>(9)?.unwrap_or(local)
-        };
-        let change = Change {
-            table: row.get(0)?,
-            pk: PackedPk(row.get(1)?),
-            cid: row.get(2)?,
-            val: row.get(3)?,
-            col_version: row.get(4)?,
-            db_version: DbVersion(origin_version),
-            site_id: site,
-            cl: row.get(7)?,
-            seq: row.get(8)?,
-        };
-        let read_before = last_local;
+        let change = change_of_row(row, own_site)?;
+        let upto = covered_before(last_local, local);
         last_local = local;
-        // Rows of `read_before`'s version continue into the next batch only
-        // if they belong to the same transaction (a part holds some of its
-        // rows, never all), so a batch covers versions below `local`.
-        let upto = if read_before < local {
-            read_before
-        } else {
-            local - 1
-        };
         if let Some(batch) = builder.push(change) {
             if tx.blocking_send(Ok((stamp(batch), upto))).is_err() {
                 return Ok(()); // the consumer went away
@@ -336,6 +303,54 @@ fn read_snapshot(
         let _ = tx.blocking_send(Ok((stamp(batch), end.max(last_local))));
     }
     Ok(())
+}
+
+/// Every row of `crsql_changes` above a local version (`?1`), in `(local
+/// version, seq)` order, with its origin version where crsync merged it:
+/// read by [`change_of_row`].
+pub(super) const CHANGES_AFTER_SQL: &str = "SELECT c.\"table\", c.pk, c.cid, c.val, c.col_version, c.db_version, c.site_id, c.cl, c.seq, o.origin_version \
+     FROM crsql_changes AS c LEFT JOIN crsync_origin AS o ON o.local_version = c.db_version \
+     WHERE c.db_version > ?1 ORDER BY c.db_version, c.seq";
+
+/// The change a row of [`CHANGES_AFTER_SQL`] holds, as it is sent: with its
+/// origin's version (its local one, `row.get(5)`, for our own rows).
+pub(super) fn change_of_row(row: &rusqlite::Row<'_>, own_site: SiteId) -> rusqlite::Result<Change> {
+    let site_bytes: Vec<u8> = row.get(6)?;
+    let site = SiteId::from_slice(&site_bytes).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Blob, Box::new(e))
+    })?;
+    let local: i64 = row.get(5)?;
+    let origin_version = if site == own_site {
+        local
+    } else {
+        // Rows merged by something other than crsync have no origin record:
+        // their local version is the best we know.
+        row.get::<_, Option<i64>>(9)?.unwrap_or(local)
+    };
+    Ok(Change {
+        table: row.get(0)?,
+        pk: PackedPk(row.get(1)?),
+        cid: row.get(2)?,
+        val: row.get(3)?,
+        col_version: row.get(4)?,
+        db_version: DbVersion(origin_version),
+        site_id: site,
+        cl: row.get(7)?,
+        seq: row.get(8)?,
+    })
+}
+
+/// The local version a batch covers when it ends before a row at `local`,
+/// the previous row being at `read_before`: rows of `read_before`'s version
+/// continue into the next batch only if they belong to the same transaction
+/// (a part holds some of its rows, never all), so the batch covers versions
+/// below `local`.
+pub(super) fn covered_before(read_before: i64, local: i64) -> i64 {
+    if read_before < local {
+        read_before
+    } else {
+        local - 1
+    }
 }
 
 /// Per site, what batches before the last may claim of a stream reading

@@ -23,6 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
+use super::reader::covered_before;
 use crate::proto::batch::ClaimLimits;
 use crate::wire::{ChangeEncoder, Encoding, WireCache, change_json};
 use crate::{
@@ -439,15 +440,9 @@ impl TailStream {
             if row.local <= self.after || self.hint.skips(row.local) || !row.live() {
                 continue;
             }
-            let read_before = self.last_local;
+            // As the file reader counts it.
+            let upto = covered_before(self.last_local, row.local);
             self.last_local = row.local;
-            // As the file reader: a batch covers versions below this row's,
-            // or below its transaction when it continues one.
-            let upto = if read_before < row.local {
-                read_before
-            } else {
-                row.local - 1
-            };
             if let Some(batch) = builder.push(row.change.clone()) {
                 return Some((stamp(batch, self.schema_version), upto));
             }

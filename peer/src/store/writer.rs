@@ -10,13 +10,14 @@ use tokio::sync::{broadcast, oneshot};
 use super::conflicts::{self, Conflict, ConflictQuery, Recorder, Retention, apply_change};
 use super::error::{EnableError, MergeError, OpenError, StoreError};
 use super::identity::{self, CopiedFile};
+use super::reader::{CHANGES_AFTER_SQL, change_of_row};
 use super::remotes::{self, RemoteRecord};
 use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
 use super::staging::{self, HeldPart, HeldParts, Staged};
 use super::tail::{CommitRows, LiveTail, TAIL_MAX_COMMIT_CHANGES};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
 use crate::proto::batch::{MergePlan, PartAction, check_part, completed_by, plan_merge};
-use crate::{Change, ChangeBatch, Cursor, DbVersion, PackedPk, SiteId, telemetry};
+use crate::{ChangeBatch, Cursor, DbVersion, SiteId, telemetry};
 
 /// Prepared statements the writer keeps (rusqlite's default is 16).
 const STATEMENT_CACHE: usize = 128;
@@ -788,40 +789,14 @@ fn committed_rows(
     own_site: SiteId,
     since: i64,
 ) -> rusqlite::Result<(CommitRows, Option<i64>)> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT c.\"table\", c.pk, c.cid, c.val, c.col_version, c.db_version, c.site_id, c.cl, c.seq, o.origin_version \
-         FROM crsql_changes AS c LEFT JOIN crsync_origin AS o ON o.local_version = c.db_version \
-         WHERE c.db_version > ?1 ORDER BY c.db_version, c.seq",
-    )?;
+    let mut stmt = conn.prepare_cached(CHANGES_AFTER_SQL)?;
     let mut rows = stmt.query([since])?;
     let mut out = CommitRows::default();
     let mut newest = None;
     while let Some(row) = rows.next()? {
-        let site_bytes: Vec<u8> = row.get(6)?;
-        let site = SiteId::from_slice(&site_bytes).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Blob, Box::new(e))
-        })?;
         let local: i64 = row.get(5)?;
         newest = newest.max(Some(local));
-        let origin = if site == own_site {
-            local
-        } else {
-            row.get::<_, Option<i64>>(9)?.unwrap_or(local)
-        };
-        out.push(
-            local,
-            Change {
-                table: row.get(0)?,
-                pk: PackedPk(row.get(1)?),
-                cid: row.get(2)?,
-                val: row.get(3)?,
-                col_version: row.get(4)?,
-                db_version: DbVersion(origin),
-                site_id: site,
-                cl: row.get(7)?,
-                seq: row.get(8)?,
-            },
-        );
+        out.push(local, change_of_row(row, own_site)?);
     }
     Ok((out, newest))
 }
