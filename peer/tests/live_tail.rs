@@ -33,6 +33,26 @@ async fn file_view(dir: &std::path::Path, name: &str) -> Store {
     open_store_with(dir, name, |b| b.live_tail(false)).await
 }
 
+/// The stream `a` (in `dir`, file `a.db`) gives a receiver at `from`, from
+/// its live tail, checked against a read of the file with the same hint:
+/// same batches, same `read_upto`. Returns the tail's batches and the file's.
+async fn tail_and_file(
+    dir: &std::path::Path,
+    a: &Store,
+    from: &Cursor,
+    hint: &ReadHint,
+    limits: BatchLimits,
+) -> (Vec<ChangeBatch>, Vec<ChangeBatch>) {
+    let (tail, tail_upto, memory) = collect(a, from, hint, limits).await;
+    assert!(memory, "a caught-up stream comes from the live tail");
+    let file = file_view(dir, "a.db").await;
+    let (read, read_upto, memory) = collect(&file, from, hint, limits).await;
+    assert!(!memory);
+    assert_eq!(tail, read, "the tail's batches are the file's");
+    assert_eq!(tail_upto, read_upto);
+    (tail, read)
+}
+
 /// Makes `store` keep merged rows in its tail, as a server does once a few
 /// of its sessions asked for what it merged from someone else: until then a
 /// merge's rows are not read back, and a stream that needs them reads the file.
@@ -97,13 +117,7 @@ async fn a_caught_up_stream_comes_from_memory_and_equals_a_read_of_the_file() {
         ..ReadHint::default()
     };
     let from = b.cursor().await.unwrap();
-    let (tail, tail_upto, memory) = collect(&a, &from, &hint, limits).await;
-    assert!(memory, "a caught-up stream comes from the live tail");
-    let file = file_view(dir.path(), "a.db").await;
-    let (read, read_upto, memory) = collect(&file, &from, &hint, limits).await;
-    assert!(!memory);
-    assert_eq!(tail, read, "the tail's batches are the file's");
-    assert_eq!(tail_upto, read_upto);
+    let (tail, _) = tail_and_file(dir.path(), &a, &from, &hint, limits).await;
     for batch in tail {
         b.merge(batch).await.unwrap();
     }
@@ -137,11 +151,7 @@ async fn rows_merged_from_the_receiver_are_left_out_without_reading_them() {
     };
     hint.skip(lo, hi);
     let from = c.cursor().await.unwrap();
-    let (tail, _, memory) = collect(&a, &from, &hint, limits).await;
-    assert!(memory);
-    let file = file_view(dir.path(), "a.db").await;
-    let (read, _, _) = collect(&file, &from, &hint, limits).await;
-    assert_eq!(tail, read);
+    let (tail, _) = tail_and_file(dir.path(), &a, &from, &hint, limits).await;
     let sent: Vec<i64> = tail
         .iter()
         .flat_map(|b| &b.changes)
@@ -182,13 +192,8 @@ async fn a_transaction_larger_than_a_batch_goes_in_the_same_parts_as_from_the_fi
         max_changes: 64,
         max_bytes: 4 << 10,
     };
-    let (tail, tail_upto, memory) = collect(&a, &Cursor::new(), &hint, small).await;
-    assert!(memory);
+    let (tail, _) = tail_and_file(dir.path(), &a, &Cursor::new(), &hint, small).await;
     assert!(tail.len() > 2 && tail[0].part.is_some(), "{}", tail.len());
-    let file = file_view(dir.path(), "a.db").await;
-    let (read, read_upto, _) = collect(&file, &Cursor::new(), &hint, small).await;
-    assert_eq!(tail, read);
-    assert_eq!(tail_upto, read_upto);
 }
 
 #[tokio::test]
@@ -318,10 +323,7 @@ async fn a_message_from_the_tail_is_the_same_json_as_one_encoded_per_session() {
         after_local: upto,
         ..ReadHint::default()
     };
-    let (tail, _, memory) = collect(&a, &Cursor::new(), &hint, limits).await;
-    assert!(memory);
-    let file = file_view(dir.path(), "a.db").await;
-    let (read, _, _) = collect(&file, &Cursor::new(), &hint, limits).await;
+    let (tail, read) = tail_and_file(dir.path(), &a, &Cursor::new(), &hint, limits).await;
     assert!(!tail.is_empty() && tail.iter().all(|b| b.wire.is_set()));
     assert!(read.iter().all(|b| !b.wire.is_set()));
     for encoding in [Encoding::V1, Encoding::Lossless] {
