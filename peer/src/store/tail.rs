@@ -72,6 +72,10 @@ pub(super) struct TailCommit {
     /// A merge whose rows were not read (no session has wanted a merge's
     /// rows yet): a stream that needs them reads the file.
     unread: bool,
+    /// Rows a merge wrote (read back for sessions that relay them).
+    merge: bool,
+    /// A stream was built from this commit's rows.
+    served: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -90,6 +94,8 @@ struct TailState {
     /// The sender's cursor at `head` (what a stream may claim).
     sender: Cursor,
     schema_version: i64,
+    /// Merges read back in a row that left the tail before any stream used them.
+    unserved_merges: u32,
 }
 
 /// The shared live tail of one Store (see the module docs).
@@ -99,6 +105,10 @@ pub(super) struct LiveTail {
     /// Streams that found a merge's rows unread and needed them.
     needed_unread: AtomicU32,
 }
+
+/// After this many merges in a row whose rows were read but left the tail
+/// unserved, merges are no longer read back (see [`TailState::evict_first`]).
+const UNSERVED_MERGES_OFF: u32 = 8;
 
 /// After this many streams needed a merge's unread rows, every merge's rows
 /// are read into the tail (a few, since a session can ask before it has
@@ -114,6 +124,8 @@ pub(super) struct CommitRows {
     overflowed: bool,
     /// Not read: a merge at these local versions.
     unread: Option<(i64, i64)>,
+    /// The rows a merge wrote, read back.
+    merge: bool,
 }
 
 /// What a row costs the tail: the change and its strings, its wire JSON once
@@ -131,6 +143,12 @@ impl CommitRows {
             unread: Some((first, last)),
             ..CommitRows::default()
         }
+    }
+
+    /// Marks the rows as a merge's, read back for the sessions that relay them.
+    pub(super) fn merged(mut self) -> Self {
+        self.merge = true;
+        self
     }
 
     /// A commit not kept: it empties the tail.
@@ -177,6 +195,7 @@ impl LiveTail {
                 bytes: 0,
                 sender: Cursor::new(),
                 schema_version: 0,
+                unserved_merges: 0,
             }),
             needed_unread: AtomicU32::new(0),
         }
@@ -223,6 +242,8 @@ impl LiveTail {
                 rows: Vec::new(),
                 bytes: 0,
                 unread: true,
+                merge: true,
+                served: AtomicBool::new(false),
             };
             state.commits.push_back(Arc::new(commit));
             while state.commits.len() > TAIL_MAX_COMMITS {
@@ -242,12 +263,23 @@ impl LiveTail {
             rows: rows.rows,
             bytes: rows.bytes,
             unread: false,
+            merge: rows.merge,
+            served: AtomicBool::new(false),
         });
         let seq = state.first_seq + state.commits.len() as u64;
         state.supersede(&commit, seq);
         state.commits.push_back(commit);
         while state.commits.len() > TAIL_MAX_COMMITS || state.bytes > TAIL_MAX_BYTES {
-            state.evict_first();
+            if state.evict_first() {
+                state.unserved_merges += 1;
+            }
+        }
+        if state.unserved_merges >= UNSERVED_MERGES_OFF {
+            // Whoever wanted merges' rows (a session catching up from the
+            // file, say, during an initial sync) no longer reads them from
+            // here: stop reading them back until streams need them again.
+            state.unserved_merges = 0;
+            self.needed_unread.store(0, Ordering::Relaxed);
         }
     }
 
@@ -291,16 +323,18 @@ impl LiveTail {
         let sender = state.sender.clone();
         let schema_version = state.schema_version;
         drop(state);
-        let rows = || {
-            commits
-                .iter()
-                .flat_map(|c| c.rows.iter())
-                .filter(|r| r.local > after && !hint.skips(r.local) && r.live())
-        };
         let mut claims = ClaimLimits::new(receiver.clone());
-        for row in rows() {
-            if row.change.site_id != own_site {
-                claims.note(row.local, row.change.site_id, row.change.db_version);
+        for commit in &commits {
+            let mut sends = false;
+            let rows = commit.rows.iter();
+            for row in rows.filter(|r| r.local > after && !hint.skips(r.local) && r.live()) {
+                sends = true;
+                if row.change.site_id != own_site {
+                    claims.note(row.local, row.change.site_id, row.change.db_version);
+                }
+            }
+            if sends && commit.merge && !commit.served.load(Ordering::Relaxed) {
+                commit.served.store(true, Ordering::Relaxed);
             }
         }
         let builder = BatchBuilder::new(receiver.clone(), sender.clone(), limits.max_changes)
@@ -367,11 +401,18 @@ impl TailState {
         }
     }
 
-    /// Drops the oldest commit; its rows leave the index.
-    fn evict_first(&mut self) {
+    /// Drops the oldest commit; its rows leave the index. Returns whether
+    /// it was a merge whose rows were read back and no stream used; resets
+    /// the count of such merges when a stream used one.
+    fn evict_first(&mut self) -> bool {
         let Some(old) = self.commits.pop_front() else {
-            return;
+            return false;
         };
+        let served = old.served.load(Ordering::Relaxed);
+        if served {
+            self.unserved_merges = 0;
+        }
+        let unserved = old.merge && !old.unread && !served;
         let seq = self.first_seq;
         self.first_seq += 1;
         self.bytes -= old.bytes;
@@ -394,6 +435,7 @@ impl TailState {
                 }
             }
         }
+        unserved
     }
 }
 
@@ -496,4 +538,101 @@ fn same_cell_write(a: &Change, b: &Change) -> bool {
         && a.cid == b.cid
         && a.pk == b.pk
         && a.table == b.table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DbVersion, SqlValue};
+
+    fn site(n: u8) -> SiteId {
+        SiteId::from_slice(&[n; 16]).expect("site")
+    }
+
+    /// A merge of `n` rows from site 2, at local versions from `local`.
+    fn merge(local: i64, n: usize) -> CommitRows {
+        let mut rows = CommitRows::default();
+        for i in 0..n as i64 {
+            rows.push(
+                local + i,
+                Change {
+                    table: "t".into(),
+                    pk: PackedPk::pack(&[SqlValue::Integer(local + i)]),
+                    cid: "x".into(),
+                    val: SqlValue::Text(vec![b'v'; 1000]),
+                    col_version: 1,
+                    db_version: DbVersion(local + i),
+                    site_id: site(2),
+                    cl: 1,
+                    seq: 0,
+                },
+            );
+        }
+        rows.merged()
+    }
+
+    /// Appends merges of 100 rows until one pushed an older one out.
+    fn fill(tail: &Arc<LiveTail>, head: &mut i64, commits: usize) {
+        for _ in 0..commits {
+            tail.append(merge(*head + 1, 100), *head + 100, Cursor::new(), 0);
+            *head += 100;
+        }
+    }
+
+    fn wanted(tail: &LiveTail) {
+        tail.needed_unread.store(WANTED_AFTER, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn merges_stop_being_read_back_when_they_leave_the_tail_unused() {
+        let tail = Arc::new(LiveTail::new());
+        tail.append(CommitRows::default(), 0, Cursor::new(), 0);
+        wanted(&tail);
+        let mut head = 0;
+        while tail.read().base == 0 {
+            fill(&tail, &mut head, 1);
+        }
+        assert!(tail.wants_merged_rows(), "one merge left unused");
+        fill(&tail, &mut head, UNSERVED_MERGES_OFF as usize);
+        assert!(
+            !tail.wants_merged_rows(),
+            "merges that left unserved turn the read-back off"
+        );
+        // A stream that needs merged rows again turns it back on.
+        for _ in 0..WANTED_AFTER {
+            tail.append(
+                CommitRows::unread(head + 1, head + 1),
+                head + 1,
+                Cursor::new(),
+                0,
+            );
+            head += 1;
+            let hint = ReadHint {
+                after_local: head - 1,
+                ..ReadHint::default()
+            };
+            let stream = tail.stream(site(1), &Cursor::new(), &hint, BatchLimits::default());
+            assert!(stream.is_none(), "unread: from the file");
+        }
+        assert!(tail.wants_merged_rows());
+    }
+
+    #[test]
+    fn merges_a_stream_uses_keep_being_read_back() {
+        let tail = Arc::new(LiveTail::new());
+        tail.append(CommitRows::default(), 0, Cursor::new(), 0);
+        wanted(&tail);
+        let mut head = 0;
+        for _ in 0..400 {
+            fill(&tail, &mut head, 1);
+            // A caught-up receiver reads each new commit from the tail.
+            let hint = ReadHint {
+                after_local: head - 100,
+                ..ReadHint::default()
+            };
+            let stream = tail.stream(site(1), &Cursor::new(), &hint, BatchLimits::default());
+            assert!(stream.is_some(), "in the tail");
+        }
+        assert!(tail.wants_merged_rows());
+    }
 }

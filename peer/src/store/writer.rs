@@ -12,7 +12,7 @@ use super::error::{EnableError, MergeError, OpenError, StoreError};
 use super::identity::{self, CopiedFile};
 use super::reader::{CHANGES_AFTER_SQL, change_of_row};
 use super::remotes::{self, RemoteRecord};
-use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, table_columns};
+use super::schema::{BOOTSTRAP_SQL, Schema, load_remote_cursor, quote_ident, table_columns};
 use super::staging::{self, HeldPart, HeldParts, Staged};
 use super::tail::{CommitRows, LiveTail, TAIL_MAX_COMMIT_CHANGES};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
@@ -447,9 +447,9 @@ impl Writer {
         let (newest, rows) = if small && tail.is_some_and(|t| t.wants_merged_rows()) {
             let (rows, newest) = committed_rows(&self.conn, self.site, base)?;
             self.own_version = self.own_version.max(newest.unwrap_or(0));
-            (newest, rows)
+            (newest, rows.merged())
         } else {
-            let newest = self.rows_since(base)?.1;
+            let newest = self.newest_local_in(&report.tables, base)?;
             let rows = match newest {
                 Some(newest) if small => CommitRows::unread(base + 1, newest),
                 Some(_) => CommitRows::too_large(),
@@ -713,6 +713,30 @@ impl Writer {
     fn rows_since(&mut self, since: i64) -> rusqlite::Result<(BTreeSet<String>, Option<i64>)> {
         let (tables, newest, _) = self.rows_since_counted(since)?;
         Ok((tables, newest))
+    }
+
+    /// The newest local version above `since` that holds rows of `tables`
+    /// (and moves `own_version` to it): an index seek in each table's clock,
+    /// where [`rows_since`](Self::rows_since) reads every row back.
+    fn newest_local_in(
+        &mut self,
+        tables: &BTreeSet<String>,
+        since: i64,
+    ) -> rusqlite::Result<Option<i64>> {
+        let mut newest = None;
+        for table in tables {
+            let clock = quote_ident(&format!("{table}__crsql_clock"));
+            let sql = format!("SELECT max(db_version) FROM {clock} WHERE db_version > ?1");
+            let version: Option<i64> = self
+                .conn
+                .prepare_cached(&sql)?
+                .query_row([since], |r| r.get(0))?;
+            newest = newest.max(version);
+        }
+        if let Some(version) = newest {
+            self.own_version = self.own_version.max(version);
+        }
+        Ok(newest)
     }
 
     /// As [`rows_since`](Self::rows_since), with the number of rows.
