@@ -336,3 +336,26 @@ async fn the_device_back_gets_what_the_other_wrote_meanwhile() {
     pa.shutdown().await;
     pb.shutdown().await;
 }
+
+/// The relay is killed and restarted empty while A runs, before B starts:
+/// A's stream (its `sync`) is gone, and A's link never heard of B; B's
+/// `sync` on the new relay gets a fresh stream from A. The in-process test
+/// of `tests/nostr.rs` on a real relay process, whose sockets end with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restarted_empty_gets_a_fresh_stream_from_the_device_that_stayed() {
+    use devices::*;
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = NostrRsRelay::start();
+    let url = relay.url();
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (b_on_a, a_on_b) = pair(&a, &b, std::slice::from_ref(&url)).await;
+    let pa = peer(&a, &b_on_a);
+    write_rows(&a, 1..=4).await;
+    more_wraps_for(&url, &b_on_a, 0).await;
+    relay.restart(false);
+    assert_eq!(relay.url(), url, "the relay came back on its port");
+    let pb = peer(&b, &a_on_b);
+    converge(&[&a.store, &b.store], &rows(1..=4)).await;
+    pa.shutdown().await;
+    pb.shutdown().await;
+}

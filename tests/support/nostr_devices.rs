@@ -20,8 +20,17 @@ pub struct Device {
     pub file: DeviceFile,
 }
 
+/// Logs to stderr as `RUST_LOG` says (nothing without it), once per process.
+pub fn trace() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Opens `<name>.db` in `dir` with the test table as a CRR.
 pub async fn device(dir: &Path, name: &str) -> Device {
+    trace();
     let path = dir.join(format!("{name}.db"));
     let store = Store::builder(&path)
         .poll_interval(Duration::from_millis(20))
