@@ -50,7 +50,46 @@ async fn tail_and_file(
     assert!(!memory);
     assert_eq!(tail, read, "the tail's batches are the file's");
     assert_eq!(tail_upto, read_upto);
+    same_messages_to_send(a, from, hint, limits, &read).await;
     (tail, read)
+}
+
+/// What a session sends from the tail (stand-in changes, JSON kept by the
+/// tail) is, message for message, the JSON of the file's batches `read`.
+async fn same_messages_to_send(
+    a: &Store,
+    from: &Cursor,
+    hint: &ReadHint,
+    limits: BatchLimits,
+    read: &[ChangeBatch],
+) {
+    use crsync_peer::wire::{Encoding, TransportMessage};
+    let mut s = a
+        .changes_since_hinted(from, hint, limits)
+        .await
+        .expect("open a change stream");
+    let mut to_send = Vec::new();
+    while let Some(b) = s.next_batch_to_send().await {
+        to_send.push(b.expect("read a batch"));
+    }
+    assert_eq!(to_send.len(), read.len());
+    for (sent, own) in to_send.iter().zip(read) {
+        assert_eq!(sent.ranges, own.ranges);
+        assert_eq!(sent.part, own.part);
+        let origins = |b: &ChangeBatch| -> Vec<_> {
+            b.changes
+                .iter()
+                .map(|c| (c.site_id, c.db_version, c.seq, c.col_version, c.cl))
+                .collect()
+        };
+        assert_eq!(origins(sent), origins(own));
+        for encoding in [Encoding::V1, Encoding::Lossless] {
+            let site = a.site_id();
+            let m1 = TransportMessage::data(site, sent, false, 3, encoding);
+            let m2 = TransportMessage::data(site, own, false, 3, encoding);
+            assert_eq!(m1.to_json(), m2.to_json(), "the same JSON is sent");
+        }
+    }
 }
 
 /// Makes `store` keep merged rows in its tail, as a server does once a few

@@ -350,7 +350,7 @@ async fn run_inner(
                     core.handle(Input::Received { message, reply }, Instant::now());
                 }
             },
-            Some(batch) = OptionFuture::from(reading.as_mut().map(|s| s.next_batch())), if want_batch => {
+            Some(batch) = OptionFuture::from(reading.as_mut().map(|s| s.next_batch_to_send())), if want_batch => {
                 let input = match batch {
                     Some(Ok(batch)) => {
                         tracing::trace!(batch = %BatchSummary(&batch), "read");

@@ -357,6 +357,8 @@ pub struct BatchBuilder {
     txn_claimable: bool,
     /// What the receiver staged (see [`ReadHint::staged`]).
     staged: BTreeMap<(SiteId, DbVersion), i64>,
+    /// The estimated wire size of each change in `current`.
+    sizes: Vec<usize>,
 }
 
 impl BatchBuilder {
@@ -376,6 +378,7 @@ impl BatchBuilder {
             part_after: None,
             txn_claimable: false,
             staged: BTreeMap::new(),
+            sizes: Vec::new(),
         }
     }
 
@@ -410,6 +413,13 @@ impl BatchBuilder {
     /// when this change opens a new transaction and the batch is full, or
     /// when it continues a transaction that fills a batch alone (a part).
     pub fn push(&mut self, change: Change) -> Option<ChangeBatch> {
+        let size = change.approx_wire_size();
+        self.push_sized(change, size)
+    }
+
+    /// As [`push`](Self::push), with the change's estimated wire size given
+    /// (for a sender that knows it, or that pushes a stand-in for the change).
+    pub(crate) fn push_sized(&mut self, change: Change, size: usize) -> Option<ChangeBatch> {
         let (site, version) = change.origin();
         let key = (site, version);
         let mut done = None;
@@ -451,6 +461,8 @@ impl BatchBuilder {
                 // The batch is full of earlier transactions: they go alone,
                 // and this one starts the next batch.
                 let tail = self.current.changes.split_off(start);
+                let tail_sizes = self.sizes.split_off(start);
+                self.sizes.clear();
                 let mut front = std::mem::take(&mut self.current);
                 match range_before {
                     Some(range) => front.ranges.insert(site, range),
@@ -459,19 +471,21 @@ impl BatchBuilder {
                 debug_assert!(self.current_bytes >= bytes_before);
                 self.current_bytes = 0;
                 done = Some(self.seal(front));
-                for change in tail {
-                    self.add(change);
+                for (change, size) in tail.into_iter().zip(tail_sizes) {
+                    self.add(change, size);
                 }
             } else if !self.txn_claimable {
                 // Unclaimed, the transaction is cut like a v1 peer's.
                 let batch = std::mem::take(&mut self.current);
                 self.current_bytes = 0;
+                self.sizes.clear();
                 done = Some(self.seal(batch));
             } else {
                 // The transaction alone fills a batch: what it has so far
                 // goes as a part.
                 let after_seq = self.part_after.unwrap_or(-1);
                 let mut part = std::mem::take(&mut self.current);
+                self.sizes.clear();
                 let upto_seq = part.changes.iter().map(|c| c.seq).max();
                 let upto_seq = upto_seq.unwrap_or(after_seq).max(after_seq);
                 part.ranges.remove(&site);
@@ -487,7 +501,7 @@ impl BatchBuilder {
                 done = Some(self.seal(part));
             }
         }
-        self.add(change);
+        self.add(change, size);
         done
     }
 
@@ -511,7 +525,7 @@ impl BatchBuilder {
     }
 
     /// Adds a change to the batch in progress, and its claim to the batch's ranges.
-    fn add(&mut self, change: Change) {
+    fn add(&mut self, change: Change, size: usize) {
         let (site, version) = change.origin();
         let within_limit = self.limits.get(&site).is_none_or(|limit| version <= *limit);
         if !within_limit && self.sender.holds(&site, version) {
@@ -526,7 +540,8 @@ impl BatchBuilder {
                 .or_insert(VersionRange { after, upto: after });
             range.upto = range.upto.max(version);
         }
-        self.current_bytes += change.approx_wire_size();
+        self.current_bytes += size;
+        self.sizes.push(size);
         self.current.changes.push(change);
     }
 
@@ -535,6 +550,7 @@ impl BatchBuilder {
     fn seal_current(&mut self) -> ChangeBatch {
         let mut batch = std::mem::take(&mut self.current);
         self.current_bytes = 0;
+        self.sizes.clear();
         batch.part = self.last_part(&batch);
         self.part_after = None;
         self.seal(batch)

@@ -50,9 +50,25 @@ impl ChangeStream {
 
     /// The next batch, or `None` when the stream is complete.
     pub async fn next_batch(&mut self) -> Option<Result<ChangeBatch, StoreError>> {
+        self.next(false).await
+    }
+
+    /// The next batch for a sender that only encodes it: from the live
+    /// tail, its changes are stand-ins holding only their origin (site,
+    /// version, `seq`) and clocks, and [`TransportMessage::data`] writes
+    /// their JSON from what the tail keeps, shared by every session. Read
+    /// anything else of them through [`next_batch`](Self::next_batch).
+    ///
+    /// [`TransportMessage::data`]: crate::wire::TransportMessage::data
+    #[doc(hidden)]
+    pub async fn next_batch_to_send(&mut self) -> Option<Result<ChangeBatch, StoreError>> {
+        self.next(true).await
+    }
+
+    async fn next(&mut self, to_send: bool) -> Option<Result<ChangeBatch, StoreError>> {
         let item = match &mut self.source {
             Source::File(batches) => batches.recv().await?,
-            Source::Tail(tail) => Ok(tail.next_batch()?),
+            Source::Tail(tail) => Ok(tail.next_batch(to_send)?),
         };
         Some(item.map(|(batch, upto)| {
             self.read_upto = upto;
@@ -93,7 +109,7 @@ impl futures_core::Stream for ChangeStream {
                 Poll::Ready(item) => item,
                 Poll::Pending => return Poll::Pending,
             },
-            Source::Tail(tail) => tail.next_batch().map(Ok),
+            Source::Tail(tail) => tail.next_batch(false).map(Ok),
         };
         Poll::Ready(item.map(|item| {
             item.map(|(batch, upto)| {

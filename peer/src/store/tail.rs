@@ -28,7 +28,7 @@ use crate::proto::batch::ClaimLimits;
 use crate::wire::{ChangeEncoder, Encoding, WireCache, change_json};
 use crate::{
     BatchBuilder, BatchLimits, Change, ChangeBatch, Cursor, PackedPk, ReadHint, SENTINEL_CID,
-    SiteId,
+    SiteId, SqlValue,
 };
 
 /// Commits kept at most.
@@ -45,6 +45,8 @@ pub const TAIL_MAX_COMMIT_CHANGES: usize = 8192;
 pub(super) struct TailRow {
     pub(super) local: i64,
     pub(super) change: Change,
+    /// Its estimated wire size ([`Change::approx_wire_size`]).
+    wire_size: usize,
     /// A later commit overwrote this cell (or deleted its row).
     superseded: AtomicBool,
     /// Its wire JSON, per [`Encoding`], encoded by the first session that sends it.
@@ -88,8 +90,6 @@ struct TailState {
     first_seq: u64,
     /// The tail's rows of each database row, to mark what a commit overwrites.
     cells: HashMap<(String, PackedPk), RowCells>,
-    /// Each change by its origin (site, version, `seq`): commit number and row index.
-    by_origin: HashMap<(SiteId, i64, i64), (u64, usize)>,
     bytes: usize,
     /// The sender's cursor at `head` (what a stream may claim).
     sender: Cursor,
@@ -131,8 +131,8 @@ pub(super) struct CommitRows {
 /// What a row costs the tail: the change and its strings, its wire JSON once
 /// encoded, and its entries in the cell and origin indexes (measured about
 /// 700-800 bytes for a small change, whose wire estimate is about 200).
-fn row_memory(change: &Change) -> usize {
-    2 * change.approx_wire_size() + 400
+fn row_memory(wire_size: usize) -> usize {
+    2 * wire_size + 400
 }
 
 impl CommitRows {
@@ -170,10 +170,12 @@ impl CommitRows {
             self.bytes = 0;
             return;
         }
-        self.bytes += row_memory(&change);
+        let wire_size = change.approx_wire_size();
+        self.bytes += row_memory(wire_size);
         self.rows.push(TailRow {
             local,
             change,
+            wire_size,
             superseded: AtomicBool::new(false),
             json: Default::default(),
         });
@@ -191,7 +193,6 @@ impl LiveTail {
                 commits: VecDeque::new(),
                 first_seq: 0,
                 cells: HashMap::new(),
-                by_origin: HashMap::new(),
                 bytes: 0,
                 sender: Cursor::new(),
                 schema_version: 0,
@@ -311,7 +312,7 @@ impl LiveTail {
             return None;
         }
         let first = state.commits.partition_point(|c| c.last_local <= after);
-        let commits: Vec<Arc<TailCommit>> = state.commits.range(first..).cloned().collect();
+        let commits: Arc<[Arc<TailCommit>]> = state.commits.range(first..).cloned().collect();
         let needs_unread = commits.iter().any(|c| {
             c.unread && (c.first_local.max(after + 1)..=c.last_local).any(|v| !hint.skips(v))
         });
@@ -324,7 +325,7 @@ impl LiveTail {
         let schema_version = state.schema_version;
         drop(state);
         let mut claims = ClaimLimits::new(receiver.clone());
-        for commit in &commits {
+        for commit in commits.iter() {
             let mut sends = false;
             let rows = commit.rows.iter();
             for row in rows.filter(|r| r.local > after && !hint.skips(r.local) && r.live()) {
@@ -342,7 +343,6 @@ impl LiveTail {
             .with_claim_limits(claims.finish())
             .with_staged(hint.staged.clone());
         Some(TailStream {
-            wire: WireCache::new(self.clone()),
             commits,
             at: (0, 0),
             after,
@@ -361,7 +361,6 @@ impl TailState {
         self.first_seq += self.commits.len() as u64;
         self.commits.clear();
         self.cells.clear();
-        self.by_origin.clear();
         self.bytes = 0;
         self.head = self.head.max(head);
         self.base = self.head;
@@ -396,8 +395,6 @@ impl TailState {
                 !overwritten
             });
             cells.push((c.cid.clone(), seq, index));
-            self.by_origin
-                .insert((c.site_id, c.db_version.0, c.seq), (seq, index));
         }
     }
 
@@ -418,15 +415,6 @@ impl TailState {
         self.bytes -= old.bytes;
         self.base = old.last_local;
         for row in &old.rows {
-            let c = &row.change;
-            let origin = (c.site_id, c.db_version.0, c.seq);
-            if self
-                .by_origin
-                .get(&origin)
-                .is_some_and(|(at, _)| *at == seq)
-            {
-                self.by_origin.remove(&origin);
-            }
             let key = (row.change.table.clone(), row.change.pk.clone());
             if let Some(cells) = self.cells.get_mut(&key) {
                 cells.retain(|(_, at, _)| *at != seq);
@@ -443,7 +431,7 @@ impl TailState {
 /// the tail's head would give.
 #[derive(Debug)]
 pub(super) struct TailStream {
-    commits: Vec<Arc<TailCommit>>,
+    commits: Arc<[Arc<TailCommit>]>,
     /// The next row: commit index, row index.
     at: (usize, usize),
     after: i64,
@@ -454,8 +442,6 @@ pub(super) struct TailStream {
     /// `None` once the last batch was returned.
     builder: Option<BatchBuilder>,
     snapshot: Cursor,
-    /// The tail, as the batches' encoder.
-    wire: WireCache,
 }
 
 impl TailStream {
@@ -465,19 +451,20 @@ impl TailStream {
     }
 
     /// The next batch and the local version it covers (as the file reader's).
-    pub(super) fn next_batch(&mut self) -> Option<(ChangeBatch, i64)> {
+    ///
+    /// With `to_send`, the batch's changes are stand-ins that hold only what
+    /// a sender reads of them (origin site, version, `seq`, clocks; no
+    /// table, key, column or value), and their wire JSON comes from the
+    /// batch's encoder: what a session sends costs no copy of any change.
+    /// Without it they are the changes themselves.
+    pub(super) fn next_batch(&mut self, to_send: bool) -> Option<(ChangeBatch, i64)> {
         let builder = self.builder.as_mut()?;
-        let wire = &self.wire;
-        let stamp = |mut batch: ChangeBatch, version: i64| {
-            batch.schema_version = Some(version);
-            batch.wire = wire.clone();
-            batch
-        };
         while let Some(commit) = self.commits.get(self.at.0) {
             let Some(row) = commit.rows.get(self.at.1) else {
                 self.at = (self.at.0 + 1, 0);
                 continue;
             };
+            let position = (self.at.0 as i64) << 32 | self.at.1 as i64;
             self.at.1 += 1;
             if row.local <= self.after || self.hint.skips(row.local) || !row.live() {
                 continue;
@@ -485,59 +472,107 @@ impl TailStream {
             // As the file reader counts it.
             let upto = covered_before(self.last_local, row.local);
             self.last_local = row.local;
-            if let Some(batch) = builder.push(row.change.clone()) {
-                return Some((stamp(batch, self.schema_version), upto));
+            // The builder reads only the origin, `seq` and size; the row's
+            // position travels in `col_version` until the batch is sealed.
+            let stand_in = Change {
+                table: String::new(),
+                pk: PackedPk(Vec::new()),
+                cid: String::new(),
+                val: SqlValue::Null,
+                col_version: position,
+                db_version: row.change.db_version,
+                site_id: row.change.site_id,
+                cl: row.change.cl,
+                seq: row.change.seq,
+            };
+            if let Some(batch) = builder.push_sized(stand_in, row.wire_size) {
+                return Some((self.seal(batch, to_send), upto));
             }
         }
         let last = self.builder.take()?.finish()?;
-        Some((
-            stamp(last, self.schema_version),
-            self.end.max(self.last_local),
-        ))
+        let upto = self.end.max(self.last_local);
+        Some((self.seal(last, to_send), upto))
+    }
+
+    /// Turns the builder's stand-ins into the batch's changes (see
+    /// [`next_batch`](Self::next_batch)), and gives it its encoder.
+    fn seal(&self, mut batch: ChangeBatch, to_send: bool) -> ChangeBatch {
+        let mut positions = Vec::with_capacity(batch.changes.len());
+        for change in &mut batch.changes {
+            let position = change.col_version;
+            let at = ((position >> 32) as usize, (position & 0xffff_ffff) as usize);
+            let row = &self.commits[at.0].rows[at.1];
+            if to_send {
+                change.col_version = row.change.col_version;
+            } else {
+                *change = row.change.clone();
+            }
+            positions.push(at);
+        }
+        batch.schema_version = Some(self.schema_version);
+        batch.wire = WireCache::new(Arc::new(TailBatchWire {
+            commits: self.commits.clone(),
+            positions,
+        }));
+        batch
     }
 }
 
-impl ChangeEncoder for LiveTail {
-    /// Each change's JSON as kept with its row (encoded by the first session
-    /// that sends it); a change the tail no longer holds is encoded here.
+/// The encoder of a batch from the tail: where its changes are among the
+/// stream's rows, each row's JSON encoded once for every session.
+struct TailBatchWire {
+    commits: Arc<[Arc<TailCommit>]>,
+    /// Per change of the batch, its commit and row index.
+    positions: Vec<(usize, usize)>,
+}
+
+impl TailBatchWire {
+    fn row(&self, at: (usize, usize)) -> &TailRow {
+        &self.commits[at.0].rows[at.1]
+    }
+}
+
+impl ChangeEncoder for TailBatchWire {
+    /// Each change's JSON as kept with its row. Changes are matched to the
+    /// rows by origin, in order: a change not among them (the batch was
+    /// edited since) is encoded from itself.
     fn write_json(&self, changes: &[Change], encoding: Encoding, out: &mut String) {
         let slot = match encoding {
             Encoding::V1 => 0,
             Encoding::Lossless => 1,
         };
-        let state = self.read();
+        let mut next = 0;
         for (i, change) in changes.iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
-            let key = (change.site_id, change.db_version.0, change.seq);
-            let row = state.by_origin.get(&key).and_then(|&(seq, index)| {
-                let commit = state
-                    .commits
-                    .get(seq.checked_sub(state.first_seq)? as usize)?;
-                commit
-                    .rows
-                    .get(index)
-                    .filter(|row| same_cell_write(&row.change, change))
-            });
-            match row {
-                Some(row) => out.push_str(
-                    row.json[slot].get_or_init(|| change_json(change, encoding).into_boxed_str()),
-                ),
+            let n = self.positions.len();
+            let found = (0..n)
+                .map(|k| (next + k) % n)
+                .find(|&k| same_write(&self.row(self.positions[k]).change, change));
+            match found {
+                Some(k) => {
+                    next = k + 1;
+                    let row = self.row(self.positions[k]);
+                    out.push_str(
+                        row.json[slot]
+                            .get_or_init(|| change_json(&row.change, encoding).into_boxed_str()),
+                    );
+                }
                 None => out.push_str(&change_json(change, encoding)),
             }
         }
     }
 }
 
-/// Whether two changes of the same origin (site, version, `seq`) are the same
-/// write: the same cell at the same clock (its value follows from those).
-fn same_cell_write(a: &Change, b: &Change) -> bool {
-    a.col_version == b.col_version
-        && a.cl == b.cl
-        && a.cid == b.cid
-        && a.pk == b.pk
-        && a.table == b.table
+/// Whether `change` (the change or its stand-in) is the write of `row`: the
+/// same origin (site, version, `seq`) and clocks.
+fn same_write(row: &Change, change: &Change) -> bool {
+    row.seq == change.seq
+        && row.db_version == change.db_version
+        && row.col_version == change.col_version
+        && row.cl == change.cl
+        && row.site_id == change.site_id
 }
 
 #[cfg(test)]

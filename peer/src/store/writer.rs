@@ -708,16 +708,9 @@ impl Writer {
         }
     }
 
-    /// The tables with rows at local versions above `since`, and the highest
-    /// such version; raises our own cursor entry to it (rows on disk survive a restart).
-    fn rows_since(&mut self, since: i64) -> rusqlite::Result<(BTreeSet<String>, Option<i64>)> {
-        let (tables, newest, _) = self.rows_since_counted(since)?;
-        Ok((tables, newest))
-    }
-
     /// The newest local version above `since` that holds rows of `tables`
     /// (and moves `own_version` to it): an index seek in each table's clock,
-    /// where [`rows_since`](Self::rows_since) reads every row back.
+    /// where [`rows_since_counted`](Self::rows_since_counted) reads every row back.
     fn newest_local_in(
         &mut self,
         tables: &BTreeSet<String>,
@@ -739,7 +732,9 @@ impl Writer {
         Ok(newest)
     }
 
-    /// As [`rows_since`](Self::rows_since), with the number of rows.
+    /// The tables with rows at local versions above `since`, the highest
+    /// such version, and the number of rows; raises our own cursor entry to
+    /// that version (rows on disk survive a restart).
     fn rows_since_counted(
         &mut self,
         since: i64,
