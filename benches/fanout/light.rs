@@ -71,15 +71,56 @@ pub(crate) struct WireData<'a> {
     data: Vec<WireChange<'a>>,
 }
 
-#[derive(Deserialize)]
+/// One change as a light client reads it: every field parsed, only the
+/// ones it uses kept, without allocating (`val` is read as a number only for
+/// the `qty` column, which comes before it on the wire; otherwise skipped).
 pub(crate) struct WireChange<'a> {
-    #[serde(borrow)]
     cid: Cow<'a, str>,
-    #[serde(default)]
-    val: serde_json::Value,
+    qty: Option<i64>,
     db_version: i64,
-    #[serde(borrow)]
     site_id: Cow<'a, str>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for WireChange<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = WireChange<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a change")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                use serde::de::{Error, IgnoredAny};
+                let (mut cid, mut qty, mut db_version, mut site_id) = (None, None, None, None);
+                // Borrowed: names, column names and hex ids hold no escapes.
+                while let Some(key) = map.next_key::<&'de str>()? {
+                    match key {
+                        "cid" => cid = Some(Cow::Borrowed(map.next_value::<&'de str>()?)),
+                        "val" if cid.as_deref() == Some("qty") => {
+                            qty = map.next_value::<serde_json::Number>()?.as_i64();
+                        }
+                        "db_version" => db_version = Some(map.next_value::<i64>()?),
+                        "site_id" => site_id = Some(Cow::Borrowed(map.next_value::<&'de str>()?)),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(WireChange {
+                    cid: cid.ok_or_else(|| Error::missing_field("cid"))?,
+                    qty,
+                    db_version: db_version.ok_or_else(|| Error::missing_field("db_version"))?,
+                    site_id: site_id.ok_or_else(|| Error::missing_field("site_id"))?,
+                })
+            }
+        }
+        d.deserialize_map(Fields)
+    }
 }
 
 /// One light client's protocol state: its site id and per-site cursor.
@@ -134,7 +175,7 @@ impl LightClient {
                         }
                     }
                     if change.cid == "qty" {
-                        let Some(id) = change.val.as_i64() else {
+                        let Some(id) = change.qty else {
                             continue;
                         };
                         self.stats.rows.fetch_add(1, Ordering::Relaxed);
@@ -199,9 +240,7 @@ pub(crate) async fn run_sse(shared: Arc<Shared>, stats: Arc<ClientStats>) {
         while let Ok(Some(chunk)) = response.chunk().await {
             buf.extend_from_slice(&chunk);
             let mut start = 0;
-            while let Some(end) = buf[scanned.max(start)..]
-                .windows(2)
-                .position(|w| w == b"\n\n")
+            while let Some(end) = memchr::memmem::find(&buf[scanned.max(start)..], b"\n\n")
                 .map(|p| p + scanned.max(start))
             {
                 let frame = &buf[start..end];
