@@ -38,6 +38,11 @@ const START_WAIT: Duration = Duration::from_millis(500);
 /// How long a change stream may wait for the session to want its next batch
 /// before it is parked (dropped, to be read again later).
 const PARK_STALLED_STREAM_AFTER: Duration = Duration::from_secs(2);
+/// Local commits less than this apart are sent together: a session that
+/// took a commit takes the next one only this long after it, with all that
+/// came meanwhile. A commit after a quiet spell goes at once; in a burst of
+/// commits, one stream and one message carry several instead of one each.
+const COALESCE_COMMITS: Duration = Duration::from_millis(5);
 
 /// How a session ended, for the dialer's backoff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +210,10 @@ async fn run_inner(
     let mut reading: Option<ChangeStream> = None;
     let mut opening: Option<OpenFuture> = None;
     let mut stalled_since: Option<tokio::time::Instant> = None;
+    // When the session last took the Store's cursor, and when it takes the
+    // next one if it came sooner than `COALESCE_COMMITS` after.
+    let mut cursor_taken: Option<tokio::time::Instant> = None;
+    let mut cursor_due: Option<tokio::time::Instant> = None;
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
     let id = inner.session_id();
@@ -301,6 +310,7 @@ async fn run_inner(
         );
         let deadline = core.poll_timeout();
         let wake = OptionFuture::from(deadline.map(|at| tokio::time::sleep_until(at.into())));
+        let coalesced = OptionFuture::from(cursor_due.map(tokio::time::sleep_until));
         tokio::select! {
             biased;
             _ = stop.token.cancelled() => break stop.reason(),
@@ -370,10 +380,23 @@ async fn run_inner(
                 };
                 core.handle(input, Instant::now());
             }
-            changed = cursor_rx.changed() => {
+            changed = cursor_rx.changed(), if cursor_due.is_none() => {
                 if changed.is_err() {
                     break "peer shutting down".into();
                 }
+                let now = tokio::time::Instant::now();
+                match cursor_taken {
+                    Some(at) if now < at + COALESCE_COMMITS => cursor_due = Some(at + COALESCE_COMMITS),
+                    _ => {
+                        cursor_taken = Some(now);
+                        let cursor = cursor_rx.borrow_and_update().clone();
+                        core.handle(Input::LocalChanged { cursor }, Instant::now());
+                    }
+                }
+            }
+            Some(()) = coalesced => {
+                cursor_due = None;
+                cursor_taken = Some(tokio::time::Instant::now());
                 let cursor = cursor_rx.borrow_and_update().clone();
                 core.handle(Input::LocalChanged { cursor }, Instant::now());
             }
