@@ -38,10 +38,11 @@ const START_WAIT: Duration = Duration::from_millis(500);
 /// How long a change stream may wait for the session to want its next batch
 /// before it is parked (dropped, to be read again later).
 const PARK_STALLED_STREAM_AFTER: Duration = Duration::from_secs(2);
-/// Local commits less than this apart are sent together: a session that
-/// took a commit takes the next one only this long after it, with all that
-/// came meanwhile. A commit after a quiet spell goes at once; in a burst of
-/// commits, one stream and one message carry several instead of one each.
+/// Commits that come less than this after the session last sent changes
+/// are sent together: the session takes the Store's cursor only this long
+/// after that send, with every commit that came meanwhile. A commit after a
+/// quiet spell goes at once; in a burst of commits, one stream and one
+/// message carry several instead of one each.
 const COALESCE_COMMITS: Duration = Duration::from_millis(5);
 
 /// How a session ended, for the dialer's backoff.
@@ -210,9 +211,9 @@ async fn run_inner(
     let mut reading: Option<ChangeStream> = None;
     let mut opening: Option<OpenFuture> = None;
     let mut stalled_since: Option<tokio::time::Instant> = None;
-    // When the session last took the Store's cursor, and when it takes the
-    // next one if it came sooner than `COALESCE_COMMITS` after.
-    let mut cursor_taken: Option<tokio::time::Instant> = None;
+    // When the session last sent changes, and when it takes the Store's
+    // cursor if it moved sooner than `COALESCE_COMMITS` after that.
+    let mut changes_sent: Option<tokio::time::Instant> = None;
     let mut cursor_due: Option<tokio::time::Instant> = None;
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
@@ -337,7 +338,9 @@ async fn run_inner(
                 let Ok(permit) = permit else { break "writer gone".into() };
                 match core.poll_transmit(Instant::now()) {
                     Some(message) => {
-                        count_changes(telemetry::CHANGES_OUT_TOTAL, &database, &message);
+                        if count_changes(telemetry::CHANGES_OUT_TOTAL, &database, &message) > 0 {
+                            changes_sent = Some(tokio::time::Instant::now());
+                        }
                         permit.send(message);
                     }
                     None => drop(permit),
@@ -385,10 +388,9 @@ async fn run_inner(
                     break "peer shutting down".into();
                 }
                 let now = tokio::time::Instant::now();
-                match cursor_taken {
+                match changes_sent {
                     Some(at) if now < at + COALESCE_COMMITS => cursor_due = Some(at + COALESCE_COMMITS),
                     _ => {
-                        cursor_taken = Some(now);
                         let cursor = cursor_rx.borrow_and_update().clone();
                         core.handle(Input::LocalChanged { cursor }, Instant::now());
                     }
@@ -396,7 +398,6 @@ async fn run_inner(
             }
             Some(()) = coalesced => {
                 cursor_due = None;
-                cursor_taken = Some(tokio::time::Instant::now());
                 let cursor = cursor_rx.borrow_and_update().clone();
                 core.handle(Input::LocalChanged { cursor }, Instant::now());
             }
@@ -447,13 +448,13 @@ async fn run_inner(
 }
 
 /// Counts the changes a `data` message carries under `name`.
-fn count_changes(name: &'static str, database: &str, message: &TransportMessage) {
-    if let Some(data) = &message.data {
-        let count = data.change_count();
-        if count > 0 {
-            metrics::counter!(name, "database" => database.to_owned()).increment(count as u64);
-        }
+/// Counts the changes `message` carries in the metric `name`; returns how many.
+fn count_changes(name: &'static str, database: &str, message: &TransportMessage) -> usize {
+    let count = message.data.as_ref().map_or(0, |data| data.change_count());
+    if count > 0 {
+        metrics::counter!(name, "database" => database.to_owned()).increment(count as u64);
     }
+    count
 }
 
 fn merge_result(result: Result<MergeReport, MergeError>) -> Result<MergeOutcome, MergeFailure> {
