@@ -6,17 +6,20 @@
 
 use std::time::Duration;
 
-use crsync::transports::nostr::{self, Invitation, NostrDialer, PairingOutcome};
+use crsync::transports::nostr::{self, Invitation, NostrDialer, PairingOutcome, RelaySettings};
 use crsync::{SqlValue, Store};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 #[path = "support/nostr_devices.rs"]
 mod devices;
-use devices::{Device, WAIT, device, pair, peer};
+use devices::{Device, WAIT, device, pair, peer, peer_with};
 #[path = "support/local_relay.rs"]
 mod local_relay;
 use local_relay::TestRelay;
+#[path = "support/silent_proxy.rs"]
+mod silent_proxy;
+use silent_proxy::SilentProxy;
 
 async fn relay() -> (TestRelay, String) {
     let relay = TestRelay::start().await;
@@ -50,7 +53,12 @@ async fn dump(store: &Store) -> Vec<(i64, String)> {
 
 /// Waits until every store holds exactly `expected`.
 async fn converge(stores: &[&Store], expected: &[(i64, String)]) {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    converge_within(stores, expected, WAIT).await;
+}
+
+/// Waits up to `limit` until every store holds exactly `expected`.
+async fn converge_within(stores: &[&Store], expected: &[(i64, String)], limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let mut all = true;
         for s in stores {
@@ -65,7 +73,7 @@ async fn converge(stores: &[&Store], expected: &[(i64, String)]) {
             for s in stores {
                 eprintln!("{:?}", dump(s).await);
             }
-            panic!("no convergence within {WAIT:?}");
+            panic!("no convergence within {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -312,4 +320,47 @@ async fn unrelated_pairs_on_one_relay_do_not_mix_and_codes_work_once() {
     a.file.remove(&b_on_a).expect("unpairs");
     assert!(NostrDialer::new(a.file.clone(), &b_on_a).is_err());
     let _ = SqlValue::Null;
+}
+
+/// A relay connection that goes silent without closing (a half-open TCP
+/// connection: the relay's machine crashed, a NAT dropped the mapping) is
+/// noticed by its pings and replaced, and the device gets what was
+/// published meanwhile; an idle one that answers the pings is kept. B is idle (it publishes nothing that could time
+/// out), so without the pings it would sit on the dead socket; with them it
+/// dials again within a few intervals, well before the 15 s a publication
+/// would wait for its `OK`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_connection_that_goes_silent_is_replaced_and_misses_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (relay, url) = relay().await;
+    let proxy = SilentProxy::start(relay.port()).await;
+    let relays = vec![url.clone()];
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (b_on_a, a_on_b) = pair(&a, &b, &relays).await;
+    write_rows(&a, [1]).await;
+    let pa = peer(&a, &[&b_on_a], None);
+    // B reaches the relay only through the proxy, pinging every 500 ms.
+    let watched = RelaySettings::default()
+        .with_ping_interval(Duration::from_millis(500))
+        .with_dead_after(2);
+    let through_proxy = vec![proxy.url()];
+    let pb = peer_with(&b, &[&a_on_b], |d| {
+        d.with_relays(through_proxy.clone())
+            .with_relay_settings(watched)
+    });
+    converge(&[&a.store, &b.store], &rows([1])).await;
+    // Idle for five intervals, B in the live phase: the relay answers the
+    // pings, and the connection is kept.
+    let before = proxy.accepted();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(proxy.accepted(), before, "a live connection is kept");
+    proxy.silence();
+    write_rows(&a, [2]).await;
+    converge_within(&[&b.store], &rows(1..=2), Duration::from_secs(8)).await;
+    assert!(
+        proxy.accepted() > before,
+        "B got the row through a new connection"
+    );
+    pa.shutdown().await;
+    pb.shutdown().await;
 }

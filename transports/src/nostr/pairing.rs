@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::code::PairingCode;
 use super::envelope::{self, PAIR_KIND};
-use super::relay::{FromRelay, RelayPool, Seen};
+use super::relay::{FromRelay, RelayPool, RelaySettings, Seen};
 use super::state::{DeviceFile, Invite, PairedDevice};
 use super::{JITTER_SECS, PairingError, unix_now};
 
@@ -131,6 +131,7 @@ impl Invitation {
                 self.keys.public_key(),
                 since,
                 seen,
+                RelaySettings::default(),
                 CONNECT_TIMEOUT,
             )
             .await?;
@@ -259,6 +260,7 @@ pub async fn join(
         keys.public_key(),
         since,
         std::sync::Arc::new(std::sync::Mutex::new(Seen::default())),
+        RelaySettings::default(),
         CONNECT_TIMEOUT,
     )
     .await?;
