@@ -6,8 +6,10 @@
 
 use std::time::Duration;
 
+use crsync::advanced::ChangeBatch;
 use crsync::transports::nostr::{self, Invitation, NostrDialer, PairingOutcome, RelaySettings};
-use crsync::{SqlValue, Store};
+use crsync::wire::{Encoding, MessageKind, TransportMessage};
+use crsync::{Dialer, SqlValue, Store};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -363,4 +365,70 @@ async fn a_relay_connection_that_goes_silent_is_replaced_and_misses_nothing() {
     );
     pa.shutdown().await;
     pb.shutdown().await;
+}
+
+/// Messages a link received but never handed to the Peer (its session
+/// ended while they were queued for it) are taken again by the next dial of
+/// the same dialer instead of being dropped as already seen: the dialer's
+/// seen event ids count only what a stream handed on (or discarded on
+/// purpose). Before, every event counted as seen as it came off the socket,
+/// and such messages came again only when the other side resent them
+/// (after its acknowledgement timeout, an hour by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_link_never_handed_on_come_again_on_the_next_dial() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_relay, url) = relay().await;
+    let relays = vec![url];
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (b_on_a, a_on_b) = pair(&a, &b, &relays).await;
+    // A's link publishes `connect` and six numbered batches (empty ones:
+    // the link hands on any batch) for B, who is away; the last three a
+    // second later (the link's record of how far it read is in seconds).
+    let site = a.store.site_id();
+    let mut from_a = NostrDialer::new(a.file.clone(), &b_on_a)
+        .expect("paired")
+        .dial(site)
+        .await
+        .expect("A dials");
+    from_a
+        .sink
+        .send(TransportMessage::connect(site))
+        .await
+        .expect("publishes");
+    for i in 0..6 {
+        if i == 3 {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let batch = TransportMessage::data(site, &ChangeBatch::default(), i == 5, 0, Encoding::V1);
+        from_a.sink.send(batch).await.expect("publishes");
+    }
+    // B's dialer, as the Peer keeps it across sessions. The first session
+    // takes A's `connect` and ends: the batches were received and queued.
+    let mut dialer = NostrDialer::new(b.file.clone(), &a_on_b).expect("paired");
+    let b_site = b.store.site_id();
+    let mut first = dialer.dial(b_site).await.expect("B dials");
+    let next = tokio::time::timeout(WAIT, first.stream.next()).await;
+    let Ok(Some(Ok(received))) = next else {
+        panic!("A's connect expected, got {next:?}")
+    };
+    assert_eq!(received.message.kind, MessageKind::Connect);
+    // The link has every stored event by then (it hands the first on only
+    // after the relay's end of stored events); a moment more lets it queue
+    // all six batches for the Peer, which never takes them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(first);
+    // The next session gets the six batches (and not the connect again).
+    let mut second = dialer.dial(b_site).await.expect("B dials again");
+    for i in 0..6 {
+        let next = tokio::time::timeout(Duration::from_secs(20), second.stream.next()).await;
+        let Ok(Some(Ok(received))) = next else {
+            panic!("batch {i} of 6 expected again, got {next:?}")
+        };
+        assert_eq!(received.message.kind, MessageKind::Data, "message {i}");
+    }
+    drop(second);
+    // What was handed on is not handed on again.
+    let mut third = dialer.dial(b_site).await.expect("B dials a third time");
+    let again = tokio::time::timeout(Duration::from_secs(3), third.stream.next()).await;
+    assert!(again.is_err(), "nothing more expected, got {again:?}");
 }

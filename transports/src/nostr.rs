@@ -152,6 +152,7 @@ pub struct NostrDialer {
     settings: LinkSettings,
     relay_settings: RelaySettings,
     dial_timeout: Duration,
+    /// Events settled (handed to the Peer or discarded) by any dial.
     seen: Arc<Mutex<relay::Seen>>,
 }
 

@@ -151,6 +151,8 @@ impl Invitation {
                 }
                 continue;
             };
+            // Looked at once: a copy from another relay is a duplicate.
+            pool.settle(&[event.id]);
             let Ok((sender, rumor)) = envelope::unwrap(&self.keys, &event).await else {
                 continue;
             };
@@ -285,6 +287,7 @@ pub async fn join(
             Some(FromRelay::Event(e)) => e,
             Some(_) => continue,
         };
+        pool.settle(&[event.id]);
         let Ok((sender, rumor)) = envelope::unwrap(&keys, &event).await else {
             continue;
         };

@@ -15,7 +15,11 @@
 //!   closes) and replaced: reconnect with backoff, subscribe again `since`
 //!   the pool's value, so stored events missed meanwhile come again. Sends
 //!   and the handshake are bounded by the same limit.
-//! - Duplicates from several relays are dropped by event id (bounded memory).
+//! - Duplicates from several relays are dropped by event id (bounded
+//!   memory). An event counts as seen (and is dropped when it comes again,
+//!   also on a later dial of the same dialer) only once the link settled it
+//!   ([`RelayPool::settle`]: handed to the Peer, or discarded on purpose);
+//!   one a pool forwarded but never settled comes again on the next dial.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +49,9 @@ const FIRST_PAUSE: Duration = Duration::from_millis(500);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
 /// Events remembered for dropping duplicates.
 const SEEN_CAP: usize = 16_384;
+/// Events forwarded by one pool and not settled yet, remembered at most
+/// (past it the oldest is forgotten: a copy of it may then come twice).
+const PENDING_CAP: usize = 4 * SEEN_CAP;
 /// Shortest ping interval taken.
 const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 /// Stored events asked for per subscription.
@@ -120,26 +127,104 @@ impl RelaySettings {
     }
 }
 
-/// Event ids seen recently (bounded, oldest forgotten first).
-#[derive(Debug, Default)]
+/// Event ids (bounded, oldest forgotten first).
+#[derive(Debug)]
 pub(crate) struct Seen {
     set: HashSet<EventId>,
     order: VecDeque<EventId>,
+    cap: usize,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen::with_cap(SEEN_CAP)
+    }
 }
 
 impl Seen {
+    fn with_cap(cap: usize) -> Self {
+        Seen {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
     /// Whether `id` is new (and remembers it).
     pub(crate) fn insert(&mut self, id: EventId) -> bool {
         if !self.set.insert(id) {
             return false;
         }
         self.order.push_back(id);
-        if self.order.len() > SEEN_CAP {
+        // `order` may hold ids already removed; it bounds the set either way.
+        while self.order.len() > self.cap {
             if let Some(old) = self.order.pop_front() {
                 self.set.remove(&old);
             }
         }
         true
+    }
+
+    fn contains(&self, id: &EventId) -> bool {
+        self.set.contains(id)
+    }
+
+    fn remove(&mut self, id: &EventId) {
+        self.set.remove(id);
+    }
+}
+
+/// Which events a pool forwards: none that its dialer settled before (on
+/// any connection: handed to the Peer, or discarded on purpose), and each
+/// at most once while it is on its way in this pool. What a pool forwarded
+/// and never settled (its link ended first) is forwarded again by the next.
+#[derive(Debug)]
+pub(crate) struct Dedupe {
+    /// Settled, shared by every pool of one dialer.
+    seen: Arc<Mutex<Seen>>,
+    /// Forwarded by this pool, not settled yet.
+    pending: Mutex<Seen>,
+}
+
+impl Dedupe {
+    pub(crate) fn new(seen: Arc<Mutex<Seen>>) -> Self {
+        Dedupe {
+            seen,
+            pending: Mutex::new(Seen::with_cap(PENDING_CAP)),
+        }
+    }
+
+    /// Whether `id` goes on (and then it is on its way).
+    pub(crate) fn admit(&self, id: EventId) -> bool {
+        // Both locks, always in this order, so that a settle cannot slip in
+        // between the two checks.
+        let Ok(seen) = self.seen.lock() else {
+            return true;
+        };
+        if seen.contains(&id) {
+            return false;
+        }
+        self.pending
+            .lock()
+            .map(|mut p| p.insert(id))
+            .unwrap_or(true)
+    }
+
+    /// These events were handed on or discarded: never again.
+    pub(crate) fn settle(&self, ids: &[EventId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        let mut pending = self.pending.lock().ok();
+        for id in ids {
+            seen.insert(*id);
+            if let Some(p) = pending.as_mut() {
+                p.remove(id);
+            }
+        }
     }
 }
 
@@ -161,6 +246,7 @@ pub(crate) struct RelayPool {
     relays: Vec<Relay>,
     /// `since` of every (re)subscription, Unix seconds.
     since: Arc<AtomicU64>,
+    dedupe: Arc<Dedupe>,
 }
 
 impl Drop for RelayPool {
@@ -176,7 +262,7 @@ impl Drop for RelayPool {
 struct Shared {
     to: PublicKey,
     since: Arc<AtomicU64>,
-    seen: Arc<Mutex<Seen>>,
+    dedupe: Arc<Dedupe>,
     incoming: mpsc::Sender<FromRelay>,
     reconnect: crsync_peer::ReconnectPolicy,
     settings: RelaySettings,
@@ -184,7 +270,8 @@ struct Shared {
 
 impl RelayPool {
     /// Connects to `urls` and subscribes to gift wraps for `to` created
-    /// since `since`. Waits up to `timeout` for at least one relay to be up.
+    /// since `since`, forwarding no event `seen` holds (see [`Dedupe`]).
+    /// Waits up to `timeout` for at least one relay to be up.
     pub(crate) async fn connect(
         urls: &[String],
         to: PublicKey,
@@ -195,10 +282,11 @@ impl RelayPool {
     ) -> Result<(Self, mpsc::Receiver<FromRelay>), TransportError> {
         let (tx, incoming) = mpsc::channel(INCOMING_CAP);
         let since = Arc::new(AtomicU64::new(since));
+        let dedupe = Arc::new(Dedupe::new(seen));
         let shared = Shared {
             to,
             since: since.clone(),
-            seen,
+            dedupe: dedupe.clone(),
             settings,
             incoming: tx,
             reconnect: crsync_peer::ReconnectPolicy {
@@ -219,7 +307,11 @@ impl RelayPool {
                 task,
             });
         }
-        let pool = RelayPool { relays, since };
+        let pool = RelayPool {
+            relays,
+            since,
+            dedupe,
+        };
         let mut ups: Vec<_> = pool.relays.iter().map(|r| r.up.clone()).collect();
         let any_up = async {
             let waits = ups
@@ -239,6 +331,12 @@ impl RelayPool {
     /// How many relays are connected now.
     pub(crate) fn up(&self) -> usize {
         self.relays.iter().filter(|r| *r.up.borrow()).count()
+    }
+
+    /// These events (forwarded by this pool) were handed on or discarded on
+    /// purpose: no pool of the same dialer forwards them again.
+    pub(crate) fn settle(&self, ids: &[EventId]) {
+        self.dedupe.settle(ids);
     }
 
     /// Later (re)subscriptions ask only for events since this time.
@@ -450,8 +548,7 @@ where
                                 tracing::debug!(relay = %url, "event with a bad id or signature dropped");
                                 return Ok(());
                             }
-                            let new = shared.seen.lock().map(|mut s| s.insert(event.id)).unwrap_or(true);
-                            if new
+                            if shared.dedupe.admit(event.id)
                                 && shared.incoming.send(FromRelay::Event(Box::new(event))).await.is_err()
                             {
                                 return Err("pool closed".into());
@@ -565,6 +662,50 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(n: u8) -> EventId {
+        EventId::from_byte_array([n; 32])
+    }
+
+    #[test]
+    fn an_event_counts_as_seen_only_once_settled() {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let first = Dedupe::new(seen.clone());
+        assert!(first.admit(id(1)));
+        assert!(first.admit(id(2)));
+        // A copy from another relay while the first is on its way: dropped.
+        assert!(!first.admit(id(1)));
+        // 1 reached the Peer; 2 was still queued when the link ended.
+        first.settle(&[id(1)]);
+        assert!(!first.admit(id(1)));
+        drop(first);
+        // The next dial of the same dialer takes 2 again, and 1 never.
+        let second = Dedupe::new(seen.clone());
+        assert!(!second.admit(id(1)));
+        assert!(second.admit(id(2)));
+        assert!(!second.admit(id(2)));
+        // Discarded on purpose (foreign, old, tampered): settled too.
+        assert!(second.admit(id(3)));
+        second.settle(&[id(2), id(3)]);
+        let third = Dedupe::new(seen);
+        assert!(!third.admit(id(2)));
+        assert!(!third.admit(id(3)));
+        assert!(third.admit(id(4)));
+    }
+
+    #[test]
+    fn remembered_ids_are_bounded() {
+        let mut seen = Seen::with_cap(3);
+        for n in 0..10 {
+            assert!(seen.insert(id(n)));
+            assert!(seen.set.len() <= 3 && seen.order.len() <= 3);
+        }
+        assert!(seen.contains(&id(9)) && !seen.contains(&id(0)));
+        // Removed ids still count against the bound until they leave it.
+        seen.remove(&id(9));
+        assert!(seen.insert(id(9)));
+        assert!(seen.order.len() <= 3);
+    }
 
     #[test]
     fn the_silence_limit_is_a_whole_number_of_intervals() {
