@@ -432,3 +432,55 @@ async fn messages_a_link_never_handed_on_come_again_on_the_next_dial() {
     let again = tokio::time::timeout(Duration::from_secs(3), third.stream.next()).await;
     assert!(again.is_err(), "nothing more expected, got {again:?}");
 }
+
+/// The same through a Peer: B's session ends while the stored events it
+/// fetched wait for their order (a second relay, the same one behind a
+/// proxy, is up but sends nothing, so the replay waits its 10 s), and the
+/// Peer dials again with the same dialer. A is gone by then and cannot send
+/// anything again: B converges only if the next dial takes those events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_ends_while_stored_events_wait_for_their_order_loses_none() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (relay, url) = relay().await;
+    let proxy = SilentProxy::start(relay.port()).await;
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (b_on_a, a_on_b) = pair(&a, &b, std::slice::from_ref(&url)).await;
+    write_rows(&a, [1]).await;
+    let (pa, pb) = (peer(&a, &[&b_on_a], None), peer(&b, &[&a_on_b], None));
+    converge(&[&a.store, &b.store], &rows([1])).await;
+    pb.shutdown().await;
+    // A writes for B, who is away, and is gone too once it published.
+    write_rows(&a, 2..=4).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pa.shutdown().await;
+    proxy.stall_after_handshake();
+    let pb = crsync::Peer::builder(b.store.clone())
+        .reconnect(crsync::ReconnectPolicy {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            multiplier: 2.0,
+        })
+        .build();
+    let mut events = pb.events();
+    let dialer = NostrDialer::new(b.file.clone(), &a_on_b)
+        .expect("paired")
+        .with_relays(vec![url.clone(), proxy.url()])
+        .with_ack_timeout(Duration::from_secs(2));
+    let handle = pb.add_dialer(dialer);
+    // The relay sent its stored events at once; the proxied one, nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(dump(&b.store).await, rows([1]), "the replay still waits");
+    handle.pause();
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.next().await {
+            if matches!(event, crsync::PeerEvent::Disconnected { .. }) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the session ends on pause");
+    handle.resume();
+    converge(&[&b.store], &rows(1..=4)).await;
+    pb.shutdown().await;
+}
