@@ -484,3 +484,69 @@ async fn a_session_that_ends_while_stored_events_wait_for_their_order_loses_none
     converge(&[&b.store], &rows(1..=4)).await;
     pb.shutdown().await;
 }
+
+/// Three devices, each paired with the other two. B's record of A's cursor
+/// is old when B's session with A begins: A wrote more since, and that
+/// reached B through C. A is away, so B's link stands in for A with that
+/// old cursor (to publish what A lacks): it is not A speaking now, and must
+/// not be taken as proof that A is a copy (its own version below what B
+/// holds of it). Before, B refused A as a copied replica (`SITE_ID_CONFLICT`)
+/// and stopped dialing it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_record_of_an_away_device_is_not_taken_for_a_copy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_relay, url) = relay().await;
+    let relays = vec![url];
+    let (a, b, c) = (
+        device(dir.path(), "a").await,
+        device(dir.path(), "b").await,
+        device(dir.path(), "c").await,
+    );
+    let (b_on_a, a_on_b) = pair(&a, &b, &relays).await;
+    let (c_on_a, a_on_c) = pair(&a, &c, &relays).await;
+    let (c_on_b, b_on_c) = pair(&b, &c, &relays).await;
+    write_rows(&a, [1]).await;
+    // A sends its request once per session (no resend within the test), so
+    // that B's record of A's cursor stays the one from before A wrote more.
+    let once = |d: NostrDialer| d.with_ack_timeout(nostr::DEFAULT_ACK_TIMEOUT);
+    let peers = [
+        peer_with(&a, &[&b_on_a, &c_on_a], once),
+        peer(&b, &[&a_on_b, &c_on_b], None),
+        peer(&c, &[&a_on_c, &b_on_c], None),
+    ];
+    converge(&[&a.store, &b.store, &c.store], &rows([1])).await;
+    let [pa, pb, pc] = peers;
+    pb.shutdown().await;
+    // A writes while B is away; C gets it; A goes away.
+    write_rows(&a, 2..=4).await;
+    converge(&[&c.store], &rows(1..=4)).await;
+    pa.shutdown().await;
+    // B gets A's rows from C only.
+    let pb = peer(&b, &[&c_on_b], None);
+    converge(&[&b.store], &rows(1..=4)).await;
+    pb.shutdown().await;
+    pc.shutdown().await;
+    // B's session with A begins holding A's newer versions; A is away.
+    let pb = peer(&b, &[&a_on_b], None);
+    let a_site = a.store.site_id();
+    let mut events = pb.events();
+    let first = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.next().await {
+            match event {
+                crsync::PeerEvent::Sync { peer } if peer == a_site => return Ok(()),
+                crsync::PeerEvent::SiteIdConflict { message, .. } => return Err(message),
+                _ => {}
+            }
+        }
+        Err("no more events".into())
+    })
+    .await
+    .expect("B takes a request for A within the wait");
+    assert_eq!(first, Ok(()), "B answers its record of A's request");
+    // A is back and writes: B gets it straight from A.
+    let pa = peer_with(&a, &[&b_on_a], once);
+    write_rows(&a, [5]).await;
+    converge(&[&a.store, &b.store], &rows(1..=5)).await;
+    pa.shutdown().await;
+    pb.shutdown().await;
+}

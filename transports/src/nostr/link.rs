@@ -13,10 +13,15 @@
 //!   new run for the Peer's count of what arrived; a `sync` request is taken
 //!   when it answers our session or comes from a session newer than any we
 //!   knew; acknowledgements and errors only when they answer our session
-//!   (their numbers count our messages);
+//!   (their numbers count our messages) and come from the session followed
+//!   (an older session's error is stale); a request that does not answer
+//!   our session may have been written before it began, and is marked so
+//!   (`Received::from_before_session`: the Peer does not take its cursor as
+//!   proof that the device is a copy);
 //! - stands in for the device when it is away: if no request of it came
 //!   with the stored events, the device's last known cursor becomes one, so
-//!   the Peer publishes what the device lacks for it to pick up later;
+//!   the Peer publishes what the device lacks for it to pick up later
+//!   (marked as from before the session too);
 //! - never publishes pings (the relays are watched instead: the stream ends
 //!   when none has been reachable for a while, and the Peer dials again);
 //! - settles an event (its id counts as seen, the device's record moves
@@ -429,11 +434,12 @@ impl Reader {
         if !self.request_delivered {
             if let (Some(site), Some(cursor)) = (self.remote_site, self.remote_cursor.clone()) {
                 tracing::debug!("the device is away: answering its last known cursor");
+                // Our record of the device, not the device speaking now.
                 let none = Settled::default;
-                self.deliver(TransportMessage::connect(site), none())
-                    .await?;
-                self.deliver(TransportMessage::sync(site, cursor), none())
-                    .await?;
+                let connect = Received::from_before_session(TransportMessage::connect(site));
+                self.deliver(connect, none()).await?;
+                let sync = Received::from_before_session(TransportMessage::sync(site, cursor));
+                self.deliver(sync, none()).await?;
                 self.request_delivered = true;
             }
         }
@@ -490,9 +496,9 @@ impl Reader {
         Ok(())
     }
 
-    async fn deliver(&mut self, message: TransportMessage, settled: Settled) -> Result<(), Gone> {
+    async fn deliver(&mut self, message: Received, settled: Settled) -> Result<(), Gone> {
         self.out
-            .send(Out::Message(Box::new(Received::new(message)), settled))
+            .send(Out::Message(Box::new(message), settled))
             .await
             .map_err(|_| Gone)
     }
@@ -563,7 +569,9 @@ impl Reader {
                 self.request_delivered |= take;
                 take
             }
-            MessageKind::Error => to_us,
+            // From the session followed: an older session's error is stale
+            // (a pausing one would pause what its successor asked for).
+            MessageKind::Error => current && to_us,
             MessageKind::Data => {
                 if let Some((first, n)) = message.n {
                     message.n = Some((first + offset, n + offset));
@@ -574,6 +582,15 @@ impl Reader {
             MessageKind::Ping => false,
         };
         if take {
+            // A request from a session that had not heard of ours may be
+            // older than our session (stored on the relays), and than what
+            // reached the Peer of the device by another path meanwhile.
+            let earlier = message.kind == MessageKind::Sync && !to_us;
+            let message = if earlier {
+                Received::from_before_session(message)
+            } else {
+                Received::new(message)
+            };
             self.deliver(message, settled).await
         } else {
             self.out.send(Out::Skipped(settled)).await.map_err(|_| Gone)
