@@ -150,6 +150,8 @@ async fn oversized_and_expired_events_are_refused() {
 
 #[path = "support/nostr_devices.rs"]
 mod shared_devices;
+#[path = "support/silent_proxy.rs"]
+mod silent_proxy;
 
 mod devices {
     use std::time::Duration;
@@ -356,6 +358,47 @@ async fn a_relay_restarted_empty_gets_a_fresh_stream_from_the_device_that_stayed
     assert_eq!(relay.url(), url, "the relay came back on its port");
     let pb = peer(&b, &a_on_b);
     converge(&[&a.store, &b.store], &rows(1..=4)).await;
+    pa.shutdown().await;
+    pb.shutdown().await;
+}
+
+/// B reaches the relay process through a proxy, pinging it every 250 ms:
+/// while idle its connection is kept (nostr-rs-relay answers WebSocket
+/// pings), and when the connection goes silent without closing (a
+/// half-open TCP connection) B replaces it within the silence limit and
+/// gets what A wrote meanwhile, long before the 15 s a publication would
+/// wait for its `OK`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_to_the_relay_is_replaced_and_a_live_one_kept() {
+    use crsync::transports::nostr::RelaySettings;
+    use devices::*;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = NostrRsRelay::start();
+    let url = relay.url();
+    let proxy = silent_proxy::SilentProxy::start(relay.port()).await;
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (b_on_a, a_on_b) = pair(&a, &b, std::slice::from_ref(&url)).await;
+    write_rows(&a, [1]).await;
+    let pa = peer(&a, &b_on_a);
+    let watched = RelaySettings::default()
+        .with_ping_interval(Duration::from_millis(250))
+        .with_dead_after(4);
+    let through_proxy = vec![proxy.url()];
+    let pb = shared_devices::peer_with(&b, &[&a_on_b], |d| {
+        d.with_relays(through_proxy.clone())
+            .with_relay_settings(watched)
+    });
+    converge(&[&a.store, &b.store], &rows([1])).await;
+    let before = proxy.accepted();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(proxy.accepted(), before, "a live connection is kept");
+    proxy.silence();
+    write_rows(&a, [2]).await;
+    let limit = Duration::from_secs(8);
+    let caught_up = tokio::time::timeout(limit, converge(&[&b.store], &rows(1..=2))).await;
+    assert!(caught_up.is_ok(), "B did not get A's row within {limit:?}");
+    assert!(proxy.accepted() > before, "B dialed the relay again");
     pa.shutdown().await;
     pb.shutdown().await;
 }

@@ -36,6 +36,12 @@ pub struct Received {
     pub message: TransportMessage,
     /// Completion signal for transports that answer per message.
     pub reply: Option<oneshot::Sender<Result<(), Rejection>>>,
+    /// The message may have been written before this connection's session
+    /// began: a store-and-forward relay's stored event from a remote
+    /// session that had not heard of ours, or the transport's record of an
+    /// absent remote's last request. Its cursor is then not taken as proof
+    /// that the remote is a copy (see [`Received::from_before_session`]).
+    pub may_predate_session: bool,
 }
 
 impl Received {
@@ -44,6 +50,24 @@ impl Received {
         Received {
             message,
             reply: None,
+            may_predate_session: false,
+        }
+    }
+
+    /// A message that may have been written before the session began (a
+    /// relay's stored event, a remembered request). A socket transport's
+    /// messages never are: the remote writes them on the connection.
+    ///
+    /// The session checks the remote's first cursor against what it held of
+    /// the remote's own site when it began: less means the remote is a
+    /// copy of a replica that went on writing. That holds only for a cursor
+    /// written after the session began; an older one may predate versions
+    /// of the remote that reached us since by another path, so such a
+    /// cursor is not checked, and the next one is.
+    pub fn from_before_session(message: TransportMessage) -> Self {
+        Received {
+            may_predate_session: true,
+            ..Received::new(message)
         }
     }
 
@@ -56,6 +80,7 @@ impl Received {
             Received {
                 message,
                 reply: Some(tx),
+                may_predate_session: false,
             },
             rx,
         )

@@ -29,9 +29,9 @@
 //!   other knobs); `CRSYNC_SIM_RELAY_SHARE` puts them in that percent of
 //!   `simulated_networks_converge`'s scenarios (default 0), and of a
 //!   replayed seed's (100 replays a relay scenario). Known issues (see the
-//!   README's simulator notes): seeds 583, 737 and 744 of the relay
-//!   scenarios fail; `CRSYNC_SIM_RELAY_ORDER=raw` (the relay transport hands
-//!   events on as they come, not in its sender's order) fails about 3.5%.
+//!   README's simulator notes): seed 805 of the relay scenarios fails;
+//!   `CRSYNC_SIM_RELAY_ORDER=raw` (the relay transport hands events on as
+//!   they come, not in its sender's order) fails about 3%.
 
 #![allow(clippy::unwrap_used, unreachable_pub)]
 

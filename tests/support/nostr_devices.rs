@@ -73,6 +73,15 @@ pub async fn pair(a: &Device, b: &Device, relays: &[String]) -> (String, String)
 /// A Peer on `d` dialing each of `remotes` (paired keys) through their
 /// relays, or through `relays` when given; quick redials and acks.
 pub fn peer(d: &Device, remotes: &[&str], relays: Option<&[String]>) -> Peer {
+    let relays = relays.map(<[String]>::to_vec);
+    peer_with(d, remotes, |dialer| match &relays {
+        Some(relays) => dialer.with_relays(relays.clone()),
+        None => dialer,
+    })
+}
+
+/// [`peer`], with each dialer changed by `f` (relays, relay settings).
+pub fn peer_with(d: &Device, remotes: &[&str], f: impl Fn(NostrDialer) -> NostrDialer) -> Peer {
     let peer = Peer::builder(d.store.clone())
         .reconnect(ReconnectPolicy {
             initial: Duration::from_millis(50),
@@ -81,14 +90,11 @@ pub fn peer(d: &Device, remotes: &[&str], relays: Option<&[String]>) -> Peer {
         })
         .build();
     for r in remotes {
-        let mut dialer = NostrDialer::new(d.file.clone(), r)
+        let dialer = NostrDialer::new(d.file.clone(), r)
             .expect("paired")
             .with_ack_timeout(Duration::from_secs(2))
             .with_dial_timeout(Duration::from_secs(5));
-        if let Some(relays) = relays {
-            dialer = dialer.with_relays(relays.to_vec());
-        }
-        drop(peer.add_dialer(dialer));
+        drop(peer.add_dialer(f(dialer)));
     }
     peer
 }

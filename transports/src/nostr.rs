@@ -20,7 +20,8 @@
 //!   duplicates from several relays and an absent device are handled.
 //! - **Relays** (`relay.rs`): one socket and one subscription per relay
 //!   and paired device, `OK` handling, back-off on `rate-limited:`,
-//!   reconnects.
+//!   reconnects; WebSocket pings, and a socket that stays silent for two
+//!   of their intervals is replaced ([`RelaySettings`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -51,6 +52,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 
 pub use code::PairingCode;
 pub use pairing::{Invitation, PairingOutcome, join};
+pub use relay::RelaySettings;
 pub use state::{DeviceFile, PairedDevice, StateError};
 
 use envelope::Epoch;
@@ -148,7 +150,9 @@ pub struct NostrDialer {
     relays: Vec<String>,
     expiry: Duration,
     settings: LinkSettings,
+    relay_settings: RelaySettings,
     dial_timeout: Duration,
+    /// Events settled (handed to the Peer or discarded) by any dial.
     seen: Arc<Mutex<relay::Seen>>,
 }
 
@@ -179,6 +183,7 @@ impl NostrDialer {
                 .with_ack_timeout(DEFAULT_ACK_TIMEOUT)
                 .with_window(DEFAULT_WINDOW)
                 .with_max_batch_bytes(DEFAULT_BATCH_BYTES),
+            relay_settings: RelaySettings::default(),
             dial_timeout: crate::DEFAULT_DIAL_TIMEOUT,
             seen: Default::default(),
         })
@@ -205,6 +210,13 @@ impl NostrDialer {
     /// Limit on reaching at least one relay (default [`DEFAULT_DIAL_TIMEOUT`](crate::DEFAULT_DIAL_TIMEOUT)).
     pub fn with_dial_timeout(mut self, timeout: Duration) -> Self {
         self.dial_timeout = timeout;
+        self
+    }
+
+    /// How the relay sockets are watched: pings, and when a silent one is
+    /// replaced (default: a ping every 30 s, replaced after 60 s of silence).
+    pub fn with_relay_settings(mut self, settings: RelaySettings) -> Self {
+        self.relay_settings = settings;
         self
     }
 
@@ -241,6 +253,7 @@ impl NostrDialer {
             keys.public_key(),
             since,
             self.seen.clone(),
+            self.relay_settings,
             self.dial_timeout,
         )
         .await?;

@@ -353,14 +353,19 @@ async fn run_inner(
                     core.handle(Input::Undecodable { error: e.to_string(), reply: None }, Instant::now());
                 }
                 Some(Err(e)) => break e.to_string(),
-                Some(Ok(Received { message, reply })) => {
+                Some(Ok(Received { message, reply, may_predate_session })) => {
                     count_changes(telemetry::CHANGES_IN_TOTAL, &database, &message);
                     let reply = reply.map(|tx| {
                         next_reply += 1;
                         replies.insert(next_reply, tx);
                         next_reply
                     });
-                    core.handle(Input::Received { message, reply }, Instant::now());
+                    let input = if may_predate_session {
+                        Input::ReceivedEarlier { message, reply }
+                    } else {
+                        Input::Received { message, reply }
+                    };
+                    core.handle(input, Instant::now());
                 }
             },
             Some(batch) = OptionFuture::from(reading.as_mut().map(|s| s.next_batch_to_send())), if want_batch => {

@@ -118,7 +118,9 @@ pub struct Session {
     eose_ranges: BTreeMap<SiteId, VersionRange>,
     // ---- incoming
     merging: Option<PendingMerge>,
-    queued: VecDeque<(TransportMessage, Option<ReplyId>)>,
+    /// Messages that came during a merge, with whether each may predate
+    /// the session ([`Input::ReceivedEarlier`]).
+    queued: VecDeque<(TransportMessage, Option<ReplyId>, bool)>,
     /// How far the remote's numbered messages arrived, told in our acks.
     received: ReceivedRun,
     eose_received: bool,
@@ -403,19 +405,8 @@ impl Session {
             return;
         }
         match input {
-            Input::Received { message, reply } => {
-                self.last_received = now;
-                if self.merging.is_some() {
-                    if self.queued.len() < MAX_QUEUED_MESSAGES {
-                        self.queued.push_back((message, reply));
-                    } else if let Some(id) = reply {
-                        let r = Rejection::new(ErrorCode::Internal, "too many messages queued");
-                        self.outputs.push_back(Output::Reply { id, result: Err(r) });
-                    }
-                } else {
-                    self.receive(message, reply, now);
-                }
-            }
+            Input::Received { message, reply } => self.take_in(message, reply, false, now),
+            Input::ReceivedEarlier { message, reply } => self.take_in(message, reply, true, now),
             Input::Undecodable { error, reply } => {
                 self.last_received = now;
                 self.reject(reply, Rejection::new(ErrorCode::Malformed, error));
@@ -449,10 +440,10 @@ impl Session {
             Input::Merged(result) => {
                 self.merged(result, now);
                 while self.merging.is_none() {
-                    let Some((message, reply)) = self.queued.pop_front() else {
+                    let Some((message, reply, earlier)) = self.queued.pop_front() else {
                         break;
                     };
-                    self.receive(message, reply, now);
+                    self.receive(message, reply, earlier, now);
                 }
             }
             Input::LocalChanged { cursor } => {
@@ -630,7 +621,35 @@ impl Session {
         }
     }
 
-    fn receive(&mut self, message: TransportMessage, reply: Option<ReplyId>, now: Instant) {
+    /// A message arrived: taken now, or queued while a merge runs.
+    fn take_in(
+        &mut self,
+        message: TransportMessage,
+        reply: Option<ReplyId>,
+        earlier: bool,
+        now: Instant,
+    ) {
+        self.last_received = now;
+        if self.merging.is_some() {
+            if self.queued.len() < MAX_QUEUED_MESSAGES {
+                self.queued.push_back((message, reply, earlier));
+            } else if let Some(id) = reply {
+                let r = Rejection::new(ErrorCode::Internal, "too many messages queued");
+                self.outputs.push_back(Output::Reply { id, result: Err(r) });
+            }
+        } else {
+            self.receive(message, reply, earlier, now);
+        }
+    }
+
+    /// `earlier`: the message may predate the session (see [`Input::ReceivedEarlier`]).
+    fn receive(
+        &mut self,
+        message: TransportMessage,
+        reply: Option<ReplyId>,
+        earlier: bool,
+        now: Instant,
+    ) {
         let javascript = !self.remote_is_crsync;
         let (sender, message) = match Message::parse(message, javascript) {
             Ok(parsed) => parsed,
@@ -655,7 +674,7 @@ impl Session {
             Message::Ping => self.accept(reply),
             Message::SyncRequest { cursor, hello } => {
                 self.hello(hello.as_ref());
-                if self.check_site_conflict(&cursor, reply) {
+                if self.check_site_conflict(&cursor, reply, earlier) {
                     return;
                 }
                 self.remote_staged(hello.as_ref());
@@ -664,7 +683,7 @@ impl Session {
             }
             Message::Ack { cursor, hello } => {
                 self.hello(hello.as_ref());
-                if self.check_site_conflict(&cursor, reply) {
+                if self.check_site_conflict(&cursor, reply, earlier) {
                     return;
                 }
                 self.remote_staged(hello.as_ref());
@@ -734,8 +753,15 @@ impl Session {
     }
 
     /// Refuses the remote when its cursor shows that one of us is a copy of
-    /// a replica that went on writing under the same site id.
-    fn check_site_conflict(&mut self, theirs: &Cursor, reply: Option<ReplyId>) -> bool {
+    /// a replica that went on writing under the same site id. A cursor that
+    /// may predate the session (`earlier`) is checked only for what it says
+    /// of us.
+    fn check_site_conflict(
+        &mut self,
+        theirs: &Cursor,
+        reply: Option<ReplyId>,
+        earlier: bool,
+    ) -> bool {
         let Some(remote) = self.remote.filter(|_| self.remote_is_crsync) else {
             return false;
         };
@@ -743,8 +769,15 @@ impl Session {
         // What the remote says of itself is compared with what we held when
         // the session began, in its first cursor only: by then the remote
         // had sent us all of that (on earlier connections), while a later or
-        // duplicated message may be older than what it sent since.
-        let held = self.held_at_start.take().unwrap_or_default();
+        // duplicated message may be older than what it sent since. A cursor
+        // written before the session began (a relay's stored request) may
+        // also be older than what reached us of the remote by another path
+        // meanwhile: it is not compared, and the next one is.
+        let held = if earlier {
+            Cursor::new()
+        } else {
+            self.held_at_start.take().unwrap_or_default()
+        };
         // Under own-site trust the remote's claims about other sites (ours
         // included) are not believed: only what it says of itself counts.
         let about_us = self.config.trust == Trust::Full;

@@ -85,7 +85,11 @@ pub struct CrsyncEnd {
     pub session: Session,
     pub stream: Option<VecDeque<(ChangeBatch, i64)>>,
     feeding: bool,
-    pub inbox: VecDeque<(TransportMessage, Option<ReplyId>)>,
+    /// Messages waiting for the session, each with whether it may predate
+    /// it ([`Input::ReceivedEarlier`]: a relay's stored event).
+    pub inbox: VecDeque<(TransportMessage, Option<ReplyId>, bool)>,
+    /// When the session began.
+    started: Duration,
     pub open_replies: BTreeSet<ReplyId>,
     next_reply: ReplyId,
     timeout: Option<Instant>,
@@ -892,10 +896,15 @@ impl World {
                 }
             }
             if !e.session.is_busy() {
-                if let Some((message, reply)) = e.inbox.pop_front() {
+                if let Some((message, reply, earlier)) = e.inbox.pop_front() {
                     let summary = self.trace.is_some().then(|| Summary::of(&message));
                     if let Some(e) = self.crsync_end(conn, end) {
-                        e.session.handle(Input::Received { message, reply }, now);
+                        let input = if earlier {
+                            Input::ReceivedEarlier { message, reply }
+                        } else {
+                            Input::Received { message, reply }
+                        };
+                        e.session.handle(input, now);
                     }
                     if let Some(msg) = summary {
                         self.note(|| Entry::Note(format!("conn {conn} end {end} takes {msg:?}")));
@@ -1226,6 +1235,20 @@ impl World {
     }
 
     fn deliver(&mut self, conn: u64, to: usize, msg: TransportMessage, post: bool) {
+        self.deliver_sent(conn, to, msg, post, None);
+    }
+
+    /// [`Self::deliver`] of a message sent at `sent_at`, if it may have
+    /// been sent before the receiving session began (a relay's stored
+    /// event): the session is told so when it was.
+    pub(super) fn deliver_sent(
+        &mut self,
+        conn: u64,
+        to: usize,
+        msg: TransportMessage,
+        post: bool,
+        sent_at: Option<Duration>,
+    ) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -1237,7 +1260,8 @@ impl World {
                     e.next_reply
                 });
                 let summary = self.trace.is_some().then(|| Summary::of(&msg));
-                e.inbox.push_back((msg, reply));
+                let earlier = sent_at.is_some_and(|at| at < e.started);
+                e.inbox.push_back((msg, reply, earlier));
                 if let Some(msg) = summary {
                     self.note(|| Entry::Deliver {
                         conn,
@@ -1459,6 +1483,7 @@ impl World {
             stream: None,
             feeding: false,
             inbox: VecDeque::new(),
+            started: self.now,
             open_replies: BTreeSet::new(),
             next_reply: 0,
             timeout: None,
@@ -1554,7 +1579,7 @@ impl World {
                     ..TransportMessage::connect(dialer_site)
                 };
                 if let Some(e) = self.crsync_end(id, 1) {
-                    e.inbox.push_back((connect, None));
+                    e.inbox.push_back((connect, None, false));
                 }
             }
             LinkKind::V1Server => {

@@ -15,7 +15,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use nostr::{Event, EventBuilder, Keys, Kind, PublicKey, Tag, TagKind, Timestamp, UnsignedEvent};
+use nostr::{
+    Event, EventBuilder, EventId, Keys, Kind, PublicKey, Tag, TagKind, Timestamp, UnsignedEvent,
+};
 
 /// Kind of the rumors that carry sync messages.
 pub(crate) const SYNC_KIND: u16 = 7310;
@@ -64,6 +66,8 @@ pub(crate) struct Header {
 /// A fragment taken out of a gift wrap from the expected sender.
 #[derive(Debug, Clone)]
 pub(crate) struct Opened {
+    /// The gift wrap's id.
+    pub(crate) id: EventId,
     pub(crate) header: Header,
     /// The rumor's own time (real, unlike the wrapper's).
     pub(crate) created_at: u64,
@@ -252,6 +256,7 @@ pub(crate) async fn open(
     let to =
         values(&rumor, "to").and_then(|v| v.first().and_then(|s| u64::from_str_radix(s, 16).ok()));
     Ok(Opened {
+        id: event.id,
         header: Header {
             epoch: Epoch { started, id },
             seq,
@@ -281,6 +286,7 @@ pub(crate) struct Reassembly {
 struct Partial {
     count: u32,
     pieces: BTreeMap<u32, String>,
+    events: Vec<EventId>,
     created_at: u64,
     to: Option<u64>,
 }
@@ -293,6 +299,8 @@ pub(crate) struct Whole {
     pub(crate) to: Option<u64>,
     pub(crate) created_at: u64,
     pub(crate) json: String,
+    /// The gift wraps it came in (one per fragment).
+    pub(crate) events: Vec<EventId>,
 }
 
 impl Reassembly {
@@ -322,6 +330,7 @@ impl Reassembly {
                 to: h.to,
                 created_at: opened.created_at,
                 json: opened.content,
+                events: vec![opened.id],
             });
         }
         let key = (h.epoch, h.seq);
@@ -335,6 +344,7 @@ impl Reassembly {
                 Partial {
                     count: h.count,
                     pieces: BTreeMap::new(),
+                    events: Vec::new(),
                     created_at: opened.created_at,
                     to: h.to,
                 },
@@ -346,6 +356,7 @@ impl Reassembly {
         }
         self.bytes += opened.content.len();
         partial.pieces.insert(h.index, opened.content);
+        partial.events.push(opened.id);
         if partial.pieces.len() as u32 == partial.count {
             let partial = self.partial.remove(&key)?;
             self.order.retain(|k| *k != key);
@@ -357,6 +368,7 @@ impl Reassembly {
                 to: partial.to,
                 created_at: partial.created_at,
                 json,
+                events: partial.events,
             });
         }
         while self.bytes > self.max_bytes && self.partial.len() > 1 {
@@ -418,6 +430,11 @@ mod tests {
         let whole = whole.expect("complete");
         assert_eq!(whole.json, json);
         assert_eq!((whole.epoch, whole.seq), (epoch, 3));
+        let mut ids: Vec<_> = events.iter().map(|e| e.id).collect();
+        let mut carried = whole.events.clone();
+        ids.sort();
+        carried.sort();
+        assert_eq!(carried, ids, "the whole names every gift wrap it came in");
         assert_eq!(re.held_bytes(), 0);
         // Not from the paired key: refused; not for us: cannot be unwrapped.
         let c = Keys::generate();

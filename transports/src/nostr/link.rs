@@ -13,12 +13,23 @@
 //!   new run for the Peer's count of what arrived; a `sync` request is taken
 //!   when it answers our session or comes from a session newer than any we
 //!   knew; acknowledgements and errors only when they answer our session
-//!   (their numbers count our messages);
+//!   (their numbers count our messages) and come from the session followed
+//!   (an older session's error is stale); a request that does not answer
+//!   our session may have been written before it began, and is marked so
+//!   (`Received::from_before_session`: the Peer does not take its cursor as
+//!   proof that the device is a copy);
 //! - stands in for the device when it is away: if no request of it came
 //!   with the stored events, the device's last known cursor becomes one, so
-//!   the Peer publishes what the device lacks for it to pick up later;
+//!   the Peer publishes what the device lacks for it to pick up later
+//!   (marked as from before the session too);
 //! - never publishes pings (the relays are watched instead: the stream ends
-//!   when none has been reachable for a while, and the Peer dials again).
+//!   when none has been reachable for a while, and the Peer dials again);
+//! - settles an event (its id counts as seen, the device's record moves
+//!   past it) only when the Peer took its message from the stream, or when
+//!   it was discarded on purpose (old, foreign, tampered, a late copy, not
+//!   for this session): what the link had received but not handed on when
+//!   it ended (stored events waiting for their order, messages queued for
+//!   the Peer) is taken again by the next dial, not dropped as seen.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -26,7 +37,7 @@ use std::time::Duration;
 
 use crsync_peer::wire::{MessageKind, TransportMessage};
 use crsync_peer::{Connection, Cursor, Received, SiteId, TransportError};
-use nostr::{Keys, PublicKey};
+use nostr::{EventId, Keys, PublicKey};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -71,6 +82,34 @@ struct Progress {
     dirty: bool,
 }
 
+/// How far the device's record moves once a message is settled.
+#[derive(Debug, Clone, Default)]
+struct Mark {
+    epoch: Option<Epoch>,
+    seen_until: u64,
+    cursor: Option<Cursor>,
+    site: Option<SiteId>,
+}
+
+/// What one message settles when the stream reaches it: its gift wraps
+/// count as seen, and the record moves to its mark.
+#[derive(Debug, Default)]
+struct Settled {
+    events: Vec<EventId>,
+    mark: Option<Mark>,
+}
+
+/// What the reader hands to the stream, in order.
+enum Out {
+    /// A message for the Peer, settled when the Peer takes it.
+    Message(Box<Received>, Settled),
+    /// A message the Peer does not get, settled when the stream passes it
+    /// (after every message before it).
+    Skipped(Settled),
+    /// The link ended.
+    Failed(TransportError),
+}
+
 struct Record {
     file: DeviceFile,
     remote: String,
@@ -79,6 +118,19 @@ struct Record {
 }
 
 impl Record {
+    /// The stream reached a message: it counts as processed.
+    fn settle(&self, settled: Settled) {
+        self.pool.settle(&settled.events);
+        let Some(mark) = settled.mark else { return };
+        if let Ok(mut p) = self.progress.lock() {
+            p.epoch = mark.epoch;
+            p.seen_until = p.seen_until.max(mark.seen_until);
+            p.cursor = mark.cursor;
+            p.site = mark.site;
+            p.dirty = true;
+        }
+    }
+
     /// Writes what changed since the last save, if anything did.
     fn save(&self) {
         let Ok(mut p) = self.progress.lock() else {
@@ -163,8 +215,18 @@ pub(crate) fn connection(parts: LinkParts) -> Connection {
     let task = tokio::spawn(reader.run(parts.incoming));
     let guard = EndOnDrop { task, record };
     let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-        let item = rx.recv().await?;
-        Some((item, (rx, guard)))
+        loop {
+            match rx.recv().await? {
+                Out::Skipped(settled) => guard.record.settle(settled),
+                Out::Message(message, settled) => {
+                    // The Peer has it: settled in the same step, so that a
+                    // message is either taken or comes again next dial.
+                    guard.record.settle(settled);
+                    return Some((Ok(*message), (rx, guard)));
+                }
+                Out::Failed(e) => return Some((Err(e), (rx, guard))),
+            }
+        }
     });
     let writer = Writer {
         keys: parts.keys,
@@ -263,7 +325,7 @@ struct Reader {
     pool: Arc<RelayPool>,
     record: Arc<Record>,
     following: Arc<Mutex<Following>>,
-    out: mpsc::Sender<Result<Received, TransportError>>,
+    out: mpsc::Sender<Out>,
     reassembly: Reassembly,
     epochs: BTreeMap<Epoch, EpochIn>,
     current: Option<Epoch>,
@@ -327,6 +389,7 @@ impl Reader {
                         Ok(o) => o,
                         Err(e) => {
                             tracing::debug!(error = %e, "ignoring an event");
+                            self.pool.settle(&[event.id]);
                             continue;
                         }
                     };
@@ -334,7 +397,9 @@ impl Reader {
                         continue;
                     };
                     if whole.created_at < self.skip_before {
-                        continue; // processed in an earlier run
+                        // Processed in an earlier run.
+                        self.pool.settle(&whole.events);
+                        continue;
                     }
                     if replaying && replay.len() < REPLAY_CAP {
                         replay.push(whole);
@@ -349,7 +414,7 @@ impl Reader {
         };
         self.record.save();
         if let Some(e) = end {
-            let _ = self.out.send(Err(e)).await;
+            let _ = self.out.send(Out::Failed(e)).await;
         }
     }
 
@@ -369,8 +434,12 @@ impl Reader {
         if !self.request_delivered {
             if let (Some(site), Some(cursor)) = (self.remote_site, self.remote_cursor.clone()) {
                 tracing::debug!("the device is away: answering its last known cursor");
-                self.deliver(TransportMessage::connect(site)).await?;
-                self.deliver(TransportMessage::sync(site, cursor)).await?;
+                // Our record of the device, not the device speaking now.
+                let none = Settled::default;
+                let connect = Received::from_before_session(TransportMessage::connect(site));
+                self.deliver(connect, none()).await?;
+                let sync = Received::from_before_session(TransportMessage::sync(site, cursor));
+                self.deliver(sync, none()).await?;
                 self.request_delivered = true;
             }
         }
@@ -381,7 +450,9 @@ impl Reader {
     fn take(&mut self, whole: Whole) {
         let epoch = self.epochs.entry(whole.epoch).or_default();
         if epoch.next.is_some_and(|n| whole.seq < n) {
-            return; // a late copy of one handed on or skipped
+            // A late copy of one handed on or skipped.
+            self.pool.settle(&whole.events);
+            return;
         }
         if epoch.next.is_none() && whole.seq == 0 {
             epoch.next = Some(0);
@@ -425,9 +496,9 @@ impl Reader {
         Ok(())
     }
 
-    async fn deliver(&mut self, message: TransportMessage) -> Result<(), Gone> {
+    async fn deliver(&mut self, message: Received, settled: Settled) -> Result<(), Gone> {
         self.out
-            .send(Ok(Received::new(message)))
+            .send(Out::Message(Box::new(message), settled))
             .await
             .map_err(|_| Gone)
     }
@@ -438,14 +509,19 @@ impl Reader {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable message from the paired device");
+                self.pool.settle(&whole.events);
                 return Ok(());
             }
         };
         let sender = message.sender().ok();
         match (self.remote_site, sender) {
-            (_, None) => return Ok(()),
+            (_, None) => {
+                self.pool.settle(&whole.events);
+                return Ok(());
+            }
             (Some(site), Some(s)) if site != s => {
                 tracing::warn!(%s, "message names another site than the paired device's");
+                self.pool.settle(&whole.events);
                 return Ok(());
             }
             (None, Some(s)) => self.remote_site = Some(s),
@@ -473,13 +549,15 @@ impl Reader {
                     .join(cursor);
             }
         }
-        if let Ok(mut p) = self.record.progress.lock() {
-            p.epoch = self.current;
-            p.seen_until = self.seen_until;
-            p.cursor.clone_from(&self.remote_cursor);
-            p.site = self.remote_site;
-            p.dirty = true;
-        }
+        let settled = Settled {
+            events: whole.events,
+            mark: Some(Mark {
+                epoch: self.current,
+                seen_until: self.seen_until,
+                cursor: self.remote_cursor.clone(),
+                site: self.remote_site,
+            }),
+        };
         let take = match message.kind {
             MessageKind::Connect => {
                 let e = self.epochs.entry(whole.epoch).or_default();
@@ -491,7 +569,9 @@ impl Reader {
                 self.request_delivered |= take;
                 take
             }
-            MessageKind::Error => to_us,
+            // From the session followed: an older session's error is stale
+            // (a pausing one would pause what its successor asked for).
+            MessageKind::Error => current && to_us,
             MessageKind::Data => {
                 if let Some((first, n)) = message.n {
                     message.n = Some((first + offset, n + offset));
@@ -502,8 +582,18 @@ impl Reader {
             MessageKind::Ping => false,
         };
         if take {
-            self.deliver(message).await?;
+            // A request from a session that had not heard of ours may be
+            // older than our session (stored on the relays), and than what
+            // reached the Peer of the device by another path meanwhile.
+            let earlier = message.kind == MessageKind::Sync && !to_us;
+            let message = if earlier {
+                Received::from_before_session(message)
+            } else {
+                Received::new(message)
+            };
+            self.deliver(message, settled).await
+        } else {
+            self.out.send(Out::Skipped(settled)).await.map_err(|_| Gone)
         }
-        Ok(())
     }
 }

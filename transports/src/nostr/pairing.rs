@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::code::PairingCode;
 use super::envelope::{self, PAIR_KIND};
-use super::relay::{FromRelay, RelayPool, Seen};
+use super::relay::{FromRelay, RelayPool, RelaySettings, Seen};
 use super::state::{DeviceFile, Invite, PairedDevice};
 use super::{JITTER_SECS, PairingError, unix_now};
 
@@ -131,6 +131,7 @@ impl Invitation {
                 self.keys.public_key(),
                 since,
                 seen,
+                RelaySettings::default(),
                 CONNECT_TIMEOUT,
             )
             .await?;
@@ -150,6 +151,8 @@ impl Invitation {
                 }
                 continue;
             };
+            // Looked at once: a copy from another relay is a duplicate.
+            pool.settle(&[event.id]);
             let Ok((sender, rumor)) = envelope::unwrap(&self.keys, &event).await else {
                 continue;
             };
@@ -259,6 +262,7 @@ pub async fn join(
         keys.public_key(),
         since,
         std::sync::Arc::new(std::sync::Mutex::new(Seen::default())),
+        RelaySettings::default(),
         CONNECT_TIMEOUT,
     )
     .await?;
@@ -283,6 +287,7 @@ pub async fn join(
             Some(FromRelay::Event(e)) => e,
             Some(_) => continue,
         };
+        pool.settle(&[event.id]);
         let Ok((sender, rumor)) = envelope::unwrap(&keys, &event).await else {
             continue;
         };

@@ -70,6 +70,18 @@ pub enum Input {
         /// The reply to answer with [`Output::Reply`].
         reply: Option<ReplyId>,
     },
+    /// A message from the remote that may have been written before this
+    /// session began (a relay's stored event, a transport's record of an
+    /// absent remote's request: [`crate::Received::from_before_session`]).
+    /// Taken as [`Input::Received`], except that its cursor is not checked
+    /// against what the session held when it began (a copied-replica
+    /// check that holds only for what the remote wrote since).
+    ReceivedEarlier {
+        /// The message.
+        message: TransportMessage,
+        /// The reply to answer with [`Output::Reply`].
+        reply: Option<ReplyId>,
+    },
     /// The remote sent something that is not a message.
     Undecodable {
         /// Why it does not decode.

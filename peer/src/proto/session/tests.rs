@@ -704,6 +704,41 @@ fn a_remote_below_what_we_hold_of_it_is_a_copy() {
     );
 }
 
+/// A cursor that may predate the session (a relay's stored request, written
+/// before versions of the remote reached us by another path) is not taken
+/// as proof of a copy; the remote's next cursor, written since, is checked.
+#[test]
+fn a_cursor_from_before_the_session_is_not_checked_against_what_it_held() {
+    let held: Cursor = [(THEM, DbVersion(9))].into_iter().collect();
+    let (mut s, now) = accepted(held, 16);
+    let stale: Cursor = [(THEM, DbVersion(4))].into_iter().collect();
+    s.handle(
+        Input::ReceivedEarlier {
+            message: TransportMessage::sync(THEM, stale),
+            reply: None,
+        },
+        now,
+    );
+    let outs = outputs(&mut s);
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::Close(_))),
+        "{outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Event(SessionEvent::SyncRequested))),
+        "the request is taken: {outs:?}"
+    );
+    // Written since, and still below what the session held: a copy.
+    let theirs: Cursor = [(THEM, DbVersion(5))].into_iter().collect();
+    s.handle(received(TransportMessage::ack(THEM, theirs)), now);
+    assert!(
+        outputs(&mut s)
+            .iter()
+            .any(|o| matches!(o, Output::Close(CloseReason::SiteIdConflict { .. })))
+    );
+}
+
 /// A remote that believes us only about our own site, live after our
 /// (empty) initial stream: another site's changes go to it unranged.
 fn live_with_own_site_remote() -> (Session, Instant) {

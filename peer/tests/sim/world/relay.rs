@@ -31,7 +31,10 @@
 //! early ones back until the missing one comes or [`HOLD`] passes (then it
 //! skips the hole: the session's own acknowledgements recover a lost
 //! message). `CRSYNC_SIM_RELAY_ORDER=raw` models a transport without that:
-//! events go to the session as they come, copies too.
+//! events go to the session as they come, copies too. An event published
+//! before the receiving session began goes in as `Input::ReceivedEarlier`
+//! (as the Nostr link marks a request that does not answer its session):
+//! its cursor is not checked against what the session held at its start.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -464,7 +467,7 @@ impl World {
                 self.links[c.link].stale_received[to] += 1;
             }
         }
-        self.deliver(conn, to, msg, false);
+        self.deliver_sent(conn, to, msg, false, Some(sent_at));
     }
 
     /// Hands `msg` (the one the reorder buffer expected) to the session, and
