@@ -100,7 +100,9 @@ pub(crate) struct Schema {
 impl Schema {
     /// Re-reads the table list if the schema changed since the last read.
     pub(crate) fn refresh(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        let version: i64 = conn
+            .prepare_cached("PRAGMA schema_version")?
+            .query_row([], |r| r.get(0))?;
         if self.schema_version == Some(version) {
             return Ok(());
         }

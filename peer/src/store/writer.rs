@@ -231,7 +231,7 @@ impl Writer {
     fn handle(&mut self, command: Command) {
         match command {
             Command::SchemaVersion(reply) => {
-                let r = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0));
+                let r = user_version(&self.conn);
                 let _ = reply.send(r.map_err(StoreError::from));
             }
             Command::Cursor(reply) => {
@@ -345,9 +345,7 @@ impl Writer {
 
     fn merge(&mut self, batch: &ChangeBatch) -> Result<MergeReport, MergeError> {
         if let Some(theirs) = batch.schema_version {
-            let ours: i64 = self
-                .conn
-                .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            let ours = user_version(&self.conn)?;
             if theirs > ours {
                 return Err(MergeError::Outdated { ours, theirs });
             }
@@ -691,9 +689,7 @@ impl Writer {
         let Some(tail) = &self.config.tail else {
             return;
         };
-        let schema_version = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0));
+        let schema_version = user_version(&self.conn);
         match schema_version {
             Ok(schema_version) => {
                 let head = self.own_version;
@@ -826,10 +822,19 @@ pub(super) fn close_connection(conn: Connection) -> Result<(), StoreError> {
     conn.close().map_err(|(_, e)| StoreError::Sqlite(e))
 }
 
+// The writer asks these around every command: prepared once per connection.
+
 pub(super) fn db_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT crsql_db_version()", [], |r| r.get(0))
+    conn.prepare_cached("SELECT crsql_db_version()")?
+        .query_row([], |r| r.get(0))
 }
 
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+    conn.prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA user_version")?
+        .query_row([], |r| r.get(0))
 }
