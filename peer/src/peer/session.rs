@@ -224,6 +224,11 @@ async fn run_inner(
     let mut site_id_conflict = false;
     let mut noted_own = crate::DbVersion(0);
 
+    // Polled in every turn of the loop: made once, so that a turn does not
+    // register and drop waiters on the tokens again.
+    let stopped = stop.token.cancelled();
+    let write_failed = writer_failed.cancelled();
+    tokio::pin!(stopped, write_failed);
     let reason: String = 'session: loop {
         while let Some(output) = core.poll_output() {
             match output {
@@ -314,8 +319,8 @@ async fn run_inner(
         let coalesced = OptionFuture::from(cursor_due.map(tokio::time::sleep_until));
         tokio::select! {
             biased;
-            _ = stop.token.cancelled() => break stop.reason(),
-            _ = writer_failed.cancelled() => break "connection closed while sending".into(),
+            _ = &mut stopped => break stop.reason(),
+            _ = &mut write_failed => break "connection closed while sending".into(),
             Some(opened) = OptionFuture::from(opening.as_mut()), if opening.is_some() => {
                 opening = None;
                 match opened {
