@@ -129,7 +129,7 @@ pub(super) struct CommitRows {
 }
 
 /// What a row costs the tail: the change and its strings, its wire JSON once
-/// encoded, and its entries in the cell and origin indexes (measured about
+/// encoded, and its entry in the cell index (measured about
 /// 700-800 bytes for a small change, whose wire estimate is about 200).
 fn row_memory(wire_size: usize) -> usize {
     2 * wire_size + 400
@@ -271,9 +271,7 @@ impl LiveTail {
         state.supersede(&commit, seq);
         state.commits.push_back(commit);
         while state.commits.len() > TAIL_MAX_COMMITS || state.bytes > TAIL_MAX_BYTES {
-            if state.evict_first() {
-                state.unserved_merges += 1;
-            }
+            state.evict_first();
         }
         if state.unserved_merges >= UNSERVED_MERGES_OFF {
             // Whoever wanted merges' rows (a session catching up from the
@@ -398,18 +396,18 @@ impl TailState {
         }
     }
 
-    /// Drops the oldest commit; its rows leave the index. Returns whether
-    /// it was a merge whose rows were read back and no stream used; resets
-    /// the count of such merges when a stream used one.
-    fn evict_first(&mut self) -> bool {
+    /// Drops the oldest commit; its rows leave the index. Counts it in
+    /// `unserved_merges` if it was a merge whose rows were read back and no
+    /// stream used; a commit a stream used resets the count.
+    fn evict_first(&mut self) {
         let Some(old) = self.commits.pop_front() else {
-            return false;
+            return;
         };
-        let served = old.served.load(Ordering::Relaxed);
-        if served {
+        if old.served.load(Ordering::Relaxed) {
             self.unserved_merges = 0;
+        } else if old.merge && !old.unread {
+            self.unserved_merges += 1;
         }
-        let unserved = old.merge && !old.unread && !served;
         let seq = self.first_seq;
         self.first_seq += 1;
         self.bytes -= old.bytes;
@@ -423,7 +421,6 @@ impl TailState {
                 }
             }
         }
-        unserved
     }
 }
 
@@ -464,7 +461,7 @@ impl TailStream {
                 self.at = (self.at.0 + 1, 0);
                 continue;
             };
-            let position = (self.at.0 as i64) << 32 | self.at.1 as i64;
+            let position = pack_position(self.at);
             self.at.1 += 1;
             if row.local <= self.after || self.hint.skips(row.local) || !row.live() {
                 continue;
@@ -499,8 +496,7 @@ impl TailStream {
     fn seal(&self, mut batch: ChangeBatch, to_send: bool) -> ChangeBatch {
         let mut positions = Vec::with_capacity(batch.changes.len());
         for change in &mut batch.changes {
-            let position = change.col_version;
-            let at = ((position >> 32) as usize, (position & 0xffff_ffff) as usize);
+            let at = unpack_position(change.col_version);
             let row = &self.commits[at.0].rows[at.1];
             if to_send {
                 change.col_version = row.change.col_version;
@@ -516,6 +512,16 @@ impl TailStream {
         }));
         batch
     }
+}
+
+/// A row's place in a stream (commit index, row index) as a stand-in's
+/// `col_version` carries it through the batch builder.
+fn pack_position((commit, row): (usize, usize)) -> i64 {
+    (commit as i64) << 32 | row as i64
+}
+
+fn unpack_position(position: i64) -> (usize, usize) {
+    ((position >> 32) as usize, (position & 0xffff_ffff) as usize)
 }
 
 /// The encoder of a batch from the tail: where its changes are among the
