@@ -256,6 +256,8 @@ struct Live {
     burst_threads_max: u64,
     burst_client_cpu: f64,
     burst_wall: f64,
+    /// `data` messages each client received from the burst's start until caught up (mean).
+    burst_messages: f64,
     server_hwm_kib: u64,
     rows: i64,
     complete_clients: usize,
@@ -347,6 +349,7 @@ fn live(
     rss.reset();
     let cpu0 = cpu_secs();
     let server_cpu0 = server.cpu();
+    let messages0 = clients.sum(|s| s.messages.load(Ordering::Relaxed));
     let wall0 = Instant::now();
     send(
         &mut writer,
@@ -371,6 +374,8 @@ fn live(
     let server_cpu_total = server.cpu() - server_cpu0;
     let burst_client_cpu = cpu_secs() - cpu0;
     let burst_wall = wall0.elapsed().as_secs_f64();
+    let burst_messages =
+        (clients.sum(|s| s.messages.load(Ordering::Relaxed)) - messages0) as f64 / n.max(1) as f64;
     let catchup_ms: Vec<f64> = clients
         .stats
         .iter()
@@ -427,6 +432,7 @@ fn live(
         burst_threads_max: rss.max_threads,
         burst_client_cpu,
         burst_wall,
+        burst_messages,
         server_hwm_kib,
         rows,
         complete_clients,
@@ -657,8 +663,8 @@ fn main() -> anyhow::Result<()> {
             plan.burst_writes, plan.burst_rate
         ));
         say(String::new());
-        say("| transport | clients | burst (achieved) | catch-up: last client | p50 / p99 client | server CPU: burst / until caught up | server peak RSS: burst (sampled) / VmHWM | server threads (max sampled) | client process CPU (cores) |".into());
-        say("|---|---|---|---|---|---|---|---|---|".into());
+        say("| transport | clients | burst (achieved) | catch-up: last client | p50 / p99 client | server CPU: burst / until caught up | server peak RSS: burst (sampled) / VmHWM | server threads (max sampled) | `data` messages per client | client process CPU (cores) |".into());
+        say("|---|---|---|---|---|---|---|---|---|---|".into());
         for r in &mut results {
             let (p50, p99, max) = spread(&mut r.catchup_ms);
             let last = if r.caught_up == r.n {
@@ -672,7 +678,7 @@ fn main() -> anyhow::Result<()> {
                 )
             };
             say(format!(
-                "| {} | {} | {:.1} s ({:.0}/s) | {last} | {:.2} s / {:.2} s | {:.1} s / {:.1} s | {} / {} | {} | {:.1} s in {:.1} s ({:.2}) |",
+                "| {} | {} | {:.1} s ({:.0}/s) | {last} | {:.2} s / {:.2} s | {:.1} s / {:.1} s | {} / {} | {} | {:.0} | {:.1} s in {:.1} s ({:.2}) |",
                 name(r.transport),
                 r.n,
                 r.burst_s,
@@ -684,6 +690,7 @@ fn main() -> anyhow::Result<()> {
                 mb(r.burst_rss_max_kib),
                 mb(r.server_hwm_kib),
                 r.burst_threads_max,
+                r.burst_messages,
                 r.burst_client_cpu,
                 r.burst_wall,
                 r.burst_client_cpu / r.burst_wall.max(1e-9),

@@ -31,6 +31,8 @@ pub(crate) struct ClientStats {
     pub(crate) eose_at: AtomicU64,
     /// Rows seen (changes of the `qty` column).
     pub(crate) rows: AtomicU64,
+    /// `data` messages received.
+    pub(crate) messages: AtomicU64,
     /// When the row with the highest id so far first came (µs).
     pub(crate) last_at: AtomicU64,
     /// The highest row id seen (-1: none).
@@ -166,6 +168,7 @@ impl LightClient {
                     return Reply::Nothing;
                 };
                 let now = now_us();
+                self.stats.messages.fetch_add(1, Ordering::Relaxed);
                 for change in &data.data {
                     match self.cursor.get_mut(change.site_id.as_ref()) {
                         Some(v) => *v = (*v).max(change.db_version),

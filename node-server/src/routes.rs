@@ -316,7 +316,7 @@ async fn stream<S: Databases>(
             let progress = target.kill.progress();
             let base = progress.as_ref().map_or(0, |p| p.written());
             let queued = outbound.into_stream();
-            let database = host.name().to_owned();
+            let bytes_out = crate::telemetry::bytes_out_counter(host.name(), "sse");
             let events = futures_util::stream::unfold(
                 (queued, progress, base),
                 |(mut queued, progress, given)| async move {
@@ -334,7 +334,7 @@ async fn stream<S: Databases>(
                 // dropped; the permit frees the connection slot; the
                 // watchdog is aborted; the log says the stream closed.
                 let _ = (&guard, &permit, &watchdog, &log);
-                crate::telemetry::bytes_out(&database, "sse", queued.text().len());
+                bytes_out.increment(queued.text().len() as u64);
                 Ok::<_, Infallible>(Event::default().data(queued.text()))
             })
             .take_until(host.closed())
@@ -390,7 +390,7 @@ async fn post_message<S: Databases>(
             ApiError::malformed(r.body_text())
         }
     })?;
-    crate::telemetry::bytes_in(&target.name, "sse", body.len());
+    crate::telemetry::bytes_in_counter(&target.name, "sse").increment(body.len() as u64);
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::malformed(format!("body is not UTF-8: {e}")))?;
     let mut message =

@@ -87,14 +87,13 @@ fn describe() {
     describe_gauge!(DATABASES_OPEN, "Databases open");
 }
 
-/// Counts `bytes` received on `database` over `transport`.
-pub(crate) fn bytes_in(database: &str, transport: &'static str, bytes: usize) {
+/// The counter of bytes received on `database` over `transport`.
+pub(crate) fn bytes_in_counter(database: &str, transport: &'static str) -> metrics::Counter {
     metrics::counter!(BYTES_IN_TOTAL, "database" => database.to_owned(), "transport" => transport)
-        .increment(bytes as u64);
 }
 
-/// Counts `bytes` sent on `database` over `transport`.
-pub(crate) fn bytes_out(database: &str, transport: &'static str, bytes: usize) {
+/// The counter of bytes sent on `database` over `transport` (a connection
+/// registers it once and counts every message in it).
+pub(crate) fn bytes_out_counter(database: &str, transport: &'static str) -> metrics::Counter {
     metrics::counter!(BYTES_OUT_TOTAL, "database" => database.to_owned(), "transport" => transport)
-        .increment(bytes as u64);
 }

@@ -61,6 +61,7 @@ async fn write_socket(
     mut out_rx: OutboundRx,
     database: String,
 ) {
+    let bytes_out = telemetry::bytes_out_counter(&database, "ws");
     let watchdog = out_rx.stall();
     let stalled = watchdog.stalled();
     tokio::pin!(stalled);
@@ -80,7 +81,7 @@ async fn write_socket(
             },
             () = &mut stalled => break,
         }
-        telemetry::bytes_out(&database, "ws", bytes);
+        bytes_out.increment(bytes as u64);
         // Only now do its bytes leave the queue.
         drop(queued);
     }
@@ -111,6 +112,7 @@ async fn serve_socket(
     );
     let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE_CAP);
     let me = host.peer().site_id();
+    let bytes_in = telemetry::bytes_in_counter(host.name(), "ws");
 
     // The writer owns the socket's sending half; the Peer's sink and our own
     // refusals both feed it.
@@ -161,7 +163,7 @@ async fn serve_socket(
         };
         let text = match frame {
             Some(Ok(Message::Text(text))) => {
-                telemetry::bytes_in(host.name(), "ws", text.len());
+                bytes_in.increment(text.len() as u64);
                 text
             }
             Some(Ok(Message::Binary(_))) => {

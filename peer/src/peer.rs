@@ -11,7 +11,7 @@ mod session;
 mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -222,6 +222,8 @@ pub(crate) struct Inner {
     /// Every open session's status, as its state machine reports it.
     sessions: watch::Sender<BTreeMap<u64, SessionStatus>>,
     next_session: AtomicU64,
+    /// Sessions running now (what a session's commit coalescing scales with).
+    open_sessions: AtomicUsize,
     /// Every dialer and accepted connection, by link id.
     links: Mutex<BTreeMap<u64, Link>>,
     /// Bumped whenever a link changes (for status watchers).
@@ -253,6 +255,11 @@ impl Inner {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// How many sessions are running now.
+    pub(crate) fn open_sessions(&self) -> usize {
+        self.open_sessions.load(Ordering::Relaxed)
+    }
+
     /// Records the status of session `id` on `link` (`None`: it ended).
     pub(crate) fn publish(&self, id: u64, link: u64, status: Option<SessionStatus>) {
         if let Some(s) = &status {
@@ -275,33 +282,40 @@ impl Inner {
         let local = self.store.site_id();
         let acked = s.acknowledged.get(&local);
         let mut floor = None;
-        let raised = self.acknowledged.send_if_modified(|m| {
-            let mut levels = self
-                .acknowledged_levels
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let old = match m.get(&remote) {
-                Some(old) => *old,
-                None => {
-                    *levels.entry(DbVersion::ZERO).or_default() += 1;
-                    DbVersion::ZERO
+        // Most calls raise nothing: find that out under the read lock.
+        let known = self
+            .acknowledged
+            .borrow()
+            .get(&remote)
+            .is_some_and(|old| acked <= *old);
+        let raised = !known
+            && self.acknowledged.send_if_modified(|m| {
+                let mut levels = self
+                    .acknowledged_levels
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let old = match m.get(&remote) {
+                    Some(old) => *old,
+                    None => {
+                        *levels.entry(DbVersion::ZERO).or_default() += 1;
+                        DbVersion::ZERO
+                    }
+                };
+                if acked <= old {
+                    m.entry(remote).or_insert(old);
+                    return false;
                 }
-            };
-            if acked <= old {
-                m.entry(remote).or_insert(old);
-                return false;
-            }
-            m.insert(remote, acked);
-            if let Some(count) = levels.get_mut(&old) {
-                *count -= 1;
-                if *count == 0 {
-                    levels.remove(&old);
+                m.insert(remote, acked);
+                if let Some(count) = levels.get_mut(&old) {
+                    *count -= 1;
+                    if *count == 0 {
+                        levels.remove(&old);
+                    }
                 }
-            }
-            *levels.entry(acked).or_default() += 1;
-            floor = levels.keys().next().copied();
-            true
-        });
+                *levels.entry(acked).or_default() += 1;
+                floor = levels.keys().next().copied();
+                true
+            });
         if raised {
             if let Some(floor) = floor {
                 self.lock_noticed().forget_upto(floor);
@@ -325,12 +339,24 @@ impl Inner {
             link.last_synced_at = Some(now);
         }
         if raised || newly_synced {
-            self.store.note_remote(crate::RemoteRecord {
+            link.record_due = Some(crate::RemoteRecord {
                 site: remote,
                 transport: link.transport.clone(),
                 acknowledged: acked,
                 synced_at: link.last_synced_at,
             });
+        }
+        // At most one record per remote every REMOTE_SAVE_EVERY: a server's
+        // remotes each acknowledge every commit. What waits is handed on by
+        // a later call or when the session ends.
+        let due = link
+            .record_saved
+            .is_none_or(|at| at.elapsed() >= REMOTE_SAVE_EVERY);
+        if due {
+            if let Some(record) = link.record_due.take() {
+                link.record_saved = Some(Instant::now());
+                self.store.note_remote(record);
+            }
         }
     }
 
@@ -375,6 +401,7 @@ impl Inner {
 
     /// A session opened on `link`.
     pub(crate) fn session_opened(&self, link: u64, session: u64) {
+        self.open_sessions.fetch_add(1, Ordering::Relaxed);
         self.update_link(link, |l| {
             l.session = Some(session);
             l.connected_since = Some(SystemTime::now());
@@ -389,7 +416,12 @@ impl Inner {
         link: u64,
         last_error: Option<(crate::proto::ErrorCode, String)>,
     ) {
+        self.open_sessions.fetch_sub(1, Ordering::Relaxed);
         self.update_link(link, |l| {
+            if let Some(record) = l.record_due.take() {
+                l.record_saved = Some(Instant::now());
+                self.store.note_remote(record);
+            }
             l.session = None;
             l.connected_since = None;
             l.opened = None;
@@ -477,6 +509,7 @@ impl Peer {
             cursor,
             sessions,
             next_session: AtomicU64::new(0),
+            open_sessions: AtomicUsize::new(0),
             links: Mutex::new(BTreeMap::new()),
             links_changed: watch::channel(0).0,
             next_link: AtomicU64::new(0),
@@ -668,7 +701,13 @@ impl Peer {
             .into_iter()
             .enumerate()
             .map(|(i, (link, session, known))| {
-                status::remote_status(link, session, pending(i, known), known)
+                let mut remote = status::remote_status(link, session, pending(i, known), known);
+                // A session publishes only what changes, so the link's time
+                // may be older than a sync that is still holding.
+                if session.is_some_and(|s| status::Link::in_sync(s, local, own)) {
+                    remote.last_synced_at = Some(SystemTime::now());
+                }
+                remote
             })
             .collect();
         drop(noticed);

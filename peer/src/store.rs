@@ -229,6 +229,9 @@ pub struct Store {
     path: PathBuf,
     limits: BatchLimits,
     copied: Option<std::sync::Arc<CopiedFile>>,
+    /// The highest acknowledgement handed to the writer: a server's sessions
+    /// all acknowledge each commit, and only the first needs saying.
+    acknowledged: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Store {
@@ -296,6 +299,7 @@ impl Store {
             path: options.path,
             limits: options.limits,
             copied: copied.map(std::sync::Arc::new),
+            acknowledged: std::sync::Arc::default(),
         })
     }
 
@@ -433,7 +437,12 @@ impl Store {
     /// [`fork`](Self::fork) keeps their site id. Never waits; may be dropped
     /// when the writer is busy (a later acknowledgement says as much).
     pub fn note_acknowledged(&self, version: DbVersion) {
-        let _ = self.commands.try_send(Command::Acknowledged(version.0));
+        let before = self
+            .acknowledged
+            .fetch_max(version.0, std::sync::atomic::Ordering::Relaxed);
+        if version.0 > before {
+            let _ = self.commands.try_send(Command::Acknowledged(version.0));
+        }
     }
 
     /// What a Peer saw of a remote, remembered across restarts (see

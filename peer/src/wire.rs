@@ -631,14 +631,20 @@ fn parse_site(hex_text: &str, field: &'static str) -> Result<SiteId, DecodeError
 /// message. The array is the first `"data":[]` after the `data` object's
 /// `type` (the message's own fields before it hold no such text: hex ids,
 /// a cursor of hex keys and numbers).
-fn splice_changes(mut text: String, encoded: &EncodedChanges) -> String {
+fn splice_changes(text: String, encoded: &EncodedChanges) -> String {
     for marker in [
         "{\"type\":\"changes\",\"data\":[",
         "{\"type\":\"eose\",\"data\":[",
     ] {
         if let Some(at) = text.find(marker) {
-            text.insert_str(at + marker.len(), &encoded.json);
-            return text;
+            // Written in order into one allocation: the changes are most of
+            // the message, and inserting them would copy the text twice.
+            let (head, rest) = text.split_at(at + marker.len());
+            let mut out = String::with_capacity(text.len() + encoded.json.len());
+            out.push_str(head);
+            out.push_str(&encoded.json);
+            out.push_str(rest);
+            return out;
         }
     }
     text

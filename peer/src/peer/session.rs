@@ -38,12 +38,30 @@ const START_WAIT: Duration = Duration::from_millis(500);
 /// How long a change stream may wait for the session to want its next batch
 /// before it is parked (dropped, to be read again later).
 const PARK_STALLED_STREAM_AFTER: Duration = Duration::from_secs(2);
-/// Commits that come less than this after the session last sent changes
-/// are sent together: the session takes the Store's cursor only this long
-/// after that send, with every commit that came meanwhile. A commit after a
-/// quiet spell goes at once; in a burst of commits, one stream and one
-/// message carry several instead of one each.
-const COALESCE_COMMITS: Duration = Duration::from_millis(5);
+/// Commits that come sooner than [`coalesce_window`] after the session last
+/// sent changes are sent together: the session takes the Store's cursor
+/// only that long after the send, with every commit that came meanwhile. A
+/// commit after a quiet spell goes at once; in a burst of commits, one
+/// stream and one message carry several instead of one each.
+///
+/// The window is at least `COALESCE_MIN` and grows by
+/// `COALESCE_PER_SESSION` for every session the Peer runs, up to
+/// `COALESCE_MAX`. A send costs about the same whatever it carries, so with
+/// N sessions a burst costs N sends per window: scaling the window with N
+/// keeps a burst's sends at about `1 / COALESCE_PER_SESSION` (20,000) per
+/// second for the whole Peer, whether it serves 10 sessions or 10,000.
+const COALESCE_MIN: Duration = Duration::from_millis(5);
+const COALESCE_PER_SESSION: Duration = Duration::from_micros(50);
+const COALESCE_MAX: Duration = Duration::from_millis(100);
+
+/// How long after a send of changes a session waits for more commits, when
+/// the Peer runs `sessions` sessions (see [`COALESCE_MIN`]).
+fn coalesce_window(sessions: usize) -> Duration {
+    let sessions = u32::try_from(sessions).unwrap_or(u32::MAX);
+    COALESCE_PER_SESSION
+        .saturating_mul(sessions)
+        .clamp(COALESCE_MIN, COALESCE_MAX)
+}
 
 /// How a session ended, for the dialer's backoff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +230,7 @@ async fn run_inner(
     let mut opening: Option<OpenFuture> = None;
     let mut stalled_since: Option<tokio::time::Instant> = None;
     // When the session last sent changes, and when it takes the Store's
-    // cursor if it moved sooner than `COALESCE_COMMITS` after that.
+    // cursor if it moved sooner than `coalesce_window` after that.
     let mut changes_sent: Option<tokio::time::Instant> = None;
     let mut cursor_due: Option<tokio::time::Instant> = None;
     let mut merging: Option<MergeFuture> = None;
@@ -221,14 +239,20 @@ async fn run_inner(
     inner.session_opened(link, id);
     let database = telemetry::database_label(inner.store.path());
     let mut gauges = telemetry::SessionGauges::open(&database, &label);
+    // Registered once: a lookup by name and labels costs more than the count.
+    let changes_out =
+        metrics::counter!(telemetry::CHANGES_OUT_TOTAL, "database" => database.clone());
+    let changes_in = metrics::counter!(telemetry::CHANGES_IN_TOTAL, "database" => database.clone());
     let mut site_id_conflict = false;
     let mut noted_own = crate::DbVersion(0);
+    let mut published: Option<crate::proto::SessionStatus> = None;
+    let mut refresh_status = false;
 
     // Polled in every turn of the loop: made once, so that a turn does not
-    // register and drop waiters on the tokens again.
-    let stopped = stop.token.cancelled();
-    let write_failed = writer_failed.cancelled();
-    tokio::pin!(stopped, write_failed);
+    // register and drop waiters on the token again. The writer's token is a
+    // child of the stop token, so it ends on a stop too.
+    let ended = writer_failed.cancelled();
+    tokio::pin!(ended);
     let reason: String = 'session: loop {
         while let Some(output) = core.poll_output() {
             match output {
@@ -300,7 +324,14 @@ async fn run_inner(
             noted_own = acked_own;
             inner.store.note_acknowledged(acked_own);
         }
-        inner.publish(id, link, Some(status));
+        // Published when it changed (most turns change nothing a status
+        // shows), and at every timer wake-up (pings), which keeps the time
+        // last in sync fresh in the link's saved record.
+        if refresh_status || published.as_ref() != Some(&status) {
+            refresh_status = false;
+            published = Some(status.clone());
+            inner.publish(id, link, Some(status));
+        }
         let want_transmit = core.has_transmit();
         let want_batch = core.wants_batch() && reading.is_some();
         // A stream the session takes nothing from (the remote does not read)
@@ -319,8 +350,11 @@ async fn run_inner(
         let coalesced = OptionFuture::from(cursor_due.map(tokio::time::sleep_until));
         tokio::select! {
             biased;
-            _ = &mut stopped => break stop.reason(),
-            _ = &mut write_failed => break "connection closed while sending".into(),
+            _ = &mut ended => break if stop.token.is_cancelled() {
+                stop.reason()
+            } else {
+                "connection closed while sending".into()
+            },
             Some(opened) = OptionFuture::from(opening.as_mut()), if opening.is_some() => {
                 opening = None;
                 match opened {
@@ -343,7 +377,7 @@ async fn run_inner(
                 let Ok(permit) = permit else { break "writer gone".into() };
                 match core.poll_transmit(Instant::now()) {
                     Some(message) => {
-                        if count_changes(telemetry::CHANGES_OUT_TOTAL, &database, &message) > 0 {
+                        if count_changes(&changes_out, &message) > 0 {
                             changes_sent = Some(tokio::time::Instant::now());
                         }
                         permit.send(message);
@@ -359,7 +393,7 @@ async fn run_inner(
                 }
                 Some(Err(e)) => break e.to_string(),
                 Some(Ok(Received { message, reply, may_predate_session })) => {
-                    count_changes(telemetry::CHANGES_IN_TOTAL, &database, &message);
+                    count_changes(&changes_in, &message);
                     let reply = reply.map(|tx| {
                         next_reply += 1;
                         replies.insert(next_reply, tx);
@@ -398,8 +432,9 @@ async fn run_inner(
                     break "peer shutting down".into();
                 }
                 let now = tokio::time::Instant::now();
+                let window = coalesce_window(inner.open_sessions());
                 match changes_sent {
-                    Some(at) if now < at + COALESCE_COMMITS => cursor_due = Some(at + COALESCE_COMMITS),
+                    Some(at) if now < at + window => cursor_due = Some(at + window),
                     _ => {
                         let cursor = cursor_rx.borrow_and_update().clone();
                         core.handle(Input::LocalChanged { cursor }, Instant::now());
@@ -418,7 +453,10 @@ async fn run_inner(
                 let version = *schema.borrow_and_update();
                 core.handle(Input::SchemaChanged(version), Instant::now());
             }
-            Some(()) = wake => core.handle(Input::Timeout, Instant::now()),
+            Some(()) = wake => {
+                refresh_status = true;
+                core.handle(Input::Timeout, Instant::now());
+            }
             Some(()) = park => {
                 tracing::debug!("parking a stalled change stream");
                 reading = None;
@@ -457,12 +495,11 @@ async fn run_inner(
     ended
 }
 
-/// Counts the changes a `data` message carries under `name`.
-/// Counts the changes `message` carries in the metric `name`; returns how many.
-fn count_changes(name: &'static str, database: &str, message: &TransportMessage) -> usize {
+/// Counts the changes `message` carries in `counter`; returns how many.
+fn count_changes(counter: &metrics::Counter, message: &TransportMessage) -> usize {
     let count = message.data.as_ref().map_or(0, |data| data.change_count());
     if count > 0 {
-        metrics::counter!(name, "database" => database.to_owned()).increment(count as u64);
+        counter.increment(count as u64);
     }
     count
 }

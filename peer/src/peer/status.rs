@@ -216,6 +216,10 @@ pub(crate) struct Link {
     pub(crate) last_synced_at: Option<SystemTime>,
     /// The last dial failure or refusal, for when no session is open.
     pub(crate) last_error: Option<(ErrorCode, String)>,
+    /// When the remote's record was last handed to the Store, and the
+    /// newer record that waits for its turn (see `Inner::note_acknowledged`).
+    pub(crate) record_saved: Option<Instant>,
+    pub(crate) record_due: Option<crate::RemoteRecord>,
 }
 
 impl Link {
@@ -230,6 +234,8 @@ impl Link {
             disconnected: false,
             last_synced_at: None,
             last_error: None,
+            record_saved: None,
+            record_due: None,
         }
     }
 

@@ -527,6 +527,19 @@ impl BatchBuilder {
     /// Adds a change to the batch in progress, and its claim to the batch's ranges.
     fn add(&mut self, change: Change, size: usize) {
         let (site, version) = change.origin();
+        // The batch's claims already cover the transaction of the change
+        // before it (every path that starts a batch afresh starts it empty).
+        let claimed = self
+            .current
+            .changes
+            .last()
+            .is_some_and(|last| last.origin() == (site, version));
+        if claimed {
+            self.current_bytes += size;
+            self.sizes.push(size);
+            self.current.changes.push(change);
+            return;
+        }
         let within_limit = self.limits.get(&site).is_none_or(|limit| version <= *limit);
         if !within_limit && self.sender.holds(&site, version) {
             self.unclaimed.0.insert(site);

@@ -115,6 +115,8 @@ pub(super) fn run(
     writer.feed_tail(CommitRows::too_large());
     let _ = ready.send(Ok((writer.site, writer.copied.clone())));
     let mut next_poll = Instant::now() + writer.config.poll_interval;
+    let queue_depth =
+        metrics::gauge!(telemetry::STORE_QUEUE_DEPTH, "database" => writer.database.clone());
     loop {
         let timeout = next_poll.saturating_duration_since(Instant::now());
         match inbox.recv_timeout(timeout) {
@@ -122,9 +124,14 @@ pub(super) fn run(
                 let _ = reply.send(writer.close());
                 return;
             }
+            // Notes for later that touch no table: a server's sessions send
+            // one per remote per commit, so they skip the checks for other
+            // processes' commits around every command.
+            Ok(command @ (Command::Acknowledged(_) | Command::RemoteSeen(_))) => {
+                writer.handle(command);
+            }
             Ok(command) => {
-                metrics::gauge!(telemetry::STORE_QUEUE_DEPTH, "database" => writer.database.clone())
-                    .set(inbox.len() as f64);
+                queue_depth.set(inbox.len() as f64);
                 writer.notice_external();
                 writer.handle(command);
                 writer.notice_own_commits(ChangeSource::Local);
