@@ -327,14 +327,15 @@ fn live(
             got == n,
             "{transport} {n}: row {id} reached only {got} clients"
         );
-        let mut worst = 0.0f64;
+        let mut round: Vec<f64> = Vec::with_capacity(n);
         for s in &clients.stats {
             let (last, at) = s.last();
             ensure!(last == id, "a client saw row {last} during round {id}");
-            let ms = at.saturating_sub(stamp) as f64 / 1000.0;
-            worst = worst.max(ms);
-            one_ms.push(ms);
+            round.push(at.saturating_sub(stamp) as f64 / 1000.0);
         }
+        one_ms.extend_from_slice(&round);
+        let (p50, _, worst) = spread(&mut round);
+        eprintln!("{transport} {n}: round {id}: p50 {p50:.1} ms, last {worst:.1} ms");
         round_max_ms.push(worst);
         std::thread::sleep(ROUND_SPACING);
     }

@@ -401,7 +401,10 @@ impl Inner {
 
     /// A session opened on `link`.
     pub(crate) fn session_opened(&self, link: u64, session: u64) {
-        self.open_sessions.fetch_add(1, Ordering::Relaxed);
+        // With a second remote, what one sends us is relayed to the other.
+        if self.open_sessions.fetch_add(1, Ordering::Relaxed) >= 1 {
+            self.store.expect_relaying();
+        }
         self.update_link(link, |l| {
             l.session = Some(session);
             l.connected_since = Some(SystemTime::now());

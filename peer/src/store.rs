@@ -627,6 +627,17 @@ impl Store {
             .await
     }
 
+    /// Says that merges will be relayed (the caller serves several
+    /// remotes): from the next merge on, each is read back into the live
+    /// tail right after its commit, so that every session sends it from
+    /// memory. Without this the first merge sessions need is read from the
+    /// file by each of them. Unused, read-back turns itself off again.
+    pub(crate) fn expect_relaying(&self) {
+        if let Some(tail) = &self.tail {
+            tail.expect_relaying();
+        }
+    }
+
     /// As [`changes_since_with_limits`](Self::changes_since_with_limits),
     /// leaving out the rows `hint` names by local version: those the caller
     /// already sent to this receiver (see [`ChangeStream::read_upto`]) and

@@ -209,6 +209,12 @@ impl LiveTail {
         self.needed_unread.load(Ordering::Relaxed) >= WANTED_AFTER
     }
 
+    /// Merges' rows are wanted (see [`Store::expect_relaying`](super::Store::expect_relaying)).
+    pub(super) fn expect_relaying(&self) {
+        self.needed_unread
+            .fetch_max(WANTED_AFTER, Ordering::Relaxed);
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, TailState> {
         self.state
             .write()
@@ -622,6 +628,23 @@ mod tests {
 
     fn wanted(tail: &LiveTail) {
         tail.needed_unread.store(WANTED_AFTER, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_peer_that_expects_to_relay_has_merges_read_back_from_the_first() {
+        let tail = Arc::new(LiveTail::new());
+        tail.append(CommitRows::default(), 0, Cursor::new(), 0);
+        assert!(!tail.wants_merged_rows(), "one remote: merges stay unread");
+        tail.expect_relaying();
+        assert!(tail.wants_merged_rows());
+        // Saying it again does not stack up: unused, it still turns off.
+        tail.expect_relaying();
+        let mut head = 0;
+        while tail.read().base == 0 {
+            fill(&tail, &mut head, 1);
+        }
+        fill(&tail, &mut head, UNSERVED_MERGES_OFF as usize);
+        assert!(!tail.wants_merged_rows());
     }
 
     #[test]
