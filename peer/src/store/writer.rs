@@ -136,18 +136,21 @@ pub(super) fn run(
                 writer.handle(command);
                 writer.notice_own_commits(ChangeSource::Local);
             }
-            Err(flume::RecvTimeoutError::Timeout) => {
-                writer.notice_external();
-                writer.save_verified();
-                writer.save_remotes();
-                next_poll = Instant::now() + writer.config.poll_interval;
-            }
+            Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => {
                 if let Err(e) = writer.close() {
                     tracing::warn!(error = %e, "closing the store failed");
                 }
                 return;
             }
+        }
+        // Also when commands never stop coming: the queue is never empty
+        // for long on a busy server.
+        if Instant::now() >= next_poll {
+            writer.notice_external();
+            writer.save_verified();
+            writer.save_remotes();
+            next_poll = Instant::now() + writer.config.poll_interval;
         }
     }
 }
