@@ -145,3 +145,73 @@ async fn a_newer_schema_waits_for_the_upgrade_and_loses_nothing() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A remote's saved record goes to the Store at most every few seconds, so
+/// acknowledgements in quick succession wait; the newest must still be saved
+/// when the session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remotes_saved_record_holds_its_newest_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Peer::builder(open_store(dir.path(), "a.db").await).build();
+    let b = Peer::builder(open_store(dir.path(), "b.db").await).build();
+    let (ca, cb) = memory_pair();
+    a.accept(ca);
+    b.accept(cb);
+    b.wait_caught_up(a.site_id(), WAIT).await.unwrap();
+    let mut newest = None;
+    for id in 1..=3 {
+        let (_, version) = a
+            .store()
+            .write_versioned(move |tx| {
+                tx.execute("INSERT INTO items VALUES (?1, 'quick', ?1, NULL)", [id])
+            })
+            .await
+            .unwrap();
+        let version = version.expect("a write");
+        a.wait_acknowledged(version, Some(b.site_id()), WAIT)
+            .await
+            .unwrap();
+        newest = Some(version);
+    }
+    a.shutdown().await;
+    let records = a.store().remotes().await.unwrap();
+    let record = records
+        .iter()
+        .find(|r| r.site == b.site_id())
+        .expect("a record of b");
+    assert_eq!(Some(record.acknowledged), newest, "{records:?}");
+    assert!(record.synced_at.is_some(), "{records:?}");
+    b.shutdown().await;
+}
+
+/// While a remote stays in sync, the time last in sync is the present, even
+/// when nothing happens on the connection (a session reports its status only
+/// when it changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_last_in_sync_keeps_up_while_in_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Peer::builder(open_store(dir.path(), "a.db").await).build();
+    let b = Peer::builder(open_store(dir.path(), "b.db").await).build();
+    let (ca, cb) = memory_pair();
+    a.accept(ca);
+    b.accept(cb);
+    let (_, version) = a
+        .store()
+        .write_versioned(|tx| tx.execute_batch("INSERT INTO items VALUES (1, 'x', 1, NULL)"))
+        .await
+        .unwrap();
+    a.wait_acknowledged(version.expect("a write"), Some(b.site_id()), WAIT)
+        .await
+        .unwrap();
+    let synced = std::time::SystemTime::now();
+    // Nothing moves for a while: no write, no ping (the default interval is longer).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let status = a.status().await;
+    let at = status.last_synced_at().expect("in sync");
+    assert!(
+        at.duration_since(synced).unwrap_or_default() >= Duration::from_secs(1),
+        "last in sync {at:?}, {synced:?} before the wait"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
