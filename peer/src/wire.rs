@@ -263,6 +263,14 @@ impl EncodedChanges {
 pub trait ChangeEncoder: Send + Sync {
     /// Appends each change's wire JSON to `out`, comma-separated.
     fn write_json(&self, changes: &[Change], encoding: Encoding, out: &mut String);
+
+    /// The changes' wire JSON, comma-separated, as one shared string (an
+    /// encoder may hand every message with the same changes the same one).
+    fn encode(&self, changes: &[Change], encoding: Encoding) -> Arc<str> {
+        let mut json = String::with_capacity(changes.len() * 160);
+        self.write_json(changes, encoding, &mut json);
+        json.into()
+    }
 }
 
 /// A batch's [`ChangeEncoder`], if it came from one. It never affects a
@@ -598,13 +606,9 @@ impl TransportMessage {
                 upto: p.upto_seq,
                 more: p.more,
             }),
-            encoded: batch.wire.0.as_ref().map(|encoder| {
-                let mut json = String::with_capacity(batch.changes.len() * 160);
-                encoder.write_json(&batch.changes, encoding, &mut json);
-                EncodedChanges {
-                    json: json.into(),
-                    count: batch.changes.len(),
-                }
+            encoded: batch.wire.0.as_ref().map(|encoder| EncodedChanges {
+                json: encoder.encode(&batch.changes, encoding),
+                count: batch.changes.len(),
             }),
         };
         TransportMessage {

@@ -385,3 +385,67 @@ async fn a_message_from_the_tail_is_the_same_json_as_one_encoded_per_session() {
         }
     }
 }
+
+/// Sessions at the same place send the same batches: the first message
+/// encodes them, and every later one with the same rows shares that JSON
+/// (the same bytes in memory, not a copy). A batch edited since it was read
+/// is encoded from what it holds.
+#[tokio::test]
+async fn sessions_at_the_same_place_share_one_encoding() {
+    use crsync_peer::wire::{Encoding, TransportMessage};
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let limits = BatchLimits::default();
+    let (_, upto, _) = collect(&a, &Cursor::new(), &ReadHint::default(), limits).await;
+    for i in 1..=5 {
+        a.write(move |tx| tx.execute("INSERT INTO items VALUES (?1, 'x', ?1, NULL)", [i as i64]))
+            .await
+            .unwrap();
+    }
+    let hint = ReadHint {
+        after_local: upto,
+        ..ReadHint::default()
+    };
+    let batch = || async {
+        let mut s = a
+            .changes_since_hinted(&Cursor::new(), &hint, limits)
+            .await
+            .unwrap();
+        assert!(s.from_memory());
+        s.next_batch_to_send().await.unwrap().unwrap()
+    };
+    let (first, second) = (batch().await, batch().await);
+    let site = a.site_id();
+    let json = |b: &ChangeBatch, encoding| {
+        let m = TransportMessage::data(site, b, false, 3, encoding);
+        let encoded = m.data.as_ref().unwrap().encoded.clone().unwrap();
+        (encoded, m.to_json())
+    };
+    for encoding in [Encoding::V1, Encoding::Lossless] {
+        let (e1, t1) = json(&first, encoding);
+        let (e2, t2) = json(&second, encoding);
+        assert_eq!(t1, t2);
+        assert!(
+            std::ptr::eq(e1.json().as_ptr(), e2.json().as_ptr()),
+            "the second message shares the first one's JSON"
+        );
+    }
+    let (v1, _) = json(&first, Encoding::V1);
+    let (lossless, _) = json(&first, Encoding::Lossless);
+    assert!(!std::ptr::eq(v1.json().as_ptr(), lossless.json().as_ptr()));
+
+    // One change fewer: not the shared JSON, and exactly what it holds.
+    let mut edited = batch().await;
+    let dropped = edited.changes.pop().unwrap();
+    let (e3, t3) = json(&edited, Encoding::V1);
+    assert_eq!(e3.len(), edited.changes.len());
+    let decoded = TransportMessage::from_json(&t3).unwrap();
+    let changes = decoded.data.unwrap().changes().unwrap().into_owned();
+    assert_eq!(changes.len(), edited.changes.len());
+    assert!(
+        changes
+            .iter()
+            .all(|c| !(c.db_version == dropped.db_version.0 && c.seq == dropped.seq)),
+        "the dropped change is not sent"
+    );
+}

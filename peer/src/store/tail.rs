@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use super::reader::covered_before;
 use crate::proto::batch::ClaimLimits;
@@ -104,6 +104,53 @@ pub(super) struct LiveTail {
     state: RwLock<TailState>,
     /// Streams that found a merge's rows unread and needed them.
     needed_unread: AtomicU32,
+    /// The JSON of the batches sent last, for every session that sends the
+    /// same rows next (sessions at the same place get the same batches).
+    sent: Arc<SentBatches>,
+}
+
+/// How many batches' JSON [`SentBatches`] keeps (each about a server batch,
+/// 32 KiB by default).
+const SENT_BATCHES_KEPT: usize = 16;
+
+/// The wire JSON of recently sent batches, by encoding and by the rows they
+/// carry, shared by every message that carries the same rows.
+#[derive(Debug, Default)]
+struct SentBatches(Mutex<VecDeque<SentBatch>>);
+
+#[derive(Debug)]
+struct SentBatch {
+    encoding: Encoding,
+    /// Per change, its commit (by first local version) and row index.
+    rows: Box<[(i64, u32)]>,
+    json: Arc<str>,
+}
+
+impl SentBatches {
+    fn get(&self, encoding: Encoding, rows: &[(i64, u32)]) -> Option<Arc<str>> {
+        let kept = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        kept.iter()
+            .find(|b| b.encoding == encoding && *b.rows == *rows)
+            .map(|b| Arc::clone(&b.json))
+    }
+
+    fn put(&self, encoding: Encoding, rows: Box<[(i64, u32)]>, json: Arc<str>) {
+        let mut kept = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() >= SENT_BATCHES_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(SentBatch {
+            encoding,
+            rows,
+            json,
+        });
+    }
 }
 
 /// After this many merges in a row whose rows were read but left the tail
@@ -199,6 +246,7 @@ impl LiveTail {
                 unserved_merges: 0,
             }),
             needed_unread: AtomicU32::new(0),
+            sent: Arc::default(),
         }
     }
 
@@ -356,6 +404,7 @@ impl LiveTail {
             schema_version,
             builder: Some(builder),
             snapshot: sender,
+            sent: Arc::clone(&self.sent),
         })
     }
 }
@@ -445,6 +494,7 @@ pub(super) struct TailStream {
     /// `None` once the last batch was returned.
     builder: Option<BatchBuilder>,
     snapshot: Cursor,
+    sent: Arc<SentBatches>,
 }
 
 impl TailStream {
@@ -515,6 +565,7 @@ impl TailStream {
         batch.wire = WireCache::new(Arc::new(TailBatchWire {
             commits: self.commits.clone(),
             positions,
+            sent: Arc::clone(&self.sent),
         }));
         batch
     }
@@ -536,6 +587,7 @@ struct TailBatchWire {
     commits: Arc<[Arc<TailCommit>]>,
     /// Per change of the batch, its commit and row index.
     positions: Vec<(usize, usize)>,
+    sent: Arc<SentBatches>,
 }
 
 impl TailBatchWire {
@@ -545,6 +597,36 @@ impl TailBatchWire {
 }
 
 impl ChangeEncoder for TailBatchWire {
+    /// The JSON another session's message with the same rows already has,
+    /// if the batch still holds exactly its rows, in order; else encoded
+    /// (and kept for the next session).
+    fn encode(&self, changes: &[Change], encoding: Encoding) -> Arc<str> {
+        let unedited = changes.len() == self.positions.len()
+            && changes
+                .iter()
+                .zip(&self.positions)
+                .all(|(change, at)| same_write(&self.row(*at).change, change));
+        let encode = || {
+            let mut json = String::with_capacity(changes.len() * 160);
+            self.write_json(changes, encoding, &mut json);
+            Arc::<str>::from(json)
+        };
+        if !unedited {
+            return encode();
+        }
+        let rows: Box<[(i64, u32)]> = self
+            .positions
+            .iter()
+            .map(|&(commit, row)| (self.commits[commit].first_local, row as u32))
+            .collect();
+        if let Some(json) = self.sent.get(encoding, &rows) {
+            return json;
+        }
+        let json = encode();
+        self.sent.put(encoding, rows, Arc::clone(&json));
+        json
+    }
+
     /// Each change's JSON as kept with its row. Changes are matched to the
     /// rows by origin, in order: a change not among them (the batch was
     /// edited since) is encoded from itself.
