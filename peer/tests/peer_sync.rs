@@ -152,26 +152,11 @@ async fn a_newer_schema_waits_for_the_upgrade_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remotes_saved_record_holds_its_newest_acknowledgement() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Peer::builder(open_store(dir.path(), "a.db").await).build();
-    let b = Peer::builder(open_store(dir.path(), "b.db").await).build();
-    let (ca, cb) = memory_pair();
-    a.accept(ca);
-    b.accept(cb);
+    let (a, b) = connected(dir.path()).await;
     b.wait_caught_up(a.site_id(), WAIT).await.unwrap();
     let mut newest = None;
     for id in 1..=3 {
-        let (_, version) = a
-            .store()
-            .write_versioned(move |tx| {
-                tx.execute("INSERT INTO items VALUES (?1, 'quick', ?1, NULL)", [id])
-            })
-            .await
-            .unwrap();
-        let version = version.expect("a write");
-        a.wait_acknowledged(version, Some(b.site_id()), WAIT)
-            .await
-            .unwrap();
-        newest = Some(version);
+        newest = Some(write_acknowledged(&a, &b, id).await);
     }
     a.shutdown().await;
     let records = a.store().remotes().await.unwrap();
@@ -190,19 +175,8 @@ async fn a_remotes_saved_record_holds_its_newest_acknowledgement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_time_last_in_sync_keeps_up_while_in_sync() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Peer::builder(open_store(dir.path(), "a.db").await).build();
-    let b = Peer::builder(open_store(dir.path(), "b.db").await).build();
-    let (ca, cb) = memory_pair();
-    a.accept(ca);
-    b.accept(cb);
-    let (_, version) = a
-        .store()
-        .write_versioned(|tx| tx.execute_batch("INSERT INTO items VALUES (1, 'x', 1, NULL)"))
-        .await
-        .unwrap();
-    a.wait_acknowledged(version.expect("a write"), Some(b.site_id()), WAIT)
-        .await
-        .unwrap();
+    let (a, b) = connected(dir.path()).await;
+    write_acknowledged(&a, &b, 1).await;
     let synced = std::time::SystemTime::now();
     // Nothing moves for a while: no write, no ping (the default interval is longer).
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -214,4 +188,28 @@ async fn the_time_last_in_sync_keeps_up_while_in_sync() {
     );
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Two Peers on files of their own in `dir`, connected by an in-memory pair.
+async fn connected(dir: &std::path::Path) -> (Peer, Peer) {
+    let a = Peer::builder(open_store(dir, "a.db").await).build();
+    let b = Peer::builder(open_store(dir, "b.db").await).build();
+    let (ca, cb) = memory_pair();
+    a.accept(ca);
+    b.accept(cb);
+    (a, b)
+}
+
+/// Writes row `id` on `a` and waits until `b` acknowledged it; its version.
+async fn write_acknowledged(a: &Peer, b: &Peer, id: i64) -> crsync_peer::DbVersion {
+    let (_, version) = a
+        .store()
+        .write_versioned(move |tx| tx.execute("INSERT INTO items VALUES (?1, 'x', ?1, NULL)", [id]))
+        .await
+        .unwrap();
+    let version = version.expect("a write");
+    a.wait_acknowledged(version, Some(b.site_id()), WAIT)
+        .await
+        .unwrap();
+    version
 }

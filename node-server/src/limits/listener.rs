@@ -235,6 +235,16 @@ impl IoProgress {
 }
 
 impl KillableIo {
+    /// Notes the bytes a write took as progress.
+    fn count(&self, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                self.progress.took(n);
+            }
+        }
+        written
+    }
+
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         match self.killed.poll_unpin(cx) {
             Poll::Ready(()) => Err(io::Error::new(
@@ -266,13 +276,7 @@ impl AsyncWrite for KillableIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
-        let written = this.stream.poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = written {
-            if n > 0 {
-                this.progress.took(n);
-            }
-        }
-        written
+        this.count(this.stream.poll_write(cx, buf))
     }
 
     /// Vectored, so that hyper writes a chunk's header and body with one
@@ -284,13 +288,7 @@ impl AsyncWrite for KillableIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
-        let written = this.stream.poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = written {
-            if n > 0 {
-                this.progress.took(n);
-            }
-        }
-        written
+        this.count(this.stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
