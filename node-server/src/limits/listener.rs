@@ -276,7 +276,8 @@ impl AsyncWrite for KillableIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
-        this.count(this.stream.poll_write(cx, buf))
+        let written = this.stream.poll_write(cx, buf);
+        this.count(written)
     }
 
     /// Vectored, so that hyper writes a chunk's header and body with one
@@ -288,7 +289,8 @@ impl AsyncWrite for KillableIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
-        this.count(this.stream.poll_write_vectored(cx, bufs))
+        let written = this.stream.poll_write_vectored(cx, bufs);
+        this.count(written)
     }
 
     fn is_write_vectored(&self) -> bool {
