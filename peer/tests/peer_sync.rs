@@ -206,10 +206,10 @@ async fn write_acknowledged(a: &Peer, b: &Peer, id: i64) -> crsync_peer::DbVersi
         .store()
         .write_versioned(move |tx| tx.execute("INSERT INTO items VALUES (?1, 'x', ?1, NULL)", [id]))
         .await
-        .unwrap();
+        .expect("write a row");
     let version = version.expect("a write");
     a.wait_acknowledged(version, Some(b.site_id()), WAIT)
         .await
-        .unwrap();
+        .expect("acknowledged");
     version
 }

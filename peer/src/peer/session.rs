@@ -603,3 +603,16 @@ impl std::fmt::Display for BatchSummary<'_> {
         write!(f, " ] part {:?}", self.0.part)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_coalescing_window_grows_with_the_sessions_within_its_bounds() {
+        assert_eq!(coalesce_window(1), COALESCE_MIN, "a device");
+        assert_eq!(coalesce_window(100), COALESCE_MIN);
+        assert_eq!(coalesce_window(1000), Duration::from_millis(50));
+        assert_eq!(coalesce_window(usize::MAX), COALESCE_MAX);
+    }
+}
