@@ -353,8 +353,7 @@ impl Inner {
             .record_saved
             .is_none_or(|at| at.elapsed() >= REMOTE_SAVE_EVERY);
         if due {
-            if let Some(record) = link.record_due.take() {
-                link.record_saved = Some(Instant::now());
+            if let Some(record) = link.take_record() {
                 self.store.note_remote(record);
             }
         }
@@ -421,8 +420,7 @@ impl Inner {
     ) {
         self.open_sessions.fetch_sub(1, Ordering::Relaxed);
         self.update_link(link, |l| {
-            if let Some(record) = l.record_due.take() {
-                l.record_saved = Some(Instant::now());
+            if let Some(record) = l.take_record() {
                 self.store.note_remote(record);
             }
             l.session = None;

@@ -223,6 +223,13 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// The record that waits to be saved, if any, noting that it goes now.
+    pub(crate) fn take_record(&mut self) -> Option<crate::RemoteRecord> {
+        let record = self.record_due.take()?;
+        self.record_saved = Some(Instant::now());
+        Some(record)
+    }
+
     pub(crate) fn new(transport: String, dialed: bool) -> Self {
         Link {
             transport,

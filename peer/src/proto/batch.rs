@@ -534,12 +534,16 @@ impl BatchBuilder {
             .changes
             .last()
             .is_some_and(|last| last.origin() == (site, version));
-        if claimed {
-            self.current_bytes += size;
-            self.sizes.push(size);
-            self.current.changes.push(change);
-            return;
+        if !claimed {
+            self.claim(site, version);
         }
+        self.current_bytes += size;
+        self.sizes.push(size);
+        self.current.changes.push(change);
+    }
+
+    /// Adds `version` of `site` to the claims of the batch in progress.
+    fn claim(&mut self, site: SiteId, version: DbVersion) {
         let within_limit = self.limits.get(&site).is_none_or(|limit| version <= *limit);
         if !within_limit && self.sender.holds(&site, version) {
             self.unclaimed.0.insert(site);
@@ -553,9 +557,6 @@ impl BatchBuilder {
                 .or_insert(VersionRange { after, upto: after });
             range.upto = range.upto.max(version);
         }
-        self.current_bytes += size;
-        self.sizes.push(size);
-        self.current.changes.push(change);
     }
 
     /// Seals the batch in progress; if the transaction in progress went in

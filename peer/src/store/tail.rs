@@ -127,21 +127,21 @@ struct SentBatch {
 }
 
 impl SentBatches {
-    fn get(&self, encoding: Encoding, rows: &[(i64, u32)]) -> Option<Arc<str>> {
-        let kept = self
-            .0
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<SentBatch>> {
+        self.0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        kept.iter()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, encoding: Encoding, rows: &[(i64, u32)]) -> Option<Arc<str>> {
+        self.lock()
+            .iter()
             .find(|b| b.encoding == encoding && *b.rows == *rows)
             .map(|b| Arc::clone(&b.json))
     }
 
     fn put(&self, encoding: Encoding, rows: Box<[(i64, u32)]>, json: Arc<str>) {
-        let mut kept = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut kept = self.lock();
         if kept.len() >= SENT_BATCHES_KEPT {
             kept.pop_front();
         }
@@ -594,6 +594,16 @@ impl TailBatchWire {
     fn row(&self, at: (usize, usize)) -> &TailRow {
         &self.commits[at.0].rows[at.1]
     }
+
+    /// The row's wire JSON, encoded the first time any session needs it.
+    fn row_json(&self, at: (usize, usize), encoding: Encoding) -> &str {
+        let slot = match encoding {
+            Encoding::V1 => 0,
+            Encoding::Lossless => 1,
+        };
+        let row = self.row(at);
+        row.json[slot].get_or_init(|| change_json(&row.change, encoding).into_boxed_str())
+    }
 }
 
 impl ChangeEncoder for TailBatchWire {
@@ -606,13 +616,10 @@ impl ChangeEncoder for TailBatchWire {
                 .iter()
                 .zip(&self.positions)
                 .all(|(change, at)| same_write(&self.row(*at).change, change));
-        let encode = || {
-            let mut json = String::with_capacity(changes.len() * 160);
-            self.write_json(changes, encoding, &mut json);
-            Arc::<str>::from(json)
-        };
+        let mut json = String::with_capacity(changes.len() * 160);
         if !unedited {
-            return encode();
+            self.write_json(changes, encoding, &mut json);
+            return json.into();
         }
         let rows: Box<[(i64, u32)]> = self
             .positions
@@ -622,7 +629,13 @@ impl ChangeEncoder for TailBatchWire {
         if let Some(json) = self.sent.get(encoding, &rows) {
             return json;
         }
-        let json = encode();
+        for (i, &at) in self.positions.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            json.push_str(self.row_json(at, encoding));
+        }
+        let json: Arc<str> = json.into();
         self.sent.put(encoding, rows, Arc::clone(&json));
         json
     }
@@ -631,10 +644,6 @@ impl ChangeEncoder for TailBatchWire {
     /// rows by origin, in order: a change not among them (the batch was
     /// edited since) is encoded from itself.
     fn write_json(&self, changes: &[Change], encoding: Encoding, out: &mut String) {
-        let slot = match encoding {
-            Encoding::V1 => 0,
-            Encoding::Lossless => 1,
-        };
         let mut next = 0;
         for (i, change) in changes.iter().enumerate() {
             if i > 0 {
@@ -647,11 +656,7 @@ impl ChangeEncoder for TailBatchWire {
             match found {
                 Some(k) => {
                     next = k + 1;
-                    let row = self.row(self.positions[k]);
-                    out.push_str(
-                        row.json[slot]
-                            .get_or_init(|| change_json(&row.change, encoding).into_boxed_str()),
-                    );
+                    out.push_str(self.row_json(self.positions[k], encoding));
                 }
                 None => out.push_str(&change_json(change, encoding)),
             }
