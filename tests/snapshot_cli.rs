@@ -364,7 +364,12 @@ fn clone_killed_at_random_points_leaves_nothing_or_a_complete_replica() {
             break;
         }
         let (status, _) = child.kill_9();
-        assert!(!status.success(), "round {round}: killed");
+        if status.success() {
+            // It finished between the random moment and the kill: a run
+            // that was not interrupted, as when the moment comes too late.
+            assert_complete(&db, &server_before);
+            break;
+        }
         kills += 1;
         report(round);
         if db.exists() {
