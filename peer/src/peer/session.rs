@@ -262,6 +262,7 @@ async fn run_inner(
                     merging = Some(Box::pin(async move { store.merge(batch).await }));
                 }
                 Output::Read { from, hint } => {
+                    tracing::trace!(?from, ?hint, "reading");
                     // From the live tail at once, or from the file once one
                     // of the Store's readers is free: meanwhile the session
                     // goes on receiving.
@@ -371,6 +372,9 @@ async fn run_inner(
             }
             Some(result) = OptionFuture::from(merging.as_mut()), if merging.is_some() => {
                 merging = None;
+                if let Ok(report) = &result {
+                    tracing::trace!(local = ?report.local_versions, cursor = ?report.cursor, "merged");
+                }
                 core.handle(Input::Merged(merge_result(result)), Instant::now());
             }
             permit = outbox.reserve(), if want_transmit => {
@@ -393,6 +397,7 @@ async fn run_inner(
                 }
                 Some(Err(e)) => break e.to_string(),
                 Some(Ok(Received { message, reply, may_predate_session })) => {
+                    tracing::trace!(?message, "received");
                     count_changes(&changes_in, &message);
                     let reply = reply.map(|tx| {
                         next_reply += 1;

@@ -62,6 +62,41 @@ impl ReceivedRun {
         }
     }
 
+    /// Whether every message of its run before message `n` (of the run that
+    /// began at `first`) arrived: what `n` claims may rest on them (a
+    /// batch's ranges vouch for it and the batches of its run before it).
+    /// A message of a run older than the current one follows nothing.
+    ///
+    /// ```
+    /// use crsync_peer::proto::ReceivedRun;
+    /// let mut run = ReceivedRun::default();
+    /// assert!(run.follows_all_before(1, 1) && !run.follows_all_before(1, 2));
+    /// run.note(1, 1);
+    /// assert!(run.follows_all_before(1, 2) && !run.follows_all_before(1, 3));
+    /// assert!(run.follows_all_before(5, 5)); // a new run stands on its own
+    /// ```
+    pub fn follows_all_before(&self, first: u64, n: u64) -> bool {
+        if first == 0 || n < first {
+            return true; // not a number note() counts: nothing to wait for
+        }
+        match first.cmp(&self.first) {
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Greater => n == first,
+            std::cmp::Ordering::Equal => n <= self.contiguous + 1,
+        }
+    }
+
+    /// Whether message `n` of the run that began at `first` is the current
+    /// run's and every message up to it arrived.
+    pub fn arrived_through(&self, first: u64, n: u64) -> bool {
+        first == self.first && first > 0 && n >= first && n <= self.contiguous
+    }
+
+    /// Whether `first` began a run older than the current one.
+    pub fn is_past(&self, first: u64) -> bool {
+        first < self.first
+    }
+
     /// The highest number up to which the current run arrived without a
     /// hole; `None` before its first message.
     pub fn received(&self) -> Option<u64> {

@@ -62,6 +62,16 @@ struct PendingMerge {
     number: Option<(u64, u64)>,
 }
 
+/// What a numbered message that came ahead of a hole in its run claimed,
+/// believed once the messages before it arrived. (Its `eose` is taken at
+/// once: a stream that ends with a hole in it is sent again from the
+/// acknowledged point after the acknowledgement timeout, like any other.)
+type HeldClaims = BTreeMap<SiteId, VersionRange>;
+
+/// Claims held for messages ahead of a hole, at most; later ones are
+/// forgotten (the sender sends them again after its acknowledgement timeout).
+const MAX_HELD_CLAIMS: usize = 1024;
+
 /// The protocol state of one connection. See the [module docs](self).
 ///
 /// ```
@@ -123,6 +133,8 @@ pub struct Session {
     queued: VecDeque<(TransportMessage, Option<ReplyId>, bool)>,
     /// How far the remote's numbered messages arrived, told in our acks.
     received: ReceivedRun,
+    /// By message number: the claims of messages that came ahead of a hole.
+    held_claims: BTreeMap<(u64, u64), HeldClaims>,
     eose_received: bool,
     awaiting_schema: Option<i64>,
     /// What we have staged of transactions in parts, told to the remote in
@@ -181,6 +193,7 @@ impl Session {
             merging: None,
             queued: VecDeque::new(),
             received: ReceivedRun::default(),
+            held_claims: BTreeMap::new(),
             eose_received: false,
             awaiting_schema: None,
             staged: BTreeMap::new(),
@@ -865,6 +878,17 @@ impl Session {
         if let Some(newest) = own_newest.map(|c| c.db_version).max() {
             holds.advance(remote, newest);
         }
+        // A batch's ranges vouch for it and for the batches of its run
+        // before it: ahead of a hole (one lost, or still on its way), its
+        // changes go in now and its claims once the hole is filled.
+        if let Some((first, n)) = data.number {
+            if !self.received.follows_all_before(first, n) {
+                let ranges = std::mem::take(&mut data.batch.ranges);
+                if self.held_claims.len() < MAX_HELD_CLAIMS && !ranges.is_empty() {
+                    self.held_claims.insert((first, n), ranges);
+                }
+            }
+        }
         self.merging = Some(PendingMerge {
             reply,
             eose: data.eose,
@@ -890,6 +914,7 @@ impl Session {
                 if let Some((first, n)) = pending.number {
                     self.received.note(first, n);
                 }
+                self.release_held_claims();
                 if pending.eose && !self.eose_received {
                     self.eose_received = true;
                     self.download.complete();
@@ -954,6 +979,38 @@ impl Session {
                 self.close(CloseReason::MergeFailed(reason));
             }
         }
+    }
+}
+
+impl Session {
+    /// Merges the first held claims whose message now follows every message
+    /// of its run (one at a time: [`merged`](Self::merged) releases the
+    /// next); forgets those of runs the sender has left.
+    fn release_held_claims(&mut self) {
+        if self.merging.is_some() {
+            return;
+        }
+        let received = &self.received;
+        self.held_claims
+            .retain(|&(first, _), _| !received.is_past(first));
+        let Some(entry) = self.held_claims.first_entry() else {
+            return;
+        };
+        let (first, n) = *entry.key();
+        if !self.received.arrived_through(first, n) {
+            return;
+        }
+        let batch = ChangeBatch {
+            ranges: entry.remove(),
+            ..ChangeBatch::default()
+        };
+        self.merging = Some(PendingMerge {
+            reply: None,
+            eose: false,
+            holds: Cursor::new(),
+            number: None,
+        });
+        self.outputs.push_back(Output::Merge(batch));
     }
 }
 
