@@ -425,3 +425,98 @@ async fn versions_out_of_local_order_are_all_sent_before_they_are_claimed() {
         s.close().await.unwrap();
     }
 }
+
+/// Known limit (README, "A v1 server relays other sites' changes labelled
+/// with its own local versions"): a copy of site `a`'s version 2 that came
+/// through a v1 server, labelled with that server's local version 8, makes
+/// the relay `x` claim `a`'s versions up to 3 in a batch without the row (by
+/// its labels the row is version 8, sent later). A receiver `r` that takes
+/// that claim skips the true copy from `a` as held, and skips `x`'s copy once
+/// `a` told it of versions past 8: the row never reaches it. Relay scenario
+/// seed 16 of the simulator (with a variant that held a stream's `eose`)
+/// ends this way. Closing it needs "origin version unknown" on the wire.
+#[tokio::test]
+#[ignore = "known limit: a v1-relabelled copy makes a later claim unsound"]
+async fn a_copy_relabelled_by_a_v1_relay_makes_a_claim_unsound() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path(), "a.db").await;
+    let x = support::open_store_with(dir.path(), "x.db", |b| b.max_batch_changes(1)).await;
+    let r = open_store(dir.path(), "r.db").await;
+    for id in 1..=9 {
+        a.write(move |tx| tx.execute("INSERT INTO items (id) VALUES (?1)", [id]))
+            .await
+            .unwrap();
+    }
+    let site = a.site_id();
+    let all = support::batches_for(&a, &Cursor::new()).await;
+    let changes: Vec<crsync_peer::Change> = all.into_iter().flat_map(|b| b.changes).collect();
+    let of = |v: i64| -> Vec<crsync_peer::Change> {
+        changes
+            .iter()
+            .filter(|c| c.db_version == DbVersion(v))
+            .cloned()
+            .collect()
+    };
+    let batch = |changes: Vec<crsync_peer::Change>, ranged: Option<(i64, i64)>| {
+        let mut b = crsync_peer::ChangeBatch {
+            changes,
+            ..Default::default()
+        };
+        if let Some((after, upto)) = ranged {
+            let range = crsync_peer::VersionRange {
+                after: DbVersion(after),
+                upto: DbVersion(upto),
+            };
+            b.ranges.insert(site, range);
+        }
+        b
+    };
+    // x: a's version 1 from a, version 3 unranged, then version 2 as a v1
+    // server relays it (its own local version 8 as the origin version), then
+    // a's own batch of versions 2 and 3: version 2 ties with the copy, whose
+    // label stays.
+    x.merge(batch(of(1), Some((0, 1)))).await.unwrap();
+    x.merge(batch(of(3), None)).await.unwrap();
+    let mut relabelled = of(2);
+    for c in &mut relabelled {
+        c.db_version = DbVersion(8);
+    }
+    x.merge(batch(relabelled, None)).await.unwrap();
+    x.merge(batch([of(2), of(3)].concat(), Some((1, 3))))
+        .await
+        .unwrap();
+    assert_eq!(x.cursor().await.unwrap().get(&site), DbVersion(3));
+    // The tie wrote no row, but left origin records at the local versions it
+    // would have used, which happen to hold the claim back until they are
+    // swept or, as here, the next merge's transactions take those versions.
+    let b = open_store(dir.path(), "b.db").await;
+    for id in 10..12 {
+        b.write(move |tx| tx.execute("INSERT INTO items (id) VALUES (?1)", [id]))
+            .await
+            .unwrap();
+    }
+    sync(&b, &x).await;
+    // r, at a's version 1, takes x's stream up to the first batch that
+    // claims a's version 2: the claim comes without row 2.
+    r.merge(batch(of(1), Some((0, 1)))).await.unwrap();
+    let cursor = r.cursor().await.unwrap();
+    for b in support::batches_for(&x, &cursor).await {
+        let claims = b.ranges.get(&site).is_some_and(|g| g.upto >= DbVersion(2));
+        if claims {
+            // x's labels put row 2 at version 8, later in the stream.
+            assert!(b.changes.iter().all(|c| c.db_version != DbVersion(8)));
+        }
+        r.merge(b).await.unwrap();
+        if claims {
+            break;
+        }
+    }
+    assert_eq!(r.cursor().await.unwrap().get(&site), DbVersion(3));
+    // then a's stream (from a's version 1, requested before that claim came)
+    // and x's again, from where r is now.
+    r.merge(batch(changes.clone(), Some((1, 9)))).await.unwrap();
+    sync(&a, &x).await;
+    sync(&x, &r).await;
+    sync(&a, &r).await;
+    assert_eq!(dump(&r).await, dump(&x).await, "r lacks a's row 2");
+}
