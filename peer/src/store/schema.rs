@@ -76,6 +76,21 @@ CREATE TABLE IF NOT EXISTS crsync_conflicts (
 CREATE INDEX IF NOT EXISTS crsync_conflicts_by_time ON crsync_conflicts (recorded_at);
 ";
 
+/// Whether SQLite stores `value` in a column of `affinity` with its type
+/// unchanged (conservative: a conversion that may happen counts as one).
+fn keeps_type(value: &SqlValue, affinity: Affinity) -> bool {
+    match (value, affinity) {
+        (SqlValue::Null, _) => true,
+        (SqlValue::Real(f), _) if f.is_nan() => false,
+        (_, Affinity::Blob) => true,
+        (SqlValue::Blob(_), _) => true,
+        (SqlValue::Integer(_), Affinity::Integer | Affinity::Numeric) => true,
+        (SqlValue::Real(_), Affinity::Real) => true,
+        (SqlValue::Text(_), Affinity::Text) => true,
+        _ => false,
+    }
+}
+
 /// Columns of one CRR table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TableInfo {
@@ -145,6 +160,36 @@ impl Schema {
             });
         }
         Ok(())
+    }
+
+    /// Whether cr-sqlite keeps `change` exactly as it comes, so that what a
+    /// merge wrote can be relayed from memory instead of read back: its key
+    /// is packed as cr-sqlite packs it, and no value changes type under its
+    /// column's affinity (SQLite stores text `'7'` in an `INTEGER` column as
+    /// 7, a NaN as NULL).
+    pub(crate) fn stored_as_given(&self, change: &Change) -> bool {
+        let Some(table) = self.tables.get(&change.table) else {
+            return false;
+        };
+        let Ok(pk) = change.pk.unpack() else {
+            return false;
+        };
+        if pk.len() != table.pk_affinities.len()
+            || !pk
+                .iter()
+                .zip(&table.pk_affinities)
+                .all(|(v, a)| keeps_type(v, *a))
+            || crate::PackedPk::pack(&pk) != change.pk
+        {
+            return false;
+        }
+        if change.cid == SENTINEL_CID {
+            return change.val == SqlValue::Null;
+        }
+        table
+            .affinities
+            .get(&change.cid)
+            .is_some_and(|a| keeps_type(&change.val, *a))
     }
 
     /// Turns `change.val` into what a JavaScript (v1) sender meant, by the

@@ -17,7 +17,7 @@ use super::staging::{self, HeldPart, HeldParts, Staged};
 use super::tail::{CommitRows, LiveTail, TAIL_MAX_COMMIT_CHANGES};
 use super::{BookkeepingStats, ChangeSource, MergeReport, StoreEvent};
 use crate::proto::batch::{MergePlan, PartAction, check_part, completed_by, plan_merge};
-use crate::{ChangeBatch, Cursor, DbVersion, SiteId, telemetry};
+use crate::{Change, ChangeBatch, Cursor, DbVersion, SiteId, telemetry};
 
 /// Prepared statements the writer keeps (rusqlite's default is 16).
 const STATEMENT_CACHE: usize = 128;
@@ -425,8 +425,20 @@ impl Writer {
             return Ok(report);
         }
         let in_memory = self.held.take(&complete);
-        let base = match self.apply_plan(&plan, &complete, &in_memory, &covered, &held, &mut report)
-        {
+        // Some session relays merges (see `LiveTail::wants_merged_rows`):
+        // keep what this one writes, to hand it on without reading it back.
+        let relaying = (self.config.tail.as_ref()).is_some_and(|t| t.wants_merged_rows());
+        let mut relayed = relaying.then(RelayedRows::new);
+        let applied = self.apply_plan(
+            &plan,
+            &complete,
+            &in_memory,
+            &covered,
+            &held,
+            &mut report,
+            relayed.as_mut(),
+        );
+        let base = match applied {
             Ok(base) => base,
             Err(e) => {
                 // The transaction rolled back, and with it what `staged` forgot.
@@ -447,13 +459,15 @@ impl Writer {
         // (they are holes in our own versions), once they are on disk.
         // Only versions that hold rows: cr-sqlite hands a version that wrote
         // nothing (every change lost or was equal) to the next transaction.
-        // Read once for every session that relays them (the live tail),
-        // what cr-sqlite kept: a change that lost its conflict is not relayed.
-        // Only when some session relays merges (see `LiveTail::wants_merged_rows`).
+        // For every session that relays them (the live tail), what cr-sqlite
+        // kept: a change that lost its conflict is not relayed. From memory
+        // when every change is known to be stored as it came, else read back.
         let small = report.applied <= TAIL_MAX_COMMIT_CHANGES;
-        let tail = self.config.tail.as_ref();
-        let (newest, rows) = if small && tail.is_some_and(|t| t.wants_merged_rows()) {
-            let (rows, newest) = committed_rows(&self.conn, self.site, base)?;
+        let (newest, rows) = if small && relaying {
+            let (rows, newest) = match relayed.filter(|r| r.exact) {
+                Some(relayed) => relayed.into_rows(),
+                None => committed_rows(&self.conn, self.site, base)?,
+            };
             self.own_version = self.own_version.max(newest.unwrap_or(0));
             (newest, rows.merged())
         } else {
@@ -492,11 +506,15 @@ impl Writer {
         covered: &[(SiteId, DbVersion)],
         held: &Cursor,
         report: &mut MergeReport,
+        mut relayed: Option<&mut RelayedRows>,
     ) -> rusqlite::Result<i64> {
         let txn = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let base = db_version(&txn)?;
+        if let Some(relayed) = relayed.as_deref_mut() {
+            relayed.impacted = rows_impacted(&txn)?;
+        }
         {
             let mut insert = txn.prepare_cached(conflicts::INSERT_CHANGE)?;
             let mut recorder = (self.config.conflicts.max_rows > 0)
@@ -527,6 +545,10 @@ impl Writer {
                     )?;
                     report.applied += rows;
                     report.tables.extend(tables);
+                    // Staged rows are not in memory: read back.
+                    if let Some(relayed) = relayed.as_deref_mut() {
+                        relayed.give_up();
+                    }
                 }
                 let earlier = in_memory
                     .get(&(site, version))
@@ -540,6 +562,9 @@ impl Writer {
                         (site, version),
                         local,
                     )?;
+                    if let Some(relayed) = relayed.as_deref_mut() {
+                        relayed.note(&txn, &self.schema, c, local)?;
+                    }
                     report.applied += 1;
                     if !report.tables.contains(&c.table) {
                         report.tables.insert(c.table.clone());
@@ -804,6 +829,75 @@ impl Writer {
         }
         close_connection(self.conn)
     }
+}
+
+/// What a merge wrote, kept in memory for the live tail instead of read
+/// back, while every change is known to be stored as it came: each either
+/// changed nothing or wrote exactly itself (`crsql_rows_impacted()` went up
+/// by one: not a resurrection, which also writes a row marker of its own),
+/// in a type its column keeps ([`Schema::stored_as_given`]).
+#[derive(Debug)]
+struct RelayedRows {
+    rows: Vec<(i64, Change)>,
+    /// `crsql_rows_impacted()` after the last change.
+    impacted: i64,
+    /// False once some change may be stored otherwise: read back instead.
+    exact: bool,
+}
+
+impl RelayedRows {
+    fn new() -> Self {
+        RelayedRows {
+            rows: Vec::new(),
+            impacted: 0,
+            exact: true,
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.exact = false;
+        self.rows = Vec::new();
+    }
+
+    /// `c` was just handed to cr-sqlite under local version `local`.
+    fn note(
+        &mut self,
+        conn: &Connection,
+        schema: &Schema,
+        c: &Change,
+        local: i64,
+    ) -> rusqlite::Result<()> {
+        if !self.exact {
+            return Ok(());
+        }
+        let impacted = rows_impacted(conn)?;
+        let wrote = impacted - std::mem::replace(&mut self.impacted, impacted);
+        match wrote {
+            0 => {} // lost, or equal to what is there
+            1 if self.rows.len() < TAIL_MAX_COMMIT_CHANGES && schema.stored_as_given(c) => {
+                self.rows.push((local, c.clone()));
+            }
+            _ => self.give_up(),
+        }
+        Ok(())
+    }
+
+    /// The rows as [`committed_rows`] reads them back, in `(local version,
+    /// seq)` order, and the highest local version among them.
+    fn into_rows(mut self) -> (CommitRows, Option<i64>) {
+        self.rows.sort_by_key(|(local, c)| (*local, c.seq));
+        let newest = self.rows.last().map(|(local, _)| *local);
+        let mut out = CommitRows::default();
+        for (local, change) in self.rows {
+            out.push(local, change);
+        }
+        (out, newest)
+    }
+}
+
+fn rows_impacted(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT crsql_rows_impacted()")?
+        .query_row([], |r| r.get(0))
 }
 
 /// The rows at local versions above `since`, as a change stream reads them
