@@ -429,15 +429,12 @@ impl Writer {
         // keep what this one writes, to hand it on without reading it back.
         let relaying = (self.config.tail.as_ref()).is_some_and(|t| t.wants_merged_rows());
         let mut relayed = relaying.then(RelayedRows::new);
-        let applied = self.apply_plan(
-            &plan,
-            &complete,
-            &in_memory,
-            &covered,
-            &held,
-            &mut report,
-            relayed.as_mut(),
-        );
+        let parts = Completed {
+            complete: &complete,
+            in_memory: &in_memory,
+            covered: &covered,
+        };
+        let applied = self.apply_plan(&plan, parts, &held, &mut report, relayed.as_mut());
         let base = match applied {
             Ok(base) => base,
             Err(e) => {
@@ -501,13 +498,16 @@ impl Writer {
     fn apply_plan(
         &mut self,
         plan: &MergePlan<'_>,
-        complete: &BTreeSet<(SiteId, DbVersion)>,
-        in_memory: &BTreeMap<(SiteId, DbVersion), HeldPart>,
-        covered: &[(SiteId, DbVersion)],
+        parts: Completed<'_>,
         held: &Cursor,
         report: &mut MergeReport,
         mut relayed: Option<&mut RelayedRows>,
     ) -> rusqlite::Result<i64> {
+        let Completed {
+            complete,
+            in_memory,
+            covered,
+        } = parts;
         let txn = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -829,6 +829,16 @@ impl Writer {
         }
         close_connection(self.conn)
     }
+}
+
+/// The transactions in parts that a merge completes: every one
+/// (`complete`), the parts held in memory, and those the batch only covers
+/// (no change of theirs in it).
+#[derive(Clone, Copy)]
+struct Completed<'a> {
+    complete: &'a BTreeSet<(SiteId, DbVersion)>,
+    in_memory: &'a BTreeMap<(SiteId, DbVersion), HeldPart>,
+    covered: &'a [(SiteId, DbVersion)],
 }
 
 /// What a merge wrote, kept in memory for the live tail instead of read
