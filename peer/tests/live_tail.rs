@@ -450,13 +450,57 @@ async fn sessions_at_the_same_place_share_one_encoding() {
     );
 }
 
+/// A relay `a`, the receiver `b` of its stream, and where b's next read of
+/// a starts.
+struct Relay<'s> {
+    dir: &'s std::path::Path,
+    a: &'s Store,
+    b: &'s Store,
+    upto: i64,
+}
+
+impl Relay<'_> {
+    /// Checks a's tail against a read of the file from where b stands, and
+    /// merges it into b.
+    async fn step(&mut self) {
+        let hint = ReadHint {
+            after_local: self.upto,
+            ..ReadHint::default()
+        };
+        let limits = BatchLimits::default();
+        let from = self.b.cursor().await.expect("b's cursor");
+        let (tail, _) = tail_and_file(self.dir, self.a, &from, &hint, limits).await;
+        for batch in tail {
+            self.b.merge(batch).await.expect("b merges");
+        }
+        self.upto = collect(self.a, &from, &hint, limits).await.1;
+    }
+
+    /// `c` commits each of `sqls`, a merges what it lacks of c (edited by
+    /// `edit` on the way), then [`step`](Self::step).
+    async fn merge_from(&mut self, c: &Store, sqls: &[&'static str], edit: fn(&mut ChangeBatch)) {
+        for &sql in sqls {
+            c.write(move |tx| tx.execute_batch(sql))
+                .await
+                .expect("c writes");
+        }
+        let from = self.a.cursor().await.expect("a's cursor");
+        for mut batch in support::batches_for(c, &from).await {
+            edit(&mut batch);
+            self.a.merge(batch).await.expect("a merges");
+        }
+        self.step().await;
+    }
+}
+
 /// A relay keeps what a merge wrote in memory when every change is stored as
 /// it came, and reads it back otherwise: either way its stream is what a
 /// read of the file gives. Merges here: changes that all win, changes that
 /// lose or equal what is there, one cell written twice in one merge, a row
-/// deleted and brought back (cr-sqlite writes a row marker of its own), and
-/// values SQLite stores in another type than they came in (text '7' in an
-/// INTEGER column, an integral real there too).
+/// deleted and brought back (with its row marker, and without it: then
+/// cr-sqlite writes one of its own), and values SQLite stores in another
+/// type than they came in (text '7' in an INTEGER column, an integral real
+/// there too).
 #[tokio::test]
 async fn merged_rows_kept_in_memory_are_what_the_file_holds() {
     use crsync_peer::SqlValue;
@@ -466,34 +510,24 @@ async fn merged_rows_kept_in_memory_are_what_the_file_holds() {
     let c = open_store(dir.path(), "c.db").await;
     warm_up_relaying(dir.path(), &a).await;
     sync(&a, &b).await;
-    let limits = BatchLimits::default();
-    let (_, mut upto, _) = collect(&a, &Cursor::new(), &ReadHint::default(), limits).await;
-    // Checks the tail against the file from where b stands, and moves b on.
-    async fn step(dir: &std::path::Path, a: &Store, b: &Store, upto: &mut i64) {
-        let hint = ReadHint {
-            after_local: *upto,
-            ..ReadHint::default()
-        };
-        let limits = BatchLimits::default();
-        let from = b.cursor().await.unwrap();
-        let (tail, _) = tail_and_file(dir, a, &from, &hint, limits).await;
-        for batch in tail {
-            b.merge(batch).await.unwrap();
-        }
-        let (_, next, _) = collect(a, &from, &hint, limits).await;
-        *upto = next;
-    }
-    // all win
-    c.write(|tx| {
-        tx.execute_batch(
-            "INSERT INTO items VALUES (200, 'c', 1, x'02'), (201, 'd', 2, NULL);
-             INSERT INTO tags VALUES (200, 't', 'n')",
-        )
-    })
+    let upto = collect(
+        &a,
+        &Cursor::new(),
+        &ReadHint::default(),
+        BatchLimits::default(),
+    )
     .await
-    .unwrap();
-    sync(&c, &a).await;
-    step(dir.path(), &a, &b, &mut upto).await;
+    .1;
+    let mut relay = Relay {
+        dir: dir.path(),
+        a: &a,
+        b: &b,
+        upto,
+    };
+    let as_is: fn(&mut ChangeBatch) = |_| {};
+    let all_win = "INSERT INTO items VALUES (200, 'c', 1, x'02'), (201, 'd', 2, NULL);
+         INSERT INTO tags VALUES (200, 't', 'n')";
+    relay.merge_from(&c, &[all_win], as_is).await;
     // some lose: a wrote the same cells more often
     a.write(|tx| {
         tx.execute_batch(
@@ -502,71 +536,40 @@ async fn merged_rows_kept_in_memory_are_what_the_file_holds() {
     })
     .await
     .unwrap();
-    c.write(|tx| tx.execute_batch("UPDATE items SET name = 'c1', v = 9 WHERE id = 200"))
-        .await
-        .unwrap();
-    sync(&c, &a).await;
-    step(dir.path(), &a, &b, &mut upto).await;
+    let lose = "UPDATE items SET name = 'c1', v = 9 WHERE id = 200";
+    relay.merge_from(&c, &[lose], as_is).await;
     // one cell twice in one merge (two of c's transactions in one batch)
-    for name in ["x1", "x2"] {
-        c.write(move |tx| tx.execute("UPDATE items SET name = ?1 WHERE id = 201", [name]))
-            .await
-            .unwrap();
-    }
-    sync(&c, &a).await;
-    step(dir.path(), &a, &b, &mut upto).await;
+    let twice = [
+        "UPDATE items SET name = 'x1' WHERE id = 201",
+        "UPDATE items SET name = 'x2' WHERE id = 201",
+    ];
+    relay.merge_from(&c, &twice, as_is).await;
     // deleted, then brought back: a resurrection
-    c.write(|tx| tx.execute_batch("DELETE FROM items WHERE id = 201"))
-        .await
-        .unwrap();
-    sync(&c, &a).await;
-    step(dir.path(), &a, &b, &mut upto).await;
-    c.write(|tx| tx.execute_batch("INSERT INTO items VALUES (201, 'back', 3, NULL)"))
-        .await
-        .unwrap();
-    sync(&c, &a).await;
-    step(dir.path(), &a, &b, &mut upto).await;
-    // brought back by a column change whose row marker is not in the batch:
-    // cr-sqlite writes a marker of its own
-    c.write(|tx| tx.execute_batch("DELETE FROM items WHERE id = 200"))
-        .await
-        .unwrap();
-    sync(&c, &a).await;
-    step(dir.path(), &a, &b, &mut upto).await;
-    c.write(|tx| tx.execute_batch("INSERT INTO items VALUES (200, 'again', 4, NULL)"))
-        .await
-        .unwrap();
-    let mut batches = support::batches_for(&c, &a.cursor().await.unwrap()).await;
-    for batch in &mut batches {
-        batch.changes.retain(|ch| ch.cid != "-1");
-    }
-    for batch in batches {
-        a.merge(batch).await.unwrap();
-    }
-    step(dir.path(), &a, &b, &mut upto).await;
+    relay
+        .merge_from(&c, &["DELETE FROM items WHERE id = 201"], as_is)
+        .await;
+    let back = "INSERT INTO items VALUES (201, 'back', 3, NULL)";
+    relay.merge_from(&c, &[back], as_is).await;
+    // brought back by column changes without the row marker: cr-sqlite
+    // writes a marker of its own
+    relay
+        .merge_from(&c, &["DELETE FROM items WHERE id = 200"], as_is)
+        .await;
+    let again = "INSERT INTO items VALUES (200, 'again', 4, NULL)";
+    let unmarked: fn(&mut ChangeBatch) = |batch| batch.changes.retain(|ch| ch.cid != "-1");
+    relay.merge_from(&c, &[again], unmarked).await;
     // values that change type on the way in
-    c.write(|tx| {
-        tx.execute_batch(
-            "UPDATE items SET v = 10 WHERE id = 200; UPDATE items SET v = 11 WHERE id = 201",
-        )
-    })
-    .await
-    .unwrap();
-    let mut batches = support::batches_for(&c, &a.cursor().await.unwrap()).await;
-    let mut retyped = 0;
-    for change in batches.iter_mut().flat_map(|b| b.changes.iter_mut()) {
-        match change.val {
-            SqlValue::Integer(10) => change.val = SqlValue::text("7"),
-            SqlValue::Integer(11) => change.val = SqlValue::Real(8.0),
-            _ => continue,
+    let retype = "UPDATE items SET v = 10 WHERE id = 200; UPDATE items SET v = 11 WHERE id = 201";
+    let retyped: fn(&mut ChangeBatch) = |batch| {
+        for change in &mut batch.changes {
+            match change.val {
+                SqlValue::Integer(10) => change.val = SqlValue::text("7"),
+                SqlValue::Integer(11) => change.val = SqlValue::Real(8.0),
+                _ => {}
+            }
         }
-        retyped += 1;
-    }
-    assert_eq!(retyped, 2);
-    for batch in batches {
-        a.merge(batch).await.unwrap();
-    }
-    step(dir.path(), &a, &b, &mut upto).await;
+    };
+    relay.merge_from(&c, &[retype], retyped).await;
     assert_eq!(dump(&a).await, dump(&b).await);
     let v = |rows: &[Vec<SqlValue>], id: i64| {
         rows.iter()

@@ -15,6 +15,18 @@ fn session() -> (Session, Instant) {
     (Session::new(config, US, Cursor::new(), 0, now), now)
 }
 
+/// A session whose remote said in its `sync` that it is crsync, with the
+/// outputs of that taken.
+fn crsync_session() -> (Session, Instant) {
+    let (mut s, now) = session();
+    transmits(&mut s, now);
+    let mut hello = TransportMessage::sync(THEM, Cursor::new());
+    hello.crsync = Some(Hello::current());
+    s.handle(received(hello), now);
+    outputs(&mut s);
+    (s, now)
+}
+
 fn outputs(s: &mut Session) -> Vec<Output> {
     std::iter::from_fn(|| s.poll_output()).collect()
 }
@@ -284,12 +296,7 @@ fn a_live_read_starts_after_what_the_last_stream_delivered() {
 
 #[test]
 fn the_window_bounds_batches_in_flight_and_a_lost_ack_resends() {
-    let (mut s, now) = session();
-    transmits(&mut s, now);
-    let mut hello = TransportMessage::sync(THEM, Cursor::new());
-    hello.crsync = Some(Hello::current());
-    s.handle(received(hello), now);
-    outputs(&mut s);
+    let (mut s, now) = crsync_session();
     let mut sent = 0;
     for v in 1..=20 {
         if !s.wants_batch() {
@@ -335,12 +342,7 @@ fn the_window_bounds_batches_in_flight_and_a_lost_ack_resends() {
 /// batch the session held is sent first) and nothing delivered is re-read.
 #[test]
 fn a_parked_stream_is_read_again_after_what_was_delivered() {
-    let (mut s, now) = session();
-    transmits(&mut s, now);
-    let mut hello = TransportMessage::sync(THEM, Cursor::new());
-    hello.crsync = Some(Hello::current());
-    s.handle(received(hello), now);
-    outputs(&mut s);
+    let (mut s, now) = crsync_session();
     let ranged = |v: i64| ChangeBatch {
         changes: vec![change(v)],
         ranges: [(US, range(v - 1, v))].into_iter().collect(),
@@ -882,12 +884,7 @@ fn numbered(
 /// of stop 18: a relayed transaction lost for good in a mesh).
 #[test]
 fn a_claim_waits_for_the_messages_of_its_run_before_it() {
-    let (mut s, now) = session();
-    transmits(&mut s, now);
-    let mut hello = TransportMessage::sync(THEM, Cursor::new());
-    hello.crsync = Some(Hello::current());
-    s.handle(received(hello), now);
-    outputs(&mut s);
+    let (mut s, now) = crsync_session();
     s.handle(received(numbered(&[], &[], false, (1, 1))), now);
     merge_of(outputs(&mut s));
     merged(&mut s, Cursor::new(), now);
@@ -919,12 +916,7 @@ fn a_claim_waits_for_the_messages_of_its_run_before_it() {
 /// Messages that arrive in order, and copies of earlier ones, are believed at once.
 #[test]
 fn a_claim_in_order_is_believed_at_once() {
-    let (mut s, now) = session();
-    transmits(&mut s, now);
-    let mut hello = TransportMessage::sync(THEM, Cursor::new());
-    hello.crsync = Some(Hello::current());
-    s.handle(received(hello), now);
-    outputs(&mut s);
+    let (mut s, now) = crsync_session();
     s.handle(
         received(numbered(&[1], &[(THEM, 0, 1)], false, (1, 1))),
         now,
