@@ -980,9 +980,7 @@ impl Session {
             }
         }
     }
-}
 
-impl Session {
     /// Merges the first held claims whose message now follows every message
     /// of its run (one at a time: [`merged`](Self::merged) releases the
     /// next); forgets those of runs the sender has left.

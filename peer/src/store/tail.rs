@@ -133,10 +133,18 @@ impl SentBatches {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn get(&self, encoding: Encoding, rows: &[(i64, u32)]) -> Option<Arc<str>> {
+    fn get(
+        &self,
+        encoding: Encoding,
+        rows: impl ExactSizeIterator<Item = (i64, u32)> + Clone,
+    ) -> Option<Arc<str>> {
         self.lock()
             .iter()
-            .find(|b| b.encoding == encoding && *b.rows == *rows)
+            .find(|b| {
+                b.encoding == encoding
+                    && b.rows.len() == rows.len()
+                    && b.rows.iter().copied().eq(rows.clone())
+            })
             .map(|b| Arc::clone(&b.json))
     }
 
@@ -604,6 +612,12 @@ impl TailBatchWire {
         let row = self.row(at);
         row.json[slot].get_or_init(|| change_json(&row.change, encoding).into_boxed_str())
     }
+
+    /// The batch's rows as [`SentBatches`] knows them: per change, its
+    /// commit (by first local version) and row index.
+    fn sent_key(&self) -> impl ExactSizeIterator<Item = (i64, u32)> + Clone + '_ {
+        (self.positions.iter()).map(|&(commit, row)| (self.commits[commit].first_local, row as u32))
+    }
 }
 
 impl ChangeEncoder for TailBatchWire {
@@ -616,19 +630,16 @@ impl ChangeEncoder for TailBatchWire {
                 .iter()
                 .zip(&self.positions)
                 .all(|(change, at)| same_write(&self.row(*at).change, change));
-        let mut json = String::with_capacity(changes.len() * 160);
+        let mut json = String::new();
         if !unedited {
+            json.reserve(changes.len() * 160);
             self.write_json(changes, encoding, &mut json);
             return json.into();
         }
-        let rows: Box<[(i64, u32)]> = self
-            .positions
-            .iter()
-            .map(|&(commit, row)| (self.commits[commit].first_local, row as u32))
-            .collect();
-        if let Some(json) = self.sent.get(encoding, &rows) {
-            return json;
+        if let Some(json) = self.sent.get(encoding, self.sent_key()) {
+            return json; // no allocation for a batch already sent
         }
+        json.reserve(changes.len() * 160);
         for (i, &at) in self.positions.iter().enumerate() {
             if i > 0 {
                 json.push(',');
@@ -636,7 +647,8 @@ impl ChangeEncoder for TailBatchWire {
             json.push_str(self.row_json(at, encoding));
         }
         let json: Arc<str> = json.into();
-        self.sent.put(encoding, rows, Arc::clone(&json));
+        self.sent
+            .put(encoding, self.sent_key().collect(), Arc::clone(&json));
         json
     }
 

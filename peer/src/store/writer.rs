@@ -512,11 +512,12 @@ impl Writer {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let base = db_version(&txn)?;
-        if let Some(relayed) = relayed.as_deref_mut() {
-            relayed.impacted = rows_impacted(&txn)?;
-        }
         {
             let mut insert = txn.prepare_cached(conflicts::INSERT_CHANGE)?;
+            let mut impacted = txn.prepare_cached(ROWS_IMPACTED)?;
+            if let Some(relayed) = relayed.as_deref_mut() {
+                relayed.impacted = rows_impacted(&mut impacted)?;
+            }
             let mut recorder = (self.config.conflicts.max_rows > 0)
                 .then(|| Recorder::new(&self.schema, self.site));
             let mut record_origin = txn.prepare_cached(
@@ -563,7 +564,7 @@ impl Writer {
                         local,
                     )?;
                     if let Some(relayed) = relayed.as_deref_mut() {
-                        relayed.note(&txn, &self.schema, c, local)?;
+                        relayed.note(&mut impacted, &self.schema, c, local)?;
                     }
                     report.applied += 1;
                     if !report.tables.contains(&c.table) {
@@ -869,10 +870,11 @@ impl RelayedRows {
         self.rows = Vec::new();
     }
 
-    /// `c` was just handed to cr-sqlite under local version `local`.
+    /// `c` was just handed to cr-sqlite under local version `local`;
+    /// `impacted` is [`ROWS_IMPACTED`], prepared.
     fn note(
         &mut self,
-        conn: &Connection,
+        impacted: &mut rusqlite::Statement<'_>,
         schema: &Schema,
         c: &Change,
         local: i64,
@@ -880,8 +882,8 @@ impl RelayedRows {
         if !self.exact {
             return Ok(());
         }
-        let impacted = rows_impacted(conn)?;
-        let wrote = impacted - std::mem::replace(&mut self.impacted, impacted);
+        let now = rows_impacted(impacted)?;
+        let wrote = now - std::mem::replace(&mut self.impacted, now);
         match wrote {
             0 => {} // lost, or equal to what is there
             1 if self.rows.len() < TAIL_MAX_COMMIT_CHANGES && schema.stored_as_given(c) => {
@@ -905,9 +907,11 @@ impl RelayedRows {
     }
 }
 
-fn rows_impacted(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.prepare_cached("SELECT crsql_rows_impacted()")?
-        .query_row([], |r| r.get(0))
+/// Rows cr-sqlite's merges changed in the transaction so far.
+const ROWS_IMPACTED: &str = "SELECT crsql_rows_impacted()";
+
+fn rows_impacted(stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<i64> {
+    stmt.query_row([], |r| r.get(0))
 }
 
 /// The rows at local versions above `since`, as a change stream reads them
