@@ -22,6 +22,9 @@ pub(crate) fn server(dir: &Path) -> anyhow::Result<()> {
     config.limits.max_connections_per_token = SERVER_MAX_CONNECTIONS;
     config.limits.rate_per_token = 0;
     config.limits.rate_per_database = 0;
+    if let Ok(bytes) = std::env::var("CRSYNC_BENCH_BATCH_BYTES") {
+        config.limits.batch_bytes = bytes.parse()?;
+    }
     crate::common::serve_until_stdin_closes(config)
 }
 

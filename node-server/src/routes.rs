@@ -325,7 +325,7 @@ async fn stream<S: Databases>(
                             .await;
                     }
                     let message = queued.next().await?;
-                    let given = given + message.text().len() as u64;
+                    let given = given + message.len() as u64;
                     Some((message, (queued, progress, given)))
                 },
             )
@@ -334,12 +334,26 @@ async fn stream<S: Databases>(
                 // dropped; the permit frees the connection slot; the
                 // watchdog is aborted; the log says the stream closed.
                 let _ = (&guard, &permit, &watchdog, &log);
-                bytes_out.increment(queued.text().len() as u64);
-                Ok::<_, Infallible>(Event::default().data(queued.text()))
+                bytes_out.increment(queued.len() as u64);
+                futures_util::stream::iter(
+                    queued.into_sse_event().into_iter().map(Ok::<_, Infallible>),
+                )
             })
+            .flatten()
             .take_until(host.closed())
             .take_until(revoked);
-            Sse::new(events).into_response()
+            // Each message goes out as it is queued, the changes sessions
+            // share included: axum's `Event` would copy it again, growing
+            // its buffer as it goes, and search it for line breaks (there
+            // are none, see `MessageText`).
+            (
+                [
+                    (header::CONTENT_TYPE, "text/event-stream"),
+                    (header::CACHE_CONTROL, "no-cache"),
+                ],
+                axum::body::Body::from_stream(events),
+            )
+                .into_response()
         }
         Err(_) => {
             let _entered = span.enter();

@@ -74,9 +74,9 @@ async fn write_socket(
             let _ = ws_tx.send(Message::Close(None)).await;
             return;
         };
-        let bytes = queued.text().len();
+        let bytes = queued.len();
         tokio::select! {
-            sent = ws_tx.send(Message::Text(queued.text().into())) => if sent.is_err() {
+            sent = ws_tx.send(Message::Text(queued.joined().into())) => if sent.is_err() {
                 return;
             },
             () = &mut stalled => break,

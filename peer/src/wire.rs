@@ -490,13 +490,33 @@ impl TransportMessage {
 
     /// Serializes to JSON text.
     pub fn to_json(&self) -> String {
+        self.to_text().into_string()
+    }
+
+    /// Serializes to JSON text in pieces: the changes of a message built
+    /// from the live tail stay the string every session sending them shares,
+    /// for a transport that writes the pieces out itself (one copy, into its
+    /// frame) instead of joining them first.
+    ///
+    /// ```
+    /// use crsync_peer::{SiteId, wire::TransportMessage};
+    /// let ping = TransportMessage::ping(SiteId::from_bytes([7; 16]));
+    /// let text = ping.to_text();
+    /// assert_eq!(text.len(), ping.to_json().len());
+    /// assert_eq!(text.into_string(), ping.to_json());
+    /// ```
+    pub fn to_text(&self) -> MessageText {
         // Serializing these types cannot fail: all map keys are strings.
         let text = serde_json::to_string(self).unwrap_or_default();
         match self.data.as_ref().and_then(|d| d.encoded.as_ref()) {
             Some(encoded) if self.data.as_ref().is_some_and(|d| d.data.is_empty()) => {
                 splice_changes(text, encoded)
             }
-            _ => text,
+            _ => MessageText {
+                head: text,
+                shared: None,
+                tail: String::new(),
+            },
         }
     }
 
@@ -631,27 +651,89 @@ fn parse_site(hex_text: &str, field: &'static str) -> Result<SiteId, DecodeError
     })
 }
 
-/// Writes `encoded` into the empty `data` array of a serialized `data`
+/// Places `encoded` in the empty `data` array of a serialized `data`
 /// message. The array is the first `"data":[]` after the `data` object's
 /// `type` (the message's own fields before it hold no such text: hex ids,
 /// a cursor of hex keys and numbers).
-fn splice_changes(text: String, encoded: &EncodedChanges) -> String {
+fn splice_changes(mut text: String, encoded: &EncodedChanges) -> MessageText {
     for marker in [
         "{\"type\":\"changes\",\"data\":[",
         "{\"type\":\"eose\",\"data\":[",
     ] {
         if let Some(at) = text.find(marker) {
-            // Written in order into one allocation: the changes are most of
-            // the message, and inserting them would copy the text twice.
-            let (head, rest) = text.split_at(at + marker.len());
-            let mut out = String::with_capacity(text.len() + encoded.json.len());
-            out.push_str(head);
-            out.push_str(&encoded.json);
-            out.push_str(rest);
-            return out;
+            let tail = text.split_off(at + marker.len());
+            return MessageText {
+                head: text,
+                shared: Some(Arc::clone(&encoded.json)),
+                tail,
+            };
         }
     }
-    text
+    MessageText {
+        head: text,
+        shared: None,
+        tail: String::new(),
+    }
+}
+
+/// A message's JSON text ([`TransportMessage::to_text`]): what comes before
+/// its changes, the changes as every message carrying them shares them, and
+/// what follows. Like all of serde_json's compact output, it holds no line
+/// break (one in a string is escaped), so it is one SSE `data:` line as is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageText {
+    head: String,
+    shared: Option<Arc<str>>,
+    tail: String,
+}
+
+impl MessageText {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.shared.as_ref().map_or(0, |s| s.len()) + self.tail.len()
+    }
+
+    /// Whether it is empty (never, for a serialized message).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its pieces, in order.
+    pub fn pieces(&self) -> impl Iterator<Item = &str> {
+        [
+            self.head.as_str(),
+            self.shared.as_deref().unwrap_or(""),
+            self.tail.as_str(),
+        ]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+    }
+
+    /// Appends it to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.reserve(self.len());
+        for piece in self.pieces() {
+            out.extend_from_slice(piece.as_bytes());
+        }
+    }
+
+    /// Its pieces: the text before the shared changes (all of it when there
+    /// are none), the shared changes, and the text after them.
+    pub fn into_parts(self) -> (String, Option<Arc<str>>, String) {
+        (self.head, self.shared, self.tail)
+    }
+
+    /// The whole text, joined (without a copy when it is one piece).
+    pub fn into_string(self) -> String {
+        if self.shared.is_none() && self.tail.is_empty() {
+            return self.head;
+        }
+        let mut out = String::with_capacity(self.len());
+        for piece in self.pieces() {
+            out.push_str(piece);
+        }
+        out
+    }
 }
 
 /// The wire JSON of one change (what [`TransportMessage::to_json`] writes
@@ -713,6 +795,57 @@ mod tests {
         #[test]
         fn decoding_arbitrary_json_never_panics(s in ".{0,200}") {
             let _ = TransportMessage::from_json(&s);
+        }
+    }
+
+    /// Encodes the changes afresh each time, as the live tail's encoder
+    /// would the first time.
+    struct Fresh;
+
+    impl ChangeEncoder for Fresh {
+        fn write_json(&self, changes: &[Change], encoding: Encoding, out: &mut String) {
+            let json: Vec<String> = changes.iter().map(|c| change_json(c, encoding)).collect();
+            out.push_str(&json.join(","));
+        }
+    }
+
+    #[test]
+    fn a_message_in_pieces_is_the_json_of_the_message_and_one_line() {
+        let peer = SiteId::from_bytes([7; 16]);
+        let site = SiteId::from_bytes([9; 16]);
+        let change = |v: i64, text: &str| Change {
+            table: "t".into(),
+            pk: crate::PackedPk::pack(&[crate::SqlValue::Integer(v)]),
+            cid: "x".into(),
+            val: crate::SqlValue::Text(text.as_bytes().to_vec()),
+            col_version: 1,
+            db_version: DbVersion(v),
+            site_id: site,
+            cl: 1,
+            seq: 0,
+        };
+        let mut batch = ChangeBatch {
+            changes: vec![change(1, "two\nlines"), change(2, "\r\n\u{2028}")],
+            ..ChangeBatch::default()
+        };
+        let plain = TransportMessage::data(peer, &batch, true, 3, Encoding::V1);
+        batch.wire = WireCache::new(Arc::new(Fresh));
+        let shared = TransportMessage::data(peer, &batch, true, 3, Encoding::V1);
+        let (head, changes, tail) = shared.to_text().into_parts();
+        let changes = changes.expect("the encoded changes stay one shared piece");
+        assert!(
+            head.ends_with("\"data\":[") && tail.starts_with(']'),
+            "{head} / {tail}"
+        );
+        assert_eq!(shared.to_text().len(), plain.to_json().len());
+        assert_eq!(format!("{head}{changes}{tail}"), plain.to_json());
+        assert_eq!(shared.to_json(), plain.to_json());
+        let error = TransportMessage::error(peer, &crate::proto::ErrorCode::Malformed, "a\nb\r");
+        for text in [shared.to_text(), error.to_text()] {
+            assert!(
+                !text.pieces().any(|p| p.contains(['\n', '\r'])),
+                "an SSE data line"
+            );
         }
     }
 

@@ -1,8 +1,9 @@
 //! The outbound queue of one connection, bounded by bytes and by count, and
 //! the watchdog that notices when its client stopped reading.
 //!
-//! Messages are encoded to JSON as they enter, so what waits is counted in
-//! bytes: the sender takes `min(len, budget)` permits of a byte semaphore and
+//! Messages are encoded to JSON as they enter (the changes of a message
+//! from the live tail stay the string every session shares, see
+//! [`MessageText`]), so what waits is counted in bytes: the sender takes `min(len, budget)` permits of a byte semaphore and
 //! the consumer gives them back once it has handed the text on (SSE: to the
 //! HTTP body; WebSocket: once the frame is written). A message larger than the
 //! whole budget goes when the queue is empty. "Progress" is a message leaving
@@ -12,7 +13,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crsync_peer::wire::TransportMessage;
+use axum::body::Bytes;
+use crsync_peer::wire::{MessageText, TransportMessage};
 use crsync_peer::{MessageSink, TransportError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
@@ -70,18 +72,63 @@ pub(crate) struct Outbound {
 
 /// One encoded message; dropping it is progress (its bytes leave the queue).
 pub(crate) struct Queued {
-    text: String,
+    text: MessageText,
     bytes: usize,
     meter: Arc<Meter>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Queued {
-    /// The JSON text (the bytes stay counted until `self` is dropped).
-    pub(crate) fn text(&self) -> &str {
-        &self.text
+    /// The JSON text's length (its bytes stay counted until `self` is dropped).
+    pub(crate) fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// The JSON text, joined (for a WebSocket text frame).
+    pub(crate) fn joined(&self) -> String {
+        self.text.clone().into_string()
+    }
+
+    /// The message as one SSE event, `data: <json>\n\n` (the JSON holds no
+    /// line break: see [`MessageText`]), in pieces for the HTTP body. Changes
+    /// the sessions share are not copied: the body holds the shared string
+    /// until the socket took it. Taking the pieces is progress, as dropping
+    /// `self` is.
+    pub(crate) fn into_sse_event(mut self) -> Vec<Bytes> {
+        let (head, shared, tail) = std::mem::take(&mut self.text).into_parts();
+        match shared {
+            Some(shared) => {
+                let mut first = String::with_capacity(SSE_FRAMING.len() + head.len());
+                first.push_str("data: ");
+                first.push_str(&head);
+                let mut last = tail;
+                last.push_str("\n\n");
+                let shared = Bytes::from_owner(SharedJson(shared));
+                vec![Bytes::from(first), shared, Bytes::from(last)]
+            }
+            None => {
+                let mut event = Vec::with_capacity(SSE_FRAMING.len() + head.len() + tail.len());
+                event.extend_from_slice(b"data: ");
+                event.extend_from_slice(head.as_bytes());
+                event.extend_from_slice(tail.as_bytes());
+                event.extend_from_slice(b"\n\n");
+                vec![Bytes::from(event)]
+            }
+        }
     }
 }
+
+/// A shared JSON string as the bytes of an HTTP body chunk.
+struct SharedJson(Arc<str>);
+
+impl AsRef<[u8]> for SharedJson {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+/// What an SSE event adds to its data.
+const SSE_FRAMING: &str = "data: \n\n";
 
 impl Drop for Queued {
     fn drop(&mut self) {
@@ -148,7 +195,7 @@ pub(crate) fn outbound(
 impl Outbound {
     /// Encodes `message` and queues it, waiting for room.
     pub(crate) async fn send(&self, message: TransportMessage) -> Result<(), TransportError> {
-        let text = message.to_json();
+        let text = message.to_text();
         drop(message);
         let bytes = text.len();
         let permits = u32::try_from(bytes.clamp(1, self.max)).unwrap_or(u32::MAX);
@@ -279,6 +326,9 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(!watchdog.is_finished(), "nothing queued, nothing owed");
         out.send(ping()).await.unwrap(); // larger than the whole budget
-        assert!(rx.recv().await.unwrap().text().contains("ping"));
+        let queued = rx.recv().await.unwrap();
+        assert!(queued.joined().contains("ping"));
+        let event = queued.into_sse_event().concat();
+        assert_eq!(event, format!("data: {}\n\n", ping().to_json()).as_bytes());
     }
 }

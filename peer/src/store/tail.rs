@@ -639,7 +639,13 @@ impl ChangeEncoder for TailBatchWire {
         if let Some(json) = self.sent.get(encoding, self.sent_key()) {
             return json; // no allocation for a batch already sent
         }
-        json.reserve(changes.len() * 160);
+        // Sized exactly: growing it would copy it again.
+        let commas = self.positions.len().saturating_sub(1);
+        let rows = self
+            .positions
+            .iter()
+            .map(|&at| self.row_json(at, encoding).len());
+        json.reserve_exact(rows.sum::<usize>() + commas);
         for (i, &at) in self.positions.iter().enumerate() {
             if i > 0 {
                 json.push(',');
