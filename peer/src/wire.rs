@@ -709,18 +709,19 @@ impl MessageText {
         .filter(|p| !p.is_empty())
     }
 
-    /// Appends it to `out`.
-    pub fn write_to(&self, out: &mut Vec<u8>) {
-        out.reserve(self.len());
-        for piece in self.pieces() {
-            out.extend_from_slice(piece.as_bytes());
-        }
-    }
-
     /// Its pieces: the text before the shared changes (all of it when there
     /// are none), the shared changes, and the text after them.
     pub fn into_parts(self) -> (String, Option<Arc<str>>, String) {
         (self.head, self.shared, self.tail)
+    }
+
+    /// The whole text, joined into a string of its own.
+    pub fn joined(&self) -> String {
+        let mut out = String::with_capacity(self.len());
+        for piece in self.pieces() {
+            out.push_str(piece);
+        }
+        out
     }
 
     /// The whole text, joined (without a copy when it is one piece).
@@ -728,11 +729,7 @@ impl MessageText {
         if self.shared.is_none() && self.tail.is_empty() {
             return self.head;
         }
-        let mut out = String::with_capacity(self.len());
-        for piece in self.pieces() {
-            out.push_str(piece);
-        }
-        out
+        self.joined()
     }
 }
 

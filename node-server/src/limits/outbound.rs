@@ -3,8 +3,9 @@
 //!
 //! Messages are encoded to JSON as they enter (the changes of a message
 //! from the live tail stay the string every session shares, see
-//! [`MessageText`]), so what waits is counted in bytes: the sender takes `min(len, budget)` permits of a byte semaphore and
-//! the consumer gives them back once it has handed the text on (SSE: to the
+//! [`MessageText`]), so what waits is counted in bytes: the sender takes
+//! `min(len, budget)` permits of a byte semaphore and the consumer gives
+//! them back once it has handed the text on (SSE: to the
 //! HTTP body; WebSocket: once the frame is written). A message larger than the
 //! whole budget goes when the queue is empty. "Progress" is a message leaving
 //! the queue; a queue that holds data and made no progress for the stall
@@ -86,7 +87,7 @@ impl Queued {
 
     /// The JSON text, joined (for a WebSocket text frame).
     pub(crate) fn joined(&self) -> String {
-        self.text.clone().into_string()
+        self.text.joined()
     }
 
     /// The message as one SSE event, `data: <json>\n\n` (the JSON holds no
@@ -98,20 +99,21 @@ impl Queued {
         let (head, shared, tail) = std::mem::take(&mut self.text).into_parts();
         match shared {
             Some(shared) => {
-                let mut first = String::with_capacity(SSE_FRAMING.len() + head.len());
-                first.push_str("data: ");
+                let mut first = String::with_capacity(SSE_DATA.len() + head.len());
+                first.push_str(SSE_DATA);
                 first.push_str(&head);
                 let mut last = tail;
-                last.push_str("\n\n");
+                last.push_str(SSE_END);
                 let shared = Bytes::from_owner(SharedJson(shared));
                 vec![Bytes::from(first), shared, Bytes::from(last)]
             }
             None => {
-                let mut event = Vec::with_capacity(SSE_FRAMING.len() + head.len() + tail.len());
-                event.extend_from_slice(b"data: ");
-                event.extend_from_slice(head.as_bytes());
-                event.extend_from_slice(tail.as_bytes());
-                event.extend_from_slice(b"\n\n");
+                let framed = SSE_DATA.len() + head.len() + tail.len() + SSE_END.len();
+                let mut event = String::with_capacity(framed);
+                event.push_str(SSE_DATA);
+                event.push_str(&head);
+                event.push_str(&tail);
+                event.push_str(SSE_END);
                 vec![Bytes::from(event)]
             }
         }
@@ -127,8 +129,9 @@ impl AsRef<[u8]> for SharedJson {
     }
 }
 
-/// What an SSE event adds to its data.
-const SSE_FRAMING: &str = "data: \n\n";
+/// What starts and what ends an SSE event.
+const SSE_DATA: &str = "data: ";
+const SSE_END: &str = "\n\n";
 
 impl Drop for Queued {
     fn drop(&mut self) {
