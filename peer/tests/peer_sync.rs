@@ -213,3 +213,79 @@ async fn write_acknowledged(a: &Peer, b: &Peer, id: i64) -> crsync_peer::DbVersi
         .expect("acknowledged");
     version
 }
+
+/// A link that sends one message per round trip (an HTTP transport: each
+/// `POST` waits for its answer) under a steady stream of small commits:
+/// each commit must wait for at most about one round trip, not for a queue
+/// of small messages formed while earlier ones were still on their way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_wait_at_most_about_a_round_trip_on_a_link_that_sends_one_message_at_a_time() {
+    use futures_util::SinkExt;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    const ROUND_TRIP: Duration = Duration::from_millis(50);
+    const COMMITS: i64 = 200;
+    const EVERY: Duration = Duration::from_millis(5);
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = Peer::builder(open_store(dir.path(), "a.db").await).build();
+    let b = Peer::builder(open_store(dir.path(), "b.db").await).build();
+    let (mut ca, cb) = memory_pair();
+    // Every message A sends takes a round trip, one after another.
+    ca.sink = Box::pin(ca.sink.with(|m| async move {
+        tokio::time::sleep(ROUND_TRIP).await;
+        Ok::<_, crsync_peer::TransportError>(m)
+    }));
+    a.accept(ca);
+    b.accept(cb);
+    b.wait_caught_up(a.site_id(), WAIT).await.unwrap();
+
+    // When B first holds each id, polled every millisecond.
+    let seen: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::default();
+    let watcher = {
+        let (store, seen) = (b.store().clone(), Arc::clone(&seen));
+        tokio::spawn(async move {
+            let mut held = 0;
+            while held < COMMITS {
+                let max: i64 = store
+                    .read(|c| {
+                        c.query_row("SELECT coalesce(max(id), 0) FROM items", [], |r| r.get(0))
+                    })
+                    .await
+                    .unwrap();
+                if max > held {
+                    let now = Instant::now();
+                    seen.lock()
+                        .unwrap()
+                        .extend((held + 1..=max).map(|id| (id, now)));
+                    held = max;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let mut written = Vec::new();
+    let mut tick = tokio::time::interval(EVERY);
+    for id in 1..=COMMITS {
+        tick.tick().await;
+        a.store()
+            .write(move |tx| tx.execute("INSERT INTO items VALUES (?1, 'x', 1, NULL)", [id]))
+            .await
+            .unwrap();
+        written.push(Instant::now());
+    }
+    tokio::time::timeout(WAIT, watcher).await.unwrap().unwrap();
+    let worst = (seen.lock().unwrap().iter())
+        .map(|&(id, at)| at.saturating_duration_since(written[id as usize - 1]))
+        .max()
+        .unwrap();
+    eprintln!("worst lag {worst:?} with a {ROUND_TRIP:?} round trip");
+    // A cycle here is four messages (A's changes in two batches of 64, B's
+    // claim of the versions its merge made, A's acknowledgement of it): about
+    // 200 ms, waiting for one and then going in the next. Queued behind
+    // small messages as before, commits waited 800 ms and more (40 ms
+    // round trips).
+    assert!(worst < ROUND_TRIP * 10, "a commit waited {worst:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, OptionFuture};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use super::{Inner, PeerEvent};
@@ -50,6 +50,14 @@ const PARK_STALLED_STREAM_AFTER: Duration = Duration::from_secs(2);
 /// N sessions a burst costs N sends per window: scaling the window with N
 /// keeps a burst's sends at about `1 / COALESCE_PER_SESSION` (20,000) per
 /// second for the whole Peer, whether it serves 10 sessions or 10,000.
+///
+/// Commits also wait while a message the session queued is not yet sent
+/// (over HTTP: answered), however long ago it was queued: a transport that
+/// sends one message per round trip then carries every commit of the round
+/// trip in the next, instead of queueing one small message per coalescing
+/// window behind it (with 50 ms round trips and a commit every 5 ms, commits
+/// waited up to 920 ms in that queue, and now up to about 260 ms). A commit
+/// after a quiet spell still goes at once.
 const COALESCE_MIN: Duration = Duration::from_millis(5);
 const COALESCE_PER_SESSION: Duration = Duration::from_micros(50);
 const COALESCE_MAX: Duration = Duration::from_millis(100);
@@ -201,6 +209,10 @@ async fn run_inner(
     tracing::debug!("session started");
 
     let (outbox, mut outbox_rx) = mpsc::channel(inner.config.outbox);
+    // How many messages the writer has sent (for an HTTP transport: had
+    // answered), against how many the loop handed it.
+    let (written_tx, mut written) = watch::channel(0u64);
+    let mut handed: u64 = 0;
     let writer_failed = stop.token.child_token();
     let writer_done = writer_failed.clone();
     let writer = tokio::spawn(async move {
@@ -210,6 +222,7 @@ async fn run_inner(
                 result = Err(e);
                 break;
             }
+            written_tx.send_modify(|n| *n += 1);
         }
         // A sink that failed is not polled again (some adapters panic when
         // polled after their error, e.g. `sink_map_err`).
@@ -233,6 +246,8 @@ async fn run_inner(
     // cursor if it moved sooner than `coalesce_window` after that.
     let mut changes_sent: Option<tokio::time::Instant> = None;
     let mut cursor_due: Option<tokio::time::Instant> = None;
+    // New commits wait while a message is still on its way (see `COALESCE_MIN`).
+    let mut cursor_waits_for_writer = false;
     let mut merging: Option<MergeFuture> = None;
     let mut remote: Option<SiteId> = None;
     let id = inner.session_id();
@@ -385,6 +400,7 @@ async fn run_inner(
                             changes_sent = Some(tokio::time::Instant::now());
                         }
                         permit.send(message);
+                        handed += 1;
                     }
                     None => drop(permit),
                 }
@@ -432,7 +448,7 @@ async fn run_inner(
                 };
                 core.handle(input, Instant::now());
             }
-            changed = cursor_rx.changed(), if cursor_due.is_none() => {
+            changed = cursor_rx.changed(), if cursor_due.is_none() && !cursor_waits_for_writer => {
                 if changed.is_err() {
                     break "peer shutting down".into();
                 }
@@ -440,6 +456,7 @@ async fn run_inner(
                 let window = coalesce_window(inner.open_sessions());
                 match changes_sent {
                     Some(at) if now < at + window => cursor_due = Some(at + window),
+                    _ if handed > *written.borrow() => cursor_waits_for_writer = true,
                     _ => {
                         let cursor = cursor_rx.borrow_and_update().clone();
                         core.handle(Input::LocalChanged { cursor }, Instant::now());
@@ -448,8 +465,20 @@ async fn run_inner(
             }
             Some(()) = coalesced => {
                 cursor_due = None;
-                let cursor = cursor_rx.borrow_and_update().clone();
-                core.handle(Input::LocalChanged { cursor }, Instant::now());
+                if handed > *written.borrow() {
+                    cursor_waits_for_writer = true;
+                } else {
+                    let cursor = cursor_rx.borrow_and_update().clone();
+                    core.handle(Input::LocalChanged { cursor }, Instant::now());
+                }
+            }
+            sent = written.changed(), if cursor_waits_for_writer => {
+                // A writer that ended ends the session (`ended`, above).
+                if sent.is_err() || *written.borrow_and_update() >= handed {
+                    cursor_waits_for_writer = false;
+                    let cursor = cursor_rx.borrow_and_update().clone();
+                    core.handle(Input::LocalChanged { cursor }, Instant::now());
+                }
             }
             changed = schema.changed() => {
                 if changed.is_err() {
