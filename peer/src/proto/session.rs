@@ -48,6 +48,12 @@ const MAX_PENDING_CONTROL: usize = 32;
 const MAX_QUEUED_MESSAGES: usize = 64;
 /// How long to wait before reading again after a read failed.
 const READ_RETRY: Duration = Duration::from_secs(1);
+/// A live batch that only claims versions (no changes: the remote's own
+/// rows, merged here) goes at most this often; the claims in between ride
+/// on the next one. Each is a message the remote acknowledges with one of
+/// its own, which over HTTP is a `POST` of its, one at a time: claiming
+/// every merge of a writer's batches back to it took half of its `POST`s.
+const LIVE_CLAIM_EVERY: Duration = Duration::from_millis(500);
 /// Staged transactions read from one remote's hello at most.
 const MAX_STAGED_CLAIMS: usize = 64;
 
@@ -112,8 +118,10 @@ pub struct Session {
     need_stream: bool,
     buffered: Option<(ChangeBatch, i64)>,
     eose_pending: bool,
-    /// A read failed: read again at this time.
+    /// A read failed, or a live claim waits: read again at this time.
     retry_read: Option<Instant>,
+    /// When the last live batch without changes was buffered to send.
+    last_live_claim: Option<Instant>,
     /// Rows the next stream may leave out: every row at a local version up to
     /// `after_local` was sent (or held) since the stream last started from the
     /// remote's acknowledged point, and rows merged from this remote.
@@ -185,6 +193,7 @@ impl Session {
             buffered: None,
             eose_pending: false,
             retry_read: None,
+            last_live_claim: None,
             hint: ReadHint::default(),
             requested: Cursor::new(),
             upload: InitialProgress::default(),
@@ -424,7 +433,7 @@ impl Session {
                 self.last_received = now;
                 self.reject(reply, Rejection::new(ErrorCode::Malformed, error));
             }
-            Input::Batch { batch, read_upto } => self.on_batch(batch, read_upto),
+            Input::Batch { batch, read_upto } => self.on_batch(batch, read_upto, now),
             Input::StreamOpened { total } => {
                 if let (Some(total), Phase::Initial) = (total, self.window.phase()) {
                     // What is left, after what went already (a restarted
@@ -509,7 +518,7 @@ impl Session {
         self.hint.after_local = 0;
     }
 
-    fn on_batch(&mut self, mut batch: ChangeBatch, read_upto: i64) {
+    fn on_batch(&mut self, mut batch: ChangeBatch, read_upto: i64, now: Instant) {
         if !self.reading {
             return; // from a stream already cancelled
         }
@@ -546,6 +555,18 @@ impl Session {
                 }
                 return;
             }
+            if let Some(due) = (self.last_live_claim)
+                .map(|at| at + LIVE_CLAIM_EVERY)
+                .filter(|due| now < *due)
+            {
+                // Too soon after the last: this stream is dropped, and the
+                // next (at the latest then) claims these versions too.
+                self.outputs.push_back(Output::CancelRead);
+                self.reading = false;
+                self.retry_read = Some(self.retry_read.map_or(due, |at| at.min(due)));
+                return;
+            }
+            self.last_live_claim = Some(now);
         }
         self.buffered = Some((batch, read_upto));
     }

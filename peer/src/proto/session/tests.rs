@@ -936,3 +936,87 @@ fn a_claim_in_order_is_believed_at_once() {
     );
     assert_eq!(merge_of(outputs(&mut s)).ranges.len(), 1, "a new run");
 }
+
+#[test]
+fn live_claims_without_changes_go_at_most_every_interval_and_the_last_one_goes() {
+    let (mut s, now) = live_with_own_site_remote();
+    let claim = |after: i64, upto: i64| Input::Batch {
+        batch: ChangeBatch {
+            ranges: [(US, range(after, upto))].into_iter().collect(),
+            ..ChangeBatch::default()
+        },
+        read_upto: upto,
+    };
+    // The wire's ranges: site hex to (after, upto).
+    let claims_sent = |s: &mut Session, at: Instant| -> Vec<(i64, i64)> {
+        (transmits(s, at).iter())
+            .filter_map(|m| m.data.as_ref()?.ranges.as_ref()?.get(&US.to_hex()).copied())
+            .collect()
+    };
+    let local_write = |s: &mut Session, at: Instant| {
+        s.handle(
+            Input::LocalChanged {
+                cursor: Cursor::new(),
+            },
+            at,
+        );
+        assert!(read_of(outputs(s)).is_some(), "a live read");
+    };
+    local_write(&mut s, now);
+    s.handle(claim(0, 3), now);
+    assert_eq!(
+        claims_sent(&mut s, now),
+        vec![(0, 3)],
+        "the first goes at once"
+    );
+    s.handle(Input::StreamEnded, now);
+
+    // Soon after: the stream is dropped, nothing goes, and nothing counts as
+    // delivered (the next read starts where this one did).
+    let soon = now + Duration::from_millis(10);
+    local_write(&mut s, soon);
+    s.handle(claim(3, 5), soon);
+    assert!(
+        outputs(&mut s)
+            .iter()
+            .any(|o| matches!(o, Output::CancelRead)),
+        "the stream is dropped"
+    );
+    assert!(claims_sent(&mut s, soon).is_empty(), "held back");
+    let later = now + Duration::from_millis(20);
+    s.handle(
+        Input::LocalChanged {
+            cursor: Cursor::new(),
+        },
+        later,
+    );
+    let (_, hint) = read_of(outputs(&mut s)).expect("read again");
+    assert_eq!(hint.after_local, 3, "from after the last claim sent");
+    s.handle(claim(3, 7), later);
+    assert!(claims_sent(&mut s, later).is_empty(), "still held back");
+
+    // Changes go at once, whatever came before.
+    let changes = Input::Batch {
+        batch: ChangeBatch {
+            changes: vec![change(8)],
+            ranges: [(US, range(3, 8))].into_iter().collect(),
+            ..ChangeBatch::default()
+        },
+        read_upto: 8,
+    };
+    local_write(&mut s, later);
+    s.handle(changes, later);
+    assert_eq!(claims_sent(&mut s, later), vec![(3, 8)]);
+    s.handle(Input::StreamEnded, later);
+
+    // A claim held back goes by the end of the interval, without another write.
+    local_write(&mut s, later);
+    s.handle(claim(8, 9), later);
+    assert!(claims_sent(&mut s, later).is_empty());
+    let due = now + LIVE_CLAIM_EVERY;
+    s.handle(Input::Timeout, due);
+    let (_, hint) = read_of(outputs(&mut s)).expect("read at the deadline");
+    assert_eq!(hint.after_local, 8);
+    s.handle(claim(8, 9), due);
+    assert_eq!(claims_sent(&mut s, due), vec![(8, 9)]);
+}
