@@ -205,8 +205,6 @@ impl ServerProc {
         proc_status_kib(self.pid, field).unwrap_or(0)
     }
 
-    /// Row count and checksum of the server's replica, read with a plain
-    /// connection from this process.
     /// Waits until the server's replica holds row `id` (sampling its RSS
     /// meanwhile); returns when it first did (wall-clock µs), `None` on timeout.
     fn wait_holds(&self, id: i64, timeout: Duration, rss: &mut RssSampler) -> Option<u64> {
@@ -226,6 +224,8 @@ impl ServerProc {
         None
     }
 
+    /// Row count and checksum of the server's replica, read with a plain
+    /// connection from this process.
     fn checksum(&self) -> anyhow::Result<(i64, u64)> {
         let c = Connection::open_with_flags(&self.replica, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         Ok(items_checksum(&c)?)

@@ -56,8 +56,8 @@ const PARK_STALLED_STREAM_AFTER: Duration = Duration::from_secs(2);
 /// sends one message per round trip then carries every commit of the round
 /// trip in the next, instead of queueing one small message per coalescing
 /// window behind it (with 50 ms round trips and a commit every 5 ms, commits
-/// waited up to 920 ms in that queue, and now up to about 260 ms). A commit
-/// after a quiet spell still goes at once.
+/// waited up to 920 ms in that queue, and now two or three round trips). A
+/// commit after a quiet spell still goes at once.
 const COALESCE_MIN: Duration = Duration::from_millis(5);
 const COALESCE_PER_SESSION: Duration = Duration::from_micros(50);
 const COALESCE_MAX: Duration = Duration::from_millis(100);
@@ -458,8 +458,7 @@ async fn run_inner(
                     Some(at) if now < at + window => cursor_due = Some(at + window),
                     _ if handed > *written.borrow() => cursor_waits_for_writer = true,
                     _ => {
-                        let cursor = cursor_rx.borrow_and_update().clone();
-                        core.handle(Input::LocalChanged { cursor }, Instant::now());
+                        take_local_changes(&mut core, &mut cursor_rx);
                     }
                 }
             }
@@ -468,16 +467,14 @@ async fn run_inner(
                 if handed > *written.borrow() {
                     cursor_waits_for_writer = true;
                 } else {
-                    let cursor = cursor_rx.borrow_and_update().clone();
-                    core.handle(Input::LocalChanged { cursor }, Instant::now());
+                    take_local_changes(&mut core, &mut cursor_rx);
                 }
             }
             sent = written.changed(), if cursor_waits_for_writer => {
                 // A writer that ended ends the session (`ended`, above).
                 if sent.is_err() || *written.borrow_and_update() >= handed {
                     cursor_waits_for_writer = false;
-                    let cursor = cursor_rx.borrow_and_update().clone();
-                    core.handle(Input::LocalChanged { cursor }, Instant::now());
+                    take_local_changes(&mut core, &mut cursor_rx);
                 }
             }
             changed = schema.changed() => {
@@ -527,6 +524,12 @@ async fn run_inner(
         reason,
     });
     ended
+}
+
+/// Hands the core the Store's cursor: the commits since it last took it.
+fn take_local_changes(core: &mut Session, cursor_rx: &mut watch::Receiver<crate::Cursor>) {
+    let cursor = cursor_rx.borrow_and_update().clone();
+    core.handle(Input::LocalChanged { cursor }, Instant::now());
 }
 
 /// Counts the changes `message` carries in `counter`; returns how many.

@@ -50,9 +50,9 @@ const MAX_QUEUED_MESSAGES: usize = 64;
 const READ_RETRY: Duration = Duration::from_secs(1);
 /// A live batch that only claims versions (no changes: the remote's own
 /// rows, merged here) goes at most this often; the claims in between ride
-/// on the next one. Each is a message the remote acknowledges with one of
-/// its own, which over HTTP is a `POST` of its, one at a time: claiming
-/// every merge of a writer's batches back to it took half of its `POST`s.
+/// on the next one. The remote acknowledges each with a message of its
+/// own, over HTTP a `POST`, one at a time: claiming every merge of a
+/// writer's batches back to it took half of the writer's `POST`s.
 const LIVE_CLAIM_EVERY: Duration = Duration::from_millis(500);
 /// Staged transactions read from one remote's hello at most.
 const MAX_STAGED_CLAIMS: usize = 64;
