@@ -12,28 +12,28 @@ use crsync_peer::{Peer, Store};
 use crsync_transports::{SseDialer, WebSocketDialer};
 use support::*;
 
+/// Waits until every peer holds `expected_rows` rows and all hold the same
+/// contents at once; returns them. A row count alone is reached before a
+/// conflict is settled (both writers hold their own row 10), so the contents
+/// are compared afresh each time, never against an early snapshot.
 async fn converge(peers: &[&Peer], expected_rows: usize) -> Result<Vec<String>> {
-    let first = peers[0].store().clone();
-    for p in peers {
-        let store = p.store().clone();
-        wait_until(p, "all rows", || {
-            let store = store.clone();
-            async move { Ok(contents(&store).await?.len() == expected_rows) }
-        })
-        .await?;
-    }
-    let want = contents(&first).await?;
-    for p in peers {
-        let store = p.store().clone();
-        let want = want.clone();
-        wait_until(p, "identical contents", || {
-            let store = store.clone();
-            let want = want.clone();
-            async move { Ok(contents(&store).await? == want) }
-        })
-        .await?;
-    }
-    Ok(want)
+    let stores: Vec<Store> = peers.iter().map(|p| p.store().clone()).collect();
+    let all_contents = || {
+        let stores = stores.clone();
+        async move {
+            let mut all = Vec::with_capacity(stores.len());
+            for store in &stores {
+                all.push(contents(store).await?);
+            }
+            Ok::<_, anyhow::Error>(all)
+        }
+    };
+    wait_until(peers[0], "identical contents", || async move {
+        let all = all_contents().await?;
+        Ok(all[0].len() == expected_rows && all.iter().all(|c| *c == all[0]))
+    })
+    .await?;
+    Ok(all_contents().await?.swap_remove(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
